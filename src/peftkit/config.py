@@ -1,0 +1,111 @@
+"""Config dataclasses from plain dicts (YAML recipes), with errors that suggest the nearest key."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, TypeVar
+
+from peftkit.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def nearest(word: str, choices: typing.Iterable[str]) -> str | None:
+    """The closest valid name to a misspelt one, or None if nothing is close."""
+    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return found[0] if found else None
+
+
+def unknown_key_message(key: str, valid: typing.Iterable[str], where: str) -> str:
+    """The message for an unknown key: names it, suggests the nearest, lists the valid ones."""
+    valid = sorted(valid)
+    guess = nearest(key, valid)
+    hint = f" Did you mean '{guess}'?" if guess else ""
+    return f"Unknown key '{key}' in {where}.{hint} Valid keys: {', '.join(valid)}."
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's help text, from the dataclass field metadata."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, hint: Any, name: str, where: str) -> Any:
+    """Convert a YAML value to the annotated type (YAML reads 5e-4 as a string, for one)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, name, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[-1] if errors else f"'{name}' in {where} cannot be None.")
+    if origin in (list, tuple):
+        if isinstance(value, str | int | float):
+            raise ConfigError(f"'{name}' in {where} must be a list, got {value!r}.")
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        items = [_coerce(v, item, name, where) for v in value]
+        return tuple(items) if origin is tuple else items
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise ConfigError(f"'{name}' in {where} must be true or false, got {value!r}.")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"'{name}' in {where} must be a number, got {value!r}.")
+        try:
+            number = hint(value) if not isinstance(value, str) else hint(float(value))
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{name}' in {where} must be a number, got {value!r}.") from None
+        if hint is int and float(value) != number:
+            raise ConfigError(f"'{name}' in {where} must be a whole number, got {value!r}.")
+        return number
+    if hint is str:
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"'{name}' in {where} must be text, got {value!r}.")
+        return str(value)
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return from_dict(hint, value, where=f"{where}.{name}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
+    """Build config class `cls` from a dict, refusing unknown keys and converting types."""
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {data!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise ConfigError(unknown_key_message(key, fields, where))
+    values = {key: _coerce(value, hints[key], key, where) for key, value in data.items()}
+    try:
+        return cls(**values)
+    except TypeError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as a plain dict (tuples become lists, for YAML and JSON)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}

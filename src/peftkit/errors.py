@@ -1,0 +1,25 @@
+"""The errors peftkit raises: each names what was wrong and what to do about it."""
+
+
+class PeftkitError(Exception):
+    """Base class: every error peftkit raises on bad input derives from this."""
+
+
+class ConfigError(PeftkitError, ValueError):
+    """A recipe or config value is unknown, misspelt, or of the wrong type."""
+
+
+class TargetError(PeftkitError, ValueError):
+    """A target-module selection matched nothing, or matched something unusable."""
+
+
+class ModelNotFoundError(PeftkitError, FileNotFoundError):
+    """A model name is neither bundled, nor a local folder, nor reachable on the hub."""
+
+
+class DataError(PeftkitError, ValueError):
+    """A dataset file is missing, unreadable, or lacks a needed column."""
+
+
+class AdapterError(PeftkitError, ValueError):
+    """An adapter folder is missing, malformed, or does not fit the base model."""

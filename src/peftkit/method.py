@@ -1,0 +1,76 @@
+"""The Method record: a PEFT method as a handful of plain functions, and its training hooks."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from peftkit.config import from_dict, to_dict
+
+
+@dataclass(frozen=True)
+class TrainingHooks:
+    """What a method does around each optimizer step; any custom loop can call these."""
+
+    before_optimizer_step: Callable[[Any, int], None] | None = None
+    after_optimizer_step: Callable[[Any, int], None] | None = None
+    extra_loss: Callable[[Any], Any] | None = None
+
+
+def no_hooks(model: Any, config: Any) -> TrainingHooks:
+    """The hooks of a method that needs none."""
+    return TrainingHooks()
+
+
+def peftkit_adapter_config(method_name: str) -> Callable[[Any, Any], dict[str, Any]]:
+    """adapter_config.json for peftkit's own methods: no peft_type, so PEFT refuses the folder."""
+
+    def adapter_config(model: Any, config: Any) -> dict[str, Any]:
+        return {"peftkit_method": method_name, **to_dict(config)}
+
+    return adapter_config
+
+
+def config_from_peftkit_adapter(config_cls: type) -> Callable[[dict[str, Any]], Any]:
+    """Read a config back from a peftkit adapter_config.json (ignoring bookkeeping keys)."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+
+    def read(saved: dict[str, Any]) -> Any:
+        return from_dict(config_cls, {k: v for k, v in saved.items() if k in names})
+
+    return read
+
+
+@dataclass(frozen=True)
+class Method:
+    """A PEFT method: its config class and the functions generic code calls. No subclassing."""
+
+    name: str
+    config_cls: type
+    # Prepare the model (inject modules, flip requires_grad); return the model to train.
+    apply: Callable[[Any, Any], Any]
+    # Exactly the tensors to save, under on-disk key names; and the inverse.
+    state_dict: Callable[[Any], dict[str, Any]]
+    load_state_dict: Callable[[Any, dict[str, Any]], None]
+    hooks: Callable[[Any, Any], TrainingHooks] = no_hooks
+    # Fold the update into the base weights and return a plain transformers model.
+    merge: Callable[[Any], Any] | None = None
+    # Undo apply: give back the unchanged base model (used when a load fails half-way).
+    remove: Callable[[Any], Any] | None = None
+    # Set for methods whose files PEFT writes and reads ("LORA", ...).
+    peft_type: str | None = None
+    adapter_config: Callable[[Any, Any], dict[str, Any]] | None = None
+    config_from_adapter: Callable[[dict[str, Any]], Any] | None = None
+    description: str = field(default="")
+
+    def saved_config(self, model: Any, config: Any) -> dict[str, Any]:
+        """What goes into adapter_config.json for this method."""
+        writer = self.adapter_config or peftkit_adapter_config(self.name)
+        return writer(model, config)
+
+    def read_config(self, saved: dict[str, Any]) -> Any:
+        """The config object described by a saved adapter_config.json."""
+        reader = self.config_from_adapter or config_from_peftkit_adapter(self.config_cls)
+        return reader(saved)

@@ -1,0 +1,1 @@
+"""One file per PEFT method, each ending with its Method record (see peftkit.registry)."""

@@ -1,0 +1,54 @@
+"""Method names -> Method records: an explicit list, no import side effects, no plugins."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peftkit.config import nearest
+from peftkit.errors import AdapterError, ConfigError
+from peftkit.method import Method
+from peftkit.methods.dora import DORA
+from peftkit.methods.lora import LORA
+from peftkit.methods.rslora import RSLORA
+
+METHODS: list[Method] = [LORA, RSLORA, DORA]
+
+
+def method_names() -> list[str]:
+    """Every registered method's name, in registry order."""
+    return [method.name for method in METHODS]
+
+
+def get_method(name: str) -> Method:
+    """The method called `name`, or an error suggesting the nearest name."""
+    for method in METHODS:
+        if method.name == name:
+            return method
+    guess = nearest(name, method_names())
+    hint = f" Did you mean '{guess}'?" if guess else ""
+    raise ConfigError(f"Unknown method '{name}'.{hint} Known methods: {', '.join(method_names())}.")
+
+
+def method_for_config(config: Any) -> Method:
+    """The method whose config class this config object is."""
+    for method in METHODS:
+        if type(config) is method.config_cls:
+            return method
+    raise ConfigError(
+        f"{type(config).__name__} is not the config of any registered method; "
+        f"use one of: {', '.join(m.config_cls.__name__ for m in METHODS)}."
+    )
+
+
+def method_for_saved(saved: dict[str, Any]) -> Method:
+    """The method that wrote an adapter_config.json: peftkit's key first, then PEFT's type."""
+    if "peftkit_method" in saved:
+        return get_method(saved["peftkit_method"])
+    peft_type = saved.get("peft_type")
+    for method in METHODS:
+        if peft_type is not None and method.peft_type == peft_type:
+            return method
+    raise AdapterError(
+        f"adapter_config.json names neither a peftkit method nor a PEFT type peftkit reads "
+        f"(peft_type={peft_type!r}); peftkit reads: {', '.join(method_names())}."
+    )
