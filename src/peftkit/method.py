@@ -12,8 +12,14 @@ from peftkit.config import from_dict, to_dict
 
 @dataclass(frozen=True)
 class TrainingHooks:
-    """What a method does around each optimizer step; any custom loop can call these."""
+    """What a method does around training; any custom training loop can call these.
 
+    prepare(model, batches) runs once before the optimizer is built, with an iterable of task
+    batches (Child-Tuning D's Fisher pass); it may replace parameters, since no optimizer exists yet.
+    before/after_optimizer_step(model, step) run around every optimizer step; extra_loss(model)
+    returns a tensor added to the task loss (AdaLoRA's orthogonality term)."""
+
+    prepare: Callable[[Any, Any], None] | None = None
     before_optimizer_step: Callable[[Any, int], None] | None = None
     after_optimizer_step: Callable[[Any, int], None] | None = None
     extra_loss: Callable[[Any], Any] | None = None
