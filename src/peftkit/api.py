@@ -1,4 +1,4 @@
-"""The public API: apply a method, summarise, save, load, merge. Generic: never asks which method."""
+"""The public API: apply, summary, save, load, merge. Generic code: never asks which method."""
 
 from __future__ import annotations
 

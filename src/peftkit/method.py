@@ -15,7 +15,7 @@ class TrainingHooks:
     """What a method does around training; any custom training loop can call these.
 
     prepare(model, batches) runs once before the optimizer is built, with an iterable of task
-    batches (Child-Tuning D's Fisher pass); it may replace parameters, since no optimizer exists yet.
+    batches (Child-Tuning D's Fisher pass); it may replace parameters: no optimizer exists yet.
     before/after_optimizer_step(model, step) run around every optimizer step; extra_loss(model)
     returns a tensor added to the task loss (AdaLoRA's orthogonality term)."""
 

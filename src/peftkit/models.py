@@ -70,7 +70,7 @@ def minilm_folder() -> Path:
 
 
 def smollm2_folder() -> Path:
-    """SmolLM2-135M-Instruct as a float32 safetensors folder, converted from GGUF once and cached."""
+    """SmolLM2-135M-Instruct as float32 safetensors, converted from GGUF once and cached."""
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "model.safetensors").is_file():
         return target

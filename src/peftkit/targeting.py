@@ -1,5 +1,6 @@
-"""Pick the modules a method attaches to: by name list, regex, or "all-linear", with per-architecture
-defaults. Name-list and regex semantics follow HF PEFT's, so a spec means the same in both."""
+"""Pick the modules a method attaches to: by name list, regex, or "all-linear", with
+per-architecture defaults. Name-list and regex semantics follow HF PEFT's, so a spec means the
+same in both."""
 
 from __future__ import annotations
 

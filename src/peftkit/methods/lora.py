@@ -1,7 +1,7 @@
 """LoRA (Hu et al., 2021) through HF PEFT: W' = W + (alpha / r) * B A, with B zero at the start.
 
-rsLoRA and DoRA are the same machinery with one PEFT flag each (see rslora.py and dora.py); this file
-holds the shared functions and plain LoRA's record."""
+rsLoRA and DoRA are the same machinery with one PEFT flag each (see rslora.py and dora.py);
+this file holds the shared functions and plain LoRA's record."""
 
 from __future__ import annotations
 
