@@ -83,9 +83,9 @@ def _coerce(value: Any, hint: Any, name: str, where: str) -> Any:
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
     """Build config class `cls` from a dict, refusing unknown keys and converting types."""
-    data = dict(data or {})
-    if not isinstance(data, dict):
+    if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping of keys to values, got {data!r}.")
+    data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     for key in data:

@@ -1,0 +1,1 @@
+"""Task data: reading files and bundled sets, tokenising each task type, batching."""

@@ -1,0 +1,201 @@
+"""YAML recipes: one file says model, task, method and training budget; each section maps one to one
+onto a config dataclass, and `--set section.key=value` overrides any key from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from peftkit.config import from_dict, to_dict, unknown_key_message
+from peftkit.errors import ConfigError
+
+TASK_TYPES = ("classification", "causal-lm", "seq2seq")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What to learn: the task type and where its examples come from."""
+
+    type: str = field(
+        default="classification", metadata={"help": "classification | causal-lm | seq2seq"}
+    )
+    dataset: str | None = field(
+        default=None, metadata={"help": "a bundled dataset name (e.g. amazon-reviews)"}
+    )
+    train_file: str | None = field(
+        default=None, metadata={"help": "your training data: CSV, JSON, JSONL or Parquet"}
+    )
+    eval_file: str | None = field(
+        default=None, metadata={"help": "held-out data; default: 10% split off train_file"}
+    )
+    text_column: str = field(default="text", metadata={"help": "classification input column"})
+    label_column: str = field(default="label", metadata={"help": "classification label column"})
+    prompt_column: str = field(default="prompt", metadata={"help": "causal-LM prompt column"})
+    response_column: str = field(
+        default="response", metadata={"help": "causal-LM response column (the loss is on it)"}
+    )
+    source_column: str = field(default="source", metadata={"help": "seq2seq input column"})
+    target_column: str = field(default="target", metadata={"help": "seq2seq output column"})
+    max_length: int = field(default=128, metadata={"help": "tokens per example, after truncation"})
+    max_train_examples: int | None = field(
+        default=None, metadata={"help": "use only the first N training examples"}
+    )
+    max_eval_examples: int | None = field(
+        default=None, metadata={"help": "evaluate on only the first N held-out examples"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.type not in TASK_TYPES:
+            raise ConfigError(
+                f"Unknown task type '{self.type}'; use one of: {', '.join(TASK_TYPES)}."
+            )
+        if self.dataset is None and self.train_file is None:
+            raise ConfigError("The task needs a data source: set task.dataset or task.train_file.")
+        if self.max_length < 8:
+            raise ConfigError(f"task.max_length must be at least 8, got {self.max_length}.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training budget and optimiser settings (passed on to transformers.Trainer)."""
+
+    max_steps: int = field(default=100, metadata={"help": "optimizer steps (0: use epochs)"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the data if max_steps=0"})
+    batch_size: int = field(default=16, metadata={"help": "examples per device per micro-batch"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches a step"})
+    eval_batch_size: int = field(default=64, metadata={"help": "examples per evaluation batch"})
+    learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps warming up"})
+    lr_scheduler: str = field(default="linear", metadata={"help": "transformers scheduler name"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    logging_steps: int = field(default=10, metadata={"help": "log the loss every N steps"})
+    save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: never)"})
+    group_by_length: bool = field(
+        default=True, metadata={"help": "batch examples of similar length (less padding)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed for data order and initialisation"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads (default: torch's)"})
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 0 or (self.max_steps == 0 and self.epochs <= 0):
+            raise ConfigError("Set training.max_steps > 0, or max_steps: 0 with epochs > 0.")
+        if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ConfigError("training.batch_size and gradient_accumulation_steps must be >= 1.")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"training.learning_rate must be > 0, got {self.learning_rate}.")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole run: model, task, method (name plus its options) and training budget."""
+
+    model: str = field(default="minilm", metadata={"help": "bundled name, local folder, or hub id"})
+    task: TaskConfig = field(default_factory=lambda: TaskConfig(dataset="amazon-reviews"))
+    method: dict[str, Any] = field(
+        default_factory=lambda: {"name": "lora"},
+        metadata={"help": "name: the method; other keys: its config options"},
+    )
+    training: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = field(default="runs/latest", metadata={"help": "where results are written"})
+
+    def method_config(self) -> Any:
+        """The method's config object, validated (unknown keys suggest the nearest)."""
+        from peftkit.api import config_for
+
+        options = dict(self.method)
+        name = options.pop("name", None)
+        if not name:
+            raise ConfigError("The recipe's method section needs a 'name' (for example: lora).")
+        return config_for(name, **options)
+
+
+SECTIONS = {"task": TaskConfig, "training": TrainConfig}
+TOP_LEVEL = ("model", "task", "method", "training", "output_dir")
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """A Recipe from the plain dict of a YAML file; every key is checked."""
+    if not isinstance(data, dict):
+        raise ConfigError("A recipe must be a YAML mapping with model, task, method, training.")
+    for key in data:
+        if key not in TOP_LEVEL:
+            raise ConfigError(unknown_key_message(key, TOP_LEVEL, "the recipe"))
+    values: dict[str, Any] = {}
+    if "model" in data:
+        values["model"] = str(data["model"])
+    if "output_dir" in data:
+        values["output_dir"] = str(data["output_dir"])
+    for section, cls in SECTIONS.items():
+        if section in data:
+            values[section] = from_dict(cls, data[section], where=section)
+    if "method" in data:
+        method = data["method"]
+        values["method"] = {"name": method} if isinstance(method, str) else dict(method)
+    recipe = Recipe(**values)
+    recipe.method_config()  # validate the method section now, not after the model loads
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain data: what `recipe_from_dict` reads back to an equal Recipe."""
+    return {
+        "model": recipe.model,
+        "task": to_dict(recipe.task),
+        "method": dict(recipe.method),
+        "training": to_dict(recipe.training),
+        "output_dir": recipe.output_dir,
+    }
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`training.max_steps=10` -> (["training", "max_steps"], 10); values are read as YAML."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"Override '{text}' must look like section.key=value.")
+    path, raw = text.split("=", 1)
+    return path.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each `a.b=value` override in a recipe dict (before validation)."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for text in overrides:
+        keys, value = parse_override(text)
+        target = data
+        for key in keys[:-1]:
+            if key == "method" and isinstance(target.get(key), str):
+                target[key] = {"name": target[key]}
+            target = target.setdefault(key, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"Override '{text}': '{key}' is not a section.")
+        target[keys[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe file, apply overrides, and validate it."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Recipe {path} does not exist (see recipes/ for examples).")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    return recipe_from_dict(apply_overrides(data, overrides or []))
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write a recipe as YAML (the run folder keeps the one it ran)."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+
+
+def with_output_dir(recipe: Recipe, output_dir: str) -> Recipe:
+    """The same recipe writing elsewhere."""
+    return replace(recipe, output_dir=output_dir)
