@@ -7,11 +7,12 @@ from typing import Any
 from peftkit.config import nearest
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.method import Method
+from peftkit.methods.bottleneck import BOTTLENECK
 from peftkit.methods.dora import DORA
 from peftkit.methods.lora import LORA
 from peftkit.methods.rslora import RSLORA
 
-METHODS: list[Method] = [LORA, RSLORA, DORA]
+METHODS: list[Method] = [LORA, RSLORA, DORA, BOTTLENECK]
 
 
 def method_names() -> list[str]:
