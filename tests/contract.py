@@ -76,6 +76,9 @@ def check_contract(
     batch = batch_for(family, tokenizer)
     reference = logits(base, batch)
     model = peftkit.apply(base, config)
+    hooks = peftkit.api.applied(model).method.hooks(model, config)
+    if hooks.prepare:  # data-driven methods (Child-Tuning D) choose what trains here
+        hooks.prepare(model, [batch])
 
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names, "the method made nothing trainable"
@@ -90,7 +93,6 @@ def check_contract(
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     model(**batch).loss.backward()
-    hooks = peftkit.api.applied(model).method.hooks(model, config)
     if hooks.before_optimizer_step:
         hooks.before_optimizer_step(model, 0)
     optimizer.step()

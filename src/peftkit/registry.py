@@ -7,12 +7,14 @@ from typing import Any
 from peftkit.config import nearest
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.method import Method
+from peftkit.methods.bitfit import BITFIT
 from peftkit.methods.bottleneck import BOTTLENECK
+from peftkit.methods.child_tuning import CHILD_TUNING
 from peftkit.methods.dora import DORA
 from peftkit.methods.lora import LORA
 from peftkit.methods.rslora import RSLORA
 
-METHODS: list[Method] = [LORA, RSLORA, DORA, BOTTLENECK]
+METHODS: list[Method] = [LORA, RSLORA, DORA, BOTTLENECK, BITFIT, CHILD_TUNING]
 
 
 def method_names() -> list[str]:

@@ -1,0 +1,468 @@
+"""Child-Tuning (Xu et al., EMNLP 2021): update only a child network of the model's weights.
+
+Mode F (task-free): all weights train, but each optimizer step keeps a fresh Bernoulli(p) share of
+every gradient, scaled by 1/p. Entries outside that step's mask are restored after the step, so
+neither Adam's momentum nor decoupled weight decay moves them (the reference optimizer lets both
+move them).
+
+Mode D (task-driven): before training, the Fisher information (mean squared gradient over task
+batches) ranks every weight of the transformer layers; the top p fraction is the child network,
+fixed for the whole run. Unlike the reference code, which keeps full Adam state, each weight keeps
+its chosen entries as a trainable 1-D `values` tensor with fixed `indices`, folded in by a
+parametrization; the dense weight stays frozen, so optimizer state scales with p.
+
+Both save a sparse patch: for each changed tensor, the indices of its changed entries and their
+new values (new values, not differences, so loading reproduces the tuned weights bit for bit)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from peftkit.config import to_dict
+from peftkit.errors import AdapterError, ConfigError, DataError
+from peftkit.method import Method, TrainingHooks
+from peftkit.targeting import task_head_modules
+
+MODES = ("D", "F")
+_STATE = "_peftkit_child_tuning"
+# A numbered path segment ("layers.3.", "h.0.", "block.1.") marks the repeated transformer layers:
+# the reference code's D mask covers the parameters whose name contains "layer".
+_IN_LAYER_STACK = re.compile(r"\.\d+\.")
+_POSITIVE_INFINITY_BITS = 0x7F800000  # float32 +inf viewed as int32
+
+
+@dataclass(frozen=True)
+class ChildTuningConfig:
+    """Update only a child network: a random one each step (F) or a Fisher-chosen one (D)."""
+
+    mode: str = field(
+        default="D",
+        metadata={"help": "'D' (task-driven: Fisher-chosen fixed subnetwork) or 'F' (task-free)"},
+    )
+    reserve_ratio: float = field(
+        default=0.3,
+        metadata={"help": "p: share of weights updated (F: per step, D: the fixed subnetwork)"},
+    )
+    fisher_batches: int | None = field(
+        default=None,
+        metadata={"help": "D: task batches in the Fisher pass (default: every batch given)"},
+    )
+    saved_layout: dict[str, int] | None = field(
+        default=None,
+        metadata={
+            "help": "written by save: changed entries per tensor, so load can build the right "
+            "shapes; leave unset when training"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"Child-Tuning mode must be 'D' or 'F', got {self.mode!r}.")
+        if not 0.0 < self.reserve_ratio <= 1.0:
+            raise ConfigError(
+                f"reserve_ratio must be in (0, 1] (the paper uses 0.3), got {self.reserve_ratio}."
+            )
+        if self.fisher_batches is not None and self.fisher_batches < 1:
+            raise ConfigError(
+                f"fisher_batches must be at least 1 (or unset for all), got {self.fisher_batches}."
+            )
+
+
+@dataclass
+class ChildState:
+    """What apply leaves on the model: config, and the per-mode bookkeeping."""
+
+    config: ChildTuningConfig
+    original_requires_grad: dict[str, bool]
+    # D: parameter name -> (owning module, attribute) of each patched tensor.
+    patched: dict[str, tuple[nn.Module, str]] = field(default_factory=dict)
+    # F: entries ever updated, this step's masks, and pre-step copies to restore from.
+    touched: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    before_step: dict[str, torch.Tensor] = field(default_factory=dict)
+    # F while loading: the saved layout, until load_state_dict writes the patch.
+    pending: dict[str, int] = field(default_factory=dict)
+
+
+class SparsePatch(nn.Module):
+    """Parametrization: the frozen weight with the entries at `indices` replaced by `values`."""
+
+    def __init__(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("indices", indices)
+        self.values = nn.Parameter(values)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """W with the kept entries swapped in; the gradient flows to `values` only."""
+        return weight.flatten().index_put((self.indices,), self.values).view_as(weight)
+
+
+def _state(model: nn.Module) -> ChildState:
+    """The Child-Tuning state apply left on the model."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ConfigError("This model has no Child-Tuning applied: call peftkit.apply first.")
+    return state
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 indices where they fit (half the bytes of int64)."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def layer_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of the numbered transformer layers: D's candidates."""
+    return {n: p for n, p in model.named_parameters() if _IN_LAYER_STACK.search(f".{n}")}
+
+
+def apply(model: nn.Module, config: ChildTuningConfig) -> nn.Module:
+    """F: every weight trains (masked per step). D: freeze all but the task head until prepare
+    chooses the subnetwork (or, when loading, build the saved layout's shapes)."""
+    state = ChildState(config, {n: p.requires_grad for n, p in model.named_parameters()})
+    object.__setattr__(model, _STATE, state)
+    if config.mode == "F":
+        model.requires_grad_(True)
+        state.pending = dict(config.saved_layout or {})
+        return model
+    model.requires_grad_(False)
+    for name in task_head_modules(model):
+        model.get_submodule(name).requires_grad_(True)
+    parameters = dict(model.named_parameters())
+    for name, count in (config.saved_layout or {}).items():
+        if name not in parameters:
+            raise AdapterError(f"The saved Child-Tuning layout names '{name}', not in this model.")
+        size = parameters[name].numel()
+        placeholder = torch.zeros(count, dtype=index_dtype(size))
+        _install_patch(model, state, name, placeholder)
+    return model
+
+
+def _install_patch(model: nn.Module, state: ChildState, name: str, indices: torch.Tensor) -> None:
+    """Fold a trainable values tensor for `indices` into parameter `name`; the dense one freezes."""
+    module_name, _, attribute = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    weight = getattr(module, attribute)
+    weight.requires_grad_(False)
+    indices = indices.to(weight.device)
+    values = weight.detach().flatten()[indices.long()].clone()
+    parametrize.register_parametrization(module, attribute, SparsePatch(indices, values))
+    state.patched[name] = (module, attribute)
+
+
+def _on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move a batch's tensors to the model's device."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def fisher_information(
+    model: nn.Module,
+    parameters: dict[str, nn.Parameter],
+    batches: Iterable[dict[str, Any]],
+    max_batches: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Mean squared gradient of the task loss per entry (float32), over up to max_batches."""
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    model.requires_grad_(False)
+    for parameter in parameters.values():
+        parameter.requires_grad_(True)
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in parameters.items()}
+    device = next(model.parameters()).device
+    count = 0
+    model.train()  # as the reference code: dropout on, like the training it prepares
+    try:
+        for batch in batches:
+            if max_batches is not None and count >= max_batches:
+                break
+            loss = model(**_on_device(batch, device)).loss
+            if loss is None:
+                raise DataError("The Fisher pass needs batches with labels (the loss was None).")
+            loss.backward()
+            for name, parameter in parameters.items():
+                if parameter.grad is not None:
+                    fisher[name].addcmul_(parameter.grad, parameter.grad)
+                    parameter.grad = None
+            count += 1
+    finally:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(flags[name])
+            parameter.grad = None
+        model.train(was_training)
+    if count == 0:
+        raise DataError(
+            "Child-Tuning D's Fisher pass received no batches: pass the training batches "
+            "(an iterable of dicts model(**batch) accepts, labels included) to prepare()."
+        )
+    return {n: f.div_(count) for n, f in fisher.items()}
+
+
+def _count_at_least(bits: dict[str, torch.Tensor], threshold: int) -> int:
+    """How many entries over all tensors have a bit pattern >= threshold."""
+    return sum(int((b >= threshold).sum()) for b in bits.values())
+
+
+def top_k_masks(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Exactly the k largest entries over all tensors, without concatenating them.
+
+    Non-negative float32 values order like their int32 bit patterns, so a binary search over
+    bit patterns (31 counting passes) finds the k-th largest value exactly. Ties at that value
+    are broken by position (earlier tensors, then earlier entries), so exactly k are kept."""
+    bits = {n: s.contiguous().view(torch.int32) for n, s in scores.items()}
+    low, high = 0, _POSITIVE_INFINITY_BITS  # count(bits >= 0) covers all entries
+    while low < high:  # the largest threshold t with count(bits >= t) >= k
+        middle = (low + high + 1) // 2
+        if _count_at_least(bits, middle) >= k:
+            low = middle
+        else:
+            high = middle - 1
+    masks = {n: b > low for n, b in bits.items()}
+    remaining = k - sum(int(m.sum()) for m in masks.values())
+    for name, pattern in bits.items():
+        if remaining <= 0:
+            break
+        ties = (pattern == low).flatten().nonzero().squeeze(1)[:remaining]
+        masks[name].view(-1)[ties] = True
+        remaining -= ties.numel()
+    return masks
+
+
+def choose_subnetwork(model: nn.Module, batches: Iterable[dict[str, Any]]) -> None:
+    """D's prepare hook: Fisher pass, keep the top p of the layers' weights, patch them in."""
+    state = _state(model)
+    if state.patched:
+        raise AdapterError("This model already has its Child-Tuning subnetwork; prepare once.")
+    candidates = layer_parameters(model)
+    fisher = fisher_information(model, candidates, batches, state.config.fisher_batches)
+    total = sum(f.numel() for f in fisher.values())
+    keep = max(1, round(state.config.reserve_ratio * total))
+    masks = top_k_masks(fisher, keep)
+    del fisher
+    for name, mask in masks.items():
+        indices = mask.flatten().nonzero().squeeze(1)
+        if indices.numel():
+            _install_patch(model, state, name, indices.to(index_dtype(mask.numel())))
+
+
+def mask_gradients(model: nn.Module, step: int) -> None:
+    """F, before the optimizer step: keep a fresh Bernoulli(p) share of each gradient, times 1/p,
+    and remember the weights so entries outside the mask can be restored after the step."""
+    state = _state(model)
+    ratio = state.config.reserve_ratio
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.grad is None:
+                continue
+            keep = torch.rand(parameter.shape, device=parameter.device) < ratio
+            parameter.grad.mul_(keep).div_(ratio)
+            state.masks[name] = keep
+            if name not in state.before_step:
+                state.before_step[name] = torch.empty_like(parameter)  # reused every step
+            state.before_step[name].copy_(parameter)
+
+
+def restore_outside_mask(model: nn.Module, step: int) -> None:
+    """F, after the optimizer step: put back every entry outside this step's mask exactly."""
+    state = _state(model)
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, keep in state.masks.items():
+            weight = parameters[name].detach()
+            torch.where(keep, weight, state.before_step[name], out=weight)
+            if name not in state.touched:
+                state.touched[name] = torch.zeros_like(keep)
+            state.touched[name] |= keep
+    state.masks.clear()
+
+
+def hooks(model: nn.Module, config: ChildTuningConfig) -> TrainingHooks:
+    """D chooses its subnetwork in prepare; F masks around every optimizer step."""
+    if config.mode == "D":
+        return TrainingHooks(prepare=choose_subnetwork)
+    return TrainingHooks(
+        before_optimizer_step=mask_gradients, after_optimizer_step=restore_outside_mask
+    )
+
+
+def layout(model: nn.Module) -> dict[str, int]:
+    """Changed entries per tensor (a tensor's full size means it is saved dense)."""
+    state = _state(model)
+    if state.pending:
+        return dict(state.pending)
+    if state.config.mode == "D":
+        found = {}
+        for name, (module, attribute) in state.patched.items():
+            count = module.parametrizations[attribute][0].values.numel()
+            found[name] = count
+        return found
+    counts = {n: int(t.sum()) for n, t in state.touched.items()}
+    # F changes more of each tensor every step; once a sparse patch would be no smaller than
+    # the tensor itself, the whole tensor is saved (a count equal to its size says so).
+    return {n: (t.numel() if patch_bytes(c, t.numel()) >= 4 * t.numel() else c)
+            for n, c, t in ((n, c, state.touched[n]) for n, c in counts.items()) if c}  # fmt: skip
+
+
+def encoding(count: int, numel: int) -> str:
+    """How a tensor with `count` changed entries of `numel` is stored: 'dense' (the tensor),
+    'indices' (int32 positions) or 'bitmask' (1 bit per entry), whichever is smallest."""
+    if count == numel:
+        return "dense"
+    return "bitmask" if count * 4 > (numel + 7) // 8 else "indices"
+
+
+def patch_bytes(count: int, numel: int) -> int:
+    """Bytes on disk of a sparse patch of float32 values (for choosing dense instead)."""
+    return count * 4 + min(count * 4, (numel + 7) // 8)
+
+
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A flat bool mask as uint8 bytes, 8 entries per byte (little-endian bit order)."""
+    flat = mask.flatten()
+    padded = torch.zeros((flat.numel() + 7) // 8 * 8, dtype=torch.uint8)
+    padded[: flat.numel()] = flat
+    return (padded.view(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The flat bool mask pack_bits encoded."""
+    bits = packed.view(-1, 1).bitwise_and(_BIT_WEIGHTS) != 0
+    return bits.flatten()[:numel]
+
+
+def _dense_trainables(model: nn.Module) -> dict[str, torch.Tensor]:
+    """D: the densely trained tensors (the task head), under their own names."""
+    return {
+        n: p.detach()
+        for n, p in model.named_parameters()
+        if p.requires_grad and ".parametrizations." not in n
+    }
+
+
+def _patch_of(model: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, values) of a changed tensor, whichever mode changed it."""
+    state = _state(model)
+    if name in state.patched:
+        module, attribute = state.patched[name]
+        patch = module.parametrizations[attribute][0]
+        return patch.indices, patch.values.detach()
+    parameter = dict(model.named_parameters())[name]
+    if name in state.pending:  # loading: shapes only, filled by load_state_dict
+        size = state.pending[name]
+        return torch.empty(size, dtype=index_dtype(parameter.numel())), torch.empty(size)
+    indices = state.touched[name].flatten().nonzero().squeeze(1)
+    return indices.to(index_dtype(parameter.numel())), parameter.detach().flatten()[indices]
+
+
+def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The sparse patch per changed tensor: '<name>.values' with '<name>.indices' or a packed
+    '<name>.bitmask' (whichever is smaller), or '<name>' itself where nearly all of it changed;
+    plus D's dense task head."""
+    state = _state(model)
+    tensors = _dense_trainables(model) if state.config.mode == "D" else {}
+    for name, count in layout(model).items():
+        numel = _numel(model, name)
+        kind = encoding(count, numel)
+        if kind == "dense":
+            tensors[name] = _current(model, name).detach()  # the tensor as it now is
+            continue
+        indices, tensors[f"{name}.values"] = _patch_of(model, name)
+        if kind == "indices":
+            tensors[f"{name}.indices"] = indices
+        elif name in _state(model).pending:  # loading: shapes only
+            tensors[f"{name}.bitmask"] = torch.empty((numel + 7) // 8, dtype=torch.uint8)
+        else:
+            mask = torch.zeros(numel, dtype=torch.bool)
+            mask[indices.long()] = True
+            tensors[f"{name}.bitmask"] = pack_bits(mask)
+    return tensors
+
+
+def _current(model: nn.Module, name: str) -> torch.Tensor:
+    """A tensor by its original name, as the model now computes it (patch included)."""
+    module_name, _, attribute = name.rpartition(".")
+    return getattr(model.get_submodule(module_name), attribute)
+
+
+def _numel(model: nn.Module, name: str) -> int:
+    """The number of entries of a (possibly patched) tensor by its original name."""
+    return _current(model, name).numel()
+
+
+def load_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a saved patch: D into its values tensors, F into the weights themselves."""
+    state = _state(model)
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, count in layout(model).items():
+            numel = _numel(model, name)
+            kind = encoding(count, numel)
+            if kind == "dense":
+                values, indices = tensors[name].flatten(), torch.arange(numel)
+            elif kind == "indices":
+                indices, values = tensors[f"{name}.indices"].long(), tensors[f"{name}.values"]
+            else:
+                mask = unpack_bits(tensors[f"{name}.bitmask"], numel)
+                indices, values = mask.nonzero().squeeze(1), tensors[f"{name}.values"]
+            if name in state.patched:
+                module, attribute = state.patched[name]
+                patch = module.parametrizations[attribute][0]
+                patch.indices.copy_(indices)
+                patch.values.copy_(values)
+            else:
+                parameters[name].view(-1)[indices] = values.to(parameters[name].dtype)
+                touched = torch.zeros(parameters[name].shape, dtype=torch.bool)
+                touched.view(-1)[indices] = True
+                state.touched[name] = touched
+        for name in _dense_trainables(model) if state.config.mode == "D" else {}:
+            parameters[name].copy_(tensors[name])
+    state.pending.clear()
+
+
+def adapter_config(model: nn.Module, config: ChildTuningConfig) -> dict[str, Any]:
+    """adapter_config.json: the config plus the layout load needs to rebuild the shapes."""
+    saved = to_dict(config)
+    saved["saved_layout"] = layout(model)
+    return {"peftkit_method": "child_tuning", **saved}
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Child-Tuning changes the model's own weights: fold D's patches in, return the plain model."""
+    state = _state(model)
+    for module, attribute in state.patched.values():
+        parametrize.remove_parametrizations(module, attribute, leave_parametrized=True)
+    state.patched.clear()
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo apply: drop D's patches unapplied, restore requires_grad."""
+    state = _state(model)
+    for module, attribute in state.patched.values():
+        parametrize.remove_parametrizations(module, attribute, leave_parametrized=False)
+    state.patched.clear()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(state.original_requires_grad.get(name, True))
+    return model
+
+
+CHILD_TUNING = Method(
+    name="child_tuning",
+    config_cls=ChildTuningConfig,
+    apply=apply,
+    state_dict=state_dict,
+    load_state_dict=load_state_dict,
+    hooks=hooks,
+    merge=merge,
+    remove=remove,
+    adapter_config=adapter_config,
+    description="update a child network: random per step (F) or Fisher-chosen (D)",
+)
