@@ -117,7 +117,7 @@ def test_merged_llama_with_added_biases_round_trips_through_transformers(tmp_pat
     batch = batch_for("llama", tokenizer)
     model = peftkit.apply(model, BitFitConfig(missing_biases="add"))
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.normal_()
     tuned = logits(model, batch)

@@ -1,0 +1,308 @@
+"""Child-Tuning F and D: the contract on five architectures, exact masking under AdamW with weight
+decay, one F mask per optimizer step under accumulation, the Fisher pass and the exact top-p
+against independent computations, sparse saving, optimizer memory, bad input, and Trainer use."""
+
+import pytest
+import torch
+
+import peftkit
+from contract import FAMILIES, batch_for, check_contract, logits, tiny
+from peftkit.errors import ConfigError, DataError
+from peftkit.io import read_tensors
+from peftkit.methods import child_tuning
+from peftkit.methods.child_tuning import ChildTuningConfig
+
+D_PARAMS = r"\.values$|classifier|score"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("mode", ["F", "D"])
+def test_child_tuning_contract(family, mode, tmp_path):
+    trainable = D_PARAMS if mode == "D" else None
+    check_contract(family, ChildTuningConfig(mode=mode), tmp_path, trainable=trainable)
+
+
+def optimizer_state_bytes(optimizer):
+    return sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def effective_weights(model):
+    """Every tensor as the model computes it, under its original (unpatched) name."""
+    weights = {}
+    for name, parameter in model.named_parameters():
+        if name.endswith(".values"):
+            continue
+        if ".parametrizations." in name:
+            module_name, rest = name.split(".parametrizations.")
+            attribute = rest.split(".")[0]
+            parameter = getattr(model.get_submodule(module_name), attribute)
+            name = f"{module_name}.{attribute}"
+        weights[name] = parameter.detach().clone()
+    return weights
+
+
+def test_f_masks_exactly_under_adamw_with_weight_decay():
+    model, tokenizer = tiny("bert")
+    batch = batch_for("bert", tokenizer)
+    config = ChildTuningConfig(mode="F", reserve_ratio=0.3)
+    model = peftkit.apply(model, config)
+    hooks = child_tuning.hooks(model, config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model.train()
+    for step in range(3):  # later steps carry momentum for entries outside their mask
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        hooks.before_optimizer_step(model, step)
+        masks = {n: m.clone() for n, m in child_tuning._state(model).masks.items()}
+        for name, parameter in model.named_parameters():
+            expected = torch.where(masks[name], grads[name] / 0.3, 0.0)
+            torch.testing.assert_close(parameter.grad, expected, atol=0, rtol=0)
+        optimizer.step()
+        hooks.after_optimizer_step(model, step)
+        for name, parameter in model.named_parameters():
+            keep = masks[name]
+            assert torch.equal(parameter.detach()[~keep], before[name][~keep]), name
+        moved = sum(int((p.detach() != before[n]).sum()) for n, p in model.named_parameters())
+        kept = sum(int(m.sum()) for m in masks.values())
+        assert moved > 0.9 * kept
+        share = kept / sum(m.numel() for m in masks.values())
+        assert abs(share - 0.3) < 0.02
+
+
+def test_f_draws_one_mask_per_optimizer_step_under_accumulation():
+    model, tokenizer = tiny("gpt2")
+    batch = batch_for("gpt2", tokenizer)
+    config = ChildTuningConfig(mode="F", reserve_ratio=0.5)
+    model = peftkit.apply(model, config)
+    hooks = child_tuning.hooks(model, config)
+    model.train()
+    for _ in range(2):  # two micro-batches accumulate into .grad before the hook runs
+        model(**batch).loss.backward()
+    accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.manual_seed(7)
+    hooks.before_optimizer_step(model, 0)
+    torch.manual_seed(7)  # the same draws, made independently: one per parameter, in order
+    for name, parameter in model.named_parameters():
+        keep = torch.rand(parameter.shape) < 0.5
+        torch.testing.assert_close(parameter.grad, torch.where(keep, accumulated[name] * 2, 0.0))
+
+
+def test_fisher_is_the_mean_squared_gradient():
+    model, tokenizer = tiny("bert")
+    model.eval()
+    torch.nn.Module.train(model, False)
+    batches = [batch_for("bert", tokenizer)] * 2
+    second = dict(batches[0], labels=torch.tensor([1, 0, 0]))
+    batches = [batches[0], second]
+    candidates = child_tuning.layer_parameters(model)
+    for module in model.modules():  # no dropout, so an independent pass sees the same loss
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    fisher = child_tuning.fisher_information(model, candidates, batches)
+    expected = {n: torch.zeros_like(p) for n, p in candidates.items()}
+    for batch in batches:
+        grads = torch.autograd.grad(model(**batch).loss, list(candidates.values()))
+        for name, grad in zip(candidates, grads, strict=True):
+            expected[name] += grad**2 / len(batches)
+    for name in candidates:
+        torch.testing.assert_close(fisher[name], expected[name])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_top_k_is_exact_against_a_full_sort():
+    torch.manual_seed(1)
+    scores = {"a": torch.rand(50, 7), "b": torch.rand(33), "c": torch.rand(4, 4, 4) ** 3}
+    for k in (1, 17, 100, 200, 413):
+        masks = child_tuning.top_k_masks(scores, k)
+        flat = torch.cat([s.flatten() for s in scores.values()])
+        chosen = torch.cat([m.flatten() for m in masks.values()])
+        assert int(chosen.sum()) == k
+        assert set(chosen.nonzero().flatten().tolist()) == set(flat.topk(k).indices.tolist())
+
+
+def test_top_k_breaks_ties_by_position():
+    scores = {"a": torch.tensor([0.0, 1.0, 0.0]), "b": torch.tensor([0.0, 2.0])}
+    masks = child_tuning.top_k_masks(scores, 3)
+    assert masks["a"].tolist() == [True, True, False] and masks["b"].tolist() == [False, True]
+
+
+def prepared_d(family="bert", ratio=0.3):
+    model, tokenizer = tiny(family)
+    batch = batch_for(family, tokenizer)
+    config = ChildTuningConfig(mode="D", reserve_ratio=ratio)
+    model = peftkit.apply(model, config)
+    child_tuning.hooks(model, config).prepare(model, [batch, batch])
+    return model, batch
+
+
+def test_d_keeps_the_top_p_of_the_layers_and_outputs_are_unchanged():
+    model, tokenizer = tiny("bert")
+    batch = batch_for("bert", tokenizer)
+    reference = logits(model, batch)
+    model, _ = prepared_d()
+    torch.testing.assert_close(logits(model, batch), reference, atol=0, rtol=0)
+    layers = sum(p.numel() for p in child_tuning.layer_parameters(tiny("bert")[0]).values())
+    kept = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".values"))
+    assert kept == round(0.3 * layers)
+
+
+def test_d_step_moves_only_the_subnetwork_and_state_scales_with_p():
+    model, batch = prepared_d()
+    before = effective_weights(model)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1
+    )
+    model.train()
+    model(**batch).loss.backward()
+    optimizer.step()
+    after = effective_weights(model)
+    state = child_tuning._state(model)
+    for name, (module, attribute) in state.patched.items():
+        outside = torch.ones(before[name].numel(), dtype=torch.bool)
+        outside[module.parametrizations[attribute][0].indices.long()] = False
+        assert torch.equal(after[name].flatten()[outside], before[name].flatten()[outside])
+    assert any(not torch.equal(after[n], before[n]) for n in state.patched)
+
+    full, _ = tiny("bert")
+    full_optimizer = torch.optim.AdamW(full.parameters(), lr=1e-2)
+    full(**batch).loss.backward()
+    full_optimizer.step()
+    ratio = optimizer_state_bytes(optimizer) / optimizer_state_bytes(full_optimizer)
+    assert ratio <= 0.3 + 0.05
+
+
+def test_d_file_holds_about_p_of_a_full_copy(tmp_path):
+    model, batch = prepared_d()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    peftkit.save(model, tmp_path / "adapter")
+    saved = read_tensors(tmp_path / "adapter")
+    assert all(k.endswith((".values", ".bitmask", ".indices")) or "classifier" in k for k in saved)
+    file_bytes = sum(t.nbytes for t in saved.values())
+    full_bytes = sum(p.numel() * 4 for p in tiny("bert")[0].parameters())
+    assert file_bytes <= 0.3 * full_bytes + 1024
+    loaded = peftkit.load(tiny("bert")[0], tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=0, rtol=0)
+
+
+def test_f_saves_changed_entries_and_reloads_exactly(tmp_path):
+    model, tokenizer = tiny("llama")
+    batch = batch_for("llama", tokenizer)
+    config = ChildTuningConfig(mode="F", reserve_ratio=0.05)
+    model = peftkit.apply(model, config)
+    hooks = child_tuning.hooks(model, config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    model(**batch).loss.backward()
+    hooks.before_optimizer_step(model, 0)
+    optimizer.step()
+    hooks.after_optimizer_step(model, 0)
+    peftkit.save(model, tmp_path / "adapter")
+    saved = read_tensors(tmp_path / "adapter")
+    base = dict(tiny("llama")[0].named_parameters())
+    changed = sum(int((p.detach() != base[n]).sum()) for n, p in model.named_parameters())
+    stored = sum(t.numel() for k, t in saved.items() if k.endswith(".values"))
+    assert changed <= stored <= 0.06 * sum(p.numel() for p in base.values())
+    loaded = peftkit.load(tiny("llama")[0], tmp_path / "adapter")
+    for name, parameter in loaded.named_parameters():
+        assert torch.equal(parameter, dict(model.named_parameters())[name]), name
+
+
+def test_bit_packing_round_trips():
+    mask = torch.rand(1001) < 0.3
+    packed = child_tuning.pack_bits(mask)
+    assert packed.numel() == 126 and packed.dtype == torch.uint8
+    assert torch.equal(child_tuning.unpack_bits(packed, 1001), mask)
+
+
+def test_merge_returns_the_plain_model():
+    model, batch = prepared_d("llama")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    tuned = logits(model, batch)
+    merged = peftkit.merge(model)
+    assert not any("parametrizations" in n for n, _ in merged.named_parameters())
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    torch.testing.assert_close(logits(merged, batch), tuned, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5])
+def test_reserve_ratio_outside_0_1_is_refused(ratio):
+    with pytest.raises(ConfigError, match="reserve_ratio"):
+        peftkit.config_for("child_tuning", reserve_ratio=ratio)
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ConfigError, match="mode"):
+        ChildTuningConfig(mode="E")
+
+
+def test_fisher_pass_over_no_batches_is_refused():
+    model, _ = tiny("bert")
+    config = ChildTuningConfig()
+    model = peftkit.apply(model, config)
+    with pytest.raises(DataError, match="no batches"):
+        child_tuning.hooks(model, config).prepare(model, [])
+
+
+def test_fisher_pass_without_labels_is_refused():
+    model, tokenizer = tiny("bert")
+    batch = batch_for("bert", tokenizer)
+    del batch["labels"]
+    config = ChildTuningConfig()
+    model = peftkit.apply(model, config)
+    with pytest.raises(DataError, match="labels"):
+        child_tuning.hooks(model, config).prepare(model, [batch])
+
+
+@pytest.mark.parametrize("mode", ["F", "D"])
+def test_works_inside_a_transformers_trainer(mode, tmp_path):
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    model, tokenizer = tiny("bert")
+    batch = batch_for("bert", tokenizer)
+
+    class Repeat(Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, index):
+            return {k: v[index % 3] for k, v in batch.items()}
+
+    config = ChildTuningConfig(mode=mode)
+    model = peftkit.apply(model, config)
+    hooks = child_tuning.hooks(model, config)
+    if hooks.prepare:
+        hooks.prepare(model, [batch])  # before the Trainer builds its optimizer
+    base = dict(tiny("bert")[0].named_parameters())
+    calls = []
+
+    class Hooks(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            calls.append("before")
+            if hooks.before_optimizer_step:
+                hooks.before_optimizer_step(kwargs["model"], state.global_step)
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            calls.append("after")
+            if hooks.after_optimizer_step:
+                hooks.after_optimizer_step(kwargs["model"], state.global_step)
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=3,
+        gradient_accumulation_steps=2, learning_rate=1e-2, weight_decay=0.1,
+        report_to=[], save_strategy="no", use_cpu=True, logging_strategy="no",
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=Repeat(), callbacks=[Hooks()]).train()
+    assert calls == ["before", "after"] * 2  # once per optimizer step, not per micro-batch
+    after = effective_weights(model)
+    changed = sum(int((after[n] != base[n]).sum()) for n in base if n in after)
+    total = sum(p.numel() for p in base.values())
+    assert 0 < changed <= (0.3 if mode == "D" else 1 - 0.7**2 + 0.02) * total
