@@ -12,9 +12,20 @@ from peftkit.methods.bottleneck import BOTTLENECK
 from peftkit.methods.child_tuning import CHILD_TUNING
 from peftkit.methods.dora import DORA
 from peftkit.methods.lora import LORA
+from peftkit.methods.prefix_tuning import PREFIX_TUNING
+from peftkit.methods.prompt_tuning import PROMPT_TUNING
 from peftkit.methods.rslora import RSLORA
 
-METHODS: list[Method] = [LORA, RSLORA, DORA, BOTTLENECK, BITFIT, CHILD_TUNING]
+METHODS: list[Method] = [
+    LORA,
+    RSLORA,
+    DORA,
+    BOTTLENECK,
+    BITFIT,
+    CHILD_TUNING,
+    PROMPT_TUNING,
+    PREFIX_TUNING,
+]
 
 
 def method_names() -> list[str]:

@@ -1,0 +1,350 @@
+"""Prefix tuning (Li and Liang, 2021): trainable key/value prefixes in every attention layer,
+optionally produced during training by a small MLP (the reparameterisation) that is folded away
+for saving.
+
+peftkit writes it on transformers' public `Cache` interface (see virtual_tokens.py): a call that
+starts a sequence gets a DynamicCache (an EncoderDecoderCache's self-attention part for
+encoder-decoders) that already holds the prefix, and the attention mask grows by P. PEFT 0.21.2
+does the same through the `past_key_values` argument, which transformers 5.24 renamed, and its
+generate() is wrong there. Files stay in PEFT's format: a `prompt_embeddings` tensor of shape
+(P, num_layers * 2 * token_dim) and a PREFIX_TUNING adapter_config.json. With grouped-query
+attention PEFT's token_dim is num_key_value_heads * head_dim, so the prefix has the key/value
+width, not the hidden width. For encoder-decoders (PEFT's num_transformer_submodules=2) the
+prefix goes into the decoder's self-attention, laid out exactly as PEFT lays it out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import peft
+import torch
+from torch import nn
+from transformers import DynamicCache, EncoderDecoderCache
+
+from peftkit import virtual_tokens as vt
+from peftkit.errors import AdapterError, ConfigError, TargetError
+from peftkit.method import Method
+from peftkit.targeting import task_head_modules, task_type
+
+
+@dataclass(frozen=True)
+class PrefixTuningConfig:
+    """Key/value prefixes of `num_virtual_tokens` positions in every attention layer."""
+
+    num_virtual_tokens: int = field(default=20, metadata={"help": "prefix length P"})
+    encoder_hidden_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "train the prefix through an MLP of this width (Li and Liang's "
+            "reparameterisation, folded away when saving); None trains the prefix directly"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        vt.check_num_virtual_tokens(self.num_virtual_tokens)
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
+            raise ConfigError(
+                f"encoder_hidden_size must be at least 1 (or None), got {self.encoder_hidden_size}."
+            )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the prefix maps onto a model's attention, in PEFT's terms."""
+
+    num_layers: int  # layers the stored prefix covers (PEFT's num_layers)
+    num_heads: int  # key/value heads (PEFT's num_attention_heads after its GQA fix)
+    head_dim: int
+    submodules: int  # 2 for encoder-decoders (PEFT's num_transformer_submodules)
+    cache_layers: int  # attention layers that take a prefix from the cache
+
+    @property
+    def token_dim(self) -> int:
+        """PEFT's token_dim: the key/value width of one layer."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def width(self) -> int:
+        """Width of one stored prefix row: keys and values of every layer."""
+        return self.num_layers * 2 * self.token_dim
+
+
+def _get(config: Any, *names: str) -> Any:
+    """The first of several attribute names the config has (families name things differently)."""
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def layout(model: nn.Module) -> Layout:
+    """The prefix layout of a model, or a TargetError naming why its attention cannot take one."""
+    config = vt.text_config(model)
+    name = type(model).__name__
+    layers = _get(config, "num_hidden_layers", "n_layer", "num_layers")
+    hidden = _get(config, "hidden_size", "n_embd", "d_model")
+    heads = _get(config, "num_attention_heads", "n_head", "num_heads")
+    if not (layers and hidden and heads):
+        raise TargetError(
+            f"Cannot read the attention layout of {name} (number of layers, hidden size, heads): "
+            "prefix tuning needs a transformers model whose config names them."
+        )
+    grouped = getattr(config, "num_key_value_heads", None) is not None
+    kv_heads = config.num_key_value_heads if grouped else heads
+    head_dim = _get(config, "head_dim", "d_kv") or hidden // heads
+    # PEFT's layout: token_dim is the hidden size split into the query heads, or for configs with
+    # num_key_value_heads (grouped-query attention) kv_heads * head_dim split into kv_heads.
+    peft_heads = kv_heads if grouped else heads
+    peft_token_dim = head_dim * kv_heads if grouped else hidden
+    if peft_heads != kv_heads or peft_token_dim != kv_heads * head_dim:
+        raise TargetError(
+            f"{name}'s attention has {kv_heads} key/value heads of size {head_dim}, which PEFT's "
+            f"prefix layout (token_dim {peft_token_dim} split into {peft_heads} heads) cannot "
+            "represent; prefix tuning cannot serve this model."
+        )
+    odd = sorted({t for t in getattr(config, "layer_types", None) or [] if t != "full_attention"})
+    if odd:
+        raise TargetError(
+            f"{name} has {', '.join(odd)} layers: their cache drops old positions, and the prefix "
+            "with them. Prefix tuning serves models whose layers all use full attention."
+        )
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    cache_layers = (
+        (getattr(config, "num_decoder_layers", None) or layers) if encoder_decoder else layers
+    )
+    if cache_layers != layers:
+        raise TargetError(
+            f"{name} has {layers} encoder and {cache_layers} decoder layers; PEFT's prefix layout "
+            "for encoder-decoders needs equal counts."
+        )
+    return Layout(layers, kv_heads, head_dim, 2 if encoder_decoder else 1, cache_layers)
+
+
+class PrefixEncoder(nn.Module):
+    """The trainable prefix: rows of every layer's keys and values, direct or through an MLP."""
+
+    def __init__(self, count: int, shape: Layout, encoder_hidden_size: int | None) -> None:
+        super().__init__()
+        self.layout = shape
+        if encoder_hidden_size is None:
+            self.embedding = nn.Embedding(count, shape.width)
+            self.transform: nn.Module | None = None
+        else:
+            self.embedding = nn.Embedding(count, shape.token_dim)
+            self.transform = nn.Sequential(
+                nn.Linear(shape.token_dim, encoder_hidden_size),
+                nn.Tanh(),
+                nn.Linear(encoder_hidden_size, shape.width),
+            )
+
+    def forward(self) -> torch.Tensor:
+        """The prefix as stored on disk: (P, num_layers * 2 * token_dim)."""
+        rows = self.embedding.weight
+        return self.transform(rows) if self.transform is not None else rows
+
+    def fold(self) -> None:
+        """Replace the MLP by the prefix it produces (training after this trains it directly)."""
+        with torch.no_grad():
+            rows = self().detach().clone()
+        self.embedding = nn.Embedding(*rows.shape).to(rows.device)
+        with torch.no_grad():
+            self.embedding.weight.copy_(rows)
+        self.transform = None
+
+    def key_values(self, batch: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(keys, values) per cache layer, each (batch, heads, P, head_dim), in PEFT's layout."""
+        shape = self.layout
+        rows = self().to(dtype)
+        count = rows.shape[0]
+        # The same view, duplication and permutation as PEFT's get_prompt, so files agree.
+        states = rows.view(1, count, shape.num_layers * 2, shape.num_heads, shape.head_dim)
+        states = states.expand(batch, -1, -1, -1, -1)
+        if shape.submodules == 2:
+            states = torch.cat([states, states], dim=2)
+        chunks = states.permute(2, 0, 3, 1, 4).split(shape.submodules * 2)
+        return [(chunk[0], chunk[1]) for chunk in chunks[: shape.cache_layers]]
+
+
+def _fill(cache: Any, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write the prefix into an empty cache through its public update()."""
+    target = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+    for index, (keys, values) in enumerate(prefix):
+        target.update(keys, values, index)
+
+
+def _new_cache(config: Any) -> Any:
+    """The cache the model itself would make: an EncoderDecoderCache for encoder-decoders."""
+    if getattr(config, "is_encoder_decoder", False):
+        return EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+    return DynamicCache(config=config)
+
+
+def _refuse_checkpointing(module: nn.Module) -> None:
+    """Checkpointed layers drop the cache in transformers 5.24, and the prefix with it: refuse."""
+    checkpointing = getattr(module, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(module, "is_gradient_checkpointing", False)
+    if checkpointing and module.training and torch.is_grad_enabled():
+        raise ConfigError(
+            "Prefix tuning cannot train with gradient checkpointing: transformers' checkpointed "
+            "layers run without the KV cache, which is where the prefix lives, so it would be "
+            "silently ignored. Call model.gradient_checkpointing_disable() (prompt tuning does "
+            "work with checkpointing)."
+        )
+
+
+def _hooks(wrapper: vt.VirtualTokenModel) -> None:
+    """A pre-hook that puts the prefix into the cache of each call that starts a sequence."""
+    base = wrapper.base_model
+    count = wrapper.num_virtual_tokens
+    config = vt.text_config(base)
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    mask_key = "decoder_attention_mask" if encoder_decoder else "attention_mask"
+    ids_key = "decoder_input_ids" if encoder_decoder else "input_ids"
+    records: list[vt.CallRecord] = []
+
+    def before(module: nn.Module, args: tuple, kwargs: vt.Kwargs) -> tuple[tuple, vt.Kwargs]:
+        _refuse_checkpointing(module)
+        kw = vt.named_arguments(module, args, kwargs)
+        cache = kw.get("cache")
+        past = vt.cache_length(cache)
+        mask = kw.get(mask_key)
+        drop = False
+        if not encoder_decoder:
+            batch, length = vt.sequence_shape(kw, ids_key, "inputs_embeds")
+            real_total = mask.shape[1] if mask is not None else max(past - count, 0) + length
+            vt.check_length(config, count, real_total)
+            positions = vt.shift_positions(module, kw, length, count)
+            if positions is not None:
+                kw["position_ids"] = positions
+        else:
+            batch = _decoder_batch(kw)
+        if past == 0:
+            if cache is None:
+                cache = _new_cache(module.config)
+                use_cache = kw.get("use_cache")
+                drop = not (use_cache if use_cache is not None else config.use_cache)
+            dtype = module.get_input_embeddings().weight.dtype
+            _fill(cache, wrapper.virtual.key_values(batch, dtype))
+            kw["cache"] = cache
+        if mask is not None:
+            kw[mask_key] = vt.with_ones(mask, count)
+        records.append(vt.CallRecord(0, 0, drop_cache=drop))
+        return (), kw
+
+    def after(module: nn.Module, args: tuple, kwargs: vt.Kwargs, output: Any) -> Any:
+        return vt.strip_output(output, records.pop())
+
+    wrapper.add_hooks(base, before, after)
+
+
+def _decoder_batch(kwargs: vt.Kwargs) -> int:
+    """The batch size of an encoder-decoder call, from whichever input it carries."""
+    for key in (
+        "decoder_input_ids",
+        "decoder_inputs_embeds",
+        "labels",
+        "input_ids",
+        "inputs_embeds",
+    ):
+        if kwargs.get(key) is not None:
+            return kwargs[key].shape[0]
+    encoder_outputs = kwargs.get("encoder_outputs")
+    if encoder_outputs is not None:
+        return encoder_outputs[0].shape[0]
+    raise ConfigError("The call carries no inputs to take a batch size from.")
+
+
+def apply(model: nn.Module, config: PrefixTuningConfig) -> vt.VirtualTokenModel:
+    """Freeze the model and wrap it with trainable key/value prefixes (a new task head trains)."""
+    shape = layout(model)
+    prefix = PrefixEncoder(config.num_virtual_tokens, shape, config.encoder_hidden_size)
+    vt.freeze_base(model)
+    device = model.get_input_embeddings().weight.device
+    wrapper = vt.VirtualTokenModel(model, prefix.to(device), config.num_virtual_tokens)
+    _hooks(wrapper)
+    return wrapper
+
+
+def state_dict(model: vt.VirtualTokenModel) -> dict[str, Any]:
+    """The prefix with any MLP folded in, under PEFT's key, plus a new task head."""
+    with torch.no_grad():
+        rows = model.virtual().detach()
+    return {"prompt_embeddings": rows, **vt.head_state(model)}
+
+
+def load_state_dict(model: vt.VirtualTokenModel, tensors: dict[str, Any]) -> None:
+    """Load a folded prefix written by state_dict or by PEFT (the MLP, if any, is folded first)."""
+    if "prompt_embeddings" not in tensors:
+        raise AdapterError("The adapter has no 'prompt_embeddings' tensor: not a prefix file.")
+    if model.virtual.transform is not None:
+        model.virtual.fold()
+    with torch.no_grad():
+        model.virtual.embedding.weight.copy_(tensors["prompt_embeddings"])
+    vt.load_head_state(model, tensors)
+
+
+def fold(model: vt.VirtualTokenModel) -> vt.VirtualTokenModel:
+    """Fold the reparameterisation MLP into the prefix it produces; the outputs do not change."""
+    model.virtual.fold()
+    return model
+
+
+def remove(model: vt.VirtualTokenModel) -> nn.Module:
+    """Detach the hooks and give back the base model."""
+    return model.remove_hooks()
+
+
+def merge(model: vt.VirtualTokenModel) -> nn.Module:
+    """Refuse: a prefix is extra attention positions, not a weight change."""
+    raise AdapterError(
+        "Prefix tuning cannot be merged: the prefix adds key/value positions to every attention "
+        "layer rather than changing any weight. Save the adapter (peftkit.save) and load it onto "
+        "the base model instead."
+    )
+
+
+def adapter_config(model: vt.VirtualTokenModel, config: PrefixTuningConfig) -> dict[str, Any]:
+    """PEFT's PREFIX_TUNING adapter_config.json; the saved prefix is folded, so no projection."""
+    shape = model.virtual.layout
+    heads = task_head_modules(model.base_model)
+    peft_config = peft.PrefixTuningConfig(
+        task_type=task_type(model.base_model),
+        num_virtual_tokens=config.num_virtual_tokens,
+        token_dim=shape.token_dim,
+        num_transformer_submodules=shape.submodules,
+        num_attention_heads=shape.num_heads,
+        num_layers=shape.num_layers,
+        encoder_hidden_size=config.encoder_hidden_size or shape.token_dim,
+        prefix_projection=False,
+        modules_to_save=heads or None,
+        inference_mode=True,
+    )
+    return {k: getattr(v, "value", v) for k, v in peft_config.to_dict().items()}
+
+
+def config_from_adapter(saved: dict[str, Any]) -> PrefixTuningConfig:
+    """Our config from a PREFIX_TUNING adapter_config.json (the stored prefix is already folded)."""
+    if saved.get("prefix_projection") and not saved.get("inference_mode", True):
+        raise AdapterError(
+            "This prefix adapter stores an unfolded MLP (prefix_projection with inference_mode "
+            "off), which PEFT itself cannot read back either; save it folded."
+        )
+    return PrefixTuningConfig(num_virtual_tokens=saved["num_virtual_tokens"])
+
+
+PREFIX_TUNING = Method(
+    name="prefix_tuning",
+    config_cls=PrefixTuningConfig,
+    apply=apply,
+    state_dict=state_dict,
+    load_state_dict=load_state_dict,
+    merge=merge,
+    remove=remove,
+    peft_type="PREFIX_TUNING",
+    adapter_config=adapter_config,
+    config_from_adapter=config_from_adapter,
+    description="trainable key/value prefixes in every attention layer (PEFT's file format)",
+)
