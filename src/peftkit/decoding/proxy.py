@@ -1,0 +1,365 @@
+"""Proxy-Tuning (Liu et al., 2024, "Tuning Language Models by Proxy"): steer a model at decode time.
+
+At each step the next-token logits are  base + alpha * (expert - anti_expert),  where the expert is
+a small model tuned for the task and the anti-expert is the same small model untuned. No weight of
+the base changes. Decoding goes through the base model's own `generate`: `ProxyLogitsProcessor`
+keeps the expert and anti-expert in step, each with its own prompt and KV cache (see stream.py).
+
+Order matters: `generate` (transformers 5.24, `_get_logits_processor`) runs the processors it
+builds from the generation config first, then the processors passed in `logits_processor`, then
+the sampling warpers (temperature, top-k, top-p). `proxy_generate` sets every value-changing
+generation option to its neutral value, so the proxy arithmetic sees raw logits and the warpers
+see the proxy logits.
+
+The cheap variant keeps one set of small weights: expert = a PEFT model with its LoRA adapter on,
+anti-expert = `WithoutAdapter(expert)`, the same model with the adapter switched off."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from peftkit.config import from_dict
+from peftkit.decoding.prompts import Prompt, check_prompts, prompt_batch
+from peftkit.decoding.stream import ModelStream, model_device
+from peftkit.errors import ConfigError, PeftkitError
+
+
+class VocabularyError(PeftkitError, ValueError):
+    """The base, expert and anti-expert do not share one tokenizer: their logits cannot be added."""
+
+
+def check_alpha(alpha: Any) -> float:
+    """alpha as a float; an error unless it is a finite real number."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise ConfigError(
+            f"Proxy-Tuning alpha must be a finite number (the paper uses 1.0), got {alpha!r}."
+        )
+    return float(alpha)
+
+
+def proxy_logits(
+    base: torch.Tensor, expert: torch.Tensor, anti_expert: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """base + alpha * (expert - anti_expert) on the ids all three share; -inf on any other id."""
+    alpha = check_alpha(alpha)
+    shared = min(base.shape[-1], expert.shape[-1], anti_expert.shape[-1])
+    # Ids past the shared range are padding rows of a larger embedding, never real tokens.
+    combined = torch.full_like(base, float("-inf"))
+    shift = expert[..., :shared].to(base) - anti_expert[..., :shared].to(base)
+    combined[..., :shared] = base[..., :shared] + alpha * shift
+    return combined
+
+
+class WithoutAdapter:
+    """A PEFT model with its adapter switched off: an anti-expert sharing the expert's weights."""
+
+    def __init__(self, peft_model: Any) -> None:
+        if not hasattr(peft_model, "disable_adapter"):
+            raise ConfigError(
+                f"WithoutAdapter needs a PEFT model (one with disable_adapter()), got "
+                f"{type(peft_model).__name__}. Pass the untuned small model as anti_expert instead."
+            )
+        self.peft_model = peft_model
+
+    def __call__(self, **inputs: Any) -> Any:
+        """The PEFT model's forward with its adapter off."""
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**inputs)
+
+    @property
+    def config(self) -> Any:
+        """The wrapped model's config."""
+        return self.peft_model.config
+
+    def get_base_model(self) -> Any:
+        """The PEFT model (so code that unwraps models finds the weights)."""
+        return self.peft_model
+
+
+class ProxyLogitsProcessor(LogitsProcessor):
+    """Replace the base model's scores by the proxy-tuned logits at each `generate` step.
+
+    `expert_inputs` / `anti_expert_inputs` are each model's own left-padded prompt batch
+    (`input_ids`, `attention_mask`), one row per row of the base batch; they may be rendered
+    differently from the base prompt (another chat template). The processor recognises the first
+    step of a `generate` call (prefill) and afterwards feeds each model just the new token."""
+
+    def __init__(
+        self,
+        expert: Any,
+        anti_expert: Any,
+        alpha: float,
+        expert_inputs: Mapping[str, torch.Tensor],
+        anti_expert_inputs: Mapping[str, torch.Tensor] | None = None,
+        use_cache: bool = True,
+    ) -> None:
+        check_pair(expert, anti_expert)
+        self.expert, self.anti_expert = expert, anti_expert
+        self.alpha = check_alpha(alpha)
+        self.expert_inputs = dict(expert_inputs)
+        self.anti_expert_inputs = dict(anti_expert_inputs or expert_inputs)
+        self.use_cache = use_cache
+        self.streams: tuple[ModelStream, ModelStream] | None = None
+        self.seen: torch.Tensor | None = None  # the base tokens of the previous step
+
+    def _continues(self, input_ids: torch.Tensor) -> bool:
+        """Whether input_ids is the last step's sequence plus one token (else a new generate)."""
+        seen = self.seen
+        return (
+            self.streams is not None
+            and seen is not None
+            and input_ids.shape == (seen.shape[0], seen.shape[1] + 1)
+            and torch.equal(input_ids[:, :-1], seen)
+        )
+
+    def _start(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """New streams for a new generate call; their logits for the first new token."""
+        self.streams = (
+            ModelStream(self.expert, use_cache=self.use_cache, **self.expert_inputs),
+            ModelStream(self.anti_expert, use_cache=self.use_cache, **self.anti_expert_inputs),
+        )
+        for stream, role in zip(self.streams, ("expert", "anti-expert"), strict=True):
+            if stream.batch_size != batch_size:
+                raise ConfigError(
+                    f"The {role} prompt batch has {stream.batch_size} rows but the base "
+                    f"generates {batch_size}: give one {role} prompt per base prompt. Proxy "
+                    "decoding supports neither beam search nor num_return_sequences > 1."
+                )
+        return self.streams[0].start(), self.streams[1].start()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """The proxy logits for this step, in the base model's vocabulary layout."""
+        if self._continues(input_ids):
+            new_tokens = input_ids[:, -1]
+            expert, anti_expert = (stream.step(new_tokens) for stream in self.streams)
+        else:
+            expert, anti_expert = self._start(input_ids.shape[0])
+        self.seen = input_ids
+        return proxy_logits(
+            scores, expert.to(scores.device), anti_expert.to(scores.device), self.alpha
+        )
+
+
+def check_pair(expert: Any, anti_expert: Any) -> None:
+    """Proxy-Tuning needs both halves of the difference; refuse one alone."""
+    if expert is None or anti_expert is None:
+        missing = "anti_expert" if expert is not None else "expert"
+        raise ConfigError(
+            f"Proxy-Tuning needs both an expert and an anti-expert; {missing} is missing. The "
+            "anti-expert is the expert's model before tuning; for a PEFT (LoRA) expert use "
+            "anti_expert=WithoutAdapter(expert)."
+        )
+
+
+def same_vocabulary(first: Any, second: Any) -> bool:
+    """Whether two tokenizers map every token to the same id."""
+    return first is second or first.get_vocab() == second.get_vocab()
+
+
+def output_vocab_size(model: Any) -> int:
+    """How many ids the model's LM head scores (padded embeddings make it exceed the tokenizer)."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text_config.vocab_size)
+
+
+def check_vocabularies(models: Mapping[str, Any], tokenizers: Mapping[str, Any]) -> None:
+    """One tokenizer for all three models, and each model scores every one of its ids."""
+    reference = tokenizers["base"]
+    for role, tokenizer in tokenizers.items():
+        if not same_vocabulary(reference, tokenizer):
+            raise VocabularyError(
+                f"The {role} tokenizer differs from the base tokenizer (token-to-id maps differ): "
+                "Proxy-Tuning adds logits id by id, so all three models must share one tokenizer. "
+                "Use an expert and anti-expert trained on the base model's tokenizer."
+            )
+    for role, model in models.items():
+        size = output_vocab_size(model)
+        if size < len(reference):
+            raise VocabularyError(
+                f"The {role} model scores {size} ids but the tokenizer has {len(reference)} "
+                "tokens: it was not built for this tokenizer. Use models that share one tokenizer."
+            )
+
+
+@dataclass(frozen=True)
+class ProxyDecodingConfig:
+    """Options of proxy-tuned decoding: the steering strength and the usual decoding settings."""
+
+    alpha: float = field(
+        default=1.0, metadata={"help": "weight of (expert - anti_expert); 0 gives the base model"}
+    )
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate per prompt"})
+    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_k: int | None = field(default=None, metadata={"help": "sample from the k best tokens"})
+    top_p: float | None = field(default=None, metadata={"help": "nucleus sampling mass"})
+    chat: bool = field(
+        default=False,
+        metadata={
+            "help": "render the expert's prompts with its tokenizer's chat template (the base "
+            "and anti-expert read them plain, as in the paper)"
+        },
+    )
+    use_cache: bool = field(
+        default=True, metadata={"help": "keep a KV cache per model (off: recompute, for checks)"}
+    )
+    seed: int | None = field(default=None, metadata={"help": "random seed for sampling"})
+
+    def __post_init__(self) -> None:
+        check_alpha(self.alpha)
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"temperature must be a positive number, got {self.temperature}.")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be at least 1 (or None for no limit), got {self.top_k}.")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1] (or None), got {self.top_p}.")
+
+    def generation_config(self, tokenizer: Any) -> GenerationConfig:
+        """A GenerationConfig whose only logit changes are the warpers, run after the proxy."""
+        sampling = {}
+        if self.do_sample:
+            sampling = {
+                "temperature": self.temperature,
+                "top_k": self.top_k or 0,  # 0, not None: None would let generate's default 50 in
+                "top_p": self.top_p or 1.0,
+            }
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            num_beams=1,
+            num_return_sequences=1,
+            use_cache=self.use_cache,
+            # Neutral values, so a model's own generation_config cannot change the raw logits
+            # before the proxy arithmetic sees them. (Masks such as min_length may stay: -inf
+            # plus any finite shift is still -inf.)
+            repetition_penalty=1.0,
+            encoder_repetition_penalty=1.0,
+            guidance_scale=1.0,
+            renormalize_logits=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+
+
+def decoding_config(config: ProxyDecodingConfig | None, options: Mapping[str, Any]) -> Any:
+    """The config given, or one built from keyword options (unknown keys refused)."""
+    if config is not None and options:
+        raise ConfigError("Pass decoding options either in the config object or as keywords.")
+    if config is not None:
+        return config
+    if "alpha" in options:
+        check_alpha(options["alpha"])  # before from_dict, which would turn "nan" into a float
+    return from_dict(ProxyDecodingConfig, dict(options), where="proxy decoding options")
+
+
+@contextlib.contextmanager
+def eval_mode(*models: Any) -> Iterator[None]:
+    """Run models in eval mode (no dropout), restoring each one's mode afterwards."""
+    modules = [m for m in models if isinstance(m, torch.nn.Module)]
+    modes = [m.training for m in modules]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
+
+
+def proxy_generate_ids(
+    base: Any,
+    expert: Any,
+    anti_expert: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    config: ProxyDecodingConfig | None = None,
+    *,
+    expert_prompts: Sequence[Prompt] | None = None,
+    anti_expert_prompts: Sequence[Prompt] | None = None,
+    expert_tokenizer: Any = None,
+    anti_expert_tokenizer: Any = None,
+    stopping_criteria: Any = None,
+    **options: Any,
+) -> torch.Tensor:
+    """Proxy-tuned generation; the new token ids, shape (prompts, new tokens), pad after EOS."""
+    config = decoding_config(config, options)
+    check_pair(expert, anti_expert)
+    check_prompts(prompts)
+    if getattr(base.config, "is_encoder_decoder", False):
+        raise ConfigError("Proxy-Tuning here decodes causal LMs; the base is an encoder-decoder.")
+    models = {"base": base, "expert": expert, "anti-expert": anti_expert}
+    tokenizers = {
+        "base": tokenizer,
+        "expert": expert_tokenizer or tokenizer,
+        "anti-expert": anti_expert_tokenizer or tokenizer,
+    }
+    check_vocabularies(models, tokenizers)
+    inputs = {}
+    for role, own in (
+        ("base", None),
+        ("expert", expert_prompts),
+        ("anti-expert", anti_expert_prompts),
+    ):
+        if own is not None:
+            check_prompts(own, len(prompts), f"{role.replace('-', '_')}_prompts")
+        chat = config.chat and role == "expert" and own is None
+        device = model_device(models[role])
+        inputs[role] = prompt_batch(tokenizers[role], own or prompts, chat, device)
+    processor = ProxyLogitsProcessor(
+        expert, anti_expert, config.alpha, inputs["expert"], inputs["anti-expert"], config.use_cache
+    )
+    if config.seed is not None:
+        torch.manual_seed(config.seed)
+    with eval_mode(base, expert, anti_expert), torch.no_grad():
+        output = base.generate(
+            **inputs["base"],
+            generation_config=config.generation_config(tokenizer),
+            logits_processor=LogitsProcessorList([processor]),
+            stopping_criteria=stopping_criteria,
+        )
+    return output[:, inputs["base"]["input_ids"].shape[1] :]
+
+
+def proxy_generate(
+    base: Any,
+    expert: Any,
+    anti_expert: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    config: ProxyDecodingConfig | None = None,
+    *,
+    expert_prompts: Sequence[Prompt] | None = None,
+    anti_expert_prompts: Sequence[Prompt] | None = None,
+    expert_tokenizer: Any = None,
+    anti_expert_tokenizer: Any = None,
+    stopping_criteria: Any = None,
+    **options: Any,
+) -> list[str]:
+    """Proxy-tuned generation from the base model; one text (the continuation only) per prompt."""
+    new_ids = proxy_generate_ids(
+        base,
+        expert,
+        anti_expert,
+        tokenizer,
+        prompts,
+        config,
+        expert_prompts=expert_prompts,
+        anti_expert_prompts=anti_expert_prompts,
+        expert_tokenizer=expert_tokenizer,
+        anti_expert_tokenizer=anti_expert_tokenizer,
+        stopping_criteria=stopping_criteria,
+        **options,
+    )
+    return tokenizer.batch_decode(new_ids, skip_special_tokens=True)
