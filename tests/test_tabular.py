@@ -170,3 +170,11 @@ def test_records_table_and_its_bad_inputs() -> None:
         tb.table_from_records([], "label")
     with pytest.raises(DataError, match="two classes"):
         tb.logistic_baseline(tb.load_table("iris"), [0, 1], [60, 120])
+
+
+def test_bundled_split_records() -> None:
+    train, test = tb.bundled_split("wine", k=16, template="list", seed=0)
+    assert len(train) == 16 and len(test) == 36
+    assert not {r["row"] for r in train} & {r["row"] for r in test}
+    assert sorted(Counter(r["label"] for r in train).values()) == [5, 5, 6]
+    assert train[0]["text"].startswith("- alcohol: ")

@@ -233,3 +233,11 @@ def test_extract_sql() -> None:
     assert sql_app.extract_sql("SQL: SELECT 1") == "SELECT 1"
     assert sql_app.extract_sql("```sql\nSELECT 2;\n```\nThis counts.") == "SELECT 2;"
     assert sql_app.extract_sql("  SELECT 3 ") == "SELECT 3"
+
+
+def test_bundled_split_uses_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
+    train, heldout = sql_app.bundled_split(seed=0)
+    assert (tmp_path / "text-to-sql" / "bank-seed0.db").is_file()
+    assert {r["split"] for r in train} == {"train"} and {r["split"] for r in heldout} == {"heldout"}
+    assert all(r["prompt"].endswith("SQL:") and r["response"] == r["sql"] for r in train + heldout)

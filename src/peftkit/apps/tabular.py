@@ -246,6 +246,17 @@ def few_shot_indices(
     return chosen
 
 
+def bundled_split(
+    name: str, k: int | str = "all", template: str = "text", seed: int = 0,
+    test_fraction: float = 0.2,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
+    """(k few-shot training records, test records) of a bundled table; the test split is fixed."""
+    table = load_table(name)
+    train, test = stratified_split(table.labels, test_fraction, seed=0)
+    rows = few_shot_indices(table.labels, k, seed=seed, pool=train)
+    return row_records(table, rows, template), row_records(table, test, template)
+
+
 # --- metrics and the baseline -----------------------------------------------------------------
 
 

@@ -474,6 +474,25 @@ def prompt_records(examples: list[dict[str, Any]], schema: str) -> list[dict[str
     ]
 
 
+def default_database(seed: int = 0) -> Path:
+    """The bundled database in peftkit's cache folder, built on first use."""
+    from peftkit.models import cache_dir
+
+    path = cache_dir() / "text-to-sql" / f"bank-seed{seed}.db"
+    return path if path.is_file() else build_database(path, seed=seed)
+
+
+def bundled_split(
+    db_path: str | Path | None = None, seed: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train records, held-out-template records) with the schema in each prompt."""
+    db_path = Path(db_path) if db_path is not None else default_database(seed)
+    records = prompt_records(generate_examples(db_path, seed=seed), render_schema(db_path))
+    train = [record for record in records if record["split"] == "train"]
+    heldout = [record for record in records if record["split"] == "heldout"]
+    return train, heldout
+
+
 # --- the sandbox ------------------------------------------------------------------------------
 
 _ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION}
