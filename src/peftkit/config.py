@@ -94,7 +94,9 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
     values = {key: _coerce(value, hints[key], key, where) for key, value in data.items()}
     try:
         return cls(**values)
-    except TypeError as error:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:  # a __post_init__ check: say where it came from
         raise ConfigError(f"{where}: {error}") from None
 
 

@@ -121,10 +121,13 @@ def tiny_config(family: str, vocab_size: int = 260) -> Any:
     import transformers
 
     common = {"vocab_size": vocab_size, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+    # transformers' default init (std 0.02) caps a tiny model's logits near +-0.6 through the tied
+    # output embeddings, so no adapter could fit anything; std 0.2 leaves the models learnable.
+    init = {"initializer_range": 0.2}
     if family == "bert":
         return transformers.BertConfig(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=256, **common,
+            max_position_embeddings=256, **common, **init,
         )  # fmt: skip
     if family == "t5":
         return transformers.T5Config(
@@ -132,13 +135,15 @@ def tiny_config(family: str, vocab_size: int = 260) -> Any:
             decoder_start_token_id=0, **common,
         )  # fmt: skip
     if family == "gpt2":
-        return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common)
+        return transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, n_positions=256, **common, **init
+        )
     if family in ("llama", "qwen2"):
         config_class = transformers.LlamaConfig if family == "llama" else transformers.Qwen2Config
         # Fewer key/value heads than query heads: grouped-query attention, as the real models.
         return config_class(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, **common,
+            num_key_value_heads=2, max_position_embeddings=256, **common, **init,
         )  # fmt: skip
     raise ModelNotFoundError(
         f"No tiny config for '{family}'; tiny families: {', '.join(TINY_FAMILIES)}."

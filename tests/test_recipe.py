@@ -1,0 +1,88 @@
+"""YAML recipes map one to one onto the config dataclasses, and round-trip exactly."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from peftkit.errors import ConfigError
+from peftkit.recipe import load_recipe, recipe_from_dict, recipe_to_dict, save_recipe
+
+
+def test_shipped_recipes_load(request):
+    root = request.config.rootpath / "recipes"
+    recipes = sorted(root.glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.method_config() is not None
+
+
+def test_recipe_round_trip_is_exact(tmp_path, request):
+    recipe = load_recipe(request.config.rootpath / "recipes" / "minilm-lora.yaml")
+    save_recipe(recipe, tmp_path / "again.yaml")
+    again = load_recipe(tmp_path / "again.yaml")
+    assert again == recipe
+    assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
+    # Every method option written is a field of the method's config class.
+    assert recipe.method_config().rank == 8
+    assert recipe.training.learning_rate == pytest.approx(1e-3)
+
+
+def test_overrides_change_exactly_the_named_keys(tmp_path, request):
+    path = request.config.rootpath / "recipes" / "minilm-lora.yaml"
+    base = load_recipe(path)
+    changed = load_recipe(
+        path, ["training.max_steps=7", "method.rank=4", "method.name=dora", "model=tiny-bert"]
+    )
+    assert changed.training.max_steps == 7 and changed.model == "tiny-bert"
+    assert (
+        changed.method_config().rank == 4 and type(changed.method_config()).__name__ == "DoraConfig"
+    )
+    assert changed.task == base.task
+
+
+def test_yaml_reads_scientific_notation_as_number(tmp_path):
+    # PyYAML reads "5e-4" as a string; the recipe must still get a float.
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "task": {"dataset": "amazon-reviews"},
+                "method": {"name": "lora"},
+                "training": {"learning_rate": "5e-4"},
+            }
+        )
+    )
+    assert load_recipe(path).training.learning_rate == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"trainig": {}}, r"Unknown key 'trainig' in the recipe\. Did you mean 'training'\?"),
+        ({"training": {"max_stpes": 3}}, r"'max_stpes' in training\. Did you mean 'max_steps'"),
+        ({"method": {"name": "lora", "rnak": 4}}, r"'rnak' in method 'lora'\. Did you mean 'rank'"),
+        ({"method": {"name": "lroa"}}, r"Unknown method 'lroa'\. Did you mean 'lora'"),
+        ({"task": {"type": "regression", "dataset": "x"}}, r"Unknown task type 'regression'"),
+        ({"training": {"max_steps": "many"}}, r"'max_steps' in training must be a number"),
+        ({"method": {"name": "lora", "rank": 0}}, r"rank must be at least 1"),
+    ],
+)
+def test_bad_recipe_keys_name_the_problem(data, message):
+    with pytest.raises(ConfigError, match=message):
+        recipe_from_dict(data)
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys, contextlib, io\n"
+        "from peftkit.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try: main(['--help'])\n"
+        "    except SystemExit: pass\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False False", result.stderr
