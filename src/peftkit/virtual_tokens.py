@@ -53,8 +53,13 @@ class VirtualTokenModel(nn.Module):
         self.num_virtual_tokens = num_virtual_tokens
         self._hook_handles: list[Any] = []
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The base model's forward; the hooks add the virtual tokens."""
+    def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+        """The base model's forward; the hooks add the virtual tokens.
+
+        `labels` is named so that transformers.Trainer, which reads label names off the
+        forward signature, finds it."""
+        if labels is not None:
+            kwargs["labels"] = labels
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
