@@ -85,6 +85,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Run several methods on one task and print the comparison table."""
+    from peftkit.compare import compare
+
+    only = [name for part in args.methods or [] for name in part.split(",") if name]
+    results = compare(args.plan, args.output_dir, quick=args.quick, only=only or None)
+    return 1 if any(result.get("failed") for result in results) else 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     """List the registered methods and their options."""
     import dataclasses
@@ -130,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True, help="folder for the merged model")
     merge.add_argument("--model", help="base model (default: the one the adapter names)")
     merge.set_defaults(handler=cmd_merge)
+
+    compare = commands.add_parser(
+        "compare", help="run several methods on one task: table, JSON, CSV and chart"
+    )
+    compare.add_argument(
+        "plan", nargs="?", default="recipes/compare-minilm.yaml",
+        help="compare plan YAML (default: recipes/compare-minilm.yaml)",
+    )  # fmt: skip
+    compare.add_argument("--quick", action="store_true", help="the plan's smoke-sized budget")
+    compare.add_argument("--methods", nargs="+", help="only these plan entries (labels)")
+    compare.add_argument("--output-dir", default="runs/compare", help="where results go")
+    compare.set_defaults(handler=cmd_compare)
 
     methods = commands.add_parser("methods", help="list the PEFT methods and their options")
     methods.add_argument("-v", "--verbose", action="store_true", help="show every option")

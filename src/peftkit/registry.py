@@ -11,6 +11,7 @@ from peftkit.methods.bitfit import BITFIT
 from peftkit.methods.bottleneck import BOTTLENECK
 from peftkit.methods.child_tuning import CHILD_TUNING
 from peftkit.methods.dora import DORA
+from peftkit.methods.full import FULL
 from peftkit.methods.lora import LORA
 from peftkit.methods.prefix_tuning import PREFIX_TUNING
 from peftkit.methods.prompt_tuning import PROMPT_TUNING
@@ -25,6 +26,7 @@ METHODS: list[Method] = [
     CHILD_TUNING,
     PROMPT_TUNING,
     PREFIX_TUNING,
+    FULL,
 ]
 
 

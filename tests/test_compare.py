@@ -1,0 +1,61 @@
+"""`peftkit compare` on a tiny model: each method in its own process, one table, JSON, CSV, PNG."""
+
+import csv
+import json
+
+import pytest
+
+from peftkit.cli import main
+from peftkit.compare import load_plan
+from peftkit.errors import ConfigError
+
+
+def test_compare_two_methods_writes_table_json_csv_and_chart(tmp_path, capsys):
+    rows = [{"text": "good" if i % 2 else "bad", "label": i % 2} for i in range(40)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    recipe = tmp_path / "base.yaml"
+    recipe.write_text(
+        f"model: tiny-bert\ntask: {{train_file: {data}, max_length: 16}}\n"
+        "method: lora\ntraining: {max_steps: 50, batch_size: 8}\n"
+    )
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "recipe: base.yaml\n"
+        "methods:\n"
+        "  - method: {name: lora, rank: 2}\n"
+        "    set: {training.learning_rate: 0.01}\n"
+        "  - method: {name: full}\n"
+        "    label: full-ft\n"
+        "quick: {training.max_steps: 3}\n"
+    )
+    assert main(["compare", str(plan), "--quick", "--output-dir", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "[1/2] lora" in printed and "[2/2] full-ft" in printed and "| method" in printed
+    results = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert [r["method"] for r in results] == ["lora", "full-ft"]
+    assert all(r["steps"] == 3 for r in results)  # the quick budget applied to both
+    lora, full = results
+    assert lora["trainable_parameters"] < full["trainable_parameters"]
+    assert full["trainable_percent"] == pytest.approx(100.0)
+    table = list(csv.reader((tmp_path / "out" / "compare.csv").open()))
+    assert table[0][0] == "method" and len(table) == 3
+    assert (tmp_path / "out" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plan_errors_name_the_problem(tmp_path):
+    plan = tmp_path / "p.yaml"
+    plan.write_text("recipe: r.yaml\nmethod: [lora]\n")
+    with pytest.raises(ConfigError, match=r"Unknown key 'method'.*Did you mean 'methods'"):
+        load_plan(plan)
+    plan.write_text("recipe: r.yaml\nmethods: [lora, lora]\n")
+    with pytest.raises(ConfigError, match=r"labels must be unique; repeated: \['lora'\]"):
+        load_plan(plan)
+
+
+def test_shipped_plan_names_registered_methods(request):
+    from peftkit.registry import method_names
+
+    plan = load_plan(request.config.rootpath / "recipes" / "compare-minilm.yaml")
+    assert plan.recipe.is_file()
+    assert {e.method["name"] for e in plan.entries} <= set(method_names())
