@@ -56,8 +56,10 @@ def test_f_masks_exactly_under_adamw_with_weight_decay():
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         hooks.before_optimizer_step(model, step)
         masks = {n: m.clone() for n, m in child_tuning._state(model).masks.items()}
+        scale = 1 / child_tuning.effective_ratio(0.3)
+        assert abs(1 / scale - 0.3) < 1 / 65536
         for name, parameter in model.named_parameters():
-            expected = torch.where(masks[name], grads[name] / 0.3, 0.0)
+            expected = torch.where(masks[name], grads[name] * scale, 0.0)
             torch.testing.assert_close(parameter.grad, expected, atol=0, rtol=0)
         optimizer.step()
         hooks.after_optimizer_step(model, step)
@@ -85,7 +87,9 @@ def test_f_draws_one_mask_per_optimizer_step_under_accumulation():
     hooks.before_optimizer_step(model, 0)
     torch.manual_seed(7)  # the same draws, made independently: one per parameter, in order
     for name, parameter in model.named_parameters():
-        keep = torch.rand(parameter.shape) < 0.5
+        words = torch.empty((parameter.numel() + 3) // 4, dtype=torch.int64)
+        lanes = words.random_(-(2**63), 2**63 - 1).view(torch.int16)[: parameter.numel()]
+        keep = (lanes < 0).view(parameter.shape)  # half of the 16-bit range: p = 0.5 exactly
         torch.testing.assert_close(parameter.grad, torch.where(keep, accumulated[name] * 2, 0.0))
 
 
@@ -210,6 +214,41 @@ def test_f_saves_changed_entries_and_reloads_exactly(tmp_path):
     loaded = peftkit.load(tiny("llama")[0], tmp_path / "adapter")
     for name, parameter in loaded.named_parameters():
         assert torch.equal(parameter, dict(model.named_parameters())[name]), name
+
+
+@pytest.mark.parametrize(
+    ("ratio", "steps", "kind"),
+    [(0.005, 1, ".indices"), (0.2, 1, ".bitmask"), (1.0, 1, "dense")],
+)
+def test_f_patch_encodings_reload_exactly(ratio, steps, kind, tmp_path):
+    model, tokenizer = tiny("gpt2")
+    batch = batch_for("gpt2", tokenizer)
+    config = ChildTuningConfig(mode="F", reserve_ratio=ratio)
+    model = peftkit.apply(model, config)
+    hooks = child_tuning.hooks(model, config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(steps):
+        model(**batch).loss.backward()
+        hooks.before_optimizer_step(model, step)
+        optimizer.step()
+        hooks.after_optimizer_step(model, step)
+        optimizer.zero_grad()
+    peftkit.save(model, tmp_path / "adapter")
+    saved = read_tensors(tmp_path / "adapter")
+    names = dict(model.named_parameters())
+    found = {k for k in saved if k.endswith(kind)} if kind != "dense" else set(saved) & set(names)
+    assert found, sorted(saved)
+    loaded = peftkit.load(tiny("gpt2")[0], tmp_path / "adapter")
+    for name, parameter in loaded.named_parameters():
+        assert torch.equal(parameter, names[name]), name
+
+
+def test_bernoulli_mask_keeps_p_on_average():
+    keep = child_tuning.bernoulli_mask(torch.Size([1000, 1000]), 0.3, torch.device("cpu"))
+    assert abs(float(keep.float().mean()) - 0.3) < 0.002  # 4.6 standard deviations
+    tiny_share = child_tuning.bernoulli_mask(torch.Size([10**6]), 1e-9, torch.device("cpu"))
+    assert 0 < int(tiny_share.sum()) < 100  # never zero probability (p rounds up to 1/65536)
 
 
 def test_bit_packing_round_trips():
