@@ -19,6 +19,8 @@ import re
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -530,26 +532,18 @@ class QueryResult:
         return self.failure is None
 
 
-class _ReadOnly:
-    """A read-only connection as a context manager that always closes."""
-
-    def __init__(self, db_path: str | Path) -> None:
-        path = Path(db_path)
-        if not path.is_file():
-            raise DataError(f"Database {path} does not exist; build it with build_database().")
-        # as_uri() percent-encodes the path, so odd file names cannot inject URI parameters.
-        self.connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-
-    def __enter__(self) -> sqlite3.Connection:
-        return self.connection
-
-    def __exit__(self, *exc: object) -> None:
-        self.connection.close()
-
-
-def _read_only(db_path: str | Path) -> _ReadOnly:
-    """Open a database read-only (the file cannot change through it)."""
-    return _ReadOnly(db_path)
+@contextmanager
+def _read_only(db_path: str | Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection (the file cannot change through it), always closed after."""
+    path = Path(db_path)
+    if not path.is_file():
+        raise DataError(f"Database {path} does not exist; build it with build_database().")
+    # as_uri() percent-encodes the path, so odd file names cannot inject URI parameters.
+    connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        yield connection
+    finally:
+        connection.close()
 
 
 def _first_keyword(sql: str) -> str:
