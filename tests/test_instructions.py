@@ -289,3 +289,12 @@ def test_smollm2_chat_template() -> None:
     pairs = zip(feature["input_ids"], feature["labels"], strict=True)
     unlabelled = [token for token, label in pairs if label == -100]
     assert "Be brief." in tokenizer.decode(unlabelled)
+
+
+def test_records_round_trip_through_jsonl(tmp_path: Path) -> None:
+    from peftkit.apps import write_jsonl
+
+    records = [{"topic": "t", "messages": CHAT}, {"topic": "t", "messages": CHAT[1:3]}]
+    path = write_jsonl(records, tmp_path / "out" / "chat.jsonl")
+    assert ins.load_conversations(path) == [CHAT, CHAT[1:3]]
+    assert [p.name for p in path.parent.iterdir()] == ["chat.jsonl"]  # no staging file left
