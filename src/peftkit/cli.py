@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -94,6 +95,89 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 1 if any(result.get("failed") for result in results) else 0
 
 
+def _load_tuned(name: str, task: str, adapter: str | None) -> tuple[Any, Any]:
+    """A model (with an adapter applied, if given) and its tokenizer."""
+    import peftkit.api as api
+    from peftkit.models import load_model
+
+    model, tokenizer = load_model(name, task)
+    if adapter:
+        model = api.load(model, _run_folder(Path(adapter))[1])
+    return model.eval(), tokenizer
+
+
+def _prompt_text(tokenizer: Any, prompt: str, chat: bool) -> str:
+    """The prompt as the model reads it: raw, or in the tokenizer's chat template."""
+    if not chat:
+        return prompt
+    from peftkit.errors import ConfigError
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("--chat needs a tokenizer with a chat template; this one has none.")
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate from a model, with an adapter, or proxy-tuned by an expert/anti-expert pair."""
+    import torch
+
+    import peftkit.api as api
+    from peftkit.errors import ConfigError
+
+    task = args.task
+    if args.adapter and task is None:
+        task = api.read_info(_run_folder(Path(args.adapter))[1]).get("task")
+    task = task or "causal-lm"
+    proxy = [args.proxy_expert, args.proxy_anti_expert]
+    if any(proxy) and not all(proxy):
+        raise ConfigError(
+            "Proxy-Tuning needs both --proxy-expert (the tuned small model) and "
+            "--proxy-anti-expert (the same small model untuned)."
+        )
+    model, tokenizer = _load_tuned(args.model, task, args.adapter)
+    options = {
+        "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
+        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+    }  # fmt: skip
+    if all(proxy) or args.proxy_adapter:
+        from peftkit.decoding.proxy import WithoutAdapter, proxy_generate
+
+        if args.proxy_adapter:  # one set of weights: expert = adapter on, anti-expert = off
+            expert, _ = _load_tuned(args.model, task, args.proxy_adapter)
+            anti_expert = WithoutAdapter(expert)
+        else:
+            expert, _ = _load_tuned(args.proxy_expert, task, args.expert_adapter)
+            anti_expert, _ = _load_tuned(args.proxy_anti_expert, task, None)
+        texts = proxy_generate(
+            model, expert, anti_expert, tokenizer, args.prompt, alpha=args.alpha,
+            chat=args.chat, seed=args.seed, **options,
+        )  # fmt: skip
+    else:
+        texts = []
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+        for prompt in args.prompt:
+            inputs = tokenizer(_prompt_text(tokenizer, prompt, args.chat), return_tensors="pt")
+            with torch.no_grad():
+                output = model.generate(
+                    **inputs, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **(sampling if args.do_sample else {}),
+                )  # fmt: skip
+            if not getattr(model.config, "is_encoder_decoder", False):
+                output = output[:, inputs["input_ids"].shape[1] :]
+            texts.append(tokenizer.decode(output[0], skip_special_tokens=True))
+    for prompt, text in zip(args.prompt, texts, strict=True):
+        print(f"### {prompt}\n{text}\n")
+    if args.output:
+        records = [{"prompt": p, "generated": t} for p, t in zip(args.prompt, texts, strict=True)]
+        Path(args.output).write_text(json.dumps(records, indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     """List the registered methods and their options."""
     import dataclasses
@@ -151,6 +235,32 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", nargs="+", help="only these plan entries (labels)")
     compare.add_argument("--output-dir", default="runs/compare", help="where results go")
     compare.set_defaults(handler=cmd_compare)
+
+    generate = commands.add_parser(
+        "generate", help="generate text: a model, an adapter, or Proxy-Tuning"
+    )
+    generate.add_argument("--model", required=True, help="base model: bundled name or folder")
+    generate.add_argument("--adapter", help="a trained adapter (or run folder) to apply")
+    generate.add_argument("--task", choices=["causal-lm", "seq2seq"], help="default: causal-lm")
+    generate.add_argument("--prompt", action="append", required=True, help="repeatable")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    generate.add_argument("--top-p", type=float, help="nucleus sampling mass")
+    generate.add_argument("--seed", type=int, help="seed for sampling")
+    generate.add_argument("--chat", action="store_true", help="use the chat template")
+    generate.add_argument("--proxy-expert", help="Proxy-Tuning: the tuned small model")
+    generate.add_argument("--expert-adapter", help="Proxy-Tuning: an adapter on the expert")
+    generate.add_argument("--proxy-anti-expert", help="Proxy-Tuning: the untuned small model")
+    generate.add_argument(
+        "--proxy-adapter",
+        help="Proxy-Tuning with one set of weights: expert = model + this adapter, "
+        "anti-expert = the same model with it disabled",
+    )
+    generate.add_argument("--alpha", type=float, default=1.0, help="Proxy-Tuning strength")
+    generate.add_argument("--output", help="also write the generations as JSON here")
+    generate.set_defaults(handler=cmd_generate)
 
     methods = commands.add_parser("methods", help="list the PEFT methods and their options")
     methods.add_argument("-v", "--verbose", action="store_true", help="show every option")

@@ -150,6 +150,26 @@ def tiny_config(family: str, vocab_size: int = 260) -> Any:
     )
 
 
+TASK_NEEDS = {
+    "classification": "a model with a sequence-classification head (BERT, GPT-2, Llama, T5, ...)",
+    "causal-lm": "a decoder-only model (GPT-2, Llama, Qwen2, SmolLM2, ...)",
+    "seq2seq": "an encoder-decoder model (T5, BART, ...)",
+}
+
+
+def _build(task: str, make: Any, kind: str) -> nn.Module:
+    """Call a from_config/from_pretrained, turning "no such head" into a clear ConfigError."""
+    try:
+        return make()
+    except ValueError as error:
+        if "Unrecognized configuration class" not in str(error):
+            raise
+        raise ConfigError(
+            f"A {kind} model cannot serve task type '{task}', which needs {TASK_NEEDS[task]}. "
+            "Change task.type or the model."
+        ) from None
+
+
 def _from_folder(folder: Path | str, task: str, num_labels: int | None) -> tuple[nn.Module, Any]:
     """Model and tokenizer from a Hugging Face folder or id."""
     import transformers
@@ -158,8 +178,9 @@ def _from_folder(folder: Path | str, task: str, num_labels: int | None) -> tuple
     if task == "classification":
         kwargs["num_labels"] = num_labels or 2
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    model = _auto_class(task).from_pretrained(folder, **kwargs)
-    return model, tokenizer
+    config = transformers.AutoConfig.from_pretrained(folder)
+    make = lambda: _auto_class(task).from_pretrained(folder, **kwargs)  # noqa: E731
+    return _build(task, make, config.model_type), tokenizer
 
 
 def _finish(model: nn.Module, tokenizer: Any) -> tuple[nn.Module, Any]:
@@ -181,7 +202,7 @@ def load_model(
         if task == "classification":
             config.num_labels = num_labels or 2
         torch.manual_seed(seed)  # tiny models are random: the seed makes them reproducible
-        model = _auto_class(task).from_config(config)
+        model = _build(task, lambda: _auto_class(task).from_config(config), config.model_type)
         return _finish(model, tiny_tokenizer())
     if name == "minilm":
         return _finish(*_from_folder(minilm_folder(), task, num_labels))

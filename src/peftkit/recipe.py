@@ -38,6 +38,16 @@ class TaskConfig:
     source_column: str = field(default="source", metadata={"help": "seq2seq input column"})
     target_column: str = field(default="target", metadata={"help": "seq2seq output column"})
     max_length: int = field(default=128, metadata={"help": "tokens per example, after truncation"})
+    metric: str | None = field(
+        default=None,
+        metadata={
+            "help": "the headline metric; seq2seq: exact_match | token_f1 | rouge_l "
+            "(default: accuracy, eval_loss, exact_match by task type)"
+        },
+    )
+    max_new_tokens: int = field(
+        default=32, metadata={"help": "seq2seq evaluation: most tokens generated per example"}
+    )
     max_train_examples: int | None = field(
         default=None, metadata={"help": "use only the first N training examples"}
     )

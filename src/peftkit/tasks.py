@@ -16,7 +16,7 @@ from torch import nn
 from peftkit.data import tokenize
 from peftkit.data.bundled import load_bundled
 from peftkit.data.files import read_rows, require_columns
-from peftkit.errors import DataError
+from peftkit.errors import ConfigError, DataError
 from peftkit.recipe import TaskConfig
 
 Rows = list[dict[str, Any]]
@@ -31,6 +31,8 @@ class TaskData:
     labels: list[str] = field(default_factory=list)
     truncated: int = 0  # examples cut to max_length (counted, reported in the summary)
     dropped: int = 0  # examples left with nothing to learn after truncation
+    tokenizer: Any = None  # for evaluations that generate and decode text
+    max_new_tokens: int = 32
 
 
 def split_rows(task: TaskConfig) -> tuple[Rows, Rows]:
@@ -93,7 +95,7 @@ def _pairs(
         if feature is None:
             dropped += 1
             continue
-        truncated += len(feature["input_ids"]) >= task.max_length
+        truncated += feature.pop("truncated", len(feature["input_ids"]) >= task.max_length)
         features.append(feature)
     return features, truncated, dropped
 
@@ -114,7 +116,10 @@ def _paired(source: str, make: Callable[..., Any]) -> Callable[..., TaskData]:
                 f"No training example keeps a response token within max_length={task.max_length}; "
                 "raise task.max_length or shorten the prompts."
             )
-        return TaskData(train_features, eval_features, truncated=truncated, dropped=dropped)
+        return TaskData(
+            train_features, eval_features, truncated=truncated, dropped=dropped,
+            tokenizer=tokenizer, max_new_tokens=task.max_new_tokens,
+        )  # fmt: skip
 
     return prepare
 
@@ -155,6 +160,27 @@ def token_loss(
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+def generation_scores(
+    model: nn.Module, data: TaskData, collator: Any, batch_size: int
+) -> dict[str, float]:
+    """Greedy generation from each source, scored against its reference text; plus the loss."""
+    from peftkit.metrics import score_texts
+
+    model.eval()
+    predictions, references = [], []
+    with torch.no_grad():
+        for start in range(0, len(data.eval), batch_size):
+            chunk = data.eval[start : start + batch_size]
+            batch = collator(chunk)
+            generated = model.generate(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                max_new_tokens=data.max_new_tokens, do_sample=False,
+            )  # fmt: skip
+            predictions += data.tokenizer.batch_decode(generated, skip_special_tokens=True)
+            references += [feature["reference"] for feature in chunk]
+    return {**score_texts(predictions, references), **token_loss(model, data, collator, batch_size)}
+
+
 def _is_causal(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     return not getattr(config, "is_encoder_decoder", False)
@@ -169,21 +195,43 @@ class TaskType:
     evaluate: Callable[[nn.Module, TaskData, Any, int], dict[str, float]]
     metric: str
     higher_is_better: bool
+    metrics: tuple[str, ...] = ()  # every metric evaluate() reports (a recipe may pick one)
 
 
 TASK_TYPES = {
-    "classification": TaskType("classification", _classification, accuracy, "accuracy", True),
+    "classification": TaskType(
+        "classification", _classification, accuracy, "accuracy", True, ("accuracy",)
+    ),
     "causal-lm": TaskType(
         "causal-lm",
         _paired("prompt", tokenize.prompt_response_feature),
         token_loss,
         "eval_loss",
         False,
-    ),  # fmt: skip
+        ("eval_loss", "perplexity"),
+    ),
     "seq2seq": TaskType(
-        "seq2seq", _paired("source", tokenize.seq2seq_feature), token_loss, "eval_loss", False
+        "seq2seq",
+        _paired("source", tokenize.seq2seq_feature),
+        generation_scores,
+        "exact_match",
+        True,
+        ("exact_match", "token_f1", "rouge_l", "eval_loss", "perplexity"),
     ),
 }
+
+
+def headline_metric(task: TaskConfig) -> str:
+    """The metric the summary leads with: the recipe's choice, checked, or the type's default."""
+    task_type = TASK_TYPES[task.type]
+    if task.metric is None:
+        return task_type.metric
+    if task.metric not in task_type.metrics:
+        raise ConfigError(
+            f"task.metric '{task.metric}' is not reported for {task.type} tasks; "
+            f"choose one of: {', '.join(task_type.metrics)}."
+        )
+    return task.metric
 
 
 def prepare_task(task: TaskConfig, tokenizer: Any) -> TaskData:

@@ -18,7 +18,7 @@ from peftkit.measure import folder_bytes, mib, optimizer_state_bytes, peak_memor
 from peftkit.method import TrainingHooks
 from peftkit.models import load_model
 from peftkit.recipe import Recipe, save_recipe
-from peftkit.tasks import TASK_TYPES, TaskData, split_rows
+from peftkit.tasks import TASK_TYPES, TaskData, headline_metric, split_rows
 
 
 class HooksCallback(TrainerCallback):
@@ -113,6 +113,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     set_seed(recipe.training.seed)
     output = Path(recipe.output_dir)
     config = recipe.method_config()
+    metric = headline_metric(recipe.task)
     model, tokenizer, data = load_for_recipe(recipe)
     collator = Collator(tokenizer.pad_token_id)
     before = evaluate(model, recipe, data, collator)
@@ -148,7 +149,6 @@ def run(recipe: Recipe) -> dict[str, Any]:
     info = {"base_model": recipe.model, "task": recipe.task.type, "labels": data.labels}
     api.save(model, adapter_dir, info=info)
     save_recipe(recipe, output / "recipe.yaml")
-    metric = TASK_TYPES[recipe.task.type].metric
     summary = {
         "method": recipe.method["name"],
         "model": recipe.model,

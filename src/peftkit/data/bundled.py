@@ -26,7 +26,44 @@ def amazon_reviews() -> tuple[Rows, Rows]:
     return rows("training_data"), rows("testing_data")
 
 
-BUNDLED: dict[str, Callable[[], tuple[Rows, Rows]]] = {"amazon-reviews": amazon_reviews}
+def _synthetic_pairs(transform: Callable[[list[str]], list[str]], seed: int) -> tuple[Rows, Rows]:
+    """Seeded synthetic (source, target) pairs over short letter strings: 800 train / 100 held out.
+
+    Synthetic by design: a known closed-form target lets a seq2seq test see learning on a tiny
+    random model. Held-out sources never occur in training."""
+    import random
+
+    rng = random.Random(seed)
+    letters = "abcdefghij"
+    seen: set[str] = set()
+    rows: Rows = []
+    while len(rows) < 900:
+        words = [
+            "".join(rng.choices(letters, k=rng.randint(1, 3))) for _ in range(rng.randint(2, 4))
+        ]
+        source = " ".join(words)
+        if source in seen:
+            continue
+        seen.add(source)
+        rows.append({"source": source, "target": " ".join(transform(words))})
+    return rows[:800], rows[800:]
+
+
+def copy_words() -> tuple[Rows, Rows]:
+    """Synthetic seq2seq: the target is the source, word for word."""
+    return _synthetic_pairs(lambda words: words, seed=1)
+
+
+def reverse_words() -> tuple[Rows, Rows]:
+    """Synthetic seq2seq: the target is the source's words in reverse order."""
+    return _synthetic_pairs(lambda words: words[::-1], seed=2)
+
+
+BUNDLED: dict[str, Callable[[], tuple[Rows, Rows]]] = {
+    "amazon-reviews": amazon_reviews,
+    "copy-words": copy_words,
+    "reverse-words": reverse_words,
+}
 
 
 def load_bundled(name: str) -> tuple[Rows, Rows]:

@@ -41,14 +41,18 @@ def prompt_response_feature(
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def seq2seq_feature(tokenizer: Any, source: str, target: str, max_length: int) -> Feature:
-    """Encoder input from the source, decoder labels from the target (with EOS)."""
-    encoded = tokenizer(source, truncation=True, max_length=max_length)
-    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"][: max_length - 1]
+def seq2seq_feature(tokenizer: Any, source: str, target: str, max_length: int) -> dict[str, Any]:
+    """Encoder input from the source, decoder labels from the target (with EOS); both truncated
+    to max_length, and the feature says whether either was (the run counts them)."""
+    source_ids = tokenizer(source)["input_ids"]
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    ids = source_ids[:max_length]
     return {
-        "input_ids": encoded["input_ids"],
-        "attention_mask": encoded["attention_mask"],
-        "labels": target_ids + [tokenizer.eos_token_id],
+        "input_ids": ids,
+        "attention_mask": [1] * len(ids),
+        "labels": target_ids[: max_length - 1] + [tokenizer.eos_token_id],
+        "reference": target,
+        "truncated": len(source_ids) > max_length or len(target_ids) > max_length - 1,
     }
 
 

@@ -1,0 +1,89 @@
+"""Seq2seq task type (tiny T5), text metrics against hand-computed values, `peftkit generate`."""
+
+import json
+
+import pytest
+
+from peftkit.cli import main
+from peftkit.errors import ConfigError
+from peftkit.metrics import exact_match, rouge_l, score_texts, token_f1
+from peftkit.models import load_model
+from peftkit.recipe import TaskConfig
+from peftkit.tasks import headline_metric, prepare_task
+
+
+def test_text_metrics_match_hand_computed_values():
+    assert exact_match(" The  Cat ", "the cat") == 1.0 and exact_match("a", "b") == 0.0
+    # prediction "a b c", reference "a b d": overlap 2, precision 2/3, recall 2/3
+    assert token_f1("a b c", "a b d") == pytest.approx(2 / 3)
+    # LCS("a c b", "a b") = 2: precision 2/3, recall 1 -> F = 0.8
+    assert rouge_l("a c b", "a b") == pytest.approx(0.8)
+    scores = score_texts(["x y", "z"], ["x y", "w"])
+    assert scores["exact_match"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "model, task, message",
+    [
+        ("tiny-llama", "seq2seq", r"llama model cannot serve task type 'seq2seq'.*encoder-decoder"),
+        ("tiny-t5", "causal-lm", r"t5 model cannot serve task type 'causal-lm'.*decoder-only"),
+    ],
+)
+def test_wrong_architecture_for_the_task_type_is_refused(model, task, message):
+    with pytest.raises(ConfigError, match=message):
+        load_model(model, task)
+
+
+def test_seq2seq_targets_longer_than_max_length_are_truncated_and_counted(tmp_path):
+    rows = [{"source": "abc", "target": "x" * (40 if i < 3 else 4)} for i in range(20)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    _, tokenizer = load_model("tiny-t5", "seq2seq")
+    task = TaskConfig(type="seq2seq", train_file=str(path), eval_file=str(path), max_length=16)
+    data = prepare_task(task, tokenizer)
+    assert data.truncated == 3
+    assert max(len(f["labels"]) for f in data.train) == 16
+    assert all(f["labels"][-1] == tokenizer.eos_token_id for f in data.train)
+
+
+def test_metric_must_be_one_the_task_reports():
+    with pytest.raises(ConfigError, match=r"'accuracy' is not reported for seq2seq.*rouge_l"):
+        headline_metric(TaskConfig(type="seq2seq", dataset="copy-words", metric="accuracy"))
+    assert headline_metric(TaskConfig(type="seq2seq", dataset="copy-words")) == "exact_match"
+
+
+def test_seq2seq_recipe_trains_and_reports_generation_metrics(tmp_path, request):
+    recipe = request.config.rootpath / "recipes" / "t5-seq2seq-lora.yaml"
+    out = tmp_path / "run"
+    args = ["train", str(recipe), "--max-steps", "5", "--output-dir", str(out)]
+    assert main([*args, "--set", "task.max_eval_examples=8"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric"] == "exact_match"
+    assert set(summary["eval_after"]) >= {"exact_match", "token_f1", "rouge_l", "eval_loss"}
+    assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"]
+
+    assert main(["generate", "--model", "tiny-t5", "--adapter", str(out), "--prompt", "ab cd",
+                 "--max-new-tokens", "6", "--output", str(tmp_path / "g.json")]) == 0  # fmt: skip
+    generated = json.loads((tmp_path / "g.json").read_text())
+    assert generated[0]["prompt"] == "ab cd" and isinstance(generated[0]["generated"], str)
+
+
+def test_generate_greedy_matches_model_generate(tmp_path, capsys):
+    import torch
+
+    model, tokenizer = load_model("tiny-llama", "causal-lm")
+    inputs = tokenizer("hello", return_tensors="pt")
+    with torch.no_grad():
+        ids = model.eval().generate(**inputs, max_new_tokens=6, do_sample=False)
+    expected = tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    out = tmp_path / "g.json"
+    assert main(["generate", "--model", "tiny-llama", "--prompt", "hello",
+                 "--max-new-tokens", "6", "--output", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())[0]["generated"] == expected
+
+
+def test_generate_refuses_an_expert_without_anti_expert(capsys):
+    code = main(["generate", "--model", "tiny-llama", "--proxy-expert", "tiny-llama",
+                 "--prompt", "x"])  # fmt: skip
+    assert code == 2
+    assert "needs both --proxy-expert" in capsys.readouterr().err
