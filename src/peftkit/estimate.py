@@ -556,7 +556,10 @@ def compare(
 
 def markdown_table(estimates: Sequence[MemoryEstimate]) -> str:
     """Estimates side by side as a Markdown table, in GiB, one column per estimate."""
-    heads = [f"{e.method}, {e.precision}" for e in estimates]
+    heads = [
+        f"{e.method}, {e.precision}" + (", checkpointing" if e.gradient_checkpointing else "")
+        for e in estimates
+    ]
     rows = [
         ("trainable parameters", [f"{e.trainable_parameters:,}" for e in estimates]),
         ("weights", [_gib(e.weights) for e in estimates]),
