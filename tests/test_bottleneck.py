@@ -225,6 +225,15 @@ def test_user_modules_work_on_any_architecture():
     assert peftkit.summary(model).trainable == 2 * (2 * 32 * 2 + 2 + 32) + 2 * 2 * 32
 
 
+def test_adapter_takes_the_width_of_the_module_it_follows():
+    base, tokenizer = tiny("llama")  # up_proj: 32 -> 64
+    config = BottleneckConfig(modules=["up_proj"], bottleneck_size=2, train_layer_norms=False)
+    model = peftkit.apply(base, config)
+    assert peftkit.summary(model).trainable == 2 * (2 * 64 * 2 + 2 + 64)
+    perturb_adapters(model)
+    logits(model, batch_for("llama", tokenizer))  # runs: the adapter fits the 64-wide output
+
+
 @pytest.mark.parametrize("size", [0, -3])
 def test_bottleneck_size_below_one(size):
     with pytest.raises(ConfigError, match="bottleneck_size must be at least 1"):

@@ -224,6 +224,18 @@ def bottleneck_width(config: BottleneckConfig, hidden: int) -> int:
     return size
 
 
+def output_width(module: nn.Module, hidden: int) -> int:
+    """The width of a module's output: a linear layer's or norm's own, else the hidden size."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and weight is not None:
+        return weight.shape[1]  # GPT-2's Conv1D stores (in, out)
+    if is_norm(module) and weight is not None:
+        return weight.shape[-1]
+    return hidden
+
+
 def _norms_in_layers(model: nn.Module, layers: set[int | None]) -> list[nn.Module]:
     """The layer norms inside the adapted layers (not embedding or final norms)."""
     return [
@@ -247,7 +259,7 @@ def apply(model: nn.Module, config: BottleneckConfig) -> nn.Module:
     modules = dict(model.named_modules())
     handles = []
     for name in sites:
-        adapter = BottleneckAdapter(hidden, size, nonlinearity)
+        adapter = BottleneckAdapter(output_width(modules[name], hidden), size, nonlinearity)
         modules[name].add_module(ADAPTER_NAME, adapter.to(reference.device, reference.dtype))
         # Prepend: transformers' own output-capturing hooks must see the adapted output.
         handles.append(modules[name].register_forward_hook(_add_adapter, prepend=True))
