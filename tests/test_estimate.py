@@ -196,3 +196,23 @@ def test_bad_input(options, message):
     arguments = {"config": small_config("llama"), **options}
     with pytest.raises(ConfigError, match=message):
         estimate(**arguments)
+
+
+@pytest.mark.parametrize("family", ["bert", "t5", "gpt2", "llama", "qwen2"])
+def test_every_tiny_family_estimates(family):
+    found = estimate(f"tiny-{family}", "lora", batch_size=2, seq_len=64, dtype="fp32")
+    assert found.activations > 0 and found.trainable_parameters > 0
+    checkpointed = estimate(f"tiny-{family}", "lora", 2, 64, "fp32", gradient_checkpointing=True)
+    assert checkpointed.activations < found.activations
+
+
+def test_eager_attention_stores_the_probabilities():
+    config = small_config("llama")
+    fused = estimate(config, "full", 1, 256, "fp32", attention="fused").activations
+    eager = estimate(config, "full", 1, 256, "fp32", attention="eager").activations
+    # Eager keeps the softmax output (layers x heads x seq x seq), not the fused kernel's output
+    # (layers x seq x hidden) and log-sum-exp (layers x heads x seq); 4 bytes each in fp32.
+    layers, heads, seq, hidden = 4, 4, 256, 256
+    probabilities = layers * heads * seq * seq * 4
+    fused_only = layers * seq * hidden * 4 + layers * heads * seq * 4
+    assert eager - fused >= probabilities - fused_only

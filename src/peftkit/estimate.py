@@ -289,9 +289,16 @@ def _fused_attention(
 
 
 def _layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer layers: the classes the model says must not be split."""
+    """The repeated transformer layers: modules in a ModuleList whose class the model says must
+    not be split (BERT also names its embeddings there, which are not a repeated layer)."""
     kinds = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in kinds]
+    return [
+        layer
+        for stack in model.modules()
+        if isinstance(stack, nn.ModuleList)
+        for layer in stack
+        if type(layer).__name__ in kinds
+    ]
 
 
 @contextlib.contextmanager
