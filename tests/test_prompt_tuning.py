@@ -207,3 +207,23 @@ def test_remove_gives_back_the_untouched_base():
     restored = peftkit.api.applied(model).method.remove(model)
     with torch.no_grad():
         torch.testing.assert_close(restored(**batch).logits, expected)
+
+
+def test_peft_decoder_prompt_for_seq2seq_is_refused_clearly(tmp_path):
+    """PEFT's seq2seq default also prompts the decoder (2 submodules); peftkit says it cannot."""
+    base, _ = tiny("t5")
+    theirs = peft.get_peft_model(
+        base, peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)
+    )
+    theirs.save_pretrained(tmp_path / "peft")
+    fresh, _ = tiny("t5")
+    with pytest.raises(AdapterError, match="num_transformer_submodules=2"):
+        peftkit.load(fresh, tmp_path / "peft")
+
+
+def test_positional_input_ids_work():
+    base, tokenizer = tiny("qwen2")
+    model = peftkit.apply(base, PromptTuningConfig(num_virtual_tokens=3)).eval()
+    ids = tokenizer(["a cat"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, model(input_ids=ids).logits)

@@ -110,3 +110,20 @@ def test_padding_does_not_change_a_row(which):
         batch_logits = model(**padded).logits[1, -alone["input_ids"].shape[1] :]
         alone_logits = model(**alone).logits[0]
     torch.testing.assert_close(batch_logits, alone_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("which", list(CONFIGS))
+def test_beam_search_is_the_same_with_and_without_cache(which):
+    """Beams reorder the cache, prefix included: cached and uncached beam search agree."""
+    _, model, tokenizer = _tuned("llama", which)
+    tokenizer.padding_side = "left"
+    batch = dict(tokenizer(["the cat sat on", "a dog"], return_tensors="pt", padding=True))
+    results = []
+    for use_cache in (True, False):
+        with torch.no_grad():
+            results.append(
+                model.generate(
+                    **batch, max_new_tokens=4, num_beams=3, do_sample=False, use_cache=use_cache
+                )
+            )
+    assert torch.equal(results[0], results[1])
