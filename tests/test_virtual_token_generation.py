@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import peftkit
-from contract import tiny
+from contract import batch_for, tiny
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 
@@ -127,3 +127,23 @@ def test_beam_search_is_the_same_with_and_without_cache(which):
                 )
             )
     assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+@pytest.mark.parametrize("which", list(CONFIGS))
+def test_disable_adapter_gives_the_base_model(family, which):
+    """Inside disable_adapter() the wrapper is the plain base model, forward and generate."""
+    reference, model, tokenizer = _tuned(family, which)
+    batch = batch_for(family, tokenizer)
+    with torch.no_grad():
+        expected = reference(**batch).logits
+        tuned = model(**batch).logits
+        with model.disable_adapter():
+            plain = model(**batch).logits
+            generated = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert model.adapter_enabled
+        torch.testing.assert_close(model(**batch).logits, tuned)
+    torch.testing.assert_close(plain, expected)
+    assert not torch.allclose(tuned, expected)
+    baseline = reference.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated, baseline)

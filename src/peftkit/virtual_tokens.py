@@ -16,8 +16,9 @@ the same positions in a forward pass as in `generate()`."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,7 @@ class VirtualTokenModel(nn.Module):
         self.base_model = base_model
         self.virtual = virtual
         self.num_virtual_tokens = num_virtual_tokens
+        self.adapter_enabled = True
         self._hook_handles: list[Any] = []
 
     def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
@@ -78,11 +80,31 @@ class VirtualTokenModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the plain base model inside the block (as PEFT's PeftModel.disable_adapter).
+
+        Switch only between calls: a generation started with the virtual tokens has them in its
+        cache."""
+        previous, self.adapter_enabled = self.adapter_enabled, False
+        try:
+            yield
+        finally:
+            self.adapter_enabled = previous
+
     def add_hooks(self, module: nn.Module, before: Callable, after: Callable | None) -> None:
-        """Register a keyword pre-hook (and optionally a post-hook) on a module of the base."""
-        self._hook_handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+        """Register a keyword pre-hook (and optionally a post-hook) on a module of the base;
+        both do nothing while the adapter is disabled."""
+
+        def gated_before(hooked: nn.Module, args: tuple, kwargs: Kwargs) -> Any:
+            return before(hooked, args, kwargs) if self.adapter_enabled else None
+
+        def gated_after(hooked: nn.Module, args: tuple, kwargs: Kwargs, output: Any) -> Any:
+            return after(hooked, args, kwargs, output) if self.adapter_enabled else None
+
+        self._hook_handles.append(module.register_forward_pre_hook(gated_before, with_kwargs=True))
         if after is not None:
-            self._hook_handles.append(module.register_forward_hook(after, with_kwargs=True))
+            self._hook_handles.append(module.register_forward_hook(gated_after, with_kwargs=True))
 
     def remove_hooks(self) -> nn.Module:
         """Detach every hook and give back the base model, unchanged."""
