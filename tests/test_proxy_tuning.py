@@ -156,6 +156,18 @@ def test_padded_batch_with_early_stops_equals_one_by_one(family):
         assert (row[len(single) :] == tokenizer.pad_token_id).all()
 
 
+def test_processor_used_directly_in_generate_and_reused():
+    base, tokenizer = tiny("llama", seed=1)
+    expert, _ = tiny("llama", seed=2)
+    batch = tokenizer(PROMPTS, padding=True, padding_side="left", return_tensors="pt")
+    # base = anti-expert, alpha = 1: the expert's own output, on the base's own generate.
+    processor = ProxyLogitsProcessor(expert, base, 1.0, batch)
+    expected = own_greedy(expert, tokenizer)
+    for _ in range(2):  # a second generate call must start fresh caches, not continue old ones
+        got = own_greedy(base, tokenizer, logits_processor=[processor])
+        assert torch.equal(got, expected)
+
+
 def test_sampling_warpers_act_on_the_proxy_logits():
     base, tokenizer = tiny("llama", seed=1)
     expert, _ = tiny("llama", seed=2)
@@ -326,6 +338,7 @@ def test_other_bad_options_are_refused(trio):
         ({"top_p": 1.5}, "top_p must be in"),
         ({"top_k": 0}, "top_k must be at least 1"),
         ({"max_new_tokens": 0}, "max_new_tokens must be at least 1"),
+        ({"max_new_tokens": 4, "min_new_tokens": 5}, "min_new_tokens must be between 0 and"),
     ]:
         with pytest.raises(ConfigError, match=message):
             proxy_generate(*models, tokenizer, PROMPTS, **options)
