@@ -23,7 +23,7 @@ from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 
 from peftkit import virtual_tokens as vt
-from peftkit.errors import AdapterError, ConfigError, TargetError
+from peftkit.errors import AdapterError, ConfigError, DataError, TargetError
 from peftkit.method import Method
 from peftkit.targeting import task_head_modules, task_type
 
@@ -225,7 +225,9 @@ def _hooks(wrapper: vt.VirtualTokenModel) -> None:
             if cache is None:
                 cache = _new_cache(module.config)
                 use_cache = kw.get("use_cache")
-                drop = not (use_cache if use_cache is not None else config.use_cache)
+                if use_cache is None:
+                    use_cache = getattr(config, "use_cache", True)
+                drop = not use_cache
             dtype = module.get_input_embeddings().weight.dtype
             _fill(cache, wrapper.virtual.key_values(batch, dtype))
             kw["cache"] = cache
@@ -254,7 +256,7 @@ def _decoder_batch(kwargs: vt.Kwargs) -> int:
     encoder_outputs = kwargs.get("encoder_outputs")
     if encoder_outputs is not None:
         return encoder_outputs[0].shape[0]
-    raise ConfigError("The call carries no inputs to take a batch size from.")
+    raise DataError("The call carries no inputs to take a batch size from.")
 
 
 def apply(model: nn.Module, config: PrefixTuningConfig) -> vt.VirtualTokenModel:

@@ -137,6 +137,7 @@ def _decoder_hooks(wrapper: vt.VirtualTokenModel) -> None:
     """Hooks for decoder-only and encoder-only models: the prompt leads the input sequence."""
     base = wrapper.base_model
     count = wrapper.num_virtual_tokens
+    config = vt.text_config(base)
     records: list[vt.CallRecord] = []
 
     def before(module: nn.Module, args: tuple, kwargs: vt.Kwargs) -> tuple[tuple, vt.Kwargs]:
@@ -145,7 +146,7 @@ def _decoder_hooks(wrapper: vt.VirtualTokenModel) -> None:
         past = vt.cache_length(kw.get("cache"))
         mask = kw.get("attention_mask")
         real_total = mask.shape[1] if mask is not None else max(past - count, 0) + length
-        vt.check_length(vt.text_config(module), count, real_total)
+        vt.check_length(config, count, real_total)
         positions = vt.shift_positions(module, kw, length, count)
         fresh = past == 0
         if fresh:
