@@ -27,26 +27,25 @@ def amazon_reviews() -> tuple[Rows, Rows]:
 
 
 def _synthetic_pairs(transform: Callable[[list[str]], list[str]], seed: int) -> tuple[Rows, Rows]:
-    """Seeded synthetic (source, target) pairs over short letter strings: 800 train / 100 held out.
+    """Seeded synthetic (source, target) pairs over short letter strings: 500 train / 100 held out.
 
     Synthetic by design: a known closed-form target lets a seq2seq test see learning on a tiny
     random model. Held-out sources never occur in training."""
     import random
 
     rng = random.Random(seed)
-    letters = "abcdefghij"
+    letters = "abcdef"
     seen: set[str] = set()
     rows: Rows = []
-    while len(rows) < 900:
-        words = [
-            "".join(rng.choices(letters, k=rng.randint(1, 3))) for _ in range(rng.randint(2, 4))
-        ]
+    while len(rows) < 600:
+        count = rng.randint(1, 3)
+        words = ["".join(rng.choices(letters, k=rng.randint(1, 2))) for _ in range(count)]
         source = " ".join(words)
         if source in seen:
             continue
         seen.add(source)
         rows.append({"source": source, "target": " ".join(transform(words))})
-    return rows[:800], rows[800:]
+    return rows[:500], rows[500:]
 
 
 def copy_words() -> tuple[Rows, Rows]:
