@@ -115,7 +115,7 @@ def test_causal_lm_recipe_lowers_loss(tmp_path):
 def test_hooks_run_once_per_optimizer_step_with_accumulated_gradients(tmp_path):
     model, tokenizer = load_model("tiny-bert", "classification")
     model = peftkit.apply(model, peftkit.LoraConfig(rank=2))
-    calls = {"before": [], "after": []}
+    calls = {"before": [], "after": [], "begin": []}
 
     def before(m, step):
         grads = [p.grad for p in m.parameters() if p.requires_grad]
@@ -125,6 +125,7 @@ def test_hooks_run_once_per_optimizer_step_with_accumulated_gradients(tmp_path):
         calls["after"].append(step)
 
     hooks = TrainingHooks(
+        begin_training=lambda m, total: calls["begin"].append(total),
         before_optimizer_step=before,
         after_optimizer_step=after,
         extra_loss=lambda m: torch.tensor(10.0),
@@ -149,4 +150,5 @@ def test_hooks_run_once_per_optimizer_step_with_accumulated_gradients(tmp_path):
     result = trainer.train()
     assert calls["before"] == [(0, True), (1, True), (2, True)]  # 3 steps, not 6 micro-batches
     assert calls["after"] == [0, 1, 2]
+    assert calls["begin"] == [3]  # told the step budget once, at the start
     assert result.training_loss > 10.0  # the extra term is in the optimised loss

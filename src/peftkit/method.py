@@ -16,10 +16,13 @@ class TrainingHooks:
 
     prepare(model, batches) runs once before the optimizer is built, with an iterable of task
     batches (Child-Tuning D's Fisher pass); it may replace parameters: no optimizer exists yet.
-    before/after_optimizer_step(model, step) run around every optimizer step; extra_loss(model)
-    returns a tensor added to the task loss (AdaLoRA's orthogonality term)."""
+    begin_training(model, total_steps) runs when training starts, once the step budget is known
+    (AdaLoRA's rank schedule, ReLoRA's restarts need it). before/after_optimizer_step(model, step)
+    run around every optimizer step; extra_loss(model) returns a tensor added to the task loss
+    (AdaLoRA's orthogonality term)."""
 
     prepare: Callable[[Any, Any], None] | None = None
+    begin_training: Callable[[Any, int], None] | None = None
     before_optimizer_step: Callable[[Any, int], None] | None = None
     after_optimizer_step: Callable[[Any, int], None] | None = None
     extra_loss: Callable[[Any], Any] | None = None

@@ -27,6 +27,11 @@ class HooksCallback(TrainerCallback):
     def __init__(self, hooks: TrainingHooks) -> None:
         self.hooks = hooks
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        """Tell the method the step budget (schedules such as AdaLoRA's depend on it)."""
+        if self.hooks.begin_training is not None:
+            self.hooks.begin_training(model, state.max_steps)
+
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
         """Before the update: gradients are accumulated and clipped (Child-Tuning masks here)."""
         if self.hooks.before_optimizer_step is not None:
