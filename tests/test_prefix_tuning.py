@@ -179,17 +179,27 @@ def test_prompt_too_long_after_virtual_tokens_is_refused(family):
         model.generate(input_ids=torch.randint(3, 250, (1, 249)), max_new_tokens=4)
 
 
-def test_gradient_checkpointing_is_refused_not_silently_ignored():
-    """transformers' checkpointed layers drop the cache (the prefix); PEFT trains on silently."""
-    base, tokenizer = tiny("llama")
-    model = peftkit.apply(base, PrefixTuningConfig(num_virtual_tokens=3))
-    base.gradient_checkpointing_enable()
-    model.train()
-    with pytest.raises(ConfigError, match="gradient checkpointing"):
-        model(**batch_for("llama", tokenizer))
-    model.eval()
-    with torch.no_grad():
-        model(**batch_for("llama", tokenizer))  # inference is unaffected
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gradient_checkpointing_gives_the_same_loss_and_gradient(family):
+    """transformers' checkpointed layers drop the cache (where PEFT keeps the prefix, so PEFT's
+    prefix is lost under checkpointing); peftkit hands each attention its prefix itself."""
+    results = []
+    for checkpointing in (False, True):
+        base, tokenizer = tiny(family)
+        torch.manual_seed(1)
+        model = peftkit.apply(base, PrefixTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8))
+        if checkpointing:
+            base.gradient_checkpointing_enable()
+        model.train()
+        loss = model(**batch_for(family, tokenizer)).loss
+        loss.backward()
+        grads = [p.grad.clone() for p in model.virtual.parameters()]
+        results.append((loss.detach(), grads))
+    (loss, grads), (checkpointed_loss, checkpointed_grads) = results
+    torch.testing.assert_close(checkpointed_loss, loss, atol=1e-6, rtol=1e-6)
+    assert all(g.abs().sum() > 0 for g in grads)
+    for plain, checkpointed in zip(grads, checkpointed_grads, strict=True):
+        torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
 
 
 def test_merge_is_refused_with_a_reason():

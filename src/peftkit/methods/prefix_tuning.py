@@ -181,18 +181,45 @@ def _new_cache(config: Any) -> Any:
     return DynamicCache(config=config)
 
 
-def _refuse_checkpointing(module: nn.Module) -> None:
-    """Checkpointed layers drop the cache in transformers 5.24, and the prefix with it: refuse."""
-    checkpointing = getattr(module, "is_activation_checkpointing", None)
-    if checkpointing is None:
-        checkpointing = getattr(module, "is_gradient_checkpointing", False)
-    if checkpointing and module.training and torch.is_grad_enabled():
-        raise ConfigError(
-            "Prefix tuning cannot train with gradient checkpointing: transformers' checkpointed "
-            "layers run without the KV cache, which is where the prefix lives, so it would be "
-            "silently ignored. Call model.gradient_checkpointing_disable() (prompt tuning does "
-            "work with checkpointing)."
-        )
+def _checkpointing(model: nn.Module) -> bool:
+    """True while the model trains with activation (gradient) checkpointing."""
+    active = getattr(model, "is_activation_checkpointing", None)
+    if active is None:
+        active = getattr(model, "is_gradient_checkpointing", False)
+    return bool(active) and model.training and torch.is_grad_enabled()
+
+
+def _self_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention modules that read the prefix from the cache (decoder side, no cross)."""
+    root = model.get_decoder() if model.config.is_encoder_decoder else model
+    return [
+        module
+        for module in root.modules()
+        if isinstance(getattr(module, "layer_idx", None), int)
+        and vt.accepts(module, "cache")
+        and not getattr(module, "is_cross_attention", False)
+    ]
+
+
+def _checkpointing_hooks(wrapper: vt.VirtualTokenModel) -> None:
+    """Keep the prefix under gradient checkpointing, where transformers' checkpointed layers pass
+    no cache to their attention: each self-attention then gets a one-layer cache holding its
+    prefix, made from the parameters on every call, so the backward pass's recomputation rebuilds
+    the same one."""
+    base = wrapper.base_model
+
+    def before(module: nn.Module, args: tuple, kwargs: vt.Kwargs) -> Any:
+        cross = kwargs.get("key_value_states") is not None
+        if kwargs.get("cache") is not None or cross or not _checkpointing(base):
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        keys, values = wrapper.virtual.key_values(hidden.shape[0], hidden.dtype)[module.layer_idx]
+        cache = DynamicCache()
+        cache.update(keys, values, module.layer_idx)
+        return args, {**kwargs, "cache": cache}
+
+    for module in _self_attention_modules(base):
+        wrapper.add_hooks(module, before, None)
 
 
 def _hooks(wrapper: vt.VirtualTokenModel) -> None:
@@ -206,7 +233,6 @@ def _hooks(wrapper: vt.VirtualTokenModel) -> None:
     records: list[vt.CallRecord] = []
 
     def before(module: nn.Module, args: tuple, kwargs: vt.Kwargs) -> tuple[tuple, vt.Kwargs]:
-        _refuse_checkpointing(module)
         kw = vt.named_arguments(module, args, kwargs)
         cache = kw.get("cache")
         past = vt.cache_length(cache)
@@ -267,6 +293,7 @@ def apply(model: nn.Module, config: PrefixTuningConfig) -> vt.VirtualTokenModel:
     device = model.get_input_embeddings().weight.device
     wrapper = vt.VirtualTokenModel(model, prefix.to(device), config.num_virtual_tokens)
     _hooks(wrapper)
+    _checkpointing_hooks(wrapper)
     return wrapper
 
 
