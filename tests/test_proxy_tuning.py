@@ -348,6 +348,9 @@ def test_other_bad_options_are_refused(trio):
         proxy_generate(*models, tokenizer, PROMPTS, expert_prompts=["one"])
     with pytest.raises(ConfigError, match="has no|has none"):
         proxy_generate(*models, tokenizer, PROMPTS, chat=True)
+    messages = [[{"role": "user", "content": "Hi"}]]
+    with pytest.raises(ConfigError, match="rendered only for the expert"):
+        proxy_generate(*models, tokenizer, messages, chat=True)
     with pytest.raises(ConfigError, match="needs a PEFT model"):
         WithoutAdapter(models[1])
 

@@ -44,8 +44,9 @@ def to_token_ids(tokenizer: Any, prompt: Prompt, chat: bool) -> list[int]:
         return render_chat(tokenizer, prompt)
     if not isinstance(prompt, str):
         raise ConfigError(
-            f"A prompt must be text or a list of token ids, got {type(prompt).__name__}; chat "
-            "messages need chat=True."
+            f"A prompt must be text or a list of token ids, got {type(prompt).__name__}. Chat "
+            "messages are rendered only for the expert (chat=True); give the base and the "
+            "anti-expert text, or their own rendered prompts (prompts=, anti_expert_prompts=)."
         )
     return tokenizer(prompt)["input_ids"]
 
