@@ -198,13 +198,16 @@ def test_gradient_checkpointing_gives_the_same_gradient():
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
 
 
-def test_remove_gives_back_the_untouched_base():
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_remove_gives_back_the_untouched_base(method):
     base, tokenizer = tiny("llama")
     batch = batch_for("llama", tokenizer)
     with torch.no_grad():
         expected = base(**batch).logits
-    model = peftkit.apply(base, PromptTuningConfig(num_virtual_tokens=3))
+    model = peftkit.apply(base, method, num_virtual_tokens=3)
+    assert not any(p.requires_grad for p in base.parameters())
     restored = peftkit.api.applied(model).method.remove(model)
+    assert restored is base and all(p.requires_grad for p in base.parameters())
     with torch.no_grad():
         torch.testing.assert_close(restored(**batch).logits, expected)
 

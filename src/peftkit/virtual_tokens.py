@@ -42,13 +42,14 @@ class CallRecord:
 
 
 class VirtualTokenModel(nn.Module):
-    """A transformers model plus trainable virtual tokens; behaves like the model it wraps.
+    """A transformers model, frozen, plus trainable virtual tokens; behaves like the model it wraps.
 
     `forward` takes the usual batch and `generate` is the base model's own. Attribute reads that
     the wrapper does not answer (`config`, `generation_config`, `device`, ...) go to the base."""
 
     def __init__(self, base_model: nn.Module, virtual: nn.Module, num_virtual_tokens: int) -> None:
         super().__init__()
+        self._requires_grad_before = freeze_base(base_model)
         self.base_model = base_model
         self.virtual = virtual
         self.num_virtual_tokens = num_virtual_tokens
@@ -107,10 +108,13 @@ class VirtualTokenModel(nn.Module):
             self._hook_handles.append(module.register_forward_hook(gated_after, with_kwargs=True))
 
     def remove_hooks(self) -> nn.Module:
-        """Detach every hook and give back the base model, unchanged."""
+        """Detach every hook, unfreeze what was trainable before, give back the base model."""
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
+        parameters = dict(self.base_model.named_parameters(remove_duplicate=False))
+        for name, flag in self._requires_grad_before.items():
+            parameters[name].requires_grad_(flag)
         return self.base_model
 
 
@@ -221,15 +225,15 @@ def strip_output(output: Any, record: CallRecord) -> Any:
     return output
 
 
-def freeze_base(model: nn.Module) -> list[str]:
-    """Freeze every base weight except a freshly initialised task head; return the head names."""
-    heads = task_head_modules(model)
+def freeze_base(model: nn.Module) -> dict[str, bool]:
+    """Freeze every base weight except a freshly initialised task head; return the flags before."""
+    before = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for name in heads:
+    for name in task_head_modules(model):
         for parameter in getattr(model, name).parameters():
             parameter.requires_grad_(True)
-    return heads
+    return before
 
 
 def head_state(wrapper: VirtualTokenModel) -> dict[str, torch.Tensor]:

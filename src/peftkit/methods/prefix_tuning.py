@@ -289,7 +289,6 @@ def apply(model: nn.Module, config: PrefixTuningConfig) -> vt.VirtualTokenModel:
     """Freeze the model and wrap it with trainable key/value prefixes (a new task head trains)."""
     shape = layout(model)
     prefix = PrefixEncoder(config.num_virtual_tokens, shape, config.encoder_hidden_size)
-    vt.freeze_base(model)
     device = model.get_input_embeddings().weight.device
     wrapper = vt.VirtualTokenModel(model, prefix.to(device), config.num_virtual_tokens)
     _hooks(wrapper)

@@ -206,7 +206,6 @@ def apply(model: nn.Module, config: PromptTuningConfig) -> vt.VirtualTokenModel:
     prompt = SoftPrompt(config.num_virtual_tokens, start.shape[1])
     with torch.no_grad():
         prompt.embedding.weight.copy_(start)
-    vt.freeze_base(model)
     param = model.get_input_embeddings().weight
     wrapper = vt.VirtualTokenModel(model, prompt.to(param.device), config.num_virtual_tokens)
     if getattr(model.config, "is_encoder_decoder", False):
