@@ -53,6 +53,18 @@ def test_peft_loads_our_files_and_agrees(family, tmp_path):
     torch.testing.assert_close(ours.loss, reference.loss, atol=1e-5, rtol=1e-5)
 
 
+def test_save_pretrained_writes_the_adapter_not_the_base(tmp_path):
+    model, batch = _stepped("gpt2")
+    model.save_pretrained(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    theirs = peft.PeftModel.from_pretrained(tiny("gpt2")[0], tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**batch).loss, model(**batch).loss)
+
+
 def test_peftkit_loads_peft_files(tmp_path):
     base, tokenizer = tiny("qwen2")
     theirs = peft.get_peft_model(

@@ -69,6 +69,13 @@ class VirtualTokenModel(nn.Module):
         """The base model's generate(); the hooks add the virtual tokens on the first step."""
         return self.base_model.generate(*args, **kwargs)
 
+    def save_pretrained(self, folder: str | Any) -> Any:
+        """Save the adapter, as PEFT's PeftModel does (not the base model, which the attribute
+        fallback below would otherwise reach)."""
+        from peftkit import api
+
+        return api.save(self, folder)
+
     def get_base_model(self) -> nn.Module:
         """The wrapped transformers model (with the hooks still attached)."""
         return self.base_model
