@@ -7,6 +7,7 @@ from typing import Any
 from peftkit.config import nearest
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.method import Method
+from peftkit.methods.adalora import ADALORA
 from peftkit.methods.bitfit import BITFIT
 from peftkit.methods.bottleneck import BOTTLENECK
 from peftkit.methods.child_tuning import CHILD_TUNING
@@ -21,6 +22,7 @@ METHODS: list[Method] = [
     LORA,
     RSLORA,
     DORA,
+    ADALORA,
     BOTTLENECK,
     BITFIT,
     CHILD_TUNING,
