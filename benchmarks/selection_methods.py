@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ def parse_args() -> argparse.Namespace:
     """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="bundled name, folder or hub id")
-    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per method")
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per method")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per batch")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--reserve-ratio", type=float, default=0.3, help="Child-Tuning p")
@@ -93,17 +94,26 @@ def run_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.01)
     model.train()
-    times = []
+    phases: dict[str, list[float]] = {"forward_backward": [], "hooks": [], "optimizer": []}
     for step, batch in enumerate(data):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         model(**batch).loss.backward()
+        backward_done = time.perf_counter()
         if hooks and hooks.before_optimizer_step:
             hooks.before_optimizer_step(model, step)
+        hooks_done = time.perf_counter()
         optimizer.step()
+        optimizer_done = time.perf_counter()
         if hooks and hooks.after_optimizer_step:
             hooks.after_optimizer_step(model, step)
-        times.append(time.perf_counter() - start)
+        end = time.perf_counter()
+        phases["forward_backward"].append(backward_done - start)
+        phases["hooks"].append(hooks_done - backward_done + end - optimizer_done)
+        phases["optimizer"].append(optimizer_done - hooks_done)
+    # The first step allocates optimizer state and buffers: the median of the rest is the cost.
+    timed = {name: statistics.median(values[1:] or values) for name, values in phases.items()}
+    steps = [sum(parts) for parts in zip(*phases.values(), strict=True)]
     trainable_count = sum(p.numel() for p in trainable)
     ratio = args.reserve_ratio if method == "child_tuning_f" else 1.0
     return {
@@ -114,7 +124,9 @@ def run_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
             t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
         ),
         "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "step_seconds": sum(times[1:]) / max(1, len(times) - 1),  # first step allocates state
+        "step_seconds": statistics.median(steps[1:] or steps),
+        "step_seconds_each": steps,
+        "phase_seconds": timed,
         "fisher_seconds": fisher_seconds,
     }
 
@@ -141,16 +153,17 @@ def table(results: list[dict[str, Any]]) -> str:
     """A Markdown table of the results."""
     lines = [
         "| method | trainable | updated / step | optimizer state (MB) | vs full | peak memory (MB) "
-        "| step (s) | step vs full | Fisher pass (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| step (s) | step vs full | fwd+bwd / hooks / optimizer (s) | Fisher pass (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for row in results:
         fisher = f"{row['fisher_seconds']:.1f}" if row["fisher_seconds"] is not None else "-"
+        phases = " / ".join(f"{v:.2f}" for v in row["phase_seconds"].values())
         lines.append(
             f"| {row['method']} | {row['trainable_parameters']:,} | {row['updated_per_step']:,} "
             f"| {row['optimizer_state_bytes'] / 2**20:.1f} | {row['optimizer_state_vs_full']:.3f} "
             f"| {row['peak_memory_bytes'] / 2**20:.0f} | {row['step_seconds']:.2f} "
-            f"| {row['step_time_vs_full']:.2f} | {fisher} |"
+            f"| {row['step_time_vs_full']:.2f} | {phases} | {fisher} |"
         )
     return "\n".join(lines)
 
@@ -167,6 +180,7 @@ def main() -> None:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("worker", "output")}
+    settings["load_average_at_end"] = os.getloadavg()  # other processes skew CPU timings
     output.write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
     print(f"wrote {output}")
 

@@ -35,7 +35,6 @@ _STATE = "_peftkit_child_tuning"
 # A numbered path segment ("layers.3.", "h.0.", "block.1.") marks the repeated transformer layers:
 # the reference code's D mask covers the parameters whose name contains "layer".
 _IN_LAYER_STACK = re.compile(r"\.\d+\.")
-_POSITIVE_INFINITY_BITS = 0x7F800000  # float32 +inf viewed as int32
 
 
 @dataclass(frozen=True)
@@ -135,11 +134,14 @@ def apply(model: nn.Module, config: ChildTuningConfig) -> nn.Module:
     for name in task_head_modules(model):
         model.get_submodule(name).requires_grad_(True)
     parameters = dict(model.named_parameters())
-    for name, count in (config.saved_layout or {}).items():
+    saved = config.saved_layout or {}
+    for name in saved:
         if name not in parameters:
             raise AdapterError(f"The saved Child-Tuning layout names '{name}', not in this model.")
-        size = parameters[name].numel()
-        placeholder = torch.zeros(count, dtype=index_dtype(size))
+    # Patch in the model's parameter order, as prepare does (the saved layout is sorted by name):
+    # a resumed optimizer matches its saved state to the parameters by position.
+    for name in (name for name in parameters if name in saved):
+        placeholder = torch.zeros(saved[name], dtype=index_dtype(parameters[name].numel()))
         _install_patch(model, state, name, placeholder)
     return model
 
@@ -203,33 +205,45 @@ def fisher_information(
     return {n: f.div_(count) for n, f in fisher.items()}
 
 
-def _count_at_least(bits: dict[str, torch.Tensor], threshold: int) -> int:
-    """How many entries over all tensors have a bit pattern >= threshold."""
-    return sum(int((b >= threshold).sum()) for b in bits.values())
+# Radix digits of a non-negative float32's 31 significant bits, high to low: (shift, width).
+_DIGITS = ((23, 8), (15, 8), (7, 8), (0, 7))
+
+
+def kth_largest_bits(bits: dict[str, torch.Tensor], k: int) -> tuple[int, int]:
+    """The bit pattern t of the k-th largest entry over all tensors, and how many entries equal
+    to t belong to the top k. A radix select: one bincount pass per 8-bit digit, no concat."""
+    prefix, wanted, decided = 0, k, 0  # decided: bits of t fixed so far
+    for shift, width in _DIGITS:
+        counts = torch.zeros(1 << width, dtype=torch.int64)
+        for pattern in bits.values():
+            flat = pattern.flatten()
+            if decided:  # only entries whose higher digits equal t's so far can still matter
+                flat = flat[(flat >> (shift + width)) == prefix]
+            digits = (flat >> shift) & ((1 << width) - 1)
+            counts += torch.bincount(digits, minlength=1 << width)
+        from_top = counts.flip(0).cumsum(0)
+        position = int((from_top >= wanted).nonzero()[0])
+        digit = (1 << width) - 1 - position
+        wanted -= int(from_top[position] - counts[digit])  # higher digits are all in the top k
+        prefix, decided = (prefix << width) | digit, decided + width
+    return prefix, wanted
 
 
 def top_k_masks(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """Exactly the k largest entries over all tensors, without concatenating them.
 
-    Non-negative float32 values order like their int32 bit patterns, so a binary search over
-    bit patterns (31 counting passes) finds the k-th largest value exactly. Ties at that value
+    Non-negative float32 values order like their int32 bit patterns, so a radix select over
+    the bit patterns (kth_largest_bits) finds the k-th largest value exactly. Ties at that value
     are broken by position (earlier tensors, then earlier entries), so exactly k are kept."""
     bits = {n: s.contiguous().view(torch.int32) for n, s in scores.items()}
-    low, high = 0, _POSITIVE_INFINITY_BITS  # count(bits >= 0) covers all entries
-    while low < high:  # the largest threshold t with count(bits >= t) >= k
-        middle = (low + high + 1) // 2
-        if _count_at_least(bits, middle) >= k:
-            low = middle
-        else:
-            high = middle - 1
-    masks = {n: b > low for n, b in bits.items()}
-    remaining = k - sum(int(m.sum()) for m in masks.values())
+    threshold, ties_wanted = kth_largest_bits(bits, k)
+    masks = {n: b > threshold for n, b in bits.items()}
     for name, pattern in bits.items():
-        if remaining <= 0:
+        if ties_wanted <= 0:
             break
-        ties = (pattern == low).flatten().nonzero().squeeze(1)[:remaining]
+        ties = (pattern == threshold).flatten().nonzero().squeeze(1)[:ties_wanted]
         masks[name].view(-1)[ties] = True
-        remaining -= ties.numel()
+        ties_wanted -= ties.numel()
     return masks
 
 
