@@ -269,3 +269,19 @@ def test_applying_twice_is_refused():
     model = peftkit.apply(base, BottleneckConfig())
     with pytest.raises(AdapterError, match="already has bottleneck adapters"):
         peftkit.apply(model, BottleneckConfig())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_gradient_checkpointing_gives_the_same_gradients(family):
+    grads = []
+    for checkpointing in (False, True):
+        base, tokenizer = tiny(family)
+        if checkpointing:
+            base.gradient_checkpointing_enable({"use_reentrant": False})
+        model = peftkit.apply(base, config_for("pfeiffer"))
+        perturb_adapters(model)
+        model.train()
+        model(**batch_for(family, tokenizer)).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5)
