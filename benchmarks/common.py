@@ -1,0 +1,160 @@
+"""Shared helpers for the benchmark scripts: flags, real text, timing, tables and JSON.
+
+Every benchmark measures speed as a ratio against a baseline run in the same process, with the
+arms interleaved round by round, so a noisy shared machine slows both sides alike."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the machines are offline: fail fast, never retry
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def base_parser(description: str, default_model: str) -> argparse.ArgumentParser:
+    """A parser with the flags every benchmark takes: model, threads, output."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--model", default=default_model, help="bundled name (tiny-llama etc. for a smoke run)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0, help="seed for data order and weights")
+    parser.add_argument("--output", default=None, help="JSON to write (default: results/<name>)")
+    return parser
+
+
+def setup(args: argparse.Namespace) -> None:
+    """Threads and seeds, before anything is built."""
+    import torch
+    from transformers import set_seed
+
+    torch.set_num_threads(args.threads)
+    set_seed(args.seed)
+
+
+def review_texts(split: str = "train") -> list[str]:
+    """The Amazon Fine Foods review texts (real, variable-length English)."""
+    from peftkit.data.bundled import amazon_reviews
+
+    train, test = amazon_reviews()
+    return [str(row["text"]) for row in (train if split == "train" else test)]
+
+
+def packed_lm_features(tokenizer: Any, count: int, seq_len: int) -> list[dict[str, list[int]]]:
+    """`count` causal-LM features of exactly `seq_len` tokens cut from the concatenated reviews,
+    so every batch has the same shape (timing then depends on the code, not on the lengths)."""
+    stream: list[int] = []
+    for text in review_texts():
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"]
+        stream.append(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+        if len(stream) >= count * seq_len:
+            break
+    if len(stream) < count * seq_len:
+        stream = (stream * (count * seq_len // max(1, len(stream)) + 1))[: count * seq_len]
+    chunks = [stream[i * seq_len : (i + 1) * seq_len] for i in range(count)]
+    return [{"input_ids": c, "attention_mask": [1] * seq_len, "labels": c} for c in chunks]
+
+
+def interleaved(arms: dict[str, Callable[[], list[float]]], rounds: int) -> dict[str, list[float]]:
+    """Run each arm once per round, in rotating order; every arm returns per-step seconds."""
+    names = list(arms)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        order = names[index % len(names) :] + names[: index % len(names)]
+        for name in order:
+            seconds[name] += arms[name]()
+    return seconds
+
+
+def median(values: Sequence[float]) -> float:
+    """The median, robust to the odd slow step a shared machine adds."""
+    return float(statistics.median(values))
+
+
+def clock() -> float:
+    """A monotonic wall clock in seconds."""
+    return time.perf_counter()
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table with aligned columns."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import torch
+
+    flags = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+    }
+
+
+def write_json(name: str, args: argparse.Namespace, results: Any, output: str | None) -> Path:
+    """results/<name>.json: the settings, the machine and the results."""
+    path = Path(output) if output else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k != "output"}
+    payload = {"benchmark": name, "settings": settings, "machine": machine(), "results": results}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+class StepTimer:
+    """A transformers TrainerCallback recording wall time between optimizer steps: the interval
+    from one step's end to the next covers data loading, forward, backward, clipping, the
+    optimizer, the scheduler, callbacks and logging: everything the training loop does."""
+
+    def __init__(self, count: Callable[[], int] | None = None) -> None:
+        self.last: float | None = None
+        self.seconds: list[float] = []
+        self.count = count  # e.g. a collator's running token count, read at each step's end
+        self.counts: list[int] = []
+
+    def callback(self) -> Any:
+        """The callback object to hand to the Trainer."""
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+                timer.last = clock()
+
+            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+                now = clock()
+                timer.seconds.append(now - timer.last)
+                timer.last = now
+                if timer.count is not None:
+                    timer.counts.append(timer.count())
+
+        return _Callback()
