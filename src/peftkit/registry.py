@@ -16,6 +16,7 @@ from peftkit.methods.full import FULL
 from peftkit.methods.lora import LORA
 from peftkit.methods.prefix_tuning import PREFIX_TUNING
 from peftkit.methods.prompt_tuning import PROMPT_TUNING
+from peftkit.methods.relora import RELORA
 from peftkit.methods.rslora import RSLORA
 
 METHODS: list[Method] = [
@@ -23,6 +24,7 @@ METHODS: list[Method] = [
     RSLORA,
     DORA,
     ADALORA,
+    RELORA,
     BOTTLENECK,
     BITFIT,
     CHILD_TUNING,
