@@ -65,11 +65,13 @@ def test_save_pretrained_writes_the_adapter_not_the_base(tmp_path):
         torch.testing.assert_close(theirs(**batch).loss, model(**batch).loss)
 
 
-def test_peftkit_loads_peft_files(tmp_path):
+@pytest.mark.parametrize("projection", [False, True], ids=["direct", "mlp"])
+def test_peftkit_loads_peft_files(projection, tmp_path):
     base, tokenizer = tiny("qwen2")
-    theirs = peft.get_peft_model(
-        base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    config = peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=projection
     )
+    theirs = peft.get_peft_model(base, config)
     theirs.save_pretrained(tmp_path / "peft")
     fresh, _ = tiny("qwen2")
     ours = peftkit.load(fresh, tmp_path / "peft")
