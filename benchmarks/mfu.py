@@ -35,7 +35,7 @@ from common import (
 def parse_args() -> Any:
     """Command-line flags."""
     parser = base_parser(__doc__.split("\n\n")[0], "smollm2-135m")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per method per round")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per method per round")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per method")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per batch")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
