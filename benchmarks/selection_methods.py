@@ -29,7 +29,10 @@ def parse_args() -> argparse.Namespace:
     """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="bundled name, folder or hub id")
-    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per method")
+    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per method")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed first steps (state and allocator warm-up)"
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per batch")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--reserve-ratio", type=float, default=0.3, help="Child-Tuning p")
@@ -79,7 +82,7 @@ def run_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.model, "causal-lm")
-    data = batches(model.config.vocab_size, args, args.steps + 1, seed=0)
+    data = batches(model.config.vocab_size, args, args.warmup + args.steps, seed=0)
     config = config_for(method, args)
     hooks = None
     fisher_seconds = None
@@ -111,8 +114,8 @@ def run_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
         phases["forward_backward"].append(backward_done - start)
         phases["hooks"].append(hooks_done - backward_done + end - optimizer_done)
         phases["optimizer"].append(optimizer_done - hooks_done)
-    # The first step allocates optimizer state and buffers: the median of the rest is the cost.
-    timed = {name: statistics.median(values[1:] or values) for name, values in phases.items()}
+    # The first steps allocate optimizer state and buffers: the median of the rest is the cost.
+    timed = {name: statistics.median(values[args.warmup :]) for name, values in phases.items()}
     steps = [sum(parts) for parts in zip(*phases.values(), strict=True)]
     trainable_count = sum(p.numel() for p in trainable)
     ratio = args.reserve_ratio if method == "child_tuning_f" else 1.0
@@ -124,7 +127,7 @@ def run_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
             t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
         ),
         "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "step_seconds": statistics.median(steps[1:] or steps),
+        "step_seconds": statistics.median(steps[args.warmup :]),
         "step_seconds_each": steps,
         "phase_seconds": timed,
         "fisher_seconds": fisher_seconds,
