@@ -166,6 +166,9 @@ def test_processor_used_directly_in_generate_and_reused():
     for _ in range(2):  # a second generate call must start fresh caches, not continue old ones
         got = own_greedy(base, tokenizer, logits_processor=[processor])
         assert torch.equal(got, expected)
+    processor.reset()
+    assert processor.streams is None
+    assert torch.equal(own_greedy(base, tokenizer, logits_processor=[processor]), expected)
 
 
 def test_sampling_warpers_act_on_the_proxy_logits():

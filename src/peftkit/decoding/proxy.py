@@ -141,6 +141,10 @@ class ProxyLogitsProcessor(LogitsProcessor):
         self.streams: tuple[ModelStream, ModelStream] | None = None
         self.seen: torch.Tensor | None = None  # the base tokens of the previous step
 
+    def reset(self) -> None:
+        """Drop the expert's and anti-expert's caches (a new generate call also starts afresh)."""
+        self.streams, self.seen = None, None
+
     def _continues(self, input_ids: torch.Tensor) -> bool:
         """Whether input_ids is the last step's sequence plus one token (else a new generate)."""
         seen = self.seen
