@@ -197,6 +197,9 @@ def test_d_file_holds_about_p_of_a_full_copy(tmp_path):
     assert file_bytes <= 0.3 * full_bytes + 1024
     loaded = peftkit.load(tiny("bert")[0], tmp_path / "adapter")
     torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=0, rtol=0)
+    # Resuming from the adapter: prepare keeps the loaded subnetwork instead of choosing anew.
+    child_tuning.hooks(loaded, child_tuning._state(loaded).config).prepare(loaded, [])
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=0, rtol=0)
 
 
 def test_f_saves_changed_entries_and_reloads_exactly(tmp_path):

@@ -248,10 +248,11 @@ def top_k_masks(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tens
 
 
 def choose_subnetwork(model: nn.Module, batches: Iterable[dict[str, Any]]) -> None:
-    """D's prepare hook: Fisher pass, keep the top p of the layers' weights, patch them in."""
+    """D's prepare hook: Fisher pass, keep the top p of the layers' weights, patch them in.
+    A model that already has its subnetwork (loaded from an adapter, or resumed) keeps it."""
     state = _state(model)
     if state.patched:
-        raise AdapterError("This model already has its Child-Tuning subnetwork; prepare once.")
+        return
     candidates = layer_parameters(model)
     fisher = fisher_information(model, candidates, batches, state.config.fisher_batches)
     total = sum(f.numel() for f in fisher.values())
