@@ -145,6 +145,9 @@ def merge_and_reinit(model: nn.Module) -> dict[str, torch.Tensor]:
         weight.add_(delta.to(weight.dtype))
         relora.merged[name] += delta.float()
         layer.reset_lora_parameters("default", True)  # Kaiming-uniform A, zero B
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Each process drew its own A; data-parallel replicas must stay identical.
+            torch.distributed.broadcast(layer.lora_A["default"].weight.data, src=0)
         deltas[name] = delta
     return deltas
 
