@@ -18,7 +18,7 @@ from torch import nn
 
 from peftkit.errors import ConfigError, ModelNotFoundError
 
-TASKS = ("classification", "causal-lm", "seq2seq")
+TASKS = ("classification", "causal-lm", "chat", "seq2seq")
 TINY_FAMILIES = ("bert", "t5", "gpt2", "llama", "qwen2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -43,6 +43,7 @@ def _auto_class(task: str) -> Any:
     classes = {
         "classification": transformers.AutoModelForSequenceClassification,
         "causal-lm": transformers.AutoModelForCausalLM,
+        "chat": transformers.AutoModelForCausalLM,  # conversations through a chat template
         "seq2seq": transformers.AutoModelForSeq2SeqLM,
     }
     if task not in classes:
@@ -153,6 +154,7 @@ def tiny_config(family: str, vocab_size: int = 260) -> Any:
 TASK_NEEDS = {
     "classification": "a model with a sequence-classification head (BERT, GPT-2, Llama, T5, ...)",
     "causal-lm": "a decoder-only model (GPT-2, Llama, Qwen2, SmolLM2, ...)",
+    "chat": "a decoder-only model (GPT-2, Llama, Qwen2, SmolLM2, ...)",
     "seq2seq": "an encoder-decoder model (T5, BART, ...)",
 }
 

@@ -10,7 +10,7 @@ from typing import Any
 from peftkit.config import from_dict, to_dict, unknown_key_message
 from peftkit.errors import ConfigError
 
-TASK_TYPES = ("classification", "causal-lm", "seq2seq")
+TASK_TYPES = ("classification", "causal-lm", "chat", "seq2seq")
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class TaskConfig:
     """What to learn: the task type and where its examples come from."""
 
     type: str = field(
-        default="classification", metadata={"help": "classification | causal-lm | seq2seq"}
+        default="classification", metadata={"help": "classification | causal-lm | chat | seq2seq"}
     )
     dataset: str | None = field(
         default=None, metadata={"help": "a bundled dataset name (e.g. amazon-reviews)"}

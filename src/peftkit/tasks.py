@@ -124,6 +124,44 @@ def _paired(source: str, make: Callable[..., Any]) -> Callable[..., TaskData]:
     return prepare
 
 
+def _chat_features(task: TaskConfig, tokenizer: Any, rows: Rows, name: str):
+    """Chat features of every row, counting truncations and rows left with no answer token."""
+    from peftkit.apps.instructions import chat_feature, to_messages
+
+    features, truncated, dropped = [], 0, 0
+    for index, row in enumerate(rows):
+        # to_messages names the row and turn of a bad record (unknown role, no final answer).
+        messages = to_messages(row, f"{name}, row {index}")
+        feature = chat_feature(messages, tokenizer, task.max_length)
+        if feature is None:
+            dropped += 1
+            continue
+        truncated += len(feature["input_ids"]) >= task.max_length
+        features.append(feature)
+    return features, truncated, dropped
+
+
+def _chat(task: TaskConfig, tokenizer: Any, train: Rows, held_out: Rows) -> TaskData:
+    """Conversations (chat, Alpaca, ShareGPT or prompt/response records) through the chat
+    template, with the loss on assistant turns only; see peftkit.apps.instructions."""
+    train_features, truncated, dropped = _chat_features(task, tokenizer, train, "training data")
+    eval_features, _, _ = _chat_features(task, tokenizer, held_out, "held-out data")
+    if not train_features:
+        raise DataError(
+            f"No training conversation keeps an assistant token within "
+            f"max_length={task.max_length}; raise task.max_length."
+        )
+    if not eval_features:
+        raise DataError(
+            f"No held-out conversation keeps an assistant token within "
+            f"max_length={task.max_length}; raise task.max_length."
+        )
+    return TaskData(
+        train_features, eval_features, truncated=truncated, dropped=dropped,
+        tokenizer=tokenizer, max_new_tokens=task.max_new_tokens,
+    )  # fmt: skip
+
+
 def _batches(features: list[dict[str, Any]], collator: Any, size: int):
     for start in range(0, len(features), size):
         yield collator(features[start : start + size])
@@ -210,6 +248,7 @@ TASK_TYPES = {
         False,
         ("eval_loss", "perplexity"),
     ),
+    "chat": TaskType("chat", _chat, token_loss, "eval_loss", False, ("eval_loss", "perplexity")),
     "seq2seq": TaskType(
         "seq2seq",
         _paired("source", tokenize.seq2seq_feature),

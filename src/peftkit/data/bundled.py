@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -58,10 +60,60 @@ def reverse_words() -> tuple[Rows, Rows]:
     return _synthetic_pairs(lambda words: words[::-1], seed=2)
 
 
+def compact_sql_schema() -> str:
+    """The bank schema as one `table(column, ...)` line per table (about 530 characters).
+
+    The full CREATE statements are ~1,400 characters (~400 tokens); on 2 CPU cores the prompt's
+    length sets the cost of every training step, and the column names carry what the questions
+    need (types are implied by the names, join keys by the shared `_id` columns)."""
+    from peftkit.apps.text_to_sql import SCHEMA
+
+    lines = []
+    for table, create in SCHEMA.items():
+        body = create[create.index("(") + 1 : create.rindex(")")]
+        # Split at top-level commas only ("REFERENCES branches(branch_id)" holds parentheses).
+        columns = [part.strip().split()[0] for part in re.split(r",\s*(?![^()]*\))", body)]
+        lines.append(f"{table}({', '.join(columns)})")
+    return "\n".join(lines)
+
+
+def bank_sql() -> tuple[Rows, Rows]:
+    """SYNTHETIC Text-to-SQL: 282 train / 81 held-out-template prompt/response records over the
+    bundled bank database (built under peftkit's cache folder), with the compact schema."""
+    from peftkit.apps import text_to_sql
+
+    db_path = text_to_sql.default_database()
+    examples = text_to_sql.generate_examples(db_path)
+    records = text_to_sql.prompt_records(examples, compact_sql_schema())
+    train = [record for record in records if record["split"] == "train"]
+    return train, [record for record in records if record["split"] == "heldout"]
+
+
+def _tabular(table: str, k: int | str) -> tuple[Rows, Rows]:
+    """TabLLM-style (k training rows, fixed test rows) of a scikit-learn table, seed 0."""
+    from peftkit.apps.tabular import bundled_split
+
+    return bundled_split(table, k)
+
+
+def chatterbot_dialogues() -> tuple[Rows, Rows]:
+    """chatterbot-corpus English dialogues as {"topic", "messages"}: 1,736 train / 289 held out."""
+    from peftkit.apps.instructions import bundled_instructions
+
+    return bundled_instructions()
+
+
 BUNDLED: dict[str, Callable[[], tuple[Rows, Rows]]] = {
     "amazon-reviews": amazon_reviews,
     "copy-words": copy_words,
     "reverse-words": reverse_words,
+    "bank-sql": bank_sql,
+    "chatterbot-dialogues": chatterbot_dialogues,
+    **{
+        f"{table.replace('_', '-')}-tabllm-k{k}": functools.partial(_tabular, table, k)
+        for table in ("breast_cancer", "wine", "iris")
+        for k in (4, 16, 64, "all")
+    },
 }
 
 

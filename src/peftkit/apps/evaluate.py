@@ -1,0 +1,262 @@
+"""Generation-based evaluation of the applications, for a base model and the same model tuned.
+
+- `sql`: greedy SQL from each held-out prompt, run in the sandbox, execution accuracy and exact
+  match (`peftkit.apps.text_to_sql.evaluate`); refused or failing SQL is a recorded failure.
+- `tabular`: the probability of each label word after the prompt (summed token log-probabilities,
+  normalised over the classes), scored as accuracy and AUC (`tabular.classification_metrics`).
+- `instructions`: greedy answers through the chat template, stopped by the template's end-of-turn
+  token; the share of prompts whose answer ends with that token within the token budget.
+
+`evaluate_app` runs one of them on records from a bundled set or files (the run's recipe says
+which) and returns metrics plus one record per example."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit.errors import ConfigError, DataError
+
+APPS = ("sql", "tabular", "instructions")
+# The metrics each application's summary line shows.
+HEADLINE = {
+    "sql": ("execution_accuracy", "exact_match"),
+    "tabular": ("accuracy", "auc"),
+    "instructions": ("eos_stop_rate", "mean_new_tokens", "exact_answer"),
+}
+Records = list[dict[str, Any]]
+
+
+def greedy_generate(
+    model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+    batch_size: int = 16, eos_token_id: int | None = None, add_special_tokens: bool = True,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Greedy continuation of each prompt: {"text", "stopped", "new_tokens"} per prompt.
+
+    "stopped" is whether the continuation ended with eos_token_id (default: the tokenizer's eos)
+    before the budget ran out; the text is decoded up to that token."""
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    results = []
+    model.eval()
+    for start in range(0, len(prompts), batch_size):
+        encoded = [
+            tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+            for prompt in prompts[start : start + batch_size]
+        ]
+        width = max(len(ids) for ids in encoded)
+        # Left padding: every prompt ends at the same position, where generation starts.
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
+        with torch.no_grad():
+            output = model.generate(
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                do_sample=False, eos_token_id=eos, pad_token_id=pad,
+            )  # fmt: skip
+        for row in output[:, width:].tolist():
+            stopped = eos in row
+            kept = row[: row.index(eos)] if stopped else row
+            text = tokenizer.decode(kept, skip_special_tokens=True)
+            results.append({"text": text, "stopped": stopped, "new_tokens": len(kept) + stopped})
+    return results
+
+
+# --- Text-to-SQL ------------------------------------------------------------------------------
+
+
+def first_statement(sql: str) -> str:
+    """The query up to its first ';' outside string literals, or its first blank line.
+
+    A model that goes on after its query ("...;\\n\\nQuestion: ...") is scored on the query it
+    wrote, for base and tuned models alike."""
+    sql = sql.split("\n\n", 1)[0]
+    inside = False
+    for index, char in enumerate(sql):
+        if char == "'":
+            inside = not inside
+        elif char == ";" and not inside:
+            return sql[:index].strip()
+    return sql.strip()
+
+
+def evaluate_sql(
+    model: nn.Module, tokenizer: Any, records: Records, db_path: Any = None,
+    max_new_tokens: int = 96, batch_size: int = 16,
+) -> dict[str, Any]:  # fmt: skip
+    """Execution accuracy and exact match of greedy SQL on prompt/sql records."""
+    from peftkit.apps import text_to_sql
+
+    for index, record in enumerate(records):
+        if "prompt" not in record or "sql" not in record:
+            raise DataError(
+                f"SQL record {index} needs 'prompt' and 'sql' (gold query) fields; it has "
+                f"{sorted(record)}."
+            )
+    db_path = db_path if db_path is not None else text_to_sql.default_database()
+    generated = greedy_generate(
+        model, tokenizer, [r["prompt"] for r in records], max_new_tokens, batch_size
+    )
+    predictions = [first_statement(text_to_sql.extract_sql(g["text"])) for g in generated]
+    result = text_to_sql.evaluate(records, predictions, db_path)
+    for record, g in zip(result["records"], generated, strict=True):
+        record["generated"] = g["text"]
+    return result
+
+
+# --- tabular ----------------------------------------------------------------------------------
+
+
+def label_word_log_probs(
+    model: nn.Module, tokenizer: Any, prompts: list[str], words: list[str], batch_size: int = 16
+) -> list[list[float]]:
+    """log P(" word" | prompt) for each prompt and label word: the word's token log-probs summed."""
+    word_ids = [tokenizer(f" {word}", add_special_tokens=False)["input_ids"] for word in words]
+    # Single-token words are all scored by one forward of the prompt alone (half the cost or less).
+    pairs = (
+        [(p, -1) for p in range(len(prompts))]
+        if all(len(ids) == 1 for ids in word_ids)
+        else [(p, w) for p in range(len(prompts)) for w in range(len(words))]
+    )
+    prompt_ids = [tokenizer(prompt, add_special_tokens=True)["input_ids"] for prompt in prompts]
+    scores = [[0.0] * len(words) for _ in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.eval()
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        rows = [prompt_ids[p] + (word_ids[w] if w >= 0 else []) for p, w in chunk]
+        width = max(len(row) for row in rows)
+        input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+        for row_index, (p, w) in enumerate(chunk):
+            first = len(prompt_ids[p])  # position of the word's first token
+            if w < 0:  # every word is one token, predicted at the prompt's last position
+                log_probs = logits[row_index, first - 1].log_softmax(-1)
+                for word, ids in enumerate(word_ids):
+                    scores[p][word] = float(log_probs[ids[0]])
+                continue
+            # The logits at position t predict token t + 1.
+            positions = torch.arange(first - 1, first - 1 + len(word_ids[w]))
+            log_probs = logits[row_index, positions].log_softmax(-1)
+            tokens = torch.tensor(word_ids[w])
+            scores[p][w] = float(log_probs[torch.arange(len(tokens)), tokens].sum())
+    return scores
+
+
+def evaluate_tabular(
+    model: nn.Module, tokenizer: Any, records: Records, label_words: list[str] | None = None,
+    batch_size: int = 16,
+) -> dict[str, Any]:  # fmt: skip
+    """Accuracy and AUC from label-word probabilities on prompt/label records."""
+    from peftkit.apps.tabular import classification_metrics
+
+    for index, record in enumerate(records):
+        if "prompt" not in record or "label" not in record:
+            raise DataError(
+                f"Tabular record {index} needs 'prompt' and 'label' fields; it has "
+                f"{sorted(record)}."
+            )
+    words = list(label_words or sorted({str(r["label"]) for r in records}))
+    unknown = sorted({str(r["label"]) for r in records} - set(words))
+    if unknown:
+        raise DataError(f"Labels {unknown} are not among the label words {words}.")
+    scores = label_word_log_probs(
+        model, tokenizer, [r["prompt"] for r in records], words, batch_size
+    )
+    probabilities = [_softmax(row) for row in scores]
+    labels = [words.index(str(r["label"])) for r in records]
+    metrics = classification_metrics(labels, probabilities, len(words))
+    per_example = [
+        {"row": r.get("row"), "label": r["label"], "predicted": words[max(range(len(words)),
+         key=p.__getitem__)], "probabilities": dict(zip(words, p, strict=True))}
+        for r, p in zip(records, probabilities, strict=True)
+    ]  # fmt: skip
+    return {"count": len(records), **metrics, "label_words": words, "records": per_example}
+
+
+def _softmax(values: list[float]) -> list[float]:
+    """Probabilities from log-scores, normalised over the classes."""
+    top = max(values)
+    exps = [math.exp(v - top) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def tabular_label_words(records: Records) -> list[str] | None:
+    """The label words of a bundled table whose question the records ask, else None."""
+    from peftkit.apps.tabular import BUNDLED
+
+    for _, words, question in BUNDLED.values():
+        if records and question in str(records[0].get("prompt", "")):
+            return list(words)
+    return None
+
+
+# --- instructions -----------------------------------------------------------------------------
+
+
+def evaluate_instructions(
+    model: nn.Module, tokenizer: Any, records: Records, max_new_tokens: int = 64,
+    batch_size: int = 16,
+) -> dict[str, Any]:  # fmt: skip
+    """Share of held-out prompts whose greedy answer ends with the end-of-turn token."""
+    from peftkit.apps.instructions import end_of_turn_token_id, prompt_and_answer, to_messages
+
+    pairs = [
+        prompt_and_answer(to_messages(record, f"held-out row {index}"), tokenizer)
+        for index, record in enumerate(records)
+    ]
+    generated = greedy_generate(
+        model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens, batch_size,
+        eos_token_id=end_of_turn_token_id(tokenizer), add_special_tokens=False,
+    )  # fmt: skip
+    stopped = [g["stopped"] for g in generated]
+    per_example = [
+        {"prompt": prompt, "reference": answer, "generated": g["text"], "stopped": g["stopped"],
+         "new_tokens": g["new_tokens"]}
+        for (prompt, answer), g in zip(pairs, generated, strict=True)
+    ]  # fmt: skip
+    exact = [
+        _fold(g["text"]) == _fold(answer) for (_, answer), g in zip(pairs, generated, strict=True)
+    ]
+    return {
+        "count": len(records),
+        "eos_stop_rate": sum(stopped) / max(1, len(stopped)),
+        "mean_new_tokens": sum(g["new_tokens"] for g in generated) / max(1, len(generated)),
+        "exact_answer": sum(exact) / max(1, len(exact)),
+        "max_new_tokens": max_new_tokens,
+        "records": per_example,
+    }
+
+
+def _fold(text: str) -> str:
+    """Text compared loosely: case-folded, single spaces."""
+    return re.sub(r"\s+", " ", text).strip().casefold()
+
+
+def evaluate_app(
+    app: str, model: nn.Module, tokenizer: Any, records: Records, max_new_tokens: int | None = None,
+    batch_size: int = 16,
+) -> dict[str, Any]:  # fmt: skip
+    """One application's metrics on records (see the module docstring)."""
+    runners: dict[str, Callable[[], dict[str, Any]]] = {
+        "sql": lambda: evaluate_sql(
+            model, tokenizer, records, max_new_tokens=max_new_tokens or 96, batch_size=batch_size
+        ),
+        "tabular": lambda: evaluate_tabular(
+            model, tokenizer, records, tabular_label_words(records), batch_size=batch_size
+        ),
+        "instructions": lambda: evaluate_instructions(
+            model, tokenizer, records, max_new_tokens=max_new_tokens or 64, batch_size=batch_size
+        ),
+    }
+    if app not in runners:
+        raise ConfigError(f"Unknown application '{app}'; use one of: {', '.join(APPS)}.")
+    if not records:
+        raise DataError("No held-out records to evaluate.")
+    return runners[app]()
