@@ -222,7 +222,8 @@ def test_app_recipes_train_and_evaluate(recipe_name: str, tmp_path: Path) -> Non
     ]  # fmt: skip
     assert main(["train", str(RECIPES / recipe_name), *settings]) == 0
     app = APP_RECIPES[recipe_name]
-    assert main(["app-eval", str(output), "--app", app, "--max-new-tokens", "4"]) == 0
+    options = ["--app", app, "--max-new-tokens", "4", "--max-examples", "4"]
+    assert main(["app-eval", str(output), *options]) == 0
     report = json.loads((output / f"app_eval_{app}.json").read_text())
     assert report["base"]["count"] == report["tuned"]["count"] == 4
     for name in app_eval.HEADLINE[app]:

@@ -70,7 +70,10 @@ def cmd_app_eval(args: argparse.Namespace) -> int:
     from peftkit.tasks import split_rows
 
     run_dir, adapter_dir = _run_folder(Path(args.run))
-    recipe = load_recipe(run_dir / "recipe.yaml", list(args.set or []))
+    # Every held-out row unless --max-examples: a recipe's max_eval_examples only bounds the
+    # training-time loss check.
+    limit = f"task.max_eval_examples={args.max_examples or 'null'}"
+    recipe = load_recipe(run_dir / "recipe.yaml", [*(args.set or []), limit])
     _, records = split_rows(recipe.task)
     model, tokenizer = load_model(recipe.model, recipe.task.type, seed=recipe.training.seed)
     options = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
@@ -256,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     app_eval.add_argument("--max-new-tokens", type=int, help="default: 96 (sql), 64 (chat)")
     app_eval.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
     app_eval.add_argument("--skip-base", action="store_true", help="score the tuned model only")
+    app_eval.add_argument("--max-examples", type=int, help="score the first N held-out rows")
     app_eval.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override")
     app_eval.set_defaults(handler=cmd_app_eval)
 
