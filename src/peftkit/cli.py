@@ -30,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from peftkit.train import run
 
     recipe = load_recipe(args.recipe, _overrides(args))
-    run(recipe)
+    run(recipe, resume=args.resume)
     return 0
 
 
@@ -242,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--set", action="append", metavar="KEY=VALUE",
         help="override any recipe key, e.g. --set method.rank=16 (repeatable)",
+    )  # fmt: skip
+    train.add_argument(
+        "--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+        help="continue from the run's newest complete checkpoint, or from this checkpoint-N "
+        "folder (checkpoints are written every training.save_steps steps)",
     )  # fmt: skip
     train.set_defaults(handler=cmd_train)
 

@@ -19,13 +19,20 @@ class TrainingHooks:
     begin_training(model, total_steps) runs when training starts, once the step budget is known
     (AdaLoRA's rank schedule, ReLoRA's restarts need it). before/after_optimizer_step(model, step)
     run around every optimizer step; extra_loss(model) returns a tensor added to the task loss
-    (AdaLoRA's orthogonality term)."""
+    (AdaLoRA's orthogonality term).
+
+    state(model) -> dict and load_state(model, dict) carry what the method changes during
+    training beyond its saved adapter (AdaLoRA's rank allocation, ReLoRA's restart counter) through
+    a checkpoint: values are tensors, numbers, strings, lists and dicts (torch.save with
+    weights_only loading). On resume, load_state runs after begin_training, before the first step."""
 
     prepare: Callable[[Any, Any], None] | None = None
     begin_training: Callable[[Any, int], None] | None = None
     before_optimizer_step: Callable[[Any, int], None] | None = None
     after_optimizer_step: Callable[[Any, int], None] | None = None
     extra_loss: Callable[[Any], Any] | None = None
+    state: Callable[[Any], dict[str, Any]] | None = None
+    load_state: Callable[[Any, dict[str, Any]], None] | None = None
 
 
 def no_hooks(model: Any, config: Any) -> TrainingHooks:
