@@ -147,3 +147,34 @@ def test_disable_adapter_gives_the_base_model(family, which):
     assert not torch.allclose(tuned, expected)
     baseline = reference.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(generated, baseline)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("which", ["prompt", "prefix"])
+def test_smollm2_generation_matches_teacher_forcing(which):
+    """The real Llama-architecture model (30 layers, 9 query / 3 key-value heads)."""
+    from peftkit.models import cache_dir, load_model
+
+    if not (cache_dir() / "smollm2-135m-instruct" / "model.safetensors").is_file():
+        pytest.skip("SmolLM2 is not converted yet (peftkit.models.smollm2_folder() does it once)")
+    base, tokenizer = load_model("smollm2-135m", "causal-lm")
+    # The prompt starts from real words; its tokenizer comes from the model's own folder.
+    config = (
+        PromptTuningConfig(num_virtual_tokens=8, init="text", init_text="Answer briefly:")
+        if which == "prompt"
+        else PrefixTuningConfig(num_virtual_tokens=8)
+    )
+    model = peftkit.apply(base, config).eval()
+    tokenizer.padding_side = "left"
+    batch = dict(tokenizer(["The capital of France is", "Hi"], return_tensors="pt", padding=True))
+    with torch.no_grad():
+        out = model.generate(
+            **batch, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        length = batch["input_ids"].shape[1]
+        for step, step_logits in enumerate(out.logits):
+            mask = torch.cat([batch["attention_mask"], torch.ones(2, step, dtype=torch.long)], 1)
+            sequence = out.sequences[:, : length + step]
+            forward = model(input_ids=sequence, attention_mask=mask).logits[:, -1]
+            torch.testing.assert_close(step_logits, forward, atol=1e-3, rtol=1e-3)
