@@ -20,6 +20,7 @@ from peftkit.errors import AdapterError, ConfigError, DataError, ModelNotFoundEr
 from peftkit.models import load_model, tiny_config
 from peftkit.recipe import TaskConfig, apply_overrides, load_recipe, recipe_from_dict
 from peftkit.tasks import prepare_task
+from peftkit.train import find_checkpoint
 
 GOOD_RECIPE = {"model": "tiny-bert", "task": {"dataset": "amazon-reviews"}, "method": "lora"}
 
@@ -123,6 +124,11 @@ CASES = [
      TargetError, r"\['q_proj', 'v_proj'\] matched no linear layer of this bert model.*query"),
     ("save without a method", lambda t: peftkit.save(tiny("llama")[0], t / "a"),
      ConfigError, r"no peftkit method applied: call peftkit\.apply first"),
+    # --- checkpoints and resume ------------------------------------------------------------------
+    ("resume without any checkpoint", lambda t: find_checkpoint(t, "latest"),
+     ConfigError, r"Nothing to resume: no complete checkpoint in .*checkpoints.*save_steps"),
+    ("resume from a folder that is not a checkpoint", lambda t: find_checkpoint(t, str(t)),
+     ConfigError, r"is not a complete peftkit checkpoint \(it needs trainer_state\.json"),
 ]  # fmt: skip
 
 

@@ -99,3 +99,13 @@ def test_sharded_training_refuses_methods_with_weight_hooks(
     assert f"Method 'child_tuning' cannot train under {backend}" in error
     assert "before_optimizer_step, after_optimizer_step" in error and "plain DDP" in error
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_checkpoints_are_refused_where_weights_are_sharded(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    recipe = write_recipe(tmp_path, "lora", tmp_path / "run", save_steps=4)
+    assert main(["train", str(recipe)]) == 2
+    error = capsys.readouterr().err
+    assert "Checkpoints and --resume are not supported where weights are sharded" in error
+    assert "save_steps: 0" in error

@@ -246,15 +246,30 @@ def find_checkpoint(output: Path, resume: str | bool) -> Path:
     return path
 
 
-def refuse_unsupported_sharding(method_name: str, hooks: TrainingHooks) -> None:
-    """FSDP and DeepSpeed ZeRO shard weights, gradients and the optimizer step across processes;
-    a method whose hooks read or rewrite whole weights or gradients cannot run under them."""
-    backend = next(
-        (name for var, name in SHARDING_VARIABLES.items() if os.environ.get(var) == "true"), None
-    )
+def sharding_backend() -> str | None:
+    """'FSDP' or 'DeepSpeed ZeRO' when `accelerate launch` set one up, else None."""
+    found = (name for var, name in SHARDING_VARIABLES.items() if os.environ.get(var) == "true")
+    return next(found, None)
+
+
+def parameters_sharded() -> bool:
+    """FSDP and ZeRO-3 keep only a shard of each weight on a process (ZeRO-1/2 keep them whole)."""
+    zero_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return sharding_backend() == "FSDP" or (sharding_backend() is not None and zero_stage == "3")
+
+
+def refuse_unsupported_sharding(
+    method_name: str, hooks: TrainingHooks, recipe: Recipe, resume: Any
+) -> None:
+    """FSDP and DeepSpeed ZeRO shard weights, gradients and the optimizer step across processes:
+    a method whose hooks read or rewrite whole weights or gradients cannot run under them, and
+    peftkit's checkpoints need whole weights on the main process."""
+    backend = sharding_backend()
+    if backend is None:
+        return
     names = ("prepare", "before_optimizer_step", "after_optimizer_step")
     used = [name for name in names if getattr(hooks, name) is not None]
-    if backend is not None and used:
+    if used:
         raise ConfigError(
             f"Method '{method_name}' cannot train under {backend}: its {', '.join(used)} hook(s) "
             f"read or change whole weights and gradients, which {backend} shards across "
@@ -262,6 +277,27 @@ def refuse_unsupported_sharding(method_name: str, hooks: TrainingHooks) -> None:
             "distributed_type: MULTI_GPU / MULTI_CPU); docs/distributed.md lists what each "
             "backend supports."
         )
+    if parameters_sharded() and (recipe.training.save_steps > 0 or resume):
+        raise ConfigError(
+            "Checkpoints and --resume are not supported where weights are sharded (FSDP, "
+            "DeepSpeed ZeRO-3): set training.save_steps: 0, or use DDP or ZeRO-1/2."
+        )
+
+
+def gathered_model(trainer: PeftkitTrainer, recipe: Recipe, config: Any) -> Any:
+    """The trained model, whole, on the main process (None elsewhere). Under FSDP or ZeRO-3 every
+    process joins accelerate's gather and the main one rebuilds the model from it: methods
+    allowed there have no prepare hook, so apply() gives the same structure again."""
+    if not parameters_sharded():
+        return trainer.model if trainer.is_world_process_zero() else None
+    engine = trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model_wrapped
+    state = trainer.accelerator.get_state_dict(engine)  # a collective: every process calls it
+    if not trainer.is_world_process_zero():
+        return None
+    base, _ = load_model(recipe.model, recipe.task.type, num_labels=trainer.model.config.num_labels)
+    rebuilt = api.apply(base, config)
+    rebuilt.load_state_dict(state)
+    return rebuilt
 
 
 def check_processes_agree(model: Any) -> None:
@@ -353,7 +389,7 @@ def run(recipe: Recipe, resume: str | bool | None = None) -> dict[str, Any]:
         print(counts)
     method = api.applied(model)
     hooks = method.method.hooks(model, method.config)
-    refuse_unsupported_sharding(method.method.name, hooks)
+    refuse_unsupported_sharding(method.method.name, hooks, recipe, resume)
     args = training_arguments(recipe, output)  # under torchrun this joins the process group
     prepare_seconds = 0.0
     if hooks.prepare is not None and checkpoint is None:
@@ -383,7 +419,8 @@ def run(recipe: Recipe, resume: str | bool | None = None) -> dict[str, Any]:
         loss_uses_token_count=None if recipe.task.type == "causal-lm" else False,
     )
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if not main_process:
+    model = gathered_model(trainer, recipe, method.config)
+    if model is None:  # not the main process: it trained its share; the main one reports
         return {}
     train_seconds = float(result.metrics["train_runtime"])
     state_bytes = optimizer_state_bytes(trainer.optimizer)
