@@ -285,3 +285,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_output_hidden_states_record_the_adapted_stream():
+    model, tokenizer = tiny("llama")
+    batch = batch_for("llama", tokenizer)
+    with torch.no_grad():  # transformers installs its capture hooks now, before ours
+        model(**batch, output_hidden_states=True)
+    model = peftkit.apply(model, config_for("pfeiffer"))
+    perturb_adapters(model)
+    seen = []
+    layer = model.model.layers[0]
+    handle = layer.register_forward_hook(lambda module, args, output: seen.append(output))
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+    handle.remove()
+    torch.testing.assert_close(seen[0], hidden[1])  # the adapter's hook runs first
