@@ -22,9 +22,9 @@ class TrainingHooks:
     (AdaLoRA's orthogonality term).
 
     state(model) -> dict and load_state(model, dict) carry what the method changes during
-    training beyond its saved adapter (AdaLoRA's rank allocation, ReLoRA's restart counter) through
-    a checkpoint: values are tensors, numbers, strings, lists and dicts (torch.save with
-    weights_only loading). On resume, load_state runs after begin_training, before the first step."""
+    training beyond its saved adapter (AdaLoRA's rank allocation, ReLoRA's restart counter)
+    through a checkpoint: values are tensors, numbers, strings, lists and dicts (torch.save, read
+    back with weights_only). On resume, load_state runs after begin_training, before any step."""
 
     prepare: Callable[[Any, Any], None] | None = None
     begin_training: Callable[[Any, int], None] | None = None
