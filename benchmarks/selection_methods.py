@@ -41,6 +41,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--output", default="benchmarks/results/selection_methods.json", help="JSON to write"
     )
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS),
+        help="methods to run ('full' always runs first: the others are timed against it)",
+    )  # fmt: skip
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -137,7 +141,7 @@ def run_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Each method in a fresh process, so peak memory is per method."""
     results = []
-    for method in METHODS:
+    for method in ["full", *(m for m in args.methods if m != "full")]:
         command = [sys.executable, __file__, "--worker", method, *sys.argv[1:]]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:

@@ -82,10 +82,13 @@ class ChildState:
     original_requires_grad: dict[str, bool]
     # D: parameter name -> (owning module, attribute) of each patched tensor.
     patched: dict[str, tuple[nn.Module, str]] = field(default_factory=dict)
-    # F: entries ever updated, this step's masks, and pre-step copies to restore from.
+    # F: entries ever updated, this step's masks, pre-step copies to restore from, the names
+    # masked this step, and a scratch buffer for random bits (all reused every step).
     touched: dict[str, torch.Tensor] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     before_step: dict[str, torch.Tensor] = field(default_factory=dict)
+    masked_now: list[str] = field(default_factory=list)
+    scratch: torch.Tensor | None = None
     # F while loading: the saved layout, until load_state_dict writes the patch.
     pending: dict[str, int] = field(default_factory=dict)
 
@@ -268,13 +271,25 @@ def choose_subnetwork(model: nn.Module, batches: Iterable[dict[str, Any]]) -> No
 _LANES = 65536  # Bernoulli draws from 16 random bits each: p is used in steps of 1/65536
 
 
-def bernoulli_mask(shape: torch.Size, ratio: float, device: torch.device) -> torch.Tensor:
+def bernoulli_mask(
+    shape: torch.Size,
+    ratio: float,
+    device: torch.device,
+    out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
     """A Bernoulli(ratio) bool mask from 16 random bits per entry (four per int64 draw, about
-    twice as fast as torch.rand on CPU); ratio is rounded to a multiple of 1/65536."""
+    twice as fast as torch.rand on CPU); ratio is rounded to a multiple of 1/65536. `out` and
+    `scratch` (an int64 buffer) are reused when given: no fresh pages to fault in every step."""
     numel = shape.numel()
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
-    lanes = words.random_(-(2**63), 2**63 - 1).view(torch.int16)[:numel]
-    return (lanes < lane_threshold(ratio)).view(shape)
+    words_needed = (numel + 3) // 4
+    if scratch is None or scratch.numel() < words_needed or scratch.device != device:
+        scratch = torch.empty(words_needed, dtype=torch.int64, device=device)
+    lanes = scratch[:words_needed].random_(-(2**63), 2**63 - 1).view(torch.int16)[:numel]
+    if out is None:
+        return (lanes < lane_threshold(ratio)).view(shape)
+    torch.lt(lanes, lane_threshold(ratio), out=out.view(-1))
+    return out
 
 
 def lane_threshold(ratio: float) -> int:
@@ -299,16 +314,24 @@ def mask_gradients(model: nn.Module, step: int) -> None:
                 state.touched[name] = torch.ones_like(parameter, dtype=torch.bool)
         return
     scale = 1.0 / effective_ratio(ratio)
+    parameters = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    if not parameters:
+        return
+    largest = max(p.numel() for _, p in parameters)
+    if state.scratch is None or state.scratch.numel() < (largest + 3) // 4:
+        device = parameters[0][1].device
+        state.scratch = torch.empty((largest + 3) // 4, dtype=torch.int64, device=device)
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.grad is None:
-                continue
-            keep = bernoulli_mask(parameter.shape, ratio, parameter.device)
-            parameter.grad.masked_fill_(~keep, 0.0).mul_(scale)
-            state.masks[name] = keep
-            if name not in state.before_step:
-                state.before_step[name] = torch.empty_like(parameter)  # reused every step
+        for name, parameter in parameters:
+            if name not in state.masks:  # buffers reused every step
+                state.masks[name] = torch.empty_like(parameter, dtype=torch.bool)
+                state.before_step[name] = torch.empty_like(parameter)
+            keep = bernoulli_mask(
+                parameter.shape, ratio, parameter.device, state.masks[name], state.scratch
+            )
+            parameter.grad.mul_(keep).mul_(scale)
             state.before_step[name].copy_(parameter)
+            state.masked_now.append(name)
 
 
 def restore_outside_mask(model: nn.Module, step: int) -> None:
@@ -316,13 +339,13 @@ def restore_outside_mask(model: nn.Module, step: int) -> None:
     state = _state(model)
     parameters = dict(model.named_parameters())
     with torch.no_grad():
-        for name, keep in state.masks.items():
-            weight = parameters[name].detach()
+        for name in state.masked_now:
+            keep, weight = state.masks[name], parameters[name].detach()
             torch.where(keep, weight, state.before_step[name], out=weight)
             if name not in state.touched:
                 state.touched[name] = torch.zeros_like(keep)
             state.touched[name] |= keep
-    state.masks.clear()
+    state.masked_now.clear()
 
 
 def hooks(model: nn.Module, config: ChildTuningConfig) -> TrainingHooks:
