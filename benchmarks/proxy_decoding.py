@@ -4,7 +4,8 @@ Proxy-tuned decoding runs the base, the expert and the anti-expert once per toke
 the sum of the three models' own cached decode step times. This script measures, in one run and
 interleaved (so machine noise hits all alike): each model's own `generate`, and proxy-tuned
 `generate`, each at N new tokens and at 1 new token; a decode step is (t(N) - t(1)) / (N - 1),
-which removes the prefill. Orchestration overhead = proxy step / (sum of own steps) - 1.
+with the best of the rounds for each t, which removes the prefill. Orchestration overhead =
+proxy step / (sum of own steps) - 1.
 
 Variants: `cheap` (expert = a second copy of the model with a LoRA adapter, anti-expert = the same
 copy with the adapter off, via peftkit's WithoutAdapter), `copies` (three separate models; the
@@ -21,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -146,18 +146,17 @@ def runners(setup: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     return made
 
 
-def measure(setup: dict[str, Any], args: argparse.Namespace) -> dict[str, list[float]]:
-    """Decode step seconds per round for each runner, interleaved round by round."""
+def measure(setup: dict[str, Any], args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """Seconds per round for each runner at N and at 1 new tokens, interleaved round by round."""
     made = runners(setup, args)
     for run in made.values():
         run(2)  # warm-up: first calls pay for lazy initialisation
-    steps: dict[str, list[float]] = {name: [] for name in made}
+    times: dict[str, dict[str, list[float]]] = {name: {"full": [], "one": []} for name in made}
     for _ in range(args.repeats):
         for name, run in made.items():
-            full = timed(lambda run=run: run(args.new_tokens))
-            prefill_only = timed(lambda run=run: run(1))
-            steps[name].append(max(full - prefill_only, 0.0) / (args.new_tokens - 1))
-    return steps
+            times[name]["full"].append(timed(lambda run=run: run(args.new_tokens)))
+            times[name]["one"].append(timed(lambda run=run: run(1)))
+    return times
 
 
 def adapter_toggle_seconds(setup: dict[str, Any], times: int = 20) -> float | None:
@@ -172,22 +171,24 @@ def adapter_toggle_seconds(setup: dict[str, Any], times: int = 20) -> float | No
     return (time.perf_counter() - start) / times
 
 
-def summarise(steps: dict[str, list[float]], args: argparse.Namespace) -> dict[str, Any]:
-    """Best-of-rounds steps, tokens/s, the sum of own steps, and proxy decoding's overhead."""
-    # The fastest round is the least disturbed one: on a shared machine other jobs only ever add
-    # time (the timeit rule). Medians are kept in the JSON for comparison.
-    best = {name: min(values) for name, values in steps.items()}
-    own_sum = best["base"] + best["expert"] + best["anti-expert"]
+def summarise(times: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> dict[str, Any]:
+    """Decode steps, tokens/s, the sum of own steps, and proxy decoding's overhead over it."""
+    # Best of rounds, for N tokens and for 1 token separately: on a shared machine other jobs only
+    # ever add time (the timeit rule). A decode step is the difference over N - 1 tokens.
+    steps = {
+        name: (min(runs["full"]) - min(runs["one"])) / (args.new_tokens - 1)
+        for name, runs in times.items()
+    }
+    own_sum = steps["base"] + steps["expert"] + steps["anti-expert"]
     return {
-        "decode_step_seconds": best,
+        "decode_step_seconds": steps,
         "decode_tokens_per_second": {
-            name: args.batch_size / value if value else None for name, value in best.items()
+            name: args.batch_size / value for name, value in steps.items()
         },
         "own_sum_step_seconds": own_sum,
-        "own_sum_tokens_per_second": args.batch_size / own_sum if own_sum else None,
-        "overhead": best["proxy"] / own_sum - 1 if own_sum else None,
-        "median_decode_step_seconds": {n: statistics.median(v) for n, v in steps.items()},
-        "rounds": steps,
+        "own_sum_tokens_per_second": args.batch_size / own_sum,
+        "overhead": steps["proxy"] / own_sum - 1,
+        "rounds_seconds": times,
     }
 
 
