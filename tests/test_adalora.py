@@ -8,12 +8,13 @@ import peft
 import pytest
 import torch
 from peft.tuners.adalora.layer import RankAllocator
+from safetensors.torch import load_file
 
 import peftkit
 from contract import FAMILIES, batch_for, check_contract, logits, tiny
 from peftkit.errors import ConfigError
 from peftkit.methods.adalora import AdaLoraConfig, current_ranks, orthogonality_loss
-from peftkit.recipe import recipe_from_dict
+from peftkit.recipe import recipe_from_dict, recipe_to_dict
 from peftkit.train import run
 
 ADALORA_PARAMS = r"lora_|classifier|score"
@@ -163,3 +164,28 @@ def test_bad_schedules_are_refused():
     hooks = peftkit.api.applied(model).method.hooks(model, config)
     with pytest.raises(ConfigError, match="Train longer"):
         hooks.begin_training(model, 10)
+
+
+def test_resume_mid_pruning_matches_an_uninterrupted_run(tmp_path):
+    method = {"name": "adalora", "init_rank": 6, "target_rank": 2, "warmup_steps": 3}
+    recipe = _recipe(tmp_path, {**method, "final_steps": 4}, steps=20)
+    recipe = recipe_from_dict(
+        {
+            **recipe_to_dict(recipe),
+            "training": {**recipe_to_dict(recipe)["training"], "save_steps": 10},
+        }
+    )
+    run(recipe)
+    run_dir = tmp_path / "run"
+    uninterrupted = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    checkpoint = run_dir / "checkpoints" / "checkpoint-10"  # mid-way through the pruning phase
+    mid = load_file(checkpoint / "adapter_model.safetensors")
+    assert all(t.shape[0] == 6 for k, t in mid.items() if "lora_A" in k)  # not cut mid-run
+    assert json.loads((checkpoint / "adapter_config.json").read_text())["rank_pattern"] is None
+
+    run(recipe, resume=str(checkpoint))
+    resumed = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for key, tensor in uninterrupted.items():
+        assert resumed[key].shape == tensor.shape, key
+        torch.testing.assert_close(resumed[key], tensor, atol=1e-5, rtol=1e-4)

@@ -8,6 +8,7 @@ import math
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import peftkit
@@ -219,3 +220,28 @@ def test_bad_input():
     hooks = peftkit.api.applied(model).method.hooks(model, config)
     with pytest.raises(ConfigError, match="bind_optimizer"):
         hooks.after_optimizer_step(model, 0)  # a restart is due but no optimizer was bound
+
+
+def test_resume_between_restarts_matches_an_uninterrupted_run(tmp_path):
+    rows = [{"text": "good" if i % 2 else "bad", "label": str(i % 2)} for i in range(32)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    recipe = recipe_from_dict(
+        {
+            "model": "tiny-bert",
+            "task": {"type": "classification", "train_file": str(data), "max_length": 16},
+            "method": {"name": "relora", "rank": 2, "restart_every": 4, "restart_warmup_steps": 2},
+            "training": {"max_steps": 12, "batch_size": 8, "learning_rate": 0.01, "save_steps": 5},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+    run(recipe)
+    adapter = tmp_path / "run" / "adapter" / "adapter_model.safetensors"
+    uninterrupted = load_file(adapter)
+    # Step 5 is after the first restart and inside its re-warm: both must carry over.
+    run(recipe, resume=str(tmp_path / "run" / "checkpoints" / "checkpoint-5"))
+    resumed = load_file(adapter)
+    assert resumed.keys() == uninterrupted.keys()
+    assert any(k.endswith(relora.DELTA_SUFFIX) for k in resumed)
+    for key, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[key], tensor, atol=1e-5, rtol=1e-4)

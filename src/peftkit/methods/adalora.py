@@ -26,6 +26,8 @@ from peftkit.methods import lora
 
 # Before training starts the step budget is unknown, but PEFT refuses a config without one.
 _PLACEHOLDER_STEPS = 1_000_000
+_PATTERN = "_peftkit_adalora_pattern"  # the live rank pattern while training runs
+_ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # PEFT RankAllocator's statistics
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,32 @@ def set_total_steps(model: peft.PeftModel, config: AdaLoraConfig, total_steps: i
 
 def update_and_allocate(model: peft.PeftModel, step: int) -> None:
     """After an optimizer step, before gradients are zeroed: score, prune, reallocate ranks."""
+    live = live_config(model)
+    live.rank_pattern = getattr(model, _PATTERN, None) or live.rank_pattern
     model.base_model.update_and_allocate(step)
+    object.__setattr__(model, _PATTERN, live.rank_pattern)
+    if step + 1 < live.total_step:
+        # Mid-run saves (checkpoints) keep full-size matrices, pruned values at zero, so a resumed
+        # run has the shapes of the optimizer state it restores (PEFT would cut them to the
+        # pattern on save and shrink the modules on load). The final save cuts, in PEFT's format.
+        live.rank_pattern = None
+
+
+def training_state(model: peft.PeftModel) -> dict[str, Any]:
+    """What a checkpoint needs beyond the adapter: the rank pattern and the importance EMAs."""
+    allocator = model.base_model.rankallocator
+    return {
+        "rank_pattern": getattr(model, _PATTERN, None),
+        **{key: dict(getattr(allocator, key)) for key in _ALLOCATOR_STATE},
+    }
+
+
+def load_training_state(model: peft.PeftModel, saved: dict[str, Any]) -> None:
+    """Restore training_state() on resume (after begin_training, before the next step)."""
+    object.__setattr__(model, _PATTERN, saved["rank_pattern"])
+    allocator = model.base_model.rankallocator
+    for key in _ALLOCATOR_STATE:
+        setattr(allocator, key, {name: value.clone() for name, value in saved[key].items()})
 
 
 def orthogonality_loss(model: nn.Module) -> torch.Tensor:
@@ -167,7 +194,7 @@ def orthogonality_loss(model: nn.Module) -> torch.Tensor:
 
 def current_ranks(model: peft.PeftModel) -> dict[str, int]:
     """Each adapted matrix's current rank: kept entries of the rank pattern, else its full rank."""
-    pattern = live_config(model).rank_pattern
+    pattern = getattr(model, _PATTERN, None) or live_config(model).rank_pattern
     if pattern:
         return {
             key.replace(".default", ""): int(torch.as_tensor(kept).sum())
@@ -190,6 +217,8 @@ def hooks(model: peft.PeftModel, config: AdaLoraConfig) -> TrainingHooks:
         begin_training=lambda tuned, total: set_total_steps(tuned, config, total),
         after_optimizer_step=update_and_allocate,
         extra_loss=extra_loss if config.orth_reg_weight > 0 else None,
+        state=training_state,
+        load_state=load_training_state,
     )
 
 

@@ -233,7 +233,6 @@ def bind_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, rewarm: b
     """Let restarts reset this optimizer; with `rewarm`, scale its lr by the re-warm factor."""
     relora = state(model)
     relora.optimizer = optimizer
-    relora.steps_seen = 0
     if not rewarm:
         return
     saved: list[float] = []
@@ -289,7 +288,22 @@ def hooks(model: peft.PeftModel, config: ReLoraConfig) -> TrainingHooks:
     return TrainingHooks(
         begin_training=lambda tuned, total: bind_on_first_step(tuned),
         after_optimizer_step=after_step,
+        state=training_state,
+        load_state=load_training_state,
     )
+
+
+def training_state(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint needs beyond the adapter (which holds the merged update): the clocks."""
+    relora = state(model)
+    return {"restarts": relora.restarts, "steps_seen": relora.steps_seen}
+
+
+def load_training_state(model: nn.Module, saved: dict[str, Any]) -> None:
+    """Restore training_state() on resume, so the re-warm continues where it stopped."""
+    relora = state(model)
+    relora.restarts = int(saved["restarts"])
+    relora.steps_seen = int(saved["steps_seen"])
 
 
 def accumulated_update(model: nn.Module) -> dict[str, torch.Tensor]:
