@@ -99,3 +99,14 @@ def test_lora_learns_to_copy_on_tiny_t5(tmp_path, request):
     assert after["eval_loss"] < 0.5 * before["eval_loss"]
     assert after["exact_match"] > before["exact_match"]
     assert after["token_f1"] > before["token_f1"] + 0.15
+
+
+def test_estimate_command_prints_parts_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert main(["estimate", "--model", "llama-7b", "--method", "lora", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "optimizer (AdamW)" in printed and "peak" in printed
+    saved = json.loads(out.read_text())
+    assert saved["trainable_parameters"] == 4_194_304  # r=8 on q, v: 32 layers x 2 x 8 x (4096+4096)
+    assert main(["estimate", "--table"]) == 0
+    assert "| **peak** |" in capsys.readouterr().out

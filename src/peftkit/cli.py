@@ -211,6 +211,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Estimate training memory by part (weights, gradients, optimizer, activations)."""
+    from peftkit.estimate import estimate, main_table
+
+    if args.table:
+        table = main_table(
+            model=args.model, batch_size=args.batch_size, seq_len=args.seq_len,
+            gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank,
+        )  # fmt: skip
+        print(table)
+        return 0
+    result = estimate(
+        args.model, method=args.method, batch_size=args.batch_size, seq_len=args.seq_len,
+        dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
+        lora_rank=args.lora_rank, lora_targets=args.lora_targets,
+        num_virtual_tokens=args.num_virtual_tokens,
+    )  # fmt: skip
+    print(result)
+    if args.output:
+        Path(args.output).write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     """List the registered methods and their options."""
     import dataclasses
@@ -312,6 +336,25 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--output", help="also write the generations as JSON here")
     generate.set_defaults(handler=cmd_generate)
 
+    est = commands.add_parser("estimate", help="estimate training memory by part, any model size")
+    est.add_argument(
+        "--model", default="llama-7b",
+        help="a bundled name, a config.json (or its folder), or llama-7b / llama-13b / llama-70b",
+    )  # fmt: skip
+    est.add_argument(
+        "--method", default="full", help="full | lora | qlora | prompt-tuning | bitfit"
+    )
+    est.add_argument("--batch-size", type=int, default=1)
+    est.add_argument("--seq-len", type=int, default=512)
+    est.add_argument("--dtype", default="bf16-mixed", help="fp32 | bf16-mixed | fp16-mixed | bf16")
+    est.add_argument("--gradient-checkpointing", action="store_true")
+    est.add_argument("--lora-rank", type=int, default=8)
+    est.add_argument("--lora-targets", nargs="+", help="LoRA target modules (default: q, v)")
+    est.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning length")
+    est.add_argument("--table", action="store_true", help="full vs LoRA, bf16-mixed and fp32")
+    est.add_argument("--output", help="also write the estimate as JSON here")
+    est.set_defaults(handler=cmd_estimate)
+
     methods = commands.add_parser("methods", help="list the PEFT methods and their options")
     methods.add_argument("-v", "--verbose", action="store_true", help="show every option")
     methods.set_defaults(handler=cmd_methods)
@@ -321,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, run the command, turn peftkit errors into one clear line."""
     args = build_parser().parse_args(argv)
+    import warnings
+
+    # transformers' own deprecation notices about its internals say nothing to a peftkit user.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     try:
         return args.handler(args)
     except Exception as error:  # noqa: BLE001 - only peftkit's own errors are reported briefly
