@@ -194,6 +194,11 @@ def test_bad_input(adapters, tmp_path):
     with pytest.raises(AdapterError, match="already loaded"):
         compose.combine(model, ["a", "b"], [1.0, 1.0], "b")
 
+    dora = _make_adapter(tmp_path / "d", seed=10, rank=2, use_dora=True)
+    compose.add_adapter(model, "d", dora)
+    with pytest.raises(AdapterError, match="use DoRA"):
+        compose.combine(model, ["a", "d"], [1.0, 1.0], "n", how="svd")
+
     # Different targets: q_proj only vs q_proj and v_proj.
     compose.add_adapter(
         model, "q", _make_adapter(tmp_path / "q", seed=6, rank=2, targets=["q_proj"])

@@ -159,6 +159,12 @@ def _check_combinable(model: nn.Module, names: list[str], weights: list[float], 
             f"Give one weight per adapter: {len(names)} names, {len(weights)} weights."
         )
     check_loaded(model, names)
+    dora = [name for name in names if model.peft_config[name].use_dora]
+    if dora:
+        raise AdapterError(
+            f"Adapter(s) {dora} use DoRA, whose magnitude vectors do not combine by weighted sums; "
+            "combine plain LoRA or rsLoRA adapters, or merge DoRA adapters one at a time."
+        )
     targets = {name: adapted_modules(model, name) for name in names}
     first = names[0]
     for name in names[1:]:
