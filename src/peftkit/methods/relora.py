@@ -245,8 +245,9 @@ def bind_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, rewarm: b
             group["lr"] = group["lr"] * factor
 
     def restore(opt: Any, args: Any, kwargs: Any) -> None:
-        for group, lr in zip(opt.param_groups, saved, strict=True):
+        for group, lr in zip(opt.param_groups, saved, strict=False):
             group["lr"] = lr  # the loop's own scheduler keeps owning the lr
+        saved.clear()  # nothing to restore if a step ever ran without the pre-hook
         relora.steps_seen += 1
 
     relora.handles += [
