@@ -26,6 +26,14 @@ _EXPORTS = {
     "LoraConfig": "peftkit.methods.lora",
     "RsLoraConfig": "peftkit.methods.rslora",
     "DoraConfig": "peftkit.methods.dora",
+    "BottleneckConfig": "peftkit.methods.bottleneck",
+    "BitFitConfig": "peftkit.methods.bitfit",
+    "ChildTuningConfig": "peftkit.methods.child_tuning",
+    "PromptTuningConfig": "peftkit.methods.prompt_tuning",
+    "PrefixTuningConfig": "peftkit.methods.prefix_tuning",
+    "FullConfig": "peftkit.methods.full",
+    "AdaLoraConfig": "peftkit.methods.adalora",
+    "ReLoraConfig": "peftkit.methods.relora",
 }
 
 __all__ = sorted(_EXPORTS)
