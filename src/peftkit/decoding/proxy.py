@@ -108,7 +108,10 @@ def switchable_layers(peft_model: Any) -> list[Any]:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    config = peft_model.peft_config[peft_model.active_adapter]
+    configs = getattr(peft_model, "peft_config", None)
+    if not isinstance(configs, dict):  # peftkit's own models (virtual tokens): their context
+        return []
+    config = configs[peft_model.active_adapter]
     if config.is_prompt_learning or getattr(config, "is_adaption_prompt", False):
         return []
     kinds = (BaseTunerLayer, AuxiliaryTrainingWrapper)
