@@ -15,6 +15,8 @@ def test_shipped_recipes_load(request):
     recipes = sorted(root.glob("*.yaml"))
     assert recipes
     for path in recipes:
+        if path.name.startswith("compare-"):  # a compare plan, checked in test_compare.py
+            continue
         recipe = load_recipe(path)
         assert recipe.method_config() is not None
 
