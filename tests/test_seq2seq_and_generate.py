@@ -111,3 +111,18 @@ def test_estimate_command_prints_parts_and_writes_json(tmp_path, capsys):
     assert saved["trainable_parameters"] == 32 * 2 * 8 * (4096 + 4096)
     assert main(["estimate", "--table"]) == 0
     assert "| **peak** |" in capsys.readouterr().out
+
+
+def test_recommend_command_ranks_fitting_methods_and_refuses_tiny_budgets(tmp_path, capsys):
+    args = ["recommend", "--model", "smollm2-135m", "--task", "causal-lm", "--batch-size", "8",
+            "--compare", str(tmp_path / "none.json")]  # fmt: skip
+    (tmp_path / "none.json").write_text("[]")  # a compare run that measured nothing
+    assert main([*args, "--memory", "1MiB"]) == 2
+    assert "Nothing fits in 1.0 MiB" in capsys.readouterr().err
+    out = tmp_path / "r.json"
+    code = main([*args, "--memory", "8GiB", "--output", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    records = json.loads(out.read_text())["records"]
+    fitting = [r["label"] for r in records if r["fits"]]
+    assert "lora" in fitting and "full" in fitting

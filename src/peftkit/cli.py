@@ -235,6 +235,23 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recommend(args: argparse.Namespace) -> int:
+    """The methods that fit a memory budget, ranked by measurements or the estimator."""
+    from peftkit.recommend import recommend
+
+    result = recommend(
+        args.memory, args.model, args.task, batch_size=args.batch_size, seq_len=args.seq_len,
+        dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
+        methods=args.methods, compare=args.compare,
+    )  # fmt: skip
+    print(f"basis: {result.basis}")
+    print(result.table)
+    if args.output:
+        Path(args.output).write_text(json.dumps(result.as_dict(), indent=2, default=str) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     """List the registered methods and their options."""
     import dataclasses
@@ -354,6 +371,24 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--table", action="store_true", help="full vs LoRA, bf16-mixed and fp32")
     est.add_argument("--output", help="also write the estimate as JSON here")
     est.set_defaults(handler=cmd_estimate)
+
+    rec = commands.add_parser("recommend", help="which methods fit a memory budget, ranked")
+    rec.add_argument("--memory", required=True, help="the budget, e.g. 8GiB, 512MiB, 24GB")
+    rec.add_argument("--model", default="minilm", help="bundled name, config.json, or llama-7b")
+    rec.add_argument(
+        "--task", default="classification", help="classification | causal-lm | seq2seq"
+    )
+    rec.add_argument("--batch-size", type=int, default=16)
+    rec.add_argument("--seq-len", type=int, default=128)
+    rec.add_argument("--dtype", default="fp32", help="fp32 | bf16-mixed | fp16-mixed | bf16")
+    rec.add_argument("--gradient-checkpointing", action="store_true")
+    rec.add_argument("--methods", nargs="+", help="only consider these methods")
+    rec.add_argument(
+        "--compare", default="runs/compare/compare.json",
+        help="a compare run's JSON to rank by measured quality (if it exists)",
+    )  # fmt: skip
+    rec.add_argument("--output", help="also write the recommendation as JSON here")
+    rec.set_defaults(handler=cmd_recommend)
 
     methods = commands.add_parser("methods", help="list the PEFT methods and their options")
     methods.add_argument("-v", "--verbose", action="store_true", help="show every option")
