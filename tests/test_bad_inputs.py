@@ -61,6 +61,8 @@ CASES = [
      ConfigError, r"'max_steps' in training must be a whole number"),
     ("list where a number belongs", lambda t: recipe_from_dict({**GOOD_RECIPE, "method": {"name": "lora", "rank": [4]}}),
      ConfigError, r"'rank' in method 'lora' must be a number"),
+    ("unknown precision", lambda t: recipe_from_dict({**GOOD_RECIPE, "training": {"precision": "fp8"}}),
+     ConfigError, r"training\.precision must be fp32 or bf16, got 'fp8'"),
     ("section that is not a mapping", lambda t: recipe_from_dict({**GOOD_RECIPE, "training": 5}),
      ConfigError, r"training must be a mapping"),
     ("recipe file missing", lambda t: load_recipe(t / "nope.yaml"),

@@ -88,3 +88,14 @@ def test_help_does_not_import_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False False", result.stderr
+
+
+def test_bf16_precision_reaches_the_trainer(tmp_path, request):
+    from peftkit.train import training_arguments
+
+    recipe = load_recipe(
+        request.config.rootpath / "recipes" / "minilm-lora.yaml", ["training.precision=bf16"]
+    )
+    assert training_arguments(recipe, tmp_path).bf16 is True
+    default = load_recipe(request.config.rootpath / "recipes" / "minilm-lora.yaml")
+    assert training_arguments(default, tmp_path).bf16 is False

@@ -87,8 +87,14 @@ class TrainConfig:
     )
     seed: int = field(default=0, metadata={"help": "seed for data order and initialisation"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads (default: torch's)"})
+    precision: str = field(
+        default="fp32",
+        metadata={"help": "fp32, or bf16 (mixed precision; on CPU needs AVX512-BF16 or AMX)"},
+    )
 
     def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"training.precision must be fp32 or bf16, got {self.precision!r}.")
         if self.max_steps < 0 or (self.max_steps == 0 and self.epochs <= 0):
             raise ConfigError("Set training.max_steps > 0, or max_steps: 0 with epochs > 0.")
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:

@@ -338,6 +338,7 @@ def training_arguments(recipe: Recipe, output: Path) -> TrainingArguments:
         remove_unused_columns=False,  # features are already exactly what the model takes
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         use_cpu=not torch.cuda.is_available(),
+        bf16=t.precision == "bf16",  # autocast; weights and optimizer state stay fp32
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
