@@ -7,7 +7,7 @@ STAMP := $(VENV)/.peftkit-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo compare test lint format clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml requirements-assets.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/peftkit train recipes/minilm-lora.yaml
+
+# Every method on the default task at a smoke-sized budget, each in its own process: table + chart.
+compare: $(STAMP)
+	$(VENV)/bin/peftkit compare --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -152,3 +152,12 @@ def test_hooks_run_once_per_optimizer_step_with_accumulated_gradients(tmp_path):
     assert calls["after"] == [0, 1, 2]
     assert calls["begin"] == [3]  # told the step budget once, at the start
     assert result.training_loss > 10.0  # the extra term is in the optimised loss
+
+
+def test_summary_counts_parameters_a_prepare_hook_creates(classification_recipe, tmp_path):
+    """Child-Tuning D builds its sparse values in prepare(): the summary must count them."""
+    args = ["train", str(classification_recipe), "--set", "method={name: child_tuning, mode: D}"]
+    assert main([*args, "--max-steps", "3"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    head = 32 * 2 + 2  # tiny-bert classifier: hidden 32 -> 2 labels
+    assert summary["trainable_parameters"] > 10 * head

@@ -385,9 +385,6 @@ def run(recipe: Recipe, resume: str | bool | None = None) -> dict[str, Any]:
     set_seed(recipe.training.seed)  # the method's own initialisation is seeded too
     # Resuming rebuilds the adapter from the checkpoint (including what prepare chose).
     model = api.apply(model, config) if checkpoint is None else api.load(model, checkpoint)
-    counts = api.summary(model)
-    if main_process:
-        print(counts)
     method = api.applied(model)
     hooks = method.method.hooks(model, method.config)
     refuse_unsupported_sharding(method.method.name, hooks, recipe, resume)
@@ -401,6 +398,10 @@ def run(recipe: Recipe, resume: str | bool | None = None) -> dict[str, Any]:
         hooks.prepare(model, DataLoader(data.train, batch_size=batch_size, collate_fn=collator))
         prepare_seconds = time.perf_counter() - start
         check_processes_agree(model)
+    # Counted after prepare: a data-driven method (Child-Tuning D) builds its parameters there.
+    counts = api.summary(model)
+    if main_process:
+        print(counts)
     resume_state = None
     if checkpoint is not None and (checkpoint / METHOD_STATE_NAME).is_file():
         resume_state = torch.load(checkpoint / METHOD_STATE_NAME, weights_only=True)
