@@ -81,14 +81,9 @@ def _classification(task: TaskConfig, tokenizer: Any, train: Rows, held_out: Row
 
 
 def _pairs(
-    task: TaskConfig, rows: Rows, source: str, make: Callable[..., Any], tokenizer: Any
+    task: TaskConfig, rows: Rows, columns: list[str], make: Callable[..., Any], tokenizer: Any
 ) -> tuple[list[dict[str, Any]], int, int]:
-    """Features from (input, output) column pairs, counting truncations and drops."""
-    columns = (
-        [task.prompt_column, task.response_column]
-        if source == "prompt"
-        else [task.source_column, task.target_column]
-    )
+    """Features from the (input, output) columns of each row, counting truncations and drops."""
     features, truncated, dropped = [], 0, 0
     for row in rows:
         feature = make(tokenizer, str(row[columns[0]]), str(row[columns[1]]), task.max_length)
@@ -109,8 +104,8 @@ def _paired(source: str, make: Callable[..., Any]) -> Callable[..., TaskData]:
         )
         require_columns(train, columns, "the training data")
         require_columns(held_out, columns, "the held-out data")
-        train_features, truncated, dropped = _pairs(task, train, source, make, tokenizer)
-        eval_features, _, _ = _pairs(task, held_out, source, make, tokenizer)
+        train_features, truncated, dropped = _pairs(task, train, columns, make, tokenizer)
+        eval_features, _, _ = _pairs(task, held_out, columns, make, tokenizer)
         if not train_features:
             raise DataError(
                 f"No training example keeps a response token within max_length={task.max_length}; "
