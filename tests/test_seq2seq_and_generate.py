@@ -126,3 +126,52 @@ def test_recommend_command_ranks_fitting_methods_and_refuses_tiny_budgets(tmp_pa
     records = json.loads(out.read_text())["records"]
     fitting = [r["label"] for r in records if r["fits"]]
     assert "lora" in fitting and "full" in fitting
+
+
+def _rows_jsonl(path, rows):
+    """Write (source, target) rows as JSONL and return the path."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_prefix_tuning_learns_to_copy_on_a_tiny_t5(tmp_path, request):
+    """The issue's learning test for prefix tuning: loss at least halves and exact match rises.
+
+    Prefix tuning steers what a model already does; it cannot teach a frozen *random* T5 of width
+    32 to copy (measured: loss 5.7 -> 4.2, exact match 0). So the base is first trained in full,
+    briefly, on instructed tasks ("copy: ..." and "reverse: ..."); the prefix then has to do the
+    instruction's job on uninstructed sources, as prefix tuning does for a pretrained model."""
+    import peftkit
+    from peftkit.data.bundled import copy_words, reverse_words
+
+    recipe = str(request.config.rootpath / "recipes" / "t5-seq2seq-lora.yaml")
+    (copy_train, copy_eval), (reverse_train, _) = copy_words(), reverse_words()
+    instructed = [{"source": f"copy: {r['source']}", "target": r["target"]} for r in copy_train]
+    instructed += [
+        {"source": f"reverse: {r['source']}", "target": r["target"]} for r in reverse_train
+    ]
+    instructed_eval = [{"source": f"copy: {r['source']}", "target": r["target"]} for r in copy_eval]
+    base_run = tmp_path / "base-run"
+    assert main(["train", recipe, "--output-dir", str(base_run), "--set", 'method={"name": "full"}',
+                 "--set", "task.dataset=null",
+                 "--set", f"task.train_file={_rows_jsonl(tmp_path / 't.jsonl', instructed)}",
+                 "--set", f"task.eval_file={_rows_jsonl(tmp_path / 'e.jsonl', instructed_eval)}",
+                 "--set", "training.max_steps=1500", "--set", "task.max_eval_examples=20",
+                 "--set", "training.threads=1"]) == 0  # fmt: skip
+    assert json.loads((base_run / "summary.json").read_text())["metric_after"] >= 0.9
+
+    model, tokenizer = load_model("tiny-t5", "seq2seq")
+    base = peftkit.merge(peftkit.load(model, base_run / "adapter"))
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+
+    run = tmp_path / "prefix-run"
+    prefix = '{"name": "prefix_tuning", "num_virtual_tokens": 10, "encoder_hidden_size": 64}'
+    assert main(["train", recipe, "--model", str(tmp_path / "base"), "--output-dir", str(run),
+                 "--set", f"method={prefix}", "--set", "training.max_steps=300",
+                 "--set", "task.max_eval_examples=50",
+                 "--set", "training.threads=1"]) == 0  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert after["eval_loss"] < 0.5 * before["eval_loss"]
+    assert after["exact_match"] > before["exact_match"]
