@@ -88,6 +88,8 @@ class ChildState:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     before_step: dict[str, torch.Tensor] = field(default_factory=dict)
     masked_now: list[str] = field(default_factory=list)
+    # F: tensors changed in so many entries that they are saved whole (no longer tracked).
+    saved_dense: set[str] = field(default_factory=set)
     scratch: torch.Tensor | None = None
     # F while loading: the saved layout, until load_state_dict writes the patch.
     pending: dict[str, int] = field(default_factory=dict)
@@ -342,9 +344,18 @@ def restore_outside_mask(model: nn.Module, step: int) -> None:
         for name in state.masked_now:
             keep, weight = state.masks[name], parameters[name].detach()
             torch.where(keep, weight, state.before_step[name], out=weight)
+            if name in state.saved_dense:
+                continue
             if name not in state.touched:
                 state.touched[name] = torch.zeros_like(keep)
-            state.touched[name] |= keep
+            touched = state.touched[name]
+            touched |= keep
+            # Each step touches a fresh p share, so within about ten steps (p = 0.3) a tensor has
+            # changed in so many entries that it will be saved whole; from then on tracking it
+            # costs a pass over its size every step for nothing, so an all-True view replaces it.
+            if patch_bytes(int(touched.sum()), touched.numel()) >= 4 * touched.numel():
+                state.touched[name] = torch.ones(1, dtype=torch.bool).expand(touched.shape)
+                state.saved_dense.add(name)
     state.masked_now.clear()
 
 
