@@ -99,6 +99,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import peftkit.api as api
     from peftkit.errors import ConfigError
     from peftkit.models import load_model
+    from peftkit.pooling import uses_mean_pooling, write_pooling_config
 
     _, adapter_dir = _run_folder(Path(args.adapter))
     info = api.read_info(adapter_dir)
@@ -115,6 +116,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
         merged.config.label2id = {name: i for i, name in enumerate(labels)}
     merged.save_pretrained(args.output)
     tokenizer.save_pretrained(args.output)
+    if uses_mean_pooling(merged):
+        write_pooling_config(args.output, merged.config.hidden_size)
+        print(f"wrote the merged model to {args.output}; it classifies from the mean of its token "
+              "states (1_Pooling/config.json): load it with peftkit.models.load_model, which "
+              "pools the same way (plain transformers pools the first token)")  # fmt: skip
+        return 0
     print(f"wrote the merged model to {args.output} (loads with plain transformers)")
     return 0
 

@@ -176,13 +176,18 @@ def _from_folder(folder: Path | str, task: str, num_labels: int | None) -> tuple
     """Model and tokenizer from a Hugging Face folder or id."""
     import transformers
 
+    from peftkit.pooling import declared_pooling, install_mean_pooling
+
     kwargs: dict[str, Any] = {"trust_remote_code": False}
     if task == "classification":
         kwargs["num_labels"] = num_labels or 2
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     config = transformers.AutoConfig.from_pretrained(folder)
     make = lambda: _auto_class(task).from_pretrained(folder, **kwargs)  # noqa: E731
-    return _build(task, make, config.model_type), tokenizer
+    model = _build(task, make, config.model_type)
+    if task == "classification" and Path(folder).is_dir() and declared_pooling(folder) == "mean":
+        install_mean_pooling(model)  # the checkpoint was trained on mean-pooled states
+    return model, tokenizer
 
 
 def _finish(model: nn.Module, tokenizer: Any) -> tuple[nn.Module, Any]:
