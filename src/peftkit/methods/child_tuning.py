@@ -83,14 +83,15 @@ class ChildState:
     # D: parameter name -> (owning module, attribute) of each patched tensor.
     patched: dict[str, tuple[nn.Module, str]] = field(default_factory=dict)
     # F: entries ever updated, this step's masks, pre-step copies to restore from, the names
-    # masked this step, and a scratch buffer for random bits (all reused every step).
+    # masked this step (all reused every step).
     touched: dict[str, torch.Tensor] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     before_step: dict[str, torch.Tensor] = field(default_factory=dict)
     masked_now: list[str] = field(default_factory=list)
     # F: tensors changed in so many entries that they are saved whole (no longer tracked).
     saved_dense: set[str] = field(default_factory=set)
-    scratch: torch.Tensor | None = None
+    # F: chunk-sized work buffers by (dtype, device), reused every step (see _CHUNK).
+    buffers: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
     # F while loading: the saved layout, until load_state_dict writes the patch.
     pending: dict[str, int] = field(default_factory=dict)
 
@@ -305,6 +306,22 @@ def effective_ratio(ratio: float) -> float:
     return (lane_threshold(ratio) + _LANES // 2) / _LANES
 
 
+# F works through each tensor in chunks of this many entries: its random bits, mask, scale factor
+# and restore masks then stay in the CPU's cache between the passes over a chunk. Over whole
+# tensors the same operations ran at about half this speed (mixed bool/float kernels read memory
+# several times); measured on 28M entries, one thread: 368 ms -> 204 ms a step.
+_CHUNK = 1 << 18
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _buffer(state: ChildState, dtype: torch.dtype, device: torch.device, slot: int) -> torch.Tensor:
+    """A reusable chunk-sized work tensor."""
+    key = (dtype, device, slot)
+    if key not in state.buffers:
+        state.buffers[key] = torch.empty(_CHUNK, dtype=dtype, device=device)
+    return state.buffers[key]
+
+
 def mask_gradients(model: nn.Module, step: int) -> None:
     """F, before the optimizer step: keep a fresh Bernoulli(p) share of each gradient, times 1/p,
     and remember the weights so entries outside the mask can be restored after the step."""
@@ -316,34 +333,55 @@ def mask_gradients(model: nn.Module, step: int) -> None:
                 state.touched[name] = torch.ones_like(parameter, dtype=torch.bool)
         return
     scale = 1.0 / effective_ratio(ratio)
-    parameters = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
-    if not parameters:
-        return
-    largest = max(p.numel() for _, p in parameters)
-    if state.scratch is None or state.scratch.numel() < (largest + 3) // 4:
-        device = parameters[0][1].device
-        state.scratch = torch.empty((largest + 3) // 4, dtype=torch.int64, device=device)
     with torch.no_grad():
-        for name, parameter in parameters:
+        for name, parameter in model.named_parameters():
+            if parameter.grad is None:
+                continue
+            if not parameter.grad.is_contiguous():
+                parameter.grad = parameter.grad.contiguous()
             if name not in state.masks:  # buffers reused every step
                 state.masks[name] = torch.empty_like(parameter, dtype=torch.bool)
                 state.before_step[name] = torch.empty_like(parameter)
-            keep = bernoulli_mask(
-                parameter.shape, ratio, parameter.device, state.masks[name], state.scratch
-            )
-            parameter.grad.mul_(keep).mul_(scale)
-            state.before_step[name].copy_(parameter)
+            keep, grad = state.masks[name].view(-1), parameter.grad.view(-1)
+            weight, before = parameter.detach().view(-1), state.before_step[name].view(-1)
+            bits = _buffer(state, torch.int64, grad.device, 0)  # random bits: 4 lanes a word
+            factor = _buffer(state, grad.dtype, grad.device, 1)
+            for start in range(0, grad.numel(), _CHUNK):
+                stop = min(start + _CHUNK, grad.numel())
+                size = stop - start
+                bernoulli_mask(torch.Size([size]), ratio, grad.device, keep[start:stop], bits)
+                # A float factor (0 or 1/p): float x bool multiplies run far slower.
+                chunk_factor = factor[:size]
+                chunk_factor.copy_(keep[start:stop]).mul_(scale)
+                grad[start:stop].mul_(chunk_factor)
+                before[start:stop].copy_(weight[start:stop])
             state.masked_now.append(name)
 
 
 def restore_outside_mask(model: nn.Module, step: int) -> None:
-    """F, after the optimizer step: put back every entry outside this step's mask exactly."""
+    """F, after the optimizer step: put back every entry outside this step's mask exactly (bit for
+    bit: the weights are combined as integers, kept bits from the new value, the rest from the
+    old one)."""
     state = _state(model)
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name in state.masked_now:
-            keep, weight = state.masks[name], parameters[name].detach()
-            torch.where(keep, weight, state.before_step[name], out=weight)
+            keep, parameter = state.masks[name], parameters[name].detach()
+            as_int = _SAME_SIZE_INT[parameter.element_size()]
+            weight = parameter.view(-1).view(as_int)
+            before = state.before_step[name].view(-1).view(as_int)
+            flat_keep = keep.view(-1)
+            ones = _buffer(state, as_int, parameter.device, 2)
+            zeros = _buffer(state, as_int, parameter.device, 3)
+            for start in range(0, weight.numel(), _CHUNK):
+                stop = min(start + _CHUNK, weight.numel())
+                kept_bits = ones[: stop - start]
+                kept_bits.copy_(flat_keep[start:stop]).neg_()  # all bits set where kept, else 0
+                other_bits = torch.bitwise_not(kept_bits, out=zeros[: stop - start])
+                chunk = weight[start:stop]
+                chunk.bitwise_and_(kept_bits).bitwise_or_(
+                    before[start:stop].bitwise_and_(other_bits)
+                )
             if name in state.saved_dense:
                 continue
             if name not in state.touched:
