@@ -27,10 +27,11 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a recipe and print its summary table."""
     from peftkit.recipe import load_recipe
-    from peftkit.train import run
+    from peftkit.train import finish_distributed, run
 
     recipe = load_recipe(args.recipe, _overrides(args))
     run(recipe, resume=args.resume)
+    finish_distributed()  # under torchrun: every process ends together, cleanly
     return 0
 
 

@@ -50,6 +50,15 @@ def wait_for_everyone() -> None:
         torch.distributed.barrier()
 
 
+def finish_distributed() -> None:
+    """Wait for every process, then tear the process group down. A process that left with its
+    group still up (the non-main ones return as soon as training ends) could abort at exit
+    ("terminate called without an active exception" from the gloo threads), failing the run."""
+    if distributed():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def share_random_state() -> None:
     """Give every process the main process's random state, so hooks that draw random numbers
     (Child-Tuning F's masks) draw the same ones everywhere and the replicas stay equal."""
