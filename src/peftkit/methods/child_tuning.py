@@ -17,7 +17,7 @@ new values (new values, not differences, so loading reproduces the tuned weights
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +90,7 @@ class ChildState:
     masked_now: list[str] = field(default_factory=list)
     # F: tensors changed in so many entries that they are saved whole (no longer tracked).
     saved_dense: set[str] = field(default_factory=set)
-    # F: chunk-sized work buffers by (dtype, device), reused every step (see _CHUNK).
+    # F: chunk-sized work buffers by (dtype, device, slot), reused every step (see _CHUNK).
     buffers: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
     # F while loading: the saved layout, until load_state_dict writes the patch.
     pending: dict[str, int] = field(default_factory=dict)
@@ -322,6 +322,12 @@ def _buffer(state: ChildState, dtype: torch.dtype, device: torch.device, slot: i
     return state.buffers[key]
 
 
+def _chunks(numel: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each chunk of a flat tensor of `numel` entries."""
+    for start in range(0, numel, _CHUNK):
+        yield start, min(start + _CHUNK, numel)
+
+
 def mask_gradients(model: nn.Module, step: int) -> None:
     """F, before the optimizer step: keep a fresh Bernoulli(p) share of each gradient, times 1/p,
     and remember the weights so entries outside the mask can be restored after the step."""
@@ -346,8 +352,7 @@ def mask_gradients(model: nn.Module, step: int) -> None:
             weight, before = parameter.detach().view(-1), state.before_step[name].view(-1)
             bits = _buffer(state, torch.int64, grad.device, 0)  # random bits: 4 lanes a word
             factor = _buffer(state, grad.dtype, grad.device, 1)
-            for start in range(0, grad.numel(), _CHUNK):
-                stop = min(start + _CHUNK, grad.numel())
+            for start, stop in _chunks(grad.numel()):
                 size = stop - start
                 bernoulli_mask(torch.Size([size]), ratio, grad.device, keep[start:stop], bits)
                 # A float factor (0 or 1/p): float x bool multiplies run far slower.
@@ -371,13 +376,12 @@ def restore_outside_mask(model: nn.Module, step: int) -> None:
             weight = parameter.view(-1).view(as_int)
             before = state.before_step[name].view(-1).view(as_int)
             flat_keep = keep.view(-1)
-            ones = _buffer(state, as_int, parameter.device, 2)
-            zeros = _buffer(state, as_int, parameter.device, 3)
-            for start in range(0, weight.numel(), _CHUNK):
-                stop = min(start + _CHUNK, weight.numel())
-                kept_bits = ones[: stop - start]
+            kept_buffer = _buffer(state, as_int, parameter.device, 2)
+            other_buffer = _buffer(state, as_int, parameter.device, 3)
+            for start, stop in _chunks(weight.numel()):
+                kept_bits = kept_buffer[: stop - start]
                 kept_bits.copy_(flat_keep[start:stop]).neg_()  # all bits set where kept, else 0
-                other_bits = torch.bitwise_not(kept_bits, out=zeros[: stop - start])
+                other_bits = torch.bitwise_not(kept_bits, out=other_buffer[: stop - start])
                 chunk = weight[start:stop]
                 chunk.bitwise_and_(kept_bits).bitwise_or_(
                     before[start:stop].bitwise_and_(other_bits)
@@ -392,7 +396,8 @@ def restore_outside_mask(model: nn.Module, step: int) -> None:
             # changed in so many entries that it will be saved whole; from then on tracking it
             # costs a pass over its size every step for nothing, so an all-True view replaces it.
             if patch_bytes(int(touched.sum()), touched.numel()) >= 4 * touched.numel():
-                state.touched[name] = torch.ones(1, dtype=torch.bool).expand(touched.shape)
+                all_true = torch.ones(1, dtype=torch.bool, device=touched.device)
+                state.touched[name] = all_true.expand(touched.shape)
                 state.saved_dense.add(name)
     state.masked_now.clear()
 
