@@ -69,9 +69,8 @@ def test_padding_does_not_change_mean_pooled_logits(method, mean_pooled_folder):
     """The mask reaches the pooler through every method: a padded row pools only its tokens."""
     model, tokenizer = load_model(str(mean_pooled_folder), "classification", num_labels=2)
     if method is not None:
-        model = peftkit.apply(model, dict(method).pop("name"), **{
-            k: v for k, v in method.items() if k != "name"
-        })  # fmt: skip
+        options = dict(method)
+        model = peftkit.apply(model, options.pop("name"), **options)
         for parameter in model.parameters():  # move the adapter away from its neutral start
             if parameter.requires_grad:
                 parameter.data.add_(0.3 * torch.randn_like(parameter))

@@ -185,7 +185,7 @@ def _from_folder(folder: Path | str, task: str, num_labels: int | None) -> tuple
     config = transformers.AutoConfig.from_pretrained(folder)
     make = lambda: _auto_class(task).from_pretrained(folder, **kwargs)  # noqa: E731
     model = _build(task, make, config.model_type)
-    if task == "classification" and Path(folder).is_dir() and declared_pooling(folder) == "mean":
+    if task == "classification" and declared_pooling(folder) == "mean":
         install_mean_pooling(model)  # the checkpoint was trained on mean-pooled states
     return model, tokenizer
 

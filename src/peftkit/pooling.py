@@ -72,7 +72,6 @@ def install_mean_pooling(model: nn.Module) -> bool:
     pooler = MeanPooler()
     encoder.pooler = pooler
     encoder.register_forward_pre_hook(_keep_mask(pooler), with_kwargs=True)
-    model.config.peftkit_pooling = "mean"  # saved with the config: merged models keep the record
     return True
 
 
