@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, markdown_table  # noqa: E402
+from common import markdown_table, write_json  # noqa: E402
 
 LABELS = ("great", "other")
 PROMPT = "Review: {review}\nVerdict (great or other):"
@@ -550,15 +550,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for i in range(min(5, len(labels)))
         ],
     }
-    payload = {
-        "benchmark": "proxy_experiment",
-        "settings": {k: v for k, v in vars(args).items() if k != "output"},
-        "machine": machine(),
-        "results": results,
-    }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    print(f"wrote {write_json('proxy_experiment', args, results, args.output)}")
     return results
 
 

@@ -136,6 +136,22 @@ def test_jagged_schedule_closed_form():
     assert lrs[3] == 0 and lrs[6] == 0  # the first step after a restart only rebuilds moments
 
 
+def _tiny_recipe(tmp_path, **training):
+    """ReLoRA (rank 2, restart every 4 steps, re-warm 2) on a tiny-BERT classification file."""
+    rows = [{"text": "good" if i % 2 else "bad", "label": str(i % 2)} for i in range(32)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return recipe_from_dict(
+        {
+            "model": "tiny-bert",
+            "task": {"type": "classification", "train_file": str(data), "max_length": 16},
+            "method": {"name": "relora", "rank": 2, "restart_every": 4, "restart_warmup_steps": 2},
+            "training": {"batch_size": 8, "learning_rate": 0.01, **training},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+
+
 def test_pipeline_binds_optimizer_and_rewarms(tmp_path, monkeypatch):
     seen = []  # lr inside AdamW.step, after peftkit's pre-step hook scaled it
     original_step = torch.optim.AdamW.step
@@ -153,25 +169,7 @@ def test_pipeline_binds_optimizer_and_rewarms(tmp_path, monkeypatch):
         return original_restart(model, optimizer)
 
     monkeypatch.setattr(relora, "restart", spy_restart)
-    rows = [{"text": "good" if i % 2 else "bad", "label": str(i % 2)} for i in range(32)]
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    recipe = recipe_from_dict(
-        {
-            "model": "tiny-bert",
-            "task": {"type": "classification", "train_file": str(data), "max_length": 16},
-            "method": {"name": "relora", "rank": 2, "restart_every": 4, "restart_warmup_steps": 2},
-            "training": {
-                "max_steps": 10,
-                "batch_size": 8,
-                "learning_rate": 0.01,
-                "lr_scheduler": "constant",
-                "warmup_ratio": 0.0,
-            },
-            "output_dir": str(tmp_path / "run"),
-        }
-    )
-    run(recipe)
+    run(_tiny_recipe(tmp_path, max_steps=10, lr_scheduler="constant", warmup_ratio=0.0))
     assert len(restarts) == 2 and all(isinstance(o, torch.optim.Optimizer) for o in restarts)
     expected = [0.01 * relora.rewarm_factor(step, 4, 2) for step in range(10)]
     assert seen == pytest.approx(expected)
@@ -223,18 +221,7 @@ def test_bad_input():
 
 
 def test_resume_between_restarts_matches_an_uninterrupted_run(tmp_path):
-    rows = [{"text": "good" if i % 2 else "bad", "label": str(i % 2)} for i in range(32)]
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    recipe = recipe_from_dict(
-        {
-            "model": "tiny-bert",
-            "task": {"type": "classification", "train_file": str(data), "max_length": 16},
-            "method": {"name": "relora", "rank": 2, "restart_every": 4, "restart_warmup_steps": 2},
-            "training": {"max_steps": 12, "batch_size": 8, "learning_rate": 0.01, "save_steps": 5},
-            "output_dir": str(tmp_path / "run"),
-        }
-    )
+    recipe = _tiny_recipe(tmp_path, max_steps=12, save_steps=5)
     run(recipe)
     adapter = tmp_path / "run" / "adapter" / "adapter_model.safetensors"
     uninterrupted = load_file(adapter)

@@ -274,6 +274,16 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_step_shape(
+    parser: argparse.ArgumentParser, batch_size: int, seq_len: int, dtype: str
+) -> None:
+    """The flags that set a training step's shape for the memory estimate (estimate, recommend)."""
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--seq-len", type=int, default=seq_len)
+    parser.add_argument("--dtype", default=dtype, help="fp32 | bf16-mixed | fp16-mixed | bf16")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
@@ -369,10 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument(
         "--method", default="full", help="full | lora | qlora | prompt-tuning | bitfit"
     )
-    est.add_argument("--batch-size", type=int, default=1)
-    est.add_argument("--seq-len", type=int, default=512)
-    est.add_argument("--dtype", default="bf16-mixed", help="fp32 | bf16-mixed | fp16-mixed | bf16")
-    est.add_argument("--gradient-checkpointing", action="store_true")
+    _add_step_shape(est, batch_size=1, seq_len=512, dtype="bf16-mixed")
     est.add_argument("--lora-rank", type=int, default=8)
     est.add_argument("--lora-targets", nargs="+", help="LoRA target modules (default: q, v)")
     est.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning length")
@@ -386,10 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument(
         "--task", default="classification", help="classification | causal-lm | seq2seq"
     )
-    rec.add_argument("--batch-size", type=int, default=16)
-    rec.add_argument("--seq-len", type=int, default=128)
-    rec.add_argument("--dtype", default="fp32", help="fp32 | bf16-mixed | fp16-mixed | bf16")
-    rec.add_argument("--gradient-checkpointing", action="store_true")
+    _add_step_shape(rec, batch_size=16, seq_len=128, dtype="fp32")
     rec.add_argument("--methods", nargs="+", help="only consider these methods")
     rec.add_argument(
         "--compare", default="runs/compare/compare.json",
