@@ -48,7 +48,7 @@ class Scripted(torch.nn.Module):
 
 def test_bundled_application_sets() -> None:
     train, held_out = load_bundled("bank-sql")
-    assert (len(train), len(held_out)) == (309, 54)
+    assert (len(train), len(held_out)) == (849, 54)
     assert {r["template"] for r in held_out} == set(text_to_sql.HELDOUT_TEMPLATES)
     assert compact_sql_schema() in train[0]["prompt"]
     train, test = load_bundled("breast-cancer-tabllm-k16")

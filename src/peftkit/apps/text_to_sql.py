@@ -444,9 +444,12 @@ def _fills(template: Template, rng: random.Random, count: int) -> list[dict[str,
 
 
 def generate_examples(
-    db_path: str | Path, fills_per_template: int = 6, seed: int = 0
+    db_path: str | Path, fills_per_template: int = 6, seed: int = 0, composed_per_shape: int = 2
 ) -> list[dict[str, Any]]:
-    """Question/SQL examples from every template, each marked train or heldout by template."""
+    """Question/SQL examples from every template, each marked train or heldout by template, then
+    composed_per_shape composed training questions per shape (`sql_compositions`; 0: none)."""
+    from peftkit.apps.sql_compositions import composed_examples
+
     examples = []
     with _read_only(db_path) as connection:
         for template in TEMPLATES:
@@ -467,6 +470,9 @@ def generate_examples(
                 kept += 1
                 if kept == fills_per_template:
                     break
+        if composed_per_shape:
+            hand_sql = {example["sql"] for example in examples}
+            examples += composed_examples(connection, composed_per_shape, seed, hand_sql)
     return examples
 
 
