@@ -22,7 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-METHODS = ("full", "bitfit", "child_tuning_f", "child_tuning_d")
+# child_tuning_f trains with its one-pass AdamW (what `peftkit train` uses with AdamW);
+# child_tuning_f_hooks masks around torch's AdamW instead (the path for any other optimizer).
+METHODS = ("full", "bitfit", "child_tuning_f", "child_tuning_f_hooks", "child_tuning_d")
+F_MODES = ("child_tuning_f", "child_tuning_f_hooks")
 
 
 def parse_args() -> argparse.Namespace:
@@ -69,7 +72,7 @@ def config_for(method: str, args: argparse.Namespace) -> Any:
     if method == "bitfit":  # Llama-style models have no biases: add zero ones (see the docs)
         return BitFitConfig(missing_biases="add")
     if method.startswith("child_tuning"):
-        mode = method[-1].upper()
+        mode = "F" if method in F_MODES else "D"
         return ChildTuningConfig(
             mode=mode, reserve_ratio=args.reserve_ratio, fisher_batches=args.fisher_batches
         )
@@ -99,7 +102,10 @@ def run_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
             hooks.prepare(model, fisher)
             fisher_seconds = time.perf_counter() - start
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.01)
+    # fused=True: Trainer's default optimizer (adamw_torch_fused), what `peftkit train` steps with.
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.01, fused=True)
+    if hooks and hooks.replace_optimizer and method != "child_tuning_f_hooks":
+        optimizer = hooks.replace_optimizer(model, optimizer)  # as PeftkitTrainer does
     model.train()
     phases: dict[str, list[float]] = {"forward_backward": [], "hooks": [], "optimizer": []}
     for step, batch in enumerate(data):
@@ -122,7 +128,7 @@ def run_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
     timed = {name: statistics.median(values[args.warmup :]) for name, values in phases.items()}
     steps = [sum(parts) for parts in zip(*phases.values(), strict=True)]
     trainable_count = sum(p.numel() for p in trainable)
-    ratio = args.reserve_ratio if method == "child_tuning_f" else 1.0
+    ratio = args.reserve_ratio if method in F_MODES else 1.0
     return {
         "method": method,
         "trainable_parameters": trainable_count,

@@ -19,7 +19,8 @@ class TrainingHooks:
     begin_training(model, total_steps) runs when training starts, once the step budget is known
     (AdaLoRA's rank schedule, ReLoRA's restarts need it). before/after_optimizer_step(model, step)
     run around every optimizer step; extra_loss(model) returns a tensor added to the task loss
-    (AdaLoRA's orthogonality term).
+    (AdaLoRA's orthogonality term). replace_optimizer(model, optimizer) runs once the optimizer
+    is built and returns the one to train with (Child-Tuning F's one-pass masked AdamW).
 
     state(model) -> dict and load_state(model, dict) carry what the method changes during
     training beyond its saved adapter (AdaLoRA's rank allocation, ReLoRA's restart counter)
@@ -31,6 +32,7 @@ class TrainingHooks:
     before_optimizer_step: Callable[[Any, int], None] | None = None
     after_optimizer_step: Callable[[Any, int], None] | None = None
     extra_loss: Callable[[Any], Any] | None = None
+    replace_optimizer: Callable[[Any, Any], Any] | None = None
     state: Callable[[Any], dict[str, Any]] | None = None
     load_state: Callable[[Any, dict[str, Any]], None] | None = None
 

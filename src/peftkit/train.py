@@ -157,6 +157,13 @@ class PeftkitTrainer(Trainer):
         self.epoch_sampler: EpochSampler | None = None
         self.add_callback(SamplerEpochCallback(self))
 
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer, or the one the method replaces it with (built once)."""
+        optimizer = super().create_optimizer(model)
+        if self.method_hooks.replace_optimizer is not None:
+            self.optimizer = self.method_hooks.replace_optimizer(self.model, optimizer)
+        return self.optimizer
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         """The task loss plus the method's extra loss, if it has one."""
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -276,7 +283,7 @@ def refuse_unsupported_sharding(
     backend = sharding_backend()
     if backend is None:
         return
-    names = ("prepare", "before_optimizer_step", "after_optimizer_step")
+    names = ("prepare", "before_optimizer_step", "after_optimizer_step", "replace_optimizer")
     used = [name for name in names if getattr(hooks, name) is not None]
     if used:
         raise ConfigError(

@@ -1,9 +1,11 @@
 """Child-Tuning (Xu et al., EMNLP 2021): update only a child network of the model's weights.
 
 Mode F (task-free): all weights train, but each optimizer step keeps a fresh Bernoulli(p) share of
-every gradient, scaled by 1/p. Entries outside that step's mask are restored after the step, so
-neither Adam's momentum nor decoupled weight decay moves them (the reference optimizer lets both
-move them).
+every gradient, scaled by 1/p. Entries outside that step's mask do not move: neither Adam's
+momentum nor decoupled weight decay moves them (the reference optimizer lets both move them).
+With plain AdamW the optimizer is replaced by ChildTuningAdamW (child_tuning_adamw.py), which
+masks in its own update in one pass; around any other optimizer the hooks mask the gradients
+before its step and restore the entries outside the mask after it.
 
 Mode D (task-driven): before training, the Fisher information (mean squared gradient over task
 batches) ranks every weight of the transformer layers; the top p fraction is the child network,
@@ -94,6 +96,10 @@ class ChildState:
     buffers: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
     # F while loading: the saved layout, until load_state_dict writes the patch.
     pending: dict[str, int] = field(default_factory=dict)
+    # F: the optimizer draws and applies the masks itself (ChildTuningAdamW); the hooks stand by.
+    fused: bool = False
+    # F, compiled step: entries in each touched mask, kept up to date as they are set.
+    touched_count: dict[str, int] = field(default_factory=dict)
 
 
 class SparsePatch(nn.Module):
@@ -332,6 +338,8 @@ def mask_gradients(model: nn.Module, step: int) -> None:
     """F, before the optimizer step: keep a fresh Bernoulli(p) share of each gradient, times 1/p,
     and remember the weights so entries outside the mask can be restored after the step."""
     state = _state(model)
+    if state.fused:
+        return
     ratio = state.config.reserve_ratio
     if ratio == 1.0:  # every entry kept: plain fine-tuning, everything with a gradient changes
         for name, parameter in model.named_parameters():
@@ -368,6 +376,8 @@ def restore_outside_mask(model: nn.Module, step: int) -> None:
     bit: the weights are combined as integers, kept bits from the new value, the rest from the
     old one)."""
     state = _state(model)
+    if state.fused:
+        return
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name in state.masked_now:
@@ -390,24 +400,35 @@ def restore_outside_mask(model: nn.Module, step: int) -> None:
                 continue
             if name not in state.touched:
                 state.touched[name] = torch.zeros_like(keep)
-            touched = state.touched[name]
-            touched |= keep
-            # Each step touches a fresh p share, so within about ten steps (p = 0.3) a tensor has
-            # changed in so many entries that it will be saved whole; from then on tracking it
-            # costs a pass over its size every step for nothing, so an all-True view replaces it.
-            if patch_bytes(int(touched.sum()), touched.numel()) >= 4 * touched.numel():
-                all_true = torch.ones(1, dtype=torch.bool, device=touched.device)
-                state.touched[name] = all_true.expand(touched.shape)
-                state.saved_dense.add(name)
+            state.touched[name] |= keep
+            stop_tracking_if_dense(state, name)
     state.masked_now.clear()
 
 
+def stop_tracking_if_dense(state: ChildState, name: str, count: int | None = None) -> None:
+    """Each F step touches a fresh p share, so within about ten steps (p = 0.3) a tensor has
+    changed in so many entries that it will be saved whole; from then on tracking it costs a pass
+    over its size every step for nothing, so an all-True view replaces it. count: the entries
+    touched, when known (else counted here)."""
+    touched = state.touched[name]
+    count = int(touched.sum()) if count is None else count
+    if patch_bytes(count, touched.numel()) >= 4 * touched.numel():
+        all_true = torch.ones(1, dtype=torch.bool, device=touched.device)
+        state.touched[name] = all_true.expand(touched.shape)
+        state.saved_dense.add(name)
+
+
 def hooks(model: nn.Module, config: ChildTuningConfig) -> TrainingHooks:
-    """D chooses its subnetwork in prepare; F masks around every optimizer step."""
+    """D chooses its subnetwork in prepare; F masks in its own AdamW step where the optimizer is
+    plain AdamW (one pass over memory), else around the optimizer's step."""
     if config.mode == "D":
         return TrainingHooks(prepare=choose_subnetwork)
+    from peftkit.methods.child_tuning_adamw import replace_optimizer
+
     return TrainingHooks(
-        before_optimizer_step=mask_gradients, after_optimizer_step=restore_outside_mask
+        before_optimizer_step=mask_gradients,
+        after_optimizer_step=restore_outside_mask,
+        replace_optimizer=replace_optimizer,
     )
 
 
@@ -545,6 +566,7 @@ def load_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
                 touched = torch.zeros(parameters[name].shape, dtype=torch.bool)
                 touched.view(-1)[indices] = True
                 state.touched[name] = touched
+                state.touched_count.pop(name, None)  # recounted from the new mask when needed
         for name in _dense_trainables(model) if state.config.mode == "D" else {}:
             parameters[name].copy_(tensors[name])
     state.pending.clear()

@@ -1,0 +1,277 @@
+"""Child-Tuning F's one-pass AdamW: the same steps as the hooks around torch's AdamW, exact
+masking with weight decay, interchangeable optimizer state, and when it replaces the optimizer."""
+
+import copy
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+import peftkit
+from contract import batch_for, tiny
+from peftkit.methods import child_tuning, child_tuning_kernel
+from peftkit.methods.child_tuning import ChildTuningConfig
+from peftkit.methods.child_tuning_adamw import ChildTuningAdamW, replace_optimizer
+from peftkit.train import HooksCallback, PeftkitTrainer
+
+
+def _f_model(ratio: float = 0.3, family: str = "gpt2"):
+    model, tokenizer = tiny(family)
+    return peftkit.apply(model, ChildTuningConfig(mode="F", reserve_ratio=ratio)), tokenizer
+
+
+def _steps(model, optimizer, hooks, batch, count: int) -> list[dict[str, torch.Tensor]]:
+    """Train count steps (hooks around the optimizer's step) and return each step's masks."""
+    masks = []
+    model.train()
+    for step in range(count):
+        optimizer.zero_grad()
+        torch.manual_seed(step)  # the same dropout in both runs
+        model(**batch).loss.backward()
+        torch.manual_seed(100 + step)  # the same mask draws
+        hooks.before_optimizer_step(model, step)
+        optimizer.step()
+        hooks.after_optimizer_step(model, step)
+        masks.append({n: m.clone() for n, m in child_tuning._state(model).masks.items()})
+    return masks
+
+
+@pytest.fixture
+def chunked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunked torch step instead of the compiled loop (the path for GPUs and bf16)."""
+    monkeypatch.setattr(child_tuning_kernel, "available", lambda parameter: False)
+
+
+def test_one_pass_step_equals_hooks_around_torch_adamw(chunked):
+    """Same gradients, same draws: weights, masks and moments agree with the hooks path."""
+    reference, tokenizer = _f_model()
+    fused = copy.deepcopy(reference)
+    batch = batch_for("gpt2", tokenizer)
+    config = child_tuning._state(reference).config
+    settings = {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.9, 0.99), "eps": 1e-6}
+    plain = torch.optim.AdamW(reference.parameters(), **settings)
+    one_pass = replace_optimizer(fused, torch.optim.AdamW(fused.parameters(), **settings))
+    assert isinstance(one_pass, ChildTuningAdamW)
+    paths = ((reference, plain, child_tuning.hooks(reference, config)),
+             (fused, one_pass, child_tuning.hooks(fused, config)))  # fmt: skip
+    reference.train()
+    for step in range(4):  # later steps carry momentum for entries outside their mask
+        plain.zero_grad()
+        reference(**batch).loss.backward()
+        # The fused model gets the reference's gradients: only the optimizer steps differ.
+        for mine, theirs in zip(fused.parameters(), reference.parameters(), strict=True):
+            mine.grad = theirs.grad.clone()
+        masks = []
+        for model, optimizer, hooks in paths:
+            torch.manual_seed(100 + step)  # the same mask draws
+            hooks.before_optimizer_step(model, step)
+            optimizer.step()
+            hooks.after_optimizer_step(model, step)
+            masks.append({n: m.clone() for n, m in child_tuning._state(model).masks.items()})
+        assert masks[0].keys() == masks[1].keys()
+        for name, mask in masks[0].items():
+            assert torch.equal(masks[1][name], mask), name
+        named = dict(fused.named_parameters())
+        for name, parameter in reference.named_parameters():
+            # AdamW's update rounded in another order: an ulp or two per step.
+            torch.testing.assert_close(named[name], parameter, rtol=1e-6, atol=1e-7)
+            ours, theirs = one_pass.state[named[name]], plain.state[parameter]
+            torch.testing.assert_close(ours["exp_avg"], theirs["exp_avg"], rtol=0, atol=0)
+            torch.testing.assert_close(ours["exp_avg_sq"], theirs["exp_avg_sq"], rtol=0, atol=0)
+    # The same entries are recorded as changed, so both save the same patch layout.
+    assert child_tuning.layout(fused) == child_tuning.layout(reference)
+
+
+def test_one_pass_step_leaves_entries_outside_the_mask_exactly():
+    model, tokenizer = _f_model(0.3, "bert")
+    batch = batch_for("bert", tokenizer)
+    hooks = child_tuning.hooks(model, child_tuning._state(model).config)
+    optimizer = hooks.replace_optimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    )
+    model.train()
+    for step in range(3):  # later steps carry momentum for entries outside their mask
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        hooks.before_optimizer_step(model, step)  # stands aside: the optimizer masks
+        optimizer.step()
+        hooks.after_optimizer_step(model, step)
+        masks = child_tuning._state(model).masks
+        for name, parameter in model.named_parameters():
+            keep = masks[name]
+            assert torch.equal(parameter.detach()[~keep], before[name][~keep]), name
+        kept = sum(int(m.sum()) for m in masks.values())
+        moved = sum(int((p.detach() != before[n]).sum()) for n, p in model.named_parameters())
+        assert moved > 0.9 * kept
+        assert abs(kept / sum(m.numel() for m in masks.values()) - 0.3) < 0.02
+
+
+def test_optimizer_state_interchanges_with_torch_adamw():
+    """A checkpoint written by one loads into the other (resuming either way keeps the moments)."""
+    model, tokenizer = _f_model()
+    batch = batch_for("gpt2", tokenizer)
+    optimizer = replace_optimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    _steps(model, optimizer, child_tuning.hooks(model, child_tuning._state(model).config), batch, 2)
+    saved = optimizer.state_dict()
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    plain.load_state_dict(saved)
+    first = next(iter(model.parameters()))
+    assert torch.equal(plain.state[first]["exp_avg"], optimizer.state[first]["exp_avg"])
+    assert float(plain.state[first]["step"]) == 2.0
+    again = replace_optimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    again.load_state_dict(plain.state_dict())
+    assert torch.equal(again.state[first]["exp_avg_sq"], optimizer.state[first]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda params: torch.optim.SGD(params, lr=0.1),
+        lambda params: torch.optim.AdamW(params, lr=0.1, amsgrad=True),
+        lambda params: torch.optim.Adam(params, lr=0.1),
+    ],
+)
+def test_other_optimizers_are_kept_and_masked_by_the_hooks(make):
+    model, tokenizer = _f_model()
+    optimizer = make(model.parameters())
+    assert replace_optimizer(model, optimizer) is optimizer
+    assert not child_tuning._state(model).fused
+    batch = batch_for("gpt2", tokenizer)
+    hooks = child_tuning.hooks(model, child_tuning._state(model).config)
+    model.train()
+    model(**batch).loss.backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hooks.before_optimizer_step(model, 0)
+    optimizer.step()
+    hooks.after_optimizer_step(model, 0)
+    for name, parameter in model.named_parameters():
+        keep = child_tuning._state(model).masks[name]
+        assert torch.equal(parameter.detach()[~keep], before[name][~keep]), name
+
+
+def test_full_keep_ratio_and_mode_d_keep_torch_adamw():
+    for config in (ChildTuningConfig(mode="F", reserve_ratio=1.0), ChildTuningConfig(mode="D")):
+        model = peftkit.apply(tiny("gpt2")[0], config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        assert replace_optimizer(model, optimizer) is optimizer
+
+
+def test_trainer_builds_the_one_pass_optimizer_with_its_parameter_groups(tmp_path):
+    """PeftkitTrainer asks the method: Trainer's AdamW (decay and no-decay groups) is replaced by
+    ChildTuningAdamW over the same groups, and training through it masks as it should."""
+    model, tokenizer = _f_model(0.3, "gpt2")
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hooks = child_tuning.hooks(model, child_tuning._state(model).config)
+    text = batch_for("gpt2", tokenizer)
+    features = [
+        {"input_ids": text["input_ids"][i % 2], "labels": text["input_ids"][i % 2]}
+        for i in range(8)
+    ]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+        learning_rate=1e-2, weight_decay=0.1, report_to="none", use_cpu=True,
+        save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = PeftkitTrainer(
+        model=model, args=args, train_dataset=features, callbacks=[HooksCallback(hooks)],
+        hooks=hooks,
+    )  # fmt: skip
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer  # accelerate's wrapper around it
+    assert isinstance(optimizer, ChildTuningAdamW)
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.1]
+    masks = child_tuning._state(model).masks
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter.detach()[~masks[name]], base[name][~masks[name]]), name
+    changed = sum(int((p.detach() != base[n]).sum()) for n, p in model.named_parameters())
+    assert 0.25 < changed / sum(p.numel() for p in base.values()) < 0.31
+
+
+def _adamw_reference(weight, grad, exp_avg, exp_avg_sq, keep, step, hyper):
+    """AdamW on the kept entries (masked gradient scaled by 1/p), written out in torch ops."""
+    g = torch.where(keep, grad * hyper["scale"], 0.0)
+    m = exp_avg + (1 - hyper["beta1"]) * (g - exp_avg)
+    v = exp_avg_sq * hyper["beta2"] + (1 - hyper["beta2"]) * g * g
+    denom = (v.sqrt() / (1 - hyper["beta2"] ** step) ** 0.5) + hyper["eps"]
+    new = (
+        weight * (1 - hyper["lr"] * hyper["weight_decay"])
+        - (hyper["lr"] / (1 - hyper["beta1"] ** step)) * m / denom
+    )
+    return torch.where(keep, new, weight), m, v
+
+
+def test_compiled_step_is_adamw_on_the_kept_entries_only():
+    generator = torch.Generator().manual_seed(0)
+    n = 300_001  # several parallel blocks and a ragged end
+    weight, grad = torch.randn(n, generator=generator), torch.randn(n, generator=generator)
+    exp_avg = torch.randn(n, generator=generator) * 0.01
+    exp_avg_sq = torch.rand(n, generator=generator) * 1e-4
+    hyper = {"threshold": child_tuning.lane_threshold(0.3) + 32768, "lr": 1e-2,
+             "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "step": 3,
+             "scale": 1 / child_tuning.effective_ratio(0.3)}  # fmt: skip
+    expected_inputs = [t.clone() for t in (weight, grad, exp_avg, exp_avg_sq)]
+    keep = torch.empty(n, dtype=torch.bool)
+    child_tuning_kernel.masked_adamw_step(weight, grad, exp_avg, exp_avg_sq, keep, hyper)
+    assert abs(keep.float().mean().item() - 0.3) < 0.005
+    assert torch.equal(grad, expected_inputs[1])  # the gradient is read, not rewritten
+    want_weight, want_m, want_v = _adamw_reference(*expected_inputs, keep, 3, hyper)
+    assert torch.equal(weight[~keep], expected_inputs[0][~keep])  # exactly, decay included
+    assert (weight[keep] != expected_inputs[0][keep]).float().mean() > 0.99
+    torch.testing.assert_close(weight, want_weight, rtol=1e-6, atol=1e-7)
+    # Fused multiply-adds round once where torch rounds twice: a few ulps of the operands, which
+    # is large relative only where m nearly cancels.
+    torch.testing.assert_close(exp_avg, want_m, rtol=1e-6, atol=2e-8)
+    torch.testing.assert_close(exp_avg_sq, want_v, rtol=1e-6, atol=1e-12)
+
+
+def test_compiled_masks_are_fresh_reproducible_and_unbiased():
+    n = 1 << 20
+    hyper = {"threshold": child_tuning.lane_threshold(0.3) + 32768, "lr": 0.0,
+             "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "step": 1,
+             "scale": 1.0}  # fmt: skip
+
+    def draw(seed=None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        keep = torch.empty(n, dtype=torch.bool)
+        tensors = [torch.zeros(n) for _ in range(4)]
+        child_tuning_kernel.masked_adamw_step(*tensors, keep, hyper)
+        return keep
+
+    first, second = draw(1), draw()
+    again = draw(1)
+    assert torch.equal(first, again)  # torch.manual_seed fixes the masks
+    for mask in (first, second):
+        assert abs(mask.float().mean().item() - 0.3) < 0.003
+    # Independent across steps (overlap p^2) and between neighbouring entries.
+    assert abs((first & second).float().mean().item() - 0.09) < 0.003
+    assert abs((first[1:] & first[:-1]).float().mean().item() - 0.09) < 0.003
+    # Each step's seed differs, so every tensor of a step gets its own mask too.
+    assert not torch.equal(first, second)
+
+
+def test_compiled_step_runs_inside_the_optimizer_and_masks_exactly():
+    model, tokenizer = _f_model(0.3, "llama")
+    assert all(child_tuning_kernel.available(p) for p in model.parameters())
+    assert not child_tuning_kernel.available(torch.zeros(3, dtype=torch.bfloat16))
+    batch = batch_for("llama", tokenizer)
+    hooks = child_tuning.hooks(model, child_tuning._state(model).config)
+    optimizer = hooks.replace_optimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    )
+    model.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer.step()
+        masks = child_tuning._state(model).masks
+        for name, parameter in model.named_parameters():
+            assert torch.equal(parameter.detach()[~masks[name]], before[name][~masks[name]])
+            assert (parameter.detach()[masks[name]] != before[name][masks[name]]).any()
+    touched = child_tuning._state(model).touched
+    counts = child_tuning._state(model).touched_count  # kept as the compiled pass sets them
+    assert counts == {name: int(t.sum()) for name, t in touched.items()}
+    share = sum(int(t.sum()) for t in touched.values()) / sum(t.numel() for t in touched.values())
+    assert abs(share - (1 - 0.7**3)) < 0.03
