@@ -25,9 +25,10 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
 _BLOCK = 1 << 16  # entries per parallel work item
-# Contract (fused multiply-add) and no-signed-zeros let LLVM vectorise the loop; no reassociation
-# or approximate functions, so each entry's arithmetic is AdamW's up to FMA rounding.
-_FASTMATH = {"contract", "nsz"}
+# No fast-math flags: the branch-free loop vectorises without them (29 vs 27 ms per 32M entries),
+# and each entry gets exactly the IEEE operations written below. With fused multiply-adds allowed,
+# the distributed test's two-process and one-process F runs differed by up to 1.2e-5 after twelve
+# steps (its bound is 1e-5), against 2.4e-6 without; why FMA widened that gap is not established.
 
 
 def available(parameter: torch.Tensor) -> bool:
@@ -51,7 +52,7 @@ if numba is not None:
         x = np.uint32(x * np.uint32(0x846CA68B))
         return np.uint32(x ^ (x >> np.uint32(16)))
 
-    @numba.njit(fastmath=_FASTMATH, error_model="numpy", cache=True)
+    @numba.njit(error_model="numpy", cache=True)
     def _block(p, g, m, v, keep, base, seed_hi, seed_lo, threshold, scale, decay, one_minus_beta1,
                beta2, one_minus_beta2, eps, step_size, bias_correction2_sqrt):  # fmt: skip  # noqa: ANN001, ANN202
         """One contiguous block: no branches in the loop, so it vectorises. (1 - beta) comes in
