@@ -42,8 +42,15 @@ class ChildTuningAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        ratio = self.child_state.config.reserve_ratio
+        masking = {
+            "threshold": ct.lane_threshold(ratio) + ct._LANES // 2,
+            "scale": 1.0 / ct.effective_ratio(ratio),
+        }
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            hyper = {**masking, "lr": group["lr"], "weight_decay": group["weight_decay"],
+                     "beta1": beta1, "beta2": beta2, "eps": group["eps"]}  # fmt: skip
             for parameter in group["params"]:
                 if parameter.grad is None:
                     continue
@@ -53,16 +60,8 @@ class ChildTuningAdamW(torch.optim.AdamW):
                     state["exp_avg"] = torch.zeros_like(parameter)
                     state["exp_avg_sq"] = torch.zeros_like(parameter)
                 state["step"] += 1
-                masked_update(
-                    self.child_state,
-                    self.names[id(parameter)],
-                    parameter,
-                    state,
-                    lr=group["lr"],
-                    weight_decay=group["weight_decay"],
-                    betas=(beta1, beta2),
-                    eps=group["eps"],
-                )
+                hyper["step"] = float(state["step"])
+                masked_update(self.child_state, self.names[id(parameter)], parameter, state, hyper)
         return loss
 
 
@@ -71,17 +70,11 @@ def masked_update(
     name: str,
     parameter: torch.Tensor,
     state: dict[str, Any],
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
+    hyper: dict[str, float],
 ) -> None:
     """One parameter's masked AdamW step (the mask is kept in child.masks[name]): the compiled
-    one-pass loop where it applies (child_tuning_kernel), else torch ops on cache-sized chunks."""
-    ratio = child.config.reserve_ratio
-    scale = 1.0 / ct.effective_ratio(ratio)
-    beta1, beta2 = betas
-    step = float(state["step"])
+    one-pass loop where it applies (child_tuning_kernel), else torch ops on cache-sized chunks.
+    hyper: as child_tuning_kernel.masked_adamw_step takes it."""
     if not parameter.grad.is_contiguous():
         parameter.grad = parameter.grad.contiguous()
     if name not in child.masks:
@@ -94,15 +87,10 @@ def masked_update(
         child.touched[name] = torch.zeros_like(parameter, dtype=torch.bool)
     touched = child.touched[name].view(-1) if track else None
     if not kernel.available(weight):
-        _chunked_update(child, weight, grad, exp_avg, exp_avg_sq, keep_all, touched,
-                        lr, weight_decay, betas, eps, step)  # fmt: skip
+        _chunked_update(child, weight, grad, exp_avg, exp_avg_sq, keep_all, touched, hyper)
         if touched is not None:
             ct.stop_tracking_if_dense(child, name)
         return
-    hyper = {
-        "threshold": ct.lane_threshold(ratio) + ct._LANES // 2, "scale": scale, "lr": lr,
-        "weight_decay": weight_decay, "beta1": beta1, "beta2": beta2, "eps": eps, "step": step,
-    }  # fmt: skip
     kernel.masked_adamw_step(weight, grad, exp_avg, exp_avg_sq, keep_all, hyper)
     if touched is not None:  # counted as it goes: a sum over the mask costs more than this
         if name not in child.touched_count:
@@ -119,17 +107,12 @@ def _chunked_update(
     exp_avg_sq: torch.Tensor,
     keep_all: torch.Tensor,
     touched: torch.Tensor | None,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    step: float,
+    hyper: dict[str, float],
 ) -> None:
     """The masked step as torch ops on cache-sized chunks (GPU, bf16): the masks drawn as the
     hooks draw them, the gradient left masked as the hooks leave it."""
-    ratio = child.config.reserve_ratio
-    scale = 1.0 / ct.effective_ratio(ratio)
-    beta1, beta2 = betas
+    ratio, scale = child.config.reserve_ratio, hyper["scale"]
+    lr, beta1, beta2, step = hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["step"]
     step_size = lr / (1 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
     device = grad.device
@@ -146,11 +129,11 @@ def _chunked_update(
         m = exp_avg[start:stop].lerp_(g, 1 - beta1)
         v = exp_avg_sq[start:stop].mul_(beta2).addcmul_(g, g, value=1 - beta2)
         # m / (sqrt(v) / b2 + eps) = b2 * m / (sqrt(v) + eps * b2): one pass fewer.
-        denom = torch.sqrt(v, out=denom_buffer[:size]).add_(eps * bias_correction2_sqrt)
+        denom = torch.sqrt(v, out=denom_buffer[:size]).add_(hyper["eps"] * bias_correction2_sqrt)
         chunk = weight[start:stop]
         # AdamW's change (decoupled decay, then the Adam step), added only where kept: x + 0 * d
         # is x exactly for any finite d, and d is finite (denom >= eps > 0).
-        delta = torch.mul(chunk, -lr * weight_decay, out=delta_buffer[:size])
+        delta = torch.mul(chunk, -lr * hyper["weight_decay"], out=delta_buffer[:size])
         delta.addcdiv_(m, denom, value=-step_size * bias_correction2_sqrt)
         chunk.addcmul_(delta, kept)
         if touched is not None:
