@@ -188,6 +188,13 @@ def test_trainer_builds_the_one_pass_optimizer_with_its_parameter_groups(tmp_pat
     assert 0.25 < changed / sum(p.numel() for p in base.values()) < 0.31
 
 
+def _hyper(lr: float, weight_decay: float, step: int) -> dict[str, float]:
+    """The compiled step's settings at p = 0.3, as ChildTuningAdamW builds them."""
+    return {"threshold": child_tuning.lane_threshold(0.3) + 32768, "lr": lr,
+            "weight_decay": weight_decay, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+            "step": step, "scale": 1 / child_tuning.effective_ratio(0.3)}  # fmt: skip
+
+
 def _adamw_reference(weight, grad, exp_avg, exp_avg_sq, keep, step, hyper):
     """AdamW on the kept entries (masked gradient scaled by 1/p), written out in torch ops."""
     g = torch.where(keep, grad * hyper["scale"], 0.0)
@@ -207,9 +214,7 @@ def test_compiled_step_is_adamw_on_the_kept_entries_only():
     weight, grad = torch.randn(n, generator=generator), torch.randn(n, generator=generator)
     exp_avg = torch.randn(n, generator=generator) * 0.01
     exp_avg_sq = torch.rand(n, generator=generator) * 1e-4
-    hyper = {"threshold": child_tuning.lane_threshold(0.3) + 32768, "lr": 1e-2,
-             "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "step": 3,
-             "scale": 1 / child_tuning.effective_ratio(0.3)}  # fmt: skip
+    hyper = _hyper(lr=1e-2, weight_decay=0.1, step=3)
     expected_inputs = [t.clone() for t in (weight, grad, exp_avg, exp_avg_sq)]
     keep = torch.empty(n, dtype=torch.bool)
     child_tuning_kernel.masked_adamw_step(weight, grad, exp_avg, exp_avg_sq, keep, hyper)
@@ -225,9 +230,7 @@ def test_compiled_step_is_adamw_on_the_kept_entries_only():
 
 def test_compiled_masks_are_fresh_reproducible_and_unbiased():
     n = 1 << 20
-    hyper = {"threshold": child_tuning.lane_threshold(0.3) + 32768, "lr": 0.0,
-             "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "step": 1,
-             "scale": 1.0}  # fmt: skip
+    hyper = {**_hyper(lr=0.0, weight_decay=0.0, step=1), "scale": 1.0}
 
     def draw(seed=None):
         if seed is not None:
@@ -282,9 +285,7 @@ def test_compiled_step_gives_the_same_bits_on_any_thread_count_or_address():
     n = 300_001
     values = [torch.randn(n, generator=generator) for _ in range(4)]
     values[3] = values[3].abs() * 1e-4  # a second moment
-    hyper = {"threshold": child_tuning.lane_threshold(0.3) + 32768, "lr": 1e-2,
-             "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "step": 2,
-             "scale": 1 / child_tuning.effective_ratio(0.3)}  # fmt: skip
+    hyper = _hyper(lr=1e-2, weight_decay=0.1, step=2)
     threads = torch.get_num_threads()
     results = []
     try:
