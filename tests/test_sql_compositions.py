@@ -7,20 +7,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
 from peftkit.apps import sql_compositions as comp
 from peftkit.apps import text_to_sql as sql_app
-
-
-@pytest.fixture(scope="module")
-def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return sql_app.build_database(tmp_path_factory.mktemp("bank") / "bank.db", seed=0)
-
-
-@pytest.fixture(scope="module")
-def examples(db: Path) -> list[dict]:
-    return sql_app.generate_examples(db, seed=0)
 
 
 def _table(name: str) -> comp.Table:

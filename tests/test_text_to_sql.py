@@ -13,16 +13,6 @@ from peftkit.apps import text_to_sql as sql_app
 from peftkit.errors import DataError
 
 
-@pytest.fixture(scope="module")
-def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return sql_app.build_database(tmp_path_factory.mktemp("bank") / "bank.db", seed=0)
-
-
-@pytest.fixture(scope="module")
-def examples(db: Path) -> list[dict]:
-    return sql_app.generate_examples(db, seed=0)
-
-
 def _rows(db: Path, table: str) -> list[tuple]:
     connection = sqlite3.connect(db)
     try:
