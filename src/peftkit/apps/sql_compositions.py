@@ -93,7 +93,6 @@ def _listing(name: str, sql: str, what: str) -> Select:
     )  # fmt: skip
 
 
-YEARS = base.YEARS
 TABLES: tuple[Table, ...] = (
     Table("customers", "customers", (
         COUNT,
@@ -142,7 +141,7 @@ TABLES: tuple[Table, ...] = (
                ("with {v}", "at {v}")),
         Filter("amount_above", "amount > {v}", (100, 250, 500, 1000, 2500), (),
                ("over {v}", "larger than {v}")),
-        Filter("year", "strftime('%Y', transaction_date) = '{v}'", YEARS, (),
+        Filter("year", "strftime('%Y', transaction_date) = '{v}'", base.YEARS, (),
                ("made in {v}", "in {v}", "during {v}")),
     )),
     Table("loans", "loans", (
