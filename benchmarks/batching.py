@@ -3,7 +3,7 @@ length, on variable-length real text (Amazon Fine Foods reviews, MiniLM, LoRA as
 recipes/minilm-lora.yaml).
 
 Three arms, each one pass over the same training examples through peftkit's Trainer path
-(PeftkitTrainer, TrainingArguments from peftkit.train.training_arguments):
+(PeftkitTrainer, TrainingArguments from peftkit.training.run.training_arguments):
   - static: random order, every batch padded to task.max_length (the baseline);
   - dynamic: random order, each batch padded to its longest example (peftkit's Collator);
   - grouped: peftkit's default, the Trainer's group_by_length sampler (LengthGroupedSampler:
@@ -39,7 +39,7 @@ def parse_args() -> Any:
 
 def pad_to_length_collator(pad_token_id: int, length: int) -> Any:
     """peftkit's Collator, except that every batch is padded to `length` (the baseline)."""
-    from peftkit.data.tokenize import Collator
+    from peftkit.data.collate import Collator
 
     class PadToLength(Collator):
         def _pad(self, rows: list[list[int]], value: int) -> Any:
@@ -54,7 +54,8 @@ def arm(model: Any, tokenizer: Any, data: Any, recipe: Any, collator: Any, group
     """A function running one pass over the training features; (seconds list, tokens)."""
     from dataclasses import replace
 
-    from peftkit.train import PeftkitTrainer, training_arguments
+    from peftkit.training.run import training_arguments
+    from peftkit.training.trainer import PeftkitTrainer
 
     training = replace(recipe.training, group_by_length=grouped, max_steps=0, epochs=1.0)
     folder = tempfile.mkdtemp(prefix="peftkit-batching-")
@@ -81,9 +82,9 @@ def main() -> None:
     args = parse_args()
     setup(args)
     import peftkit
-    from peftkit.data.tokenize import Collator
+    from peftkit.data.collate import Collator
     from peftkit.recipe import load_recipe
-    from peftkit.train import load_for_recipe
+    from peftkit.training import load_for_recipe
 
     recipe = load_recipe(RECIPE, [
         f"model={args.model}", f"task.max_length={args.max_length}",

@@ -3,7 +3,7 @@
 Same base weights, same LoRA settings (PEFT, r 8, alpha 16, dropout 0.05, the architecture's
 default targets), same batch size, same fixed-length chunks of real review text, same optimizer
 (the Trainer's default fused AdamW), clipping and linear schedule. peftkit's arm is its Trainer
-path: PeftkitTrainer with HooksCallback and TrainingArguments from peftkit.train's
+path: PeftkitTrainer with HooksCallback and TrainingArguments from peftkit.training.run's
 training_arguments(recipe). Each step is timed end to end (data, forward, backward, clipping,
 optimizer, scheduler, callbacks, logging); the arms alternate round by round and the first step
 of every round (optimizer state allocation) is dropped. Model load and evaluation are not timed.
@@ -49,9 +49,10 @@ def peftkit_arm(model: Any, features: list, tokenizer: Any, args: Any, folder: P
     """A function running `steps` Trainer steps with peftkit's own arguments and callback."""
     import peftkit
     from peftkit.api import applied
-    from peftkit.data.tokenize import Collator
+    from peftkit.data.collate import Collator
     from peftkit.recipe import Recipe, TaskConfig, TrainConfig
-    from peftkit.train import HooksCallback, PeftkitTrainer, training_arguments
+    from peftkit.training.run import training_arguments
+    from peftkit.training.trainer import HooksCallback, PeftkitTrainer
 
     model = peftkit.apply(model, peftkit.config_for("lora"))
     config = peftkit.config_for("lora")
@@ -69,7 +70,7 @@ def peftkit_arm(model: Any, features: list, tokenizer: Any, args: Any, folder: P
         trainer = PeftkitTrainer(
             model=model, args=training, train_dataset=features,
             data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
-            callbacks=[HooksCallback(hooks), timer.callback()], extra_loss=hooks.extra_loss,
+            callbacks=[HooksCallback(hooks), timer.callback()], hooks=hooks,
         )  # fmt: skip
         trainer.train()
         return timer.seconds[1:]
@@ -84,7 +85,7 @@ def bare_arm(model: Any, features: list, tokenizer: Any, args: Any, training: An
     from torch.utils.data import DataLoader
     from transformers import get_linear_schedule_with_warmup
 
-    from peftkit.data.tokenize import Collator
+    from peftkit.data.collate import Collator
     from peftkit.targeting import default_targets
 
     config = peft.LoraConfig(

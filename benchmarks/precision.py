@@ -48,8 +48,9 @@ def parse_args() -> Any:
 def trainer_for(model: Any, tokenizer: Any, data: Any, recipe: Any, bf16: bool, steps: int,
                 timer: StepTimer) -> Any:  # fmt: skip
     """A PeftkitTrainer with peftkit's TrainingArguments, switched to bf16 mixed precision."""
-    from peftkit.data.tokenize import Collator
-    from peftkit.train import PeftkitTrainer, training_arguments
+    from peftkit.data.collate import Collator
+    from peftkit.training.run import training_arguments
+    from peftkit.training.trainer import PeftkitTrainer
 
     recipe = replace(recipe, training=replace(recipe.training, max_steps=steps))
     args = training_arguments(recipe, Path(tempfile.mkdtemp(prefix="peftkit-precision-")))
@@ -68,8 +69,8 @@ def train_one(recipe: Any, bf16: bool, steps: int) -> dict[str, Any]:
     from transformers import set_seed
 
     import peftkit
-    from peftkit.data.tokenize import Collator
-    from peftkit.train import evaluate, load_for_recipe
+    from peftkit.data.collate import Collator
+    from peftkit.training import evaluate, load_for_recipe
 
     set_seed(recipe.training.seed)
     model, tokenizer, data = load_for_recipe(recipe)

@@ -29,6 +29,6 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def examples(db: Path) -> list[dict]:
     """The Text-to-SQL question set over that database (templated and composed)."""
-    from peftkit.apps import text_to_sql
+    from peftkit.apps import sql_examples
 
-    return text_to_sql.generate_examples(db, seed=0)
+    return sql_examples.generate_examples(db, seed=0)

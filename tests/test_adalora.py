@@ -15,7 +15,7 @@ from contract import FAMILIES, batch_for, check_contract, logits, tiny
 from peftkit.errors import ConfigError
 from peftkit.methods.adalora import AdaLoraConfig, current_ranks, orthogonality_loss
 from peftkit.recipe import recipe_from_dict, recipe_to_dict
-from peftkit.train import run
+from peftkit.training import run
 
 ADALORA_PARAMS = r"lora_|classifier|score"
 

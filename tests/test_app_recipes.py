@@ -12,14 +12,17 @@ import pytest
 import torch
 
 from peftkit.apps import evaluate as app_eval
-from peftkit.apps import text_to_sql
-from peftkit.apps.instructions import chat_feature, end_of_turn_token_id, to_messages
+from peftkit.apps import sql_examples, text_to_sql
+from peftkit.apps.sql_examples import compact_sql_schema
 from peftkit.cli import main
-from peftkit.data.bundled import BUNDLED, compact_sql_schema, load_bundled
+from peftkit.data.bundled import BUNDLED, load_bundled
+from peftkit.decoding.generate import generate
 from peftkit.errors import DataError
 from peftkit.models import load_model, tiny_tokenizer
 from peftkit.recipe import TaskConfig, load_recipe
 from peftkit.tasks import TASK_TYPES, prepare_task
+from peftkit.tasks.chat import chat_feature, end_of_turn_token_id
+from peftkit.tasks.conversations import to_messages
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 APP_RECIPES = {
@@ -62,7 +65,7 @@ def test_bundled_application_sets() -> None:
 def test_compact_schema_lists_every_column() -> None:
     lines = dict(line.split("(", 1) for line in compact_sql_schema().splitlines())
     assert list(lines) == list(text_to_sql.SCHEMA)
-    db = text_to_sql.default_database()
+    db = sql_examples.default_database()
     for table in text_to_sql.SCHEMA:
         # The database's own column list (PRAGMA through a plain connection, not the sandbox).
         connection = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
@@ -131,7 +134,7 @@ def test_sql_evaluation_records_refused_and_correct_queries() -> None:
     records = held_out[:3]
     tokenizer = tiny_tokenizer()
     eos = tokenizer.eos_token_id
-    db = text_to_sql.default_database()
+    db = sql_examples.default_database()
 
     def score(answer: str) -> dict:
         ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
@@ -147,15 +150,15 @@ def test_sql_evaluation_records_refused_and_correct_queries() -> None:
     assert broken["failures"] == {"error": 3}
 
 
-def test_greedy_generate_reports_stopping() -> None:
+def test_generate_reports_stopping() -> None:
     tokenizer = tiny_tokenizer()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     text = tokenizer("ok", add_special_tokens=False)["input_ids"]
-    stops = app_eval.greedy_generate(Scripted(text + [eos], pad), tokenizer, ["a", "bb"], 10)
-    assert [g["text"] for g in stops] == ["ok", "ok"]
-    assert all(g["stopped"] and g["new_tokens"] == len(text) + 1 for g in stops)
-    runs_on = app_eval.greedy_generate(Scripted(text * 10, pad), tokenizer, ["a"], 5)
-    assert not runs_on[0]["stopped"] and runs_on[0]["new_tokens"] == 5
+    stops = generate(Scripted(text + [eos], pad), tokenizer, ["a", "bb"], 10, eos_token_id=eos)
+    assert [g.text for g in stops] == ["ok", "ok"]
+    assert all(g.stopped and g.new_tokens == len(text) + 1 for g in stops)
+    runs_on = generate(Scripted(text * 10, pad), tokenizer, ["a"], 5, eos_token_id=eos)
+    assert not runs_on[0].stopped and runs_on[0].new_tokens == 5
 
 
 def test_label_word_scores_match_unbatched_reference() -> None:

@@ -20,7 +20,7 @@ from peftkit.errors import AdapterError, ConfigError, DataError, ModelNotFoundEr
 from peftkit.models import load_model, tiny_config
 from peftkit.recipe import TaskConfig, apply_overrides, load_recipe, recipe_from_dict
 from peftkit.tasks import prepare_task
-from peftkit.train import find_checkpoint
+from peftkit.training.checkpoints import find_checkpoint
 
 GOOD_RECIPE = {"model": "tiny-bert", "task": {"dataset": "amazon-reviews"}, "method": "lora"}
 

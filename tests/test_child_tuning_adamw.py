@@ -12,7 +12,7 @@ from contract import batch_for, tiny
 from peftkit.methods import child_tuning, child_tuning_kernel
 from peftkit.methods.child_tuning import ChildTuningConfig
 from peftkit.methods.child_tuning_adamw import ChildTuningAdamW, replace_optimizer
-from peftkit.train import HooksCallback, PeftkitTrainer
+from peftkit.training.trainer import HooksCallback, PeftkitTrainer
 
 
 def _f_model(ratio: float = 0.3, family: str = "gpt2"):

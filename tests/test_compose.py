@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 
 import peftkit
 from contract import batch_for, logits, tiny
-from peftkit import compose
 from peftkit.errors import AdapterError, ConfigError
+from peftkit.methods import lora_compose as compose
 
 
 def _make_adapter(

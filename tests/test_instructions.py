@@ -11,6 +11,7 @@ import torch
 from peftkit.apps import instructions as ins
 from peftkit.errors import DataError
 from peftkit.models import cache_dir, load_model, tiny_tokenizer
+from peftkit.tasks import chat, conversations
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -38,21 +39,25 @@ def _labelled_segments(feature: dict, tokenizer) -> list[str]:
 
 def test_record_formats_become_messages() -> None:
     alpaca = {"instruction": "Add", "input": "2 and 3", "output": "5"}
-    assert ins.to_messages(alpaca) == [
+    assert conversations.to_messages(alpaca) == [
         {"role": "user", "content": "Add\n\n2 and 3"},
         {"role": "assistant", "content": "5"},
     ]
     no_input = {"instruction": "Say hi", "input": float("nan"), "output": "hi", "system": "Kind."}
-    assert [m["role"] for m in ins.to_messages(no_input)] == ["system", "user", "assistant"]
-    assert ins.to_messages(no_input)[1]["content"] == "Say hi"
+    assert [m["role"] for m in conversations.to_messages(no_input)] == [
+        "system",
+        "user",
+        "assistant",
+    ]
+    assert conversations.to_messages(no_input)[1]["content"] == "Say hi"
     sharegpt = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
-    assert ins.to_messages(sharegpt) == [
+    assert conversations.to_messages(sharegpt) == [
         {"role": "user", "content": "a"},
         {"role": "assistant", "content": "b"},
     ]
-    assert ins.to_messages({"prompt": "q", "response": "r"})[1]["content"] == "r"
+    assert conversations.to_messages({"prompt": "q", "response": "r"})[1]["content"] == "r"
     as_json_text = {"messages": json.dumps(CHAT)}  # how a CSV cell holds a conversation
-    assert ins.to_messages(as_json_text) == CHAT
+    assert conversations.to_messages(as_json_text) == CHAT
 
 
 BAD_RECORDS = [
@@ -81,13 +86,13 @@ BAD_RECORDS = [
 @pytest.mark.parametrize(("record", "message"), BAD_RECORDS)
 def test_bad_records_are_clear_errors(record: dict, message: str) -> None:
     with pytest.raises(DataError, match=message.replace("(", r"\(")):
-        ins.to_messages(record, "row 7")
+        conversations.to_messages(record, "row 7")
 
 
 def test_fallback_template_masks_everything_but_assistant_output() -> None:
     tokenizer = tiny_tokenizer()
     assert tokenizer.chat_template is None  # so the fallback template is in use
-    feature = ins.chat_feature(CHAT, tokenizer)
+    feature = chat.chat_feature(CHAT, tokenizer)
     # Reference: the byte tokenizer maps each piece independently, so tokenising the pieces one
     # by one (prompt pieces unlabelled, answer pieces labelled) gives the expected features.
     pieces = [
@@ -106,12 +111,12 @@ def test_fallback_template_masks_everything_but_assistant_output() -> None:
     assert feature["labels"] == expected_labels
     assert feature["attention_mask"] == [1] * len(expected_ids)
     assert _labelled_segments(feature, tokenizer) == ["Hello!</s>", "Ciao ✓</s>"]
-    assert ins.end_of_turn_token_id(tokenizer) == tokenizer.eos_token_id
+    assert chat.end_of_turn_token_id(tokenizer) == tokenizer.eos_token_id
 
 
 def test_loss_counts_only_assistant_tokens() -> None:
     model, tokenizer = load_model("tiny-llama", "causal-lm")
-    feature = ins.chat_feature(CHAT, tokenizer)
+    feature = chat.chat_feature(CHAT, tokenizer)
     ids = torch.tensor([feature["input_ids"]])
     labels = torch.tensor([feature["labels"]])
     with torch.no_grad():
@@ -128,7 +133,7 @@ def test_tuned_model_answers_and_stops() -> None:
     # EOS in the labels is what makes generation stop: overfit one conversation, then generate.
     model, tokenizer = load_model("tiny-llama", "causal-lm")
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
-    feature = ins.chat_feature(messages, tokenizer)
+    feature = chat.chat_feature(messages, tokenizer)
     ids, labels = torch.tensor([feature["input_ids"]]), torch.tensor([feature["labels"]])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     threads = torch.get_num_threads()
@@ -141,12 +146,12 @@ def test_tuned_model_answers_and_stops() -> None:
             optimizer.step()
     finally:
         torch.set_num_threads(threads)
-    prompt, answer = ins.prompt_and_answer(messages, tokenizer)
+    prompt, answer = chat.prompt_and_answer(messages, tokenizer)
     assert prompt.endswith("<|assistant|>\n") and answer == "Yo"
     encoded = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
     out = model.generate(
         **encoded, max_new_tokens=20, do_sample=False,
-        eos_token_id=ins.end_of_turn_token_id(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=chat.end_of_turn_token_id(tokenizer), pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     new = out[0, encoded["input_ids"].shape[1] :].tolist()
     assert tokenizer.decode(new) == "Yo</s>"  # answered, then stopped at once
@@ -154,15 +159,15 @@ def test_tuned_model_answers_and_stops() -> None:
 
 def test_truncation_drops_conversations_with_nothing_to_learn() -> None:
     tokenizer = tiny_tokenizer()
-    short = ins.chat_feature(CHAT, tokenizer, max_length=10)
+    short = chat.chat_feature(CHAT, tokenizer, max_length=10)
     assert short is None
-    cut = ins.chat_feature(CHAT, tokenizer, max_length=50)
+    cut = chat.chat_feature(CHAT, tokenizer, max_length=50)
     assert cut is not None and len(cut["input_ids"]) == 50
     with pytest.warns(UserWarning, match="1 of 2"):
-        kept = ins.chat_features([CHAT, CHAT[1:3]], tokenizer, max_length=40)
+        kept = chat.chat_features([CHAT, CHAT[1:3]], tokenizer, max_length=40)
     assert len(kept) == 1
     with pytest.raises(DataError, match="max_length"):
-        ins.chat_features([CHAT], tokenizer, max_length=10)
+        chat.chat_features([CHAT], tokenizer, max_length=10)
 
 
 def test_template_without_end_of_turn_is_refused() -> None:
@@ -172,7 +177,7 @@ def test_template_without_end_of_turn_is_refused() -> None:
         "{% if add_generation_prompt %}assistant: {% endif %}"
     )
     with pytest.raises(DataError, match="not learn to stop"):
-        ins.chat_feature(CHAT, tokenizer)
+        chat.chat_feature(CHAT, tokenizer)
 
 
 def test_template_that_rewrites_history_is_refused() -> None:
@@ -182,12 +187,12 @@ def test_template_that_rewrites_history_is_refused() -> None:
         "{% endfor %}"
     )
     with pytest.raises(DataError, match="prefix by prefix"):
-        ins.chat_feature(CHAT, tokenizer)
+        chat.chat_feature(CHAT, tokenizer)
 
 
 def test_bad_turn_order_is_refused_before_rendering() -> None:
     with pytest.raises(DataError, match="unknown role"):
-        ins.chat_feature([{"role": "tool", "content": "x"}], tiny_tokenizer())
+        chat.chat_feature([{"role": "tool", "content": "x"}], tiny_tokenizer())
 
 
 def test_files_in_every_format(tmp_path: Path) -> None:
@@ -198,18 +203,18 @@ def test_files_in_every_format(tmp_path: Path) -> None:
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "a.json").write_text(json.dumps([{"messages": CHAT}]))
     (tmp_path / "a.csv").write_text("instruction,input,output\nAdd,2 and 3,5\nGreet,,Hello\n")
-    from_jsonl = ins.load_conversations(tmp_path / "a.jsonl")
-    assert ins.load_conversations(tmp_path / "a.csv") == from_jsonl
+    from_jsonl = conversations.load_conversations(tmp_path / "a.jsonl")
+    assert conversations.load_conversations(tmp_path / "a.csv") == from_jsonl
     assert from_jsonl[1] == [
         {"role": "user", "content": "Greet"},
         {"role": "assistant", "content": "Hello"},
     ]
-    assert ins.load_conversations(tmp_path / "a.json") == [CHAT]
+    assert conversations.load_conversations(tmp_path / "a.json") == [CHAT]
     (tmp_path / "numbers.csv").write_text("prompt,response\n2+3,5\n4+4,8\n")
-    assert ins.load_conversations(tmp_path / "numbers.csv")[0][1]["content"] == "5"
+    assert conversations.load_conversations(tmp_path / "numbers.csv")[0][1]["content"] == "5"
     (tmp_path / "bad.csv").write_text("instruction,input,output\nAdd,2 and 3,\n")
     with pytest.raises(DataError, match="bad.csv row 0.*'output'"):
-        ins.load_conversations(tmp_path / "bad.csv")
+        conversations.load_conversations(tmp_path / "bad.csv")
 
 
 def test_parquet_conversations(tmp_path: Path) -> None:
@@ -217,7 +222,7 @@ def test_parquet_conversations(tmp_path: Path) -> None:
     import pandas as pd
 
     pd.DataFrame({"messages": [CHAT, CHAT[1:3]]}).to_parquet(tmp_path / "a.parquet")
-    assert ins.load_conversations(tmp_path / "a.parquet") == [CHAT, CHAT[1:3]]
+    assert conversations.load_conversations(tmp_path / "a.parquet") == [CHAT, CHAT[1:3]]
 
 
 CORPUS_YAML = """categories:
@@ -271,7 +276,7 @@ def test_bundled_dialogues() -> None:
     seen = {ins._question_key(r) for r in train}
     assert not any(ins._question_key(r) in seen for r in heldout)
     assert ins.bundled_instructions(heldout_fraction=0.1, seed=0) == (train, heldout)
-    assert all(ins.validate_messages(r["messages"]) for r in records)
+    assert all(conversations.validate_messages(r["messages"]) for r in records)
 
 
 def test_smollm2_chat_template() -> None:
@@ -282,8 +287,8 @@ def test_smollm2_chat_template() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer.chat_template
-    feature = ins.chat_feature(CHAT, tokenizer)
-    end = tokenizer.convert_ids_to_tokens(ins.end_of_turn_token_id(tokenizer))
+    feature = chat.chat_feature(CHAT, tokenizer)
+    end = tokenizer.convert_ids_to_tokens(chat.end_of_turn_token_id(tokenizer))
     assert end == "<|im_end|>"
     assert _labelled_segments(feature, tokenizer) == ["Hello!<|im_end|>", "Ciao ✓<|im_end|>"]
     pairs = zip(feature["input_ids"], feature["labels"], strict=True)
@@ -296,5 +301,5 @@ def test_records_round_trip_through_jsonl(tmp_path: Path) -> None:
 
     records = [{"topic": "t", "messages": CHAT}, {"topic": "t", "messages": CHAT[1:3]}]
     path = write_jsonl(records, tmp_path / "out" / "chat.jsonl")
-    assert ins.load_conversations(path) == [CHAT, CHAT[1:3]]
+    assert conversations.load_conversations(path) == [CHAT, CHAT[1:3]]
     assert [p.name for p in path.parent.iterdir()] == ["chat.jsonl"]  # no staging file left

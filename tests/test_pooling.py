@@ -13,7 +13,7 @@ from torch import nn
 import peftkit
 from peftkit.cli import main
 from peftkit.models import load_model
-from peftkit.pooling import MeanPooler, uses_mean_pooling, write_pooling_config
+from peftkit.models.pooling import MeanPooler, uses_mean_pooling, write_pooling_config
 
 
 @pytest.fixture(scope="module")

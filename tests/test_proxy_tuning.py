@@ -21,6 +21,7 @@ from peftkit.decoding import (
     proxy_generate_ids,
     proxy_logits,
 )
+from peftkit.decoding.prompts import prompt_batch
 from peftkit.errors import ConfigError
 from peftkit.models import load_model, tiny_config, tiny_tokenizer
 
@@ -349,13 +350,19 @@ def test_other_bad_options_are_refused(trio):
         proxy_generate(*models, tokenizer, "a single string")
     with pytest.raises(ConfigError, match="expert_prompts has 1 entries but there are 2"):
         proxy_generate(*models, tokenizer, PROMPTS, expert_prompts=["one"])
-    with pytest.raises(ConfigError, match="has no|has none"):
-        proxy_generate(*models, tokenizer, PROMPTS, chat=True)
     messages = [[{"role": "user", "content": "Hi"}]]
-    with pytest.raises(ConfigError, match="rendered only for the expert"):
+    with pytest.raises(ConfigError, match="chat template only where chat=True"):
         proxy_generate(*models, tokenizer, messages, chat=True)
     with pytest.raises(ConfigError, match="needs a PEFT model"):
         WithoutAdapter(models[1])
+
+
+def test_chat_prompts_without_a_template_use_the_fallback_the_chat_task_trains_with(trio):
+    (_, _, _), tokenizer = trio
+    assert tokenizer.chat_template is None
+    batch = prompt_batch(tokenizer, ["Hi"], chat=True, device=torch.device("cpu"))
+    written = tokenizer("<|user|>\nHi\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
+    assert batch["input_ids"][0].tolist() == written
 
 
 def test_processor_refuses_a_batch_it_has_no_prompts_for(trio):

@@ -91,7 +91,7 @@ def test_help_does_not_import_torch():
 
 
 def test_bf16_precision_reaches_the_trainer(tmp_path, request):
-    from peftkit.train import training_arguments
+    from peftkit.training.run import training_arguments
 
     recipe = load_recipe(
         request.config.rootpath / "recipes" / "minilm-lora.yaml", ["training.precision=bf16"]

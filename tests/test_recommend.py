@@ -58,7 +58,7 @@ def test_a_method_that_cannot_serve_the_model_is_refused_with_its_reason() -> No
 
 
 def test_a_model_without_that_task_form_is_refused() -> None:
-    with pytest.raises(ConfigError, match="no seq2seq form"):
+    with pytest.raises(ConfigError, match="cannot serve task type 'seq2seq'"):
         recommend("8GiB", "tiny-gpt2", "seq2seq", compare=None)
     with pytest.raises(ConfigError, match="Unknown task type"):
         recommend("8GiB", "tiny-gpt2", "summarise", compare=None)

@@ -17,7 +17,7 @@ from peftkit.errors import ConfigError
 from peftkit.methods import relora
 from peftkit.methods.relora import ReLoraConfig
 from peftkit.recipe import recipe_from_dict
-from peftkit.train import run
+from peftkit.training import run
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -20,7 +20,8 @@ from transformers.trainer_utils import get_last_checkpoint
 import peftkit.api as api
 from peftkit.cli import main
 from peftkit.method import TrainingHooks
-from peftkit.train import METHOD_STATE_NAME, STAGING, PeftkitTrainer
+from peftkit.training.checkpoints import METHOD_STATE_NAME, STAGING
+from peftkit.training.trainer import PeftkitTrainer
 
 
 def crash_saving_at(monkeypatch, step: int) -> None:

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from peftkit.apps import sql_compositions as comp
+from peftkit.apps import sql_examples
 from peftkit.apps import text_to_sql as sql_app
 
 
@@ -52,9 +53,9 @@ def test_composed_examples_are_informative_and_seeded(db: Path, examples: list[d
         assert "{" not in example["question"] and example["question"][-1] in ".?"
     per_shape = Counter(e["template"] for e in composed)
     assert max(per_shape.values()) == 2
-    again = sql_app.generate_examples(db, seed=0)
+    again = sql_examples.generate_examples(db, seed=0)
     assert [e["question"] for e in again] == [e["question"] for e in examples]
-    assert sql_app.generate_examples(db, seed=0, composed_per_shape=0) == [
+    assert sql_examples.generate_examples(db, seed=0, composed_per_shape=0) == [
         e for e in examples if not e["template"].startswith("composed:")
     ]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from peftkit.apps import sql_examples
 from peftkit.apps import text_to_sql as sql_app
 from peftkit.errors import DataError
 
@@ -65,7 +66,7 @@ def test_question_set_holds_out_whole_templates(db: Path, examples: list[dict]) 
     # Several paraphrases per hand-written query.
     per_query = Counter(e["sql"] for e in examples if not e["template"].startswith("composed:"))
     assert min(per_query.values()) >= 3
-    assert sql_app.generate_examples(db, seed=0) == examples
+    assert sql_examples.generate_examples(db, seed=0) == examples
 
 
 def test_every_gold_query_runs_and_says_something(db: Path, examples: list[dict]) -> None:
@@ -100,7 +101,7 @@ def test_gold_answers_agree_with_python(db: Path, examples: list[dict]) -> None:
 
 
 def test_prompt_records_carry_schema_and_answer(examples: list[dict]) -> None:
-    records = sql_app.prompt_records(examples[:3], sql_app.render_schema())
+    records = sql_examples.prompt_records(examples[:3], sql_app.render_schema())
     assert records[0]["response"] == examples[0]["sql"]
     assert examples[0]["question"] in records[0]["prompt"]
     assert "CREATE TABLE loans" in records[0]["prompt"]
@@ -229,7 +230,7 @@ def test_extract_sql() -> None:
 
 def test_bundled_split_uses_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
-    train, heldout = sql_app.bundled_split(seed=0)
+    train, heldout = sql_examples.bundled_split(seed=0)
     assert (tmp_path / "text-to-sql" / "bank-seed0.db").is_file()
     assert {r["split"] for r in train} == {"train"} and {r["split"] for r in heldout} == {"heldout"}
     assert all(r["prompt"].endswith("SQL:") and r["response"] == r["sql"] for r in train + heldout)

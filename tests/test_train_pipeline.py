@@ -9,10 +9,11 @@ from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 import peftkit
 from peftkit.cli import main
-from peftkit.data.tokenize import Collator, prompt_response_feature
+from peftkit.data.collate import Collator
 from peftkit.method import TrainingHooks
 from peftkit.models import load_model
-from peftkit.train import HooksCallback, PeftkitTrainer
+from peftkit.tasks.causal_lm import prompt_response_feature
+from peftkit.training.trainer import HooksCallback, PeftkitTrainer
 
 
 def _write_rows(path, rows):
@@ -145,7 +146,7 @@ def test_hooks_run_once_per_optimizer_step_with_accumulated_gradients(tmp_path):
     )  # fmt: skip
     trainer = PeftkitTrainer(
         model=model, args=args, train_dataset=features, data_collator=Collator(0),
-        callbacks=[HooksCallback(hooks)], extra_loss=hooks.extra_loss,
+        callbacks=[HooksCallback(hooks)], hooks=hooks,
     )  # fmt: skip
     result = trainer.train()
     assert calls["before"] == [(0, True), (1, True), (2, True)]  # 3 steps, not 6 micro-batches

@@ -56,7 +56,7 @@ def test_transformers_takes_the_cache_as_peftkit_expects():
         assert "cache" in parameters, (
             f"{model_class.__name__}.forward has no `cache` argument in transformers "
             f"{transformers.__version__} (proven: {PROVEN_TRANSFORMERS}); peftkit's virtual-token "
-            "hooks (src/peftkit/virtual_tokens.py) must follow the new name."
+            "hooks (src/peftkit/methods/virtual_tokens.py) must follow the new name."
         )
 
 

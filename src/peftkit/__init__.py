@@ -23,23 +23,20 @@ _EXPORTS = {
     "summary": "peftkit.api",
     "config_for": "peftkit.api",
     "load_model": "peftkit.models",
-    "LoraConfig": "peftkit.methods.lora",
-    "RsLoraConfig": "peftkit.methods.rslora",
-    "DoraConfig": "peftkit.methods.dora",
-    "BottleneckConfig": "peftkit.methods.bottleneck",
-    "BitFitConfig": "peftkit.methods.bitfit",
-    "ChildTuningConfig": "peftkit.methods.child_tuning",
-    "PromptTuningConfig": "peftkit.methods.prompt_tuning",
-    "PrefixTuningConfig": "peftkit.methods.prefix_tuning",
-    "FullConfig": "peftkit.methods.full",
-    "AdaLoraConfig": "peftkit.methods.adalora",
-    "ReLoraConfig": "peftkit.methods.relora",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
+    """The public functions, and every registered method's config class (peftkit.LoraConfig):
+    imported on first use, so `peftkit --help` does not pay for torch."""
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name.endswith("Config") and not name.startswith("_"):
+        from peftkit.registry import METHODS
+
+        for method in METHODS:
+            if method.config_cls.__name__ == name:
+                return method.config_cls
     raise AttributeError(f"module 'peftkit' has no attribute {name!r}")

@@ -12,18 +12,12 @@ from torch import nn
 from peftkit import io, registry
 from peftkit.config import from_dict
 from peftkit.errors import AdapterError, ConfigError
-from peftkit.method import Method
+from peftkit.method import Applied, Method, adapter_files, applied, mark_applied
 
-# The attribute apply() leaves on the model it returns: which method, with which config.
-_APPLIED = "_peftkit_applied"
-
-
-@dataclass(frozen=True)
-class Applied:
-    """What apply() did to a model."""
-
-    method: Method
-    config: Any
+__all__ = [
+    "Applied", "Summary", "applied", "apply", "config_for", "load", "merge", "read_info", "save",
+    "summary",
+]  # fmt: skip
 
 
 def config_for(name: str, **options: Any) -> Any:
@@ -40,16 +34,8 @@ def apply(model: nn.Module, config: Any, **options: Any) -> nn.Module:
         raise ConfigError("Pass options either inside the config object or with a method name.")
     method = registry.method_for_config(config)
     tuned = method.apply(model, config)
-    object.__setattr__(tuned, _APPLIED, Applied(method, config))
+    mark_applied(tuned, method, config)
     return tuned
-
-
-def applied(model: nn.Module) -> Applied:
-    """The method and config apply() used on this model; an error if it was never applied."""
-    found = getattr(model, _APPLIED, None)
-    if found is None:
-        raise ConfigError("This model has no peftkit method applied: call peftkit.apply first.")
-    return found
 
 
 @dataclass
@@ -109,11 +95,7 @@ def summary(model: nn.Module) -> Summary:
 
 def save(model: nn.Module, folder: str | Path, info: dict[str, Any] | None = None) -> Path:
     """Write the adapter (only what the method trained) to `folder`, atomically."""
-    state = applied(model)
-    files: dict[str, Any] = {
-        io.CONFIG_NAME: state.method.saved_config(model, state.config),
-        io.WEIGHTS_NAME: state.method.state_dict(model),
-    }
+    files = adapter_files(model)
     if info is not None:
         files[io.PEFTKIT_INFO_NAME] = info
     return io.write_folder_atomically(folder, files)
@@ -159,7 +141,7 @@ def load(base_model: nn.Module, folder: str | Path, allow_pickle: bool = False) 
         if method.remove is not None:
             method.remove(model)
         raise
-    object.__setattr__(model, _APPLIED, Applied(method, config))
+    mark_applied(model, method, config)
     return model
 
 

@@ -27,7 +27,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a recipe and print its summary table."""
     from peftkit.recipe import load_recipe
-    from peftkit.train import finish_distributed, run
+    from peftkit.training import finish_distributed, run
 
     recipe = load_recipe(args.recipe, _overrides(args))
     run(recipe, resume=args.resume)
@@ -45,9 +45,9 @@ def _run_folder(path: Path) -> tuple[Path, Path]:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a trained adapter on its recipe's held-out data."""
     import peftkit.api as api
-    from peftkit.data.tokenize import Collator
+    from peftkit.data.collate import Collator
     from peftkit.recipe import load_recipe
-    from peftkit.train import evaluate, load_for_recipe
+    from peftkit.training import evaluate, load_for_recipe
 
     run_dir, adapter_dir = _run_folder(Path(args.run))
     recipe_path = Path(args.recipe) if args.recipe else run_dir / "recipe.yaml"
@@ -100,7 +100,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import peftkit.api as api
     from peftkit.errors import ConfigError
     from peftkit.models import load_model
-    from peftkit.pooling import uses_mean_pooling, write_pooling_config
+    from peftkit.models.pooling import uses_mean_pooling, write_pooling_config
 
     _, adapter_dir = _run_folder(Path(args.adapter))
     info = api.read_info(adapter_dir)
@@ -147,36 +147,32 @@ def _load_tuned(name: str, task: str, adapter: str | None) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
-def _prompt_text(tokenizer: Any, prompt: str, chat: bool) -> str:
-    """The prompt as the model reads it: raw, or in the tokenizer's chat template."""
-    if not chat:
-        return prompt
-    from peftkit.errors import ConfigError
-
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("--chat needs a tokenizer with a chat template; this one has none.")
-    messages = [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate from a model, with an adapter, or proxy-tuned by an expert/anti-expert pair."""
-    import torch
-
     import peftkit.api as api
+    from peftkit.decoding.generate import check_options, generate
     from peftkit.errors import ConfigError
+    from peftkit.tasks import get_task_type
 
+    # The numbers first: a bad one should not cost a model load.
+    check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     task = args.task
     if args.adapter and task is None:
         task = api.read_info(_run_folder(Path(args.adapter))[1]).get("task")
-    task = task or "causal-lm"
+    task_type = get_task_type(task or "causal-lm")
+    if not task_type.generates:
+        raise ConfigError(
+            f"A {task_type.name} model does not generate text; generate from a model tuned for "
+            f"one of: {', '.join(_generative_tasks())}."
+        )
+    chat = args.chat or task_type.chat  # a chat-tuned adapter reads its prompts as it trained
     proxy = [args.proxy_expert, args.proxy_anti_expert]
     if any(proxy) and not all(proxy):
         raise ConfigError(
             "Proxy-Tuning needs both --proxy-expert (the tuned small model) and "
             "--proxy-anti-expert (the same small model untuned)."
         )
-    model, tokenizer = _load_tuned(args.model, task, args.adapter)
+    model, tokenizer = _load_tuned(args.model, task_type.name, args.adapter)
     options = {
         "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
         "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
@@ -185,31 +181,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from peftkit.decoding.proxy import WithoutAdapter, proxy_generate
 
         if args.proxy_adapter:  # one set of weights: expert = adapter on, anti-expert = off
-            expert, _ = _load_tuned(args.model, task, args.proxy_adapter)
+            expert, _ = _load_tuned(args.model, task_type.name, args.proxy_adapter)
             anti_expert = WithoutAdapter(expert)
         else:
-            expert, _ = _load_tuned(args.proxy_expert, task, args.expert_adapter)
-            anti_expert, _ = _load_tuned(args.proxy_anti_expert, task, None)
+            expert, _ = _load_tuned(args.proxy_expert, task_type.name, args.expert_adapter)
+            anti_expert, _ = _load_tuned(args.proxy_anti_expert, task_type.name, None)
         texts = proxy_generate(
             model, expert, anti_expert, tokenizer, args.prompt, alpha=args.alpha,
-            chat=args.chat, seed=args.seed, **options,
+            chat=chat, seed=args.seed, **options,
         )  # fmt: skip
     else:
-        texts = []
-        if args.seed is not None:
-            torch.manual_seed(args.seed)
-        sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-        for prompt in args.prompt:
-            inputs = tokenizer(_prompt_text(tokenizer, prompt, args.chat), return_tensors="pt")
-            with torch.no_grad():
-                output = model.generate(
-                    **inputs, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                    pad_token_id=tokenizer.pad_token_id,
-                    **(sampling if args.do_sample else {}),
-                )  # fmt: skip
-            if not getattr(model.config, "is_encoder_decoder", False):
-                output = output[:, inputs["input_ids"].shape[1] :]
-            texts.append(tokenizer.decode(output[0], skip_special_tokens=True))
+        # One prompt at a time: sampled text then depends only on the seed and the prompt.
+        generated = generate(
+            model, tokenizer, args.prompt, chat=chat, batch_size=1, seed=args.seed, **options
+        )
+        texts = [g.text for g in generated]
     for prompt, text in zip(args.prompt, texts, strict=True):
         print(f"### {prompt}\n{text}\n")
     if args.output:
@@ -217,6 +203,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         Path(args.output).write_text(json.dumps(records, indent=2) + "\n")
         print(f"wrote {args.output}")
     return 0
+
+
+def _generative_tasks() -> list[str]:
+    """The task types whose tuned models generate text."""
+    from peftkit.tasks import TASK_TYPES
+
+    return [name for name, task in TASK_TYPES.items() if task.generates]
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
@@ -350,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--model", required=True, help="base model: bundled name or folder")
     generate.add_argument("--adapter", help="a trained adapter (or run folder) to apply")
-    generate.add_argument("--task", choices=["causal-lm", "seq2seq"], help="default: causal-lm")
+    generate.add_argument(
+        "--task", help="the model's task type (default: the adapter's, else causal-lm)"
+    )
     generate.add_argument("--prompt", action="append", required=True, help="repeatable")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy")

@@ -17,6 +17,7 @@ from typing import Any
 
 from peftkit.config import unknown_key_message
 from peftkit.errors import ConfigError
+from peftkit.tables import markdown_table
 
 PLAN_KEYS = ("recipe", "methods", "quick")
 ENTRY_KEYS = ("method", "set", "label")
@@ -131,19 +132,7 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
 
 def format_table(results: list[dict[str, Any]]) -> str:
     """A Markdown table of the results (prints well and pastes into docs)."""
-    header = [name for name, _, _ in COLUMNS]
-    rows = table_rows(results)
-    widths = [
-        max(len(header[i]), *(len(r[i]) for r in rows if len(r) > i)) for i in range(len(header))
-    ]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    for row in rows:
-        out.append(line(row) if len(row) == len(header) else f"| {row[0]} | {row[1]} |")
-    return "\n".join(out)
+    return markdown_table([name for name, _, _ in COLUMNS], table_rows(results))
 
 
 def write_outputs(results: list[dict[str, Any]], output: Path) -> dict[str, Path]:

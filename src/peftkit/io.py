@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,34 +23,63 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PEFTKIT_INFO_NAME = "peftkit.json"
 
 
-def write_folder_atomically(folder: str | Path, files: dict[str, Any]) -> Path:
-    """Write a folder of files so a crash never leaves it half-written: build beside it, swap in.
+def replace_folder(staging: Path, final: Path, keep_extra: bool = True) -> None:
+    """Put a complete folder in place of `final` by renames: a reader sees the old folder or the
+    new one, never a mix. With keep_extra, files of the old folder the new one lacks are carried
+    over (a README, a tokenizer saved beside an adapter)."""
+    if final.exists():
+        for extra in final.iterdir() if keep_extra else ():
+            if not (staging / extra.name).exists():
+                os.replace(extra, staging / extra.name)
+        retired = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(final, retired)
+        os.replace(staging, final)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, final)
 
-    `files` maps names to a dict of tensors (safetensors) or JSON-serialisable data."""
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | Path) -> Iterator[Path]:
+    """Write a folder so a crash never leaves it half-written: the block fills a staging folder
+    beside it, which then replaces it (replace_folder); on an error nothing is touched."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        yield staging
+        replace_folder(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """Write a text file through a temporary file and a rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.unlink(staging)
+    return path
+
+
+def write_folder_atomically(folder: str | Path, files: dict[str, Any]) -> Path:
+    """Write a folder of files atomically (atomic_folder). `files` maps names to a dict of
+    tensors (safetensors) or JSON-serialisable data."""
+    with atomic_folder(folder) as staging:
         for name, content in files.items():
             if name.endswith(".safetensors"):
                 tensors = {k: v.detach().to("cpu").contiguous() for k, v in content.items()}
                 save_file(tensors, str(staging / name), metadata={"format": "pt"})
             else:
                 (staging / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-        if folder.exists():
-            # Keep any files we do not write (a README, a tokenizer) by moving them across.
-            for extra in folder.iterdir():
-                if extra.name not in files and not (staging / extra.name).exists():
-                    os.replace(extra, staging / extra.name)
-            retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, retired)
-            os.replace(staging, folder)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return Path(folder)
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peftkit.config import from_dict, to_dict
+from peftkit.errors import ConfigError
+from peftkit.io import CONFIG_NAME, WEIGHTS_NAME
 
 
 @dataclass(frozen=True)
@@ -92,3 +94,37 @@ class Method:
         """The config object described by a saved adapter_config.json."""
         reader = self.config_from_adapter or config_from_peftkit_adapter(self.config_cls)
         return reader(saved)
+
+
+# The attribute peftkit.apply leaves on the model it returns: which method, with which config.
+APPLIED_ATTRIBUTE = "_peftkit_applied"
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What apply() did to a model."""
+
+    method: Method
+    config: Any
+
+
+def mark_applied(model: Any, method: Method, config: Any) -> None:
+    """Note on a model which method, with which config, prepared it."""
+    object.__setattr__(model, APPLIED_ATTRIBUTE, Applied(method, config))
+
+
+def applied(model: Any) -> Applied:
+    """The method and config apply() used on this model; an error if it was never applied."""
+    found = getattr(model, APPLIED_ATTRIBUTE, None)
+    if found is None:
+        raise ConfigError("This model has no peftkit method applied: call peftkit.apply first.")
+    return found
+
+
+def adapter_files(model: Any) -> dict[str, Any]:
+    """An applied model's adapter folder contents: adapter_config.json and the weights."""
+    state = applied(model)
+    return {
+        CONFIG_NAME: state.method.saved_config(model, state.config),
+        WEIGHTS_NAME: state.method.state_dict(model),
+    }

@@ -9,17 +9,14 @@ from typing import Any
 
 from peftkit.config import from_dict, to_dict, unknown_key_message
 from peftkit.errors import ConfigError
-
-TASK_TYPES = ("classification", "causal-lm", "chat", "seq2seq")
+from peftkit.tasks import get_task_type, task_names
 
 
 @dataclass(frozen=True)
 class TaskConfig:
     """What to learn: the task type and where its examples come from."""
 
-    type: str = field(
-        default="classification", metadata={"help": "classification | causal-lm | chat | seq2seq"}
-    )
+    type: str = field(default="classification", metadata={"help": " | ".join(task_names())})
     dataset: str | None = field(
         default=None, metadata={"help": "a bundled dataset name (e.g. amazon-reviews)"}
     )
@@ -56,10 +53,7 @@ class TaskConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.type not in TASK_TYPES:
-            raise ConfigError(
-                f"Unknown task type '{self.type}'; use one of: {', '.join(TASK_TYPES)}."
-            )
+        get_task_type(self.type)  # an unknown name raises, naming the nearest and the valid ones
         if self.dataset is None and self.train_file is None:
             raise ConfigError("The task needs a data source: set task.dataset or task.train_file.")
         if self.max_length < 8:
@@ -110,7 +104,7 @@ class Recipe:
     model: str = field(default="minilm", metadata={"help": "bundled name, local folder, or hub id"})
     task: TaskConfig = field(default_factory=lambda: TaskConfig(dataset="amazon-reviews"))
     method: dict[str, Any] = field(
-        default_factory=lambda: {"name": "lora"},
+        default_factory=lambda: {"name": _default_method()},
         metadata={"help": "name: the method; other keys: its config options"},
     )
     training: TrainConfig = field(default_factory=TrainConfig)
@@ -123,8 +117,17 @@ class Recipe:
         options = dict(self.method)
         name = options.pop("name", None)
         if not name:
-            raise ConfigError("The recipe's method section needs a 'name' (for example: lora).")
+            raise ConfigError(
+                f"The recipe's method section needs a 'name' (for example: {_default_method()})."
+            )
         return config_for(name, **options)
+
+
+def _default_method() -> str:
+    """The method a recipe without a method section trains (the registry decides)."""
+    from peftkit.registry import DEFAULT_METHOD
+
+    return DEFAULT_METHOD
 
 
 SECTIONS = {"task": TaskConfig, "training": TrainConfig}

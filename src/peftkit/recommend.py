@@ -118,24 +118,11 @@ def parse_memory(memory: str | float | int) -> int:
 
 def _meta_task_model(model: str, task: str) -> Any:
     """The model for a task type, built on the meta device (shapes only), or a ConfigError."""
-    import torch
-
     from peftkit.estimate import resolve_config
-    from peftkit.models import TASKS, _auto_class
+    from peftkit.models import meta_model
 
-    if task not in TASKS:
-        raise ConfigError(f"Unknown task type {task!r}; use one of: {', '.join(TASKS)}.")
     config, _ = resolve_config(model)
-    try:
-        with torch.device("meta"):
-            return _auto_class(task).from_config(copy.deepcopy(config))
-    except ValueError as error:
-        if "Unrecognized configuration class" not in str(error):
-            raise
-        raise ConfigError(
-            f"{model} ({config.model_type}) has no {task} form in transformers: choose a model "
-            f"that can serve task type {task!r}, or another task type."
-        ) from None
+    return meta_model(config, task)
 
 
 def _serve(model: Any, method: str) -> tuple[int | None, str | None]:
@@ -215,12 +202,9 @@ def load_measured(path: str | Path, names: Sequence[str]) -> list[dict[str, Any]
 
 def _higher_is_better(metric: str) -> bool:
     """Whether a larger value of the metric is better (losses and perplexity: no)."""
-    from peftkit.tasks import TASK_TYPES
+    from peftkit.tasks import higher_is_better
 
-    for task_type in TASK_TYPES.values():
-        if metric == task_type.metric:
-            return task_type.higher_is_better
-    return metric not in ("eval_loss", "perplexity")
+    return higher_is_better(metric)
 
 
 def _candidates(methods: Sequence[str] | None) -> list[str]:

@@ -34,6 +34,10 @@ METHODS: list[Method] = [
 ]
 
 
+# What a recipe trains when it names no method: the field's most used PEFT method.
+DEFAULT_METHOD = LORA.name
+
+
 def method_names() -> list[str]:
     """Every registered method's name, in registry order."""
     return [method.name for method in METHODS]

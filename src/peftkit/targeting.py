@@ -1,6 +1,10 @@
-"""Pick the modules a method attaches to: by name list, regex, or "all-linear", with
-per-architecture defaults. Name-list and regex semantics follow HF PEFT's, so a spec means the
-same in both."""
+"""What peftkit knows about each architecture family, in one place, and picking the modules a
+method attaches to: by name list, regex, or "all-linear". Name-list and regex semantics follow
+HF PEFT's, so a spec means the same in both.
+
+The per-family tables name modules by their role in a transformer layer (the attention's query
+and value projections, each sublayer's output, each block's output, the layer stack); methods
+choose among roles, so a new family is a row here, not an edit in every method."""
 
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ from torch import nn
 
 from peftkit.errors import TargetError
 
-# Attention projections the LoRA paper adapts (query and value), by each family's own names.
-DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
+# The attention's query and value projections, by each family's own names (the low-rank methods'
+# default targets, as in Hu et al. 2021).
+QUERY_VALUE_PROJECTIONS: dict[str, list[str]] = {
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
     "t5": ["q", "v"],
@@ -25,6 +30,43 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
 }
 
 TargetSpec = str | Sequence[str] | None
+
+# A numbered path segment ("layers.3.", "h.0.", "block.1.") marks the repeated transformer layers.
+_IN_LAYER_STACK = re.compile(r"\.\d+\.")
+# Leaf names of query/key/value projections across BERT, T5, GPT-2 (fused c_attn), Llama, Qwen2.
+QKV_PROJECTIONS = {
+    "query", "key", "value", "q", "k", "v", "q_proj", "k_proj", "v_proj",
+    "c_attn", "qkv_proj", "query_key_value", "Wqkv",
+}  # fmt: skip
+# Path parts that name an attention block (its output projection is not a q/k/v projection).
+ATTENTION_PARTS = {"attention", "attn", "self_attn", "selfattention", "encdecattention"}
+# The roles module_role() gives a layer's modules.
+ROLES = ("query_key_value", "attention_output", "feed_forward", "layer_norm", "other")
+
+# model_type -> regex (full match) of the modules whose output is a sublayer's update, just before
+# its skip connection (the dropout after the output projection where the family has one, else the
+# projection itself), after attention and after the feed-forward network. T5 decoder blocks are
+# [self-attention, cross-attention, feed-forward]; encoder blocks lack the middle one, hence the
+# per-stack indices; cross-attention is left out.
+SUBLAYER_OUTPUTS: dict[str, str] = {
+    "bert": r".*\.layer\.\d+\.attention\.output\.dropout|.*\.layer\.\d+\.output\.dropout",
+    "t5": r".*block\.\d+\.layer\.0\.dropout"
+    r"|.*encoder\.block\.\d+\.layer\.1\.dropout|.*decoder\.block\.\d+\.layer\.2\.dropout",
+    "gpt2": r".*\.h\.\d+\.attn\.resid_dropout|.*\.h\.\d+\.mlp\.dropout",
+    "llama": r".*\.layers\.\d+\.self_attn\.o_proj|.*\.layers\.\d+\.mlp\.down_proj",
+}
+# model_type -> regex of the module that ends each layer's feed-forward block: in post-norm
+# families (BERT) the block's final layer norm, in T5 the feed-forward sublayer, in pre-norm
+# decoders the whole layer (its output is the residual stream after the block).
+BLOCK_OUTPUTS: dict[str, str] = {
+    "bert": r".*\.layer\.\d+\.output\.LayerNorm",
+    "t5": r".*encoder\.block\.\d+\.layer\.1|.*decoder\.block\.\d+\.layer\.2",
+    "gpt2": r".*\.h\.\d+",
+    "llama": r".*\.layers\.\d+",
+}
+for _table in (SUBLAYER_OUTPUTS, BLOCK_OUTPUTS):  # families that share their relatives' layout
+    _table.update(roberta=_table["bert"], mt5=_table["t5"], qwen2=_table["llama"],
+                  mistral=_table["llama"])  # fmt: skip
 
 # Model class suffixes -> PEFT task type; the task type decides which head is new and must train.
 _TASK_TYPES = [
@@ -66,7 +108,7 @@ def task_head_modules(model: nn.Module) -> list[str]:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """True for layers LoRA-style methods can adapt: nn.Linear and GPT-2's Conv1D."""
+    """True for layers low-rank methods can adapt: nn.Linear and GPT-2's Conv1D."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
@@ -93,15 +135,16 @@ def matches(name: str, spec: TargetSpec) -> bool:
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    """The default LoRA targets for this architecture, or a clear error naming the choices."""
+    """The default targets (query and value projections) for this architecture, or a clear error
+    naming the choices."""
     kind = model_type(model)
-    if kind not in DEFAULT_LORA_TARGETS:
+    if kind not in QUERY_VALUE_PROJECTIONS:
         raise TargetError(
             f"No default target modules for model type '{kind or type(model).__name__}'. "
             "Set target_modules to a list of module names, a regex, or 'all-linear'. "
             f"Linear layers here end in: {', '.join(suffixes(model))}."
         )
-    return list(DEFAULT_LORA_TARGETS[kind])
+    return list(QUERY_VALUE_PROJECTIONS[kind])
 
 
 def suffixes(model: nn.Module) -> list[str]:
@@ -131,3 +174,42 @@ def resolve_targets(model: nn.Module, spec: TargetSpec) -> list[str]:
             f"{', '.join(suffixes(model))} (or use 'all-linear')."
         )
     return found
+
+
+def in_layer_stack(name: str) -> bool:
+    """Whether a parameter or module name lies inside the repeated transformer layers."""
+    return _IN_LAYER_STACK.search(f".{name}") is not None
+
+
+def is_norm(module: nn.Module) -> bool:
+    """True for layer norms of any family (torch LayerNorm, T5LayerNorm, LlamaRMSNorm, ...)."""
+    name = type(module).__name__
+    return isinstance(module, nn.LayerNorm) or name.endswith(("LayerNorm", "RMSNorm"))
+
+
+def module_role(name: str, module: nn.Module) -> str:
+    """A module's role (ROLES): a norm, one of the layer stack's projections, or 'other'."""
+    if is_norm(module):
+        return "layer_norm"
+    if not is_linear(module) or not in_layer_stack(name):
+        return "other"  # pooler, task head, output layer
+    parts = name.split(".")
+    if parts[-1] in QKV_PROJECTIONS:
+        return "query_key_value"
+    if any(part.lower() in ATTENTION_PARTS for part in parts):
+        return "attention_output"
+    return "feed_forward"
+
+
+def layer_index(name: str) -> int | None:
+    """The layer a module belongs to: the first number in its dotted name (None outside layers)."""
+    found = re.search(r"\.(\d+)(?:\.|$)", name)
+    return int(found.group(1)) if found else None
+
+
+def module_listing(model: nn.Module, limit: int = 60) -> str:
+    """The model's module names with layer numbers folded to '*', for error messages."""
+    folded = dict.fromkeys(re.sub(r"\.\d+(?=\.|$)", ".*", n) for n, _ in model.named_modules())
+    names = [n for n in folded if n]
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

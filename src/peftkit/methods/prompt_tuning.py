@@ -19,9 +19,9 @@ import peft
 import torch
 from torch import nn
 
-from peftkit import virtual_tokens as vt
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.method import Method
+from peftkit.methods import virtual_tokens as vt
 from peftkit.targeting import task_head_modules, task_type
 
 INIT_CHOICES = ("random", "text")

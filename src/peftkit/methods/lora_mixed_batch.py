@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.compose import BASE, check_loaded
 from peftkit.errors import AdapterError, DataError
+from peftkit.methods.lora_compose import BASE, check_loaded
 
 
 def row_adapter_names(model: nn.Module, adapters: Sequence[str | None], rows: int) -> list[str]:

@@ -120,7 +120,7 @@ def check_loaded(model: nn.Module, names: list[str]) -> None:
     if missing:
         raise AdapterError(
             f"Adapter(s) {missing} not loaded; loaded adapters: {loaded or 'none'}. "
-            "Load them with peftkit.compose.add_adapter(model, name, folder)."
+            "Load them with peftkit.methods.lora_compose.add_adapter(model, name, folder)."
         )
 
 

@@ -25,7 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit import io
 from peftkit.errors import ConfigError, DataError, TargetError
+from peftkit.method import adapter_files
 from peftkit.targeting import task_head_modules
 
 # Call keyword arguments a pre-hook rewrites, as one mutable dict.
@@ -72,9 +74,7 @@ class VirtualTokenModel(nn.Module):
     def save_pretrained(self, folder: str | Any) -> Any:
         """Save the adapter, as PEFT's PeftModel does (not the base model, which the attribute
         fallback below would otherwise reach)."""
-        from peftkit import api
-
-        return api.save(self, folder)
+        return io.write_folder_atomically(folder, adapter_files(self))
 
     def get_base_model(self) -> nn.Module:
         """The wrapped transformers model (with the hooks still attached)."""

@@ -1,0 +1,155 @@
+"""The TaskType record and what every task type shares: reading rows, the tokenised data a run
+trains on, batches, and the token-level loss.
+
+A task type is a small record of functions, like a Method: the pipeline, the model loader, the
+estimator and the CLI ask the record, never the type's name."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from peftkit.data.bundled import load_bundled
+from peftkit.data.files import read_rows, require_columns
+from peftkit.errors import DataError
+
+if TYPE_CHECKING:  # the recipe's section; recipe.py imports this package, not the other way
+    from peftkit.recipe import TaskConfig
+
+Rows = list[dict[str, Any]]
+Features = list[dict[str, Any]]
+LOWER_IS_BETTER = ("eval_loss", "perplexity")  # every other metric peftkit reports: higher
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of a metric is better (losses and perplexity: no)."""
+    return metric not in LOWER_IS_BETTER
+
+
+@dataclass
+class TaskData:
+    """Tokenised train and held-out features, plus what evaluation and saving need to know."""
+
+    train: Features
+    eval: Features
+    labels: list[str] = field(default_factory=list)
+    truncated: int = 0  # examples cut to max_length (counted, reported in the summary)
+    dropped: int = 0  # examples left with nothing to learn after truncation
+    tokenizer: Any = None  # for evaluations that generate and decode text
+    max_new_tokens: int = 32
+
+
+@dataclass(frozen=True)
+class TaskType:
+    """Everything peftkit knows about one task type, in one place."""
+
+    name: str
+    description: str
+    # The transformers Auto class that builds a model for this task (imported when called).
+    auto_class: Callable[[], Any]
+    # What a model must be to serve this task (for the error when it is not).
+    model_needs: str
+    # Required columns of a row, given the recipe's task section.
+    columns: Callable[[TaskConfig], list[str]]
+    # Tokenise rows into features (train, held-out), counting truncations and drops.
+    prepare: Callable[[TaskConfig, Any, Rows, Rows], TaskData]
+    # Score a model on the held-out features: {metric: value}.
+    evaluate: Callable[[nn.Module, TaskData, Any, int], dict[str, float]]
+    metric: str  # the headline metric
+    metrics: tuple[str, ...]  # every metric evaluate() reports (a recipe may lead with one)
+    # The class names a head must predict (classification); None: the model has no label head.
+    labels: Callable[[TaskConfig, Rows], list[str]] | None = None
+    # transformers' causal-LM heads divide their loss by the token count Trainer passes them;
+    # other heads average per batch, and Trainer must then not rescale (see training/trainer.py).
+    loss_per_token: bool = False
+    # Whether a tuned model of this type answers by generating text (generate, serve, apps).
+    generates: bool = False
+    # Prompts for generation are rendered through the tokenizer's chat template.
+    chat: bool = False
+
+    def check_columns(self, task: TaskConfig, train: Rows, held_out: Rows) -> None:
+        """Refuse rows that lack a column this task type reads."""
+        columns = self.columns(task)
+        require_columns(train, columns, "the training data")
+        require_columns(held_out, columns, "the held-out data")
+
+
+def split_rows(task: TaskConfig) -> tuple[Rows, Rows]:
+    """(train rows, held-out rows) from a bundled set or files; 10% held out if no eval file."""
+    if task.dataset is not None:
+        train, held_out = load_bundled(task.dataset)
+    else:
+        train = read_rows(task.train_file)
+        if task.eval_file is not None:
+            held_out = read_rows(task.eval_file)
+        else:
+            if len(train) < 2:
+                raise DataError(f"{task.train_file} needs at least 2 rows to split off eval rows.")
+            shuffled = train[:]
+            random.Random(0).shuffle(shuffled)
+            cut = max(1, len(shuffled) // 10)
+            held_out, train = shuffled[:cut], shuffled[cut:]
+    if task.max_train_examples is not None:
+        train = train[: task.max_train_examples]
+    if task.max_eval_examples is not None:
+        held_out = held_out[: task.max_eval_examples]
+    return train, held_out
+
+
+def pair_features(
+    rows: Rows,
+    columns: list[str],
+    make: Callable[[Any, str, str, int], dict[str, Any] | None],
+    tokenizer: Any,
+    max_length: int,
+) -> tuple[Features, int, int]:
+    """Features from the (input, output) columns of each row: (features, truncated, dropped)."""
+    features, truncated, dropped = [], 0, 0
+    for row in rows:
+        feature = make(tokenizer, str(row[columns[0]]), str(row[columns[1]]), max_length)
+        if feature is None:
+            dropped += 1
+            continue
+        truncated += feature.pop("truncated", len(feature["input_ids"]) >= max_length)
+        features.append(feature)
+    return features, truncated, dropped
+
+
+def require_training_features(features: Features, what: str, max_length: int) -> None:
+    """Refuse a training set that truncation left with nothing to learn."""
+    if not features:
+        raise DataError(
+            f"No training example keeps {what} within max_length={max_length}; raise "
+            "task.max_length or shorten the inputs."
+        )
+
+
+def batches(features: Features, collator: Any, size: int) -> Iterator[dict[str, Any]]:
+    """Collated batches of `size` features, in order."""
+    for start in range(0, len(features), size):
+        yield collator(features[start : start + size])
+
+
+def token_loss(
+    model: nn.Module, data: TaskData, collator: Any, batch_size: int
+) -> dict[str, float]:
+    """Mean cross-entropy over the labelled (response) tokens, and its perplexity."""
+    model.eval()
+    causal = not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    total_loss, total_tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in batches(data.eval, collator, batch_size):
+            labels = batch["labels"]
+            # A causal model predicts token t+1 from t: its loss averages over labels[:, 1:].
+            scored = labels[:, 1:] if causal else labels
+            tokens = max(int((scored != -100).sum()), 1)
+            total_loss += float(model(**batch).loss) * tokens
+            total_tokens += tokens
+    loss = total_loss / max(1, total_tokens)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}

@@ -1,0 +1,216 @@
+"""One training run from a recipe: load, evaluate before, apply the method, train with
+transformers.Trainer, evaluate after, save; every run ends with a summary table and summary.json
+in the output folder. Generic: never asks which method or task type it holds.
+
+Under `torchrun` or `accelerate launch` every process trains its share of each global batch (DDP)
+and the main process alone evaluates, saves and reports (training/distributed.py). Checkpoints
+every `save_steps` appear only when complete, and `resume` continues from one exactly
+(training/checkpoints.py, docs/distributed.md)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import TrainingArguments, set_seed
+
+import peftkit.api as api
+from peftkit.data.collate import Collator
+from peftkit.models import load_model
+from peftkit.recipe import Recipe, save_recipe
+from peftkit.tables import key_value_table
+from peftkit.tasks import TaskData, get_task_type, headline_metric, split_rows
+from peftkit.training.checkpoints import (
+    CheckpointCallback,
+    find_checkpoint,
+    method_state,
+    staging_root,
+)
+from peftkit.training.distributed import (
+    check_processes_agree,
+    gathered_model,
+    is_main_process,
+    refuse_unsupported_sharding,
+)
+from peftkit.training.measure import folder_bytes, mib, optimizer_state_bytes, peak_memory_bytes
+from peftkit.training.trainer import HooksCallback, PeftkitTrainer
+
+
+def training_arguments(recipe: Recipe, output: Path) -> TrainingArguments:
+    """TrainingArguments from the recipe's training section."""
+    t = recipe.training
+    return TrainingArguments(
+        output_dir=str(staging_root(output)),  # checkpoints are published from here when complete
+        max_steps=t.max_steps if t.max_steps > 0 else -1,
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=t.save_steps if t.save_steps > 0 else 500,
+        seed=t.seed,
+        report_to="none",
+        remove_unused_columns=False,  # features are already exactly what the model takes
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        use_cpu=not torch.cuda.is_available(),
+        bf16=t.precision == "bf16",  # autocast; weights and optimizer state stay fp32
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def evaluate(model: Any, recipe: Recipe, data: TaskData, collator: Collator) -> dict[str, float]:
+    """The task's metrics on the held-out features."""
+    task_type = get_task_type(recipe.task.type)
+    return task_type.evaluate(model, data, collator, recipe.training.eval_batch_size)
+
+
+def load_for_recipe(recipe: Recipe) -> tuple[Any, Any, TaskData]:
+    """The base model, its tokenizer, and the task's tokenised data."""
+    task_type = get_task_type(recipe.task.type)
+    train_rows, eval_rows = split_rows(recipe.task)
+    labels = None
+    if task_type.labels is not None:
+        task_type.check_columns(recipe.task, train_rows, eval_rows)
+        labels = task_type.labels(recipe.task, train_rows)
+    model, tokenizer = load_model(
+        recipe.model, recipe.task.type, num_labels=len(labels) if labels else None,
+        seed=recipe.training.seed,
+    )  # fmt: skip
+    data = task_type.prepare(recipe.task, tokenizer, train_rows, eval_rows)
+    if data.labels:
+        # Name the classes in the model config, so a merged model's predictions are readable.
+        model.config.id2label = dict(enumerate(data.labels))
+        model.config.label2id = {name: i for i, name in enumerate(data.labels)}
+    return model, tokenizer, data
+
+
+def run(recipe: Recipe, resume: str | bool | None = None) -> dict[str, Any]:
+    """Train the recipe's method on its task; write adapter, recipe and summary.json. `resume`:
+    True or "latest" for the run's newest checkpoint, or a checkpoint folder."""
+    if recipe.training.threads:
+        torch.set_num_threads(recipe.training.threads)
+    set_seed(recipe.training.seed)
+    output = Path(recipe.output_dir)
+    main_process = is_main_process()
+    checkpoint = find_checkpoint(output, resume) if resume else None
+    config = recipe.method_config()
+    task_type = get_task_type(recipe.task.type)
+    metric = headline_metric(recipe.task)
+    model, tokenizer, data = load_for_recipe(recipe)
+    collator = Collator(tokenizer.pad_token_id)
+    before = evaluate(model, recipe, data, collator) if main_process else {}
+
+    set_seed(recipe.training.seed)  # the method's own initialisation is seeded too
+    # Resuming rebuilds the adapter from the checkpoint (including what prepare chose).
+    model = api.apply(model, config) if checkpoint is None else api.load(model, checkpoint)
+    method = api.applied(model)
+    hooks = method.method.hooks(model, method.config)
+    refuse_unsupported_sharding(method.method.name, hooks, recipe, resume)
+    args = training_arguments(recipe, output)  # under torchrun this joins the process group
+    prepare_seconds = 0.0
+    if hooks.prepare is not None and checkpoint is None:
+        start = time.perf_counter()
+        # Every process sees all the batches, of the global batch size: the same choice as one
+        # process makes, on each of them.
+        batch_size = recipe.training.batch_size * args.world_size
+        hooks.prepare(model, DataLoader(data.train, batch_size=batch_size, collate_fn=collator))
+        prepare_seconds = time.perf_counter() - start
+        check_processes_agree(model)
+    # Counted after prepare: a data-driven method builds its parameters there.
+    counts = api.summary(model)
+    if main_process:
+        print(counts)
+
+    train_collator = Collator(tokenizer.pad_token_id)  # counts only training tokens
+    trainer = PeftkitTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        data_collator=train_collator,
+        processing_class=tokenizer,
+        callbacks=[
+            HooksCallback(hooks, method_state(checkpoint)),
+            CheckpointCallback(output, hooks, model),
+        ],
+        hooks=hooks,
+        # Heads that divide by the token count Trainer gives them: let Trainer detect them.
+        loss_uses_token_count=None if task_type.loss_per_token else False,
+    )
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    model = gathered_model(trainer, recipe, method.config)
+    if model is None:  # not the main process: it trained its share; the main one reports
+        return {}
+    train_seconds = float(result.metrics["train_runtime"])
+    state_bytes = optimizer_state_bytes(trainer.optimizer)
+    after = evaluate(model, recipe, data, collator)
+
+    adapter_dir = output / "adapter"
+    info = {"base_model": recipe.model, "task": recipe.task.type, "labels": data.labels}
+    api.save(model, adapter_dir, info=info)
+    save_recipe(recipe, output / "recipe.yaml")
+    summary = {
+        "method": recipe.method["name"],
+        "model": recipe.model,
+        "task": recipe.task.type,
+        **counts.as_dict(),
+        "peak_memory_mib": mib(peak_memory_bytes()),
+        "optimizer_state_mib": mib(state_bytes),
+        "train_tokens": train_collator.tokens_seen,
+        "tokens_per_second": train_collator.tokens_seen / max(train_seconds, 1e-9),
+        "train_seconds": train_seconds,
+        "prepare_seconds": prepare_seconds,
+        "steps": result.global_step,
+        "processes": args.world_size,
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "final_train_loss": float(result.training_loss),
+        "metric": metric,
+        "metric_before": before[metric],
+        "metric_after": after[metric],
+        "eval_before": before,
+        "eval_after": after,
+        "train_examples": len(data.train),
+        "eval_examples": len(data.eval),
+        "truncated_examples": data.truncated,
+        "dropped_examples": data.dropped,
+        "adapter_bytes": folder_bytes(adapter_dir),
+        "adapter_dir": str(adapter_dir),
+    }
+    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(format_summary(summary))
+    print(f"wrote {output / 'summary.json'} and the adapter in {adapter_dir}")
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The run's summary as an aligned two-column table."""
+    metric = summary["metric"]
+    rows = [
+        ("method", summary["method"]),
+        ("model", summary["model"]),
+        (
+            "trainable params",
+            f"{summary['trainable_parameters']:,} ({summary['trainable_percent']:.3f}%)",
+        ),
+        ("peak memory", f"{summary['peak_memory_mib']:.0f} MiB"),
+        ("optimizer state", f"{summary['optimizer_state_mib']:.2f} MiB"),
+        ("tokens/s (train)", f"{summary['tokens_per_second']:.0f}"),
+        ("train time", f"{summary['train_seconds']:.1f} s ({summary['steps']} steps)"),
+        (f"{metric} before", f"{summary['metric_before']:.4f}"),
+        (f"{metric} after", f"{summary['metric_after']:.4f}"),
+    ]
+    if "majority_baseline" in summary["eval_after"]:
+        rows.append(("majority baseline", f"{summary['eval_after']['majority_baseline']:.4f}"))
+    rows.append(("adapter size", f"{summary['adapter_bytes'] / 1024:.1f} KiB"))
+    if summary["truncated_examples"]:
+        rows.append(("truncated examples", str(summary["truncated_examples"])))
+    return key_value_table(rows)
