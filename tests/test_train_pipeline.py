@@ -162,3 +162,16 @@ def test_summary_counts_parameters_a_prepare_hook_creates(classification_recipe,
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     head = 32 * 2 + 2  # tiny-bert classifier: hidden 32 -> 2 labels
     assert summary["trainable_parameters"] > 10 * head
+
+
+def test_training_memory_counts_what_the_block_allocates_and_not_what_came_before() -> None:
+    from peftkit.training.measure import TrainingMemory
+
+    before = torch.ones(64 * 2**20 // 4)  # 64 MiB resident before the block: not counted
+    with TrainingMemory() as memory:
+        inside = torch.ones(128 * 2**20 // 4)  # 128 MiB touched inside the block
+        del inside
+    assert memory.exact  # Linux: the high-water mark was reset at the start
+    # 128 MiB, give or take what the interpreter itself frees or touches meanwhile (a few pages).
+    assert 126 * 2**20 <= memory.bytes < (128 + 32) * 2**20
+    assert float(before[0]) == 1.0
