@@ -220,7 +220,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _method_sections(values: list[str] | None, sets: list[str]) -> list[dict[str, Any]]:
-    """Each --method (a name, or a method section as YAML: {name: lora, rank: 16}) as a section,
+    """Each --method (a name, or a method section as YAML: {name: NAME, KEY: VALUE}) as a section,
     with the --set method.KEY=VALUE options applied to it."""
     import yaml
 
@@ -443,8 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     est.add_argument(
         "--method", action="append", metavar="NAME",
-        help="a registered method (peftkit methods -v), or a method section as YAML, e.g. "
-        "'{name: lora, rank: 16}'; repeat it with --table",
+        help="a registered method (see peftkit methods -v), or a method section as YAML: "
+        "'{name: NAME, KEY: VALUE}'; repeat it with --table",
     )  # fmt: skip
     est.add_argument(
         "--set", action="append", metavar="KEY=VALUE",

@@ -3,11 +3,12 @@
 One forward pass of the applied model runs on the meta device in training mode, and every tensor
 autograd saves for the backward pass is recorded (each storage once; parameters and buffers, which
 live anyway, left out) with `torch.autograd.graph.saved_tensors_hooks`, attributed to the
-transformer layer that saved it. So whatever the method runs is counted as it runs: LoRA's dropout
-masks, DoRA's weight norms, adapters, a soft prompt lengthening the sequence, prefixes in the
-cache, a parametrized weight's fresh copy. Attention is modelled as a fused kernel (FlashAttention,
-SDPA's flash or memory-efficient backends), which saves q, k, v, its output and the log-sum-exp;
-`attention="eager"` keeps transformers' eager attention, which stores the s x s probabilities."""
+transformer layer that saved it. So whatever the method runs is counted as it runs: dropout masks
+on an added path, weight norms, added layers, virtual tokens lengthening the sequence, keys and
+values waiting in the cache, a parametrized weight's fresh copy. Attention is modelled as a fused
+kernel (FlashAttention, SDPA's flash or memory-efficient backends), which saves q, k, v, its
+output and the log-sum-exp; `attention="eager"` keeps transformers' eager attention, which
+stores the s x s probabilities."""
 
 from __future__ import annotations
 

@@ -232,7 +232,7 @@ def estimate(
 
     model: a transformers config, config.json path or folder, bundled name, or named size
     (llama-7b, llama-13b, llama-70b). method: a method config object, a registered method's name
-    (its default options), or a recipe's method section ({"name": "lora", "rank": 16}).
+    (its default options), or a recipe's method section ({"name": NAME, OPTION: VALUE, ...}).
     task: the task type (default: the model's usual one). quantization: "nf4" stores the frozen
     linear weights of the base in 4 bits, whatever the method."""
     _check(dtype, attention, quantization, batch_size, seq_len)
