@@ -13,6 +13,7 @@ stores the s x s probabilities."""
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,20 +111,15 @@ def training_inputs(model: nn.Module, batch_size: int, seq_len: int) -> dict[str
 
 @contextlib.contextmanager
 def _recording(model: nn.Module, layers: list[nn.Module], output_layer: Any) -> Iterator[Any]:
-    """Record saved tensors by layer, each layer's input, and the output layer's size."""
+    """Record saved tensors by layer, each layer's input, and the output layer's size. The bytes
+    are tallied when the pass ends, over the saved tensors still alive then: a branch of the graph
+    dropped during the pass (a detached norm) frees what it saved."""
     saved = SavedTensors([0] * len(layers), layer_inputs=[0] * len(layers))
-    persistent = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
-    seen: set[int] = set()
+    kept: list[tuple[weakref.ref, int | None]] = []
     current: list[int] = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage._cdata not in persistent and storage._cdata not in seen:
-            seen.add(storage._cdata)
-            if current:
-                saved.per_layer[current[-1]] += storage.nbytes()
-            else:
-                saved.outside += storage.nbytes()
+        kept.append((weakref.ref(tensor), current[-1] if current else None))
         return tensor
 
     def enter(index: int, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -150,9 +146,29 @@ def _recording(model: nn.Module, layers: list[nn.Module], output_layer: Any) -> 
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             yield saved
+        _tally(saved, kept, model)
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _tally(saved: SavedTensors, kept: list[tuple[weakref.ref, int | None]], model: Any) -> None:
+    """Add the bytes of each storage still saved (once; parameters and buffers live anyway) to
+    the layer that first saved it. Only live storages are compared, so no address is reused."""
+    persistent = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    seen: set[int] = set()
+    for reference, layer in kept:
+        tensor = reference()
+        if tensor is None:
+            continue
+        storage = tensor.untyped_storage()
+        if storage._cdata in persistent or storage._cdata in seen:
+            continue
+        seen.add(storage._cdata)
+        if layer is None:
+            saved.outside += storage.nbytes()
+        else:
+            saved.per_layer[layer] += storage.nbytes()
 
 
 def saved_tensors(
@@ -163,5 +179,6 @@ def saved_tensors(
     output_layer = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     model.train()
     with _recording(model, layers, output_layer) as saved:
-        model(**training_inputs(base, batch_size, seq_len))
+        output = model(**training_inputs(base, batch_size, seq_len))  # alive until the tally
+    del output
     return saved
