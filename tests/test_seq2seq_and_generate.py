@@ -109,7 +109,7 @@ def test_estimate_command_prints_parts_and_writes_json(tmp_path, capsys):
     saved = json.loads(out.read_text())
     # LoRA r=8 on q and v: 32 layers x 2 matrices x 8 x (4096 + 4096)
     assert saved["trainable_parameters"] == 32 * 2 * 8 * (4096 + 4096)
-    assert main(["estimate", "--table"]) == 0
+    assert main(["estimate", "--table", "--method", "full", "--method", "lora"]) == 0
     assert "| **peak** |" in capsys.readouterr().out
 
 
