@@ -270,7 +270,11 @@ def test_side_by_side_table_for_llama_7b():
         ({"dtype": "int8"}, ConfigError, "Unknown dtype 'int8'"),
         ({"quantization": "int3"}, ConfigError, "Unknown quantization 'int3'"),
         ({"batch_size": 0}, ConfigError, "must be at least 1"),
-        ({"model": "tiny-gpt2", "task": "seq2seq"}, ConfigError, "cannot serve task type 'seq2seq'"),
+        (
+            {"model": "tiny-gpt2", "task": "seq2seq"},
+            ConfigError,
+            "cannot serve task type 'seq2seq'",
+        ),
         ({"model": "tiny-gpt2", "seq_len": 300}, ConfigError, "longer than the 256 positions"),
         ({"task": "summarise"}, ConfigError, "Unknown task type"),
     ],

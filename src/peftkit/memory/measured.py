@@ -81,13 +81,3 @@ def load_measured(path: str | Path, model: str, task: str) -> Measured:
             "section and its run folder no recipe.yaml, so which method ran is unknown"
         )
     return found
-
-
-def higher_is_better(metric: str) -> bool:
-    """Whether a larger value of the metric is better (losses and perplexity: no)."""
-    from peftkit.tasks import TASK_TYPES
-
-    for task_type in TASK_TYPES.values():
-        if metric == task_type.metric:
-            return task_type.higher_is_better
-    return metric not in ("eval_loss", "perplexity")

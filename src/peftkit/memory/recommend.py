@@ -19,6 +19,8 @@ from typing import Any
 
 from peftkit.errors import ConfigError, PeftkitError
 from peftkit.memory import measured as measured_results
+from peftkit.tables import markdown_table
+from peftkit.tasks import higher_is_better
 
 DEFAULT_COMPARE = Path("runs/compare/compare.json")
 GIB = 2**30
@@ -55,13 +57,7 @@ class Recommendation:
                 f"{found['metric']} {found['value']:.4f}" if found else "-",
                 record["why"],
             ])  # fmt: skip
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-
-        def line(cells: list[str]) -> str:
-            return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-        rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-        return "\n".join([line(header), rule, *(line(r) for r in rows), *self.notes])
+        return "\n".join([markdown_table(header, rows), *self.notes])
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
@@ -157,7 +153,7 @@ def _rank_measured(fitting: list[dict[str, Any]], measured: list[dict[str, Any]]
     """Attach the measured results and order the fitting records by them; notes."""
     by_label = {m["label"]: m for m in measured}
     metric = measured[0]["metric"]
-    higher = measured_results.higher_is_better(metric)
+    higher = higher_is_better(metric)
     for record in fitting:
         found = by_label.get(record["label"])
         if found is not None:

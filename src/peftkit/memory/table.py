@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from peftkit import tables
 from peftkit.memory.estimate import MemoryEstimate, estimate, gib
 
 DTYPES = ("bf16-mixed", "fp32")
@@ -60,6 +61,4 @@ def markdown_table(estimates: Sequence[MemoryEstimate]) -> str:
         ("loss workspace", [gib(e.loss_workspace) for e in estimates]),
         ("**peak**", [f"**{gib(e.total)}** ({e.peak_phase})" for e in estimates]),
     ]  # fmt: skip
-    lines = ["| | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(values) + " |" for name, values in rows]
-    return "\n".join(lines)
+    return tables.markdown_table(["", *heads], [[name, *values] for name, values in rows])
