@@ -98,6 +98,22 @@ if numba is not None:
         return added
 
 
+def use_torchs_thread_count() -> None:
+    """Run the compiled loops on torch's thread count (the same budget, no oversubscription).
+
+    numba's first parallel call (or get_num_threads) launches its thread pool; with its OpenMP
+    layer, which shares torch's OpenMP runtime, the launch sets the process's OpenMP thread count
+    to numba's default (every core). That silently undid torch.set_num_threads(1) for the rest of
+    the process: the first Child-Tuning F run in a process ran its later steps on all cores and
+    every later run on one, so they rounded differently. The count torch had is put back."""
+    threads = torch.get_num_threads()
+    numba_threads = numba.get_num_threads()  # launches numba's pool on first use
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if numba_threads != threads and threads <= numba.config.NUMBA_NUM_THREADS:
+        numba.set_num_threads(threads)
+
+
 def track(keep: torch.Tensor, touched: torch.Tensor) -> int:
     """touched |= keep on flat bool CPU tensors, in one pass; the number of entries newly set."""
     return int(_track(keep.view(torch.uint8).numpy(), touched.view(torch.uint8).numpy()))
@@ -118,9 +134,7 @@ def masked_adamw_step(
     seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()  # from torch's generator
     step = hyper["step"]
     f32 = np.float32
-    threads = torch.get_num_threads()
-    if numba.get_num_threads() != threads and threads <= numba.config.NUMBA_NUM_THREADS:
-        numba.set_num_threads(threads)  # the same budget as torch's ops, no oversubscription
+    use_torchs_thread_count()
     _step(
         weight.numpy(), grad.numpy(), exp_avg.numpy(), exp_avg_sq.numpy(),
         keep.view(torch.uint8).numpy(), np.uint32(seeds[0]), np.uint32(seeds[1]),
