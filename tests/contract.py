@@ -91,6 +91,8 @@ def check_contract(
 
     before = snapshot(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    if hooks.replace_optimizer:  # as the pipeline does (Child-Tuning F masks inside the step)
+        optimizer = hooks.replace_optimizer(model, optimizer)
     model.train()
     model(**batch).loss.backward()
     if hooks.before_optimizer_step:
