@@ -23,16 +23,17 @@ $(STAMP): pyproject.toml requirements-assets.txt
 
 # The main job: every method on the default task at a smoke-sized budget, each in its own process;
 # ends with the comparison table and the chart's path (runs/compare/).
+# --overwrite: a second `make demo` replaces the first one's results (a plain rerun is refused).
 demo: $(STAMP)
-	$(VENV)/bin/peftkit compare --quick
+	$(VENV)/bin/peftkit compare --quick --overwrite
 
 # The same comparison at the full budget of recipes/minilm-lora.yaml (about 40 minutes on 2 cores).
 compare: $(STAMP)
-	$(VENV)/bin/peftkit compare --output-dir runs/compare-full
+	$(VENV)/bin/peftkit compare --output-dir runs/compare-full --overwrite
 
 # One method, one run: LoRA on the default task (about 5 minutes).
 train: $(STAMP)
-	$(VENV)/bin/peftkit train recipes/minilm-lora.yaml
+	$(VENV)/bin/peftkit train recipes/minilm-lora.yaml --overwrite
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
