@@ -36,6 +36,7 @@ def test_compare_two_methods_writes_table_json_csv_and_chart(tmp_path, capsys):
     assert [r["method"] for r in results] == ["lora", "full-ft"]
     assert all(r["steps"] == 3 for r in results)  # the quick budget applied to both
     lora, full = results
+    assert lora["method_section"] == {"name": "lora", "rank": 2}  # what ran, for recommend
     assert lora["trainable_parameters"] < full["trainable_parameters"]
     assert full["trainable_percent"] == pytest.approx(100.0)
     table = list(csv.reader((tmp_path / "out" / "compare.csv").open()))

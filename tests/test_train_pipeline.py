@@ -183,3 +183,16 @@ def test_tensorboard_logs_the_training_loss_in_the_run_folder(classification_rec
     expected = [(entry["step"], entry["loss"]) for entry in state["log_history"] if "loss" in entry]
     assert [step for step, _ in logged] == [step for step, _ in expected] == [2, 4, 6]
     assert [value for _, value in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
+
+
+def test_training_memory_counts_what_the_block_allocates_and_not_what_came_before() -> None:
+    from peftkit.training.measure import TrainingMemory
+
+    before = torch.ones(64 * 2**20 // 4)  # 64 MiB resident before the block: not counted
+    with TrainingMemory() as memory:
+        inside = torch.ones(128 * 2**20 // 4)  # 128 MiB touched inside the block
+        del inside
+    assert memory.exact  # Linux: the high-water mark was reset at the start
+    # 128 MiB, give or take what the interpreter itself frees or touches meanwhile (a few pages).
+    assert 126 * 2**20 <= memory.bytes < (128 + 32) * 2**20
+    assert float(before[0]) == 1.0

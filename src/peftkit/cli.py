@@ -260,33 +260,95 @@ def _generative_tasks() -> list[str]:
     return [name for name, task in TASK_TYPES.items() if task.generates]
 
 
+def _method_sections(values: list[str] | None, sets: list[str]) -> list[dict[str, Any]]:
+    """Each --method (a name, or a method section as YAML: {name: NAME, KEY: VALUE}) as a section,
+    with the --set method.KEY=VALUE options applied to it."""
+    import yaml
+
+    from peftkit.errors import ConfigError
+    from peftkit.recipe import apply_overrides, parse_override
+
+    for text in sets:
+        if parse_override(text)[0][0] != "method":
+            raise ConfigError(
+                f"--set {text}: without --recipe, --set takes method options only "
+                "(method.KEY=VALUE, e.g. method.rank=16)."
+            )
+    sections = []
+    for value in values or []:
+        section = yaml.safe_load(value) if value.lstrip().startswith("{") else value
+        sections.append(apply_overrides({"method": section}, sets)["method"])
+    return sections
+
+
+def _estimate_job(args: argparse.Namespace) -> dict[str, Any]:
+    """What to estimate: model, task, method sections and step shape, from the flags and, with
+    --recipe, the recipe's own model, task, method, batch size, max_length and precision."""
+    from peftkit.errors import ConfigError
+
+    job: dict[str, Any] = {"model": "llama-7b", "task": None, "batch_size": 1, "seq_len": 512,
+                           "dtype": "bf16-mixed"}  # fmt: skip
+    if args.recipe:
+        from peftkit.recipe import load_recipe
+
+        methods = _method_sections(args.method, [])
+        if len(methods) > 1:
+            raise ConfigError(
+                "With --recipe, give at most one --method (it replaces the recipe's)."
+            )
+        # A --method replaces the recipe's method section; --set then changes any recipe key.
+        overrides = [f"method={json.dumps(section)}" for section in methods]
+        recipe = load_recipe(args.recipe, overrides + list(args.set or []))
+        precision = {"bf16": "bf16-mixed"}.get(recipe.training.precision, "fp32")
+        job.update(model=recipe.model, task=recipe.task.type, methods=[dict(recipe.method)],
+                   batch_size=recipe.training.batch_size, seq_len=recipe.task.max_length,
+                   dtype=precision)  # fmt: skip
+    else:
+        job["methods"] = _method_sections(args.method, list(args.set or []))
+        if not job["methods"]:
+            raise ConfigError(
+                "Say which method to estimate: --method NAME (see `peftkit methods -v` for the "
+                "names and options; --set method.KEY=VALUE sets an option), or --recipe FILE."
+            )
+    given = {"model": args.model, "task": args.task, "batch_size": args.batch_size,
+             "seq_len": args.seq_len, "dtype": args.dtype}  # fmt: skip
+    job.update({key: value for key, value in given.items() if value is not None})
+    return job
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
     """Estimate training memory by part (weights, gradients, optimizer, activations)."""
-    from peftkit.estimate import estimate, main_table
+    from peftkit.memory.estimate import estimate
+    from peftkit.memory.table import DTYPES, markdown_table, side_by_side, title
 
+    job = _estimate_job(args)
+    options = {"task": job["task"], "attention": args.attention, "quantization": args.quantization}
     if args.table:
-        table = main_table(
-            model=args.model, batch_size=args.batch_size, seq_len=args.seq_len,
-            gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank,
+        dtypes = [args.dtype] if args.dtype else list(DTYPES)
+        estimates = side_by_side(
+            job["model"], job["methods"], dtypes, job["batch_size"], job["seq_len"],
+            args.gradient_checkpointing, **options,
         )  # fmt: skip
-        print(table)
-        return 0
-    result = estimate(
-        args.model, method=args.method, batch_size=args.batch_size, seq_len=args.seq_len,
-        dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
-        lora_rank=args.lora_rank, lora_targets=args.lora_targets,
-        num_virtual_tokens=args.num_virtual_tokens,
-    )  # fmt: skip
-    print(result)
+        text = title(estimates) + "\n\n" + markdown_table(estimates)
+        data: Any = {"title": title(estimates), "estimates": [e.as_dict() for e in estimates]}
+    else:
+        if len(job["methods"]) > 1:
+            from peftkit.errors import ConfigError
+
+            raise ConfigError("Give one --method, or add --table to set several side by side.")
+        result = estimate(job["model"], job["methods"][0], job["batch_size"], job["seq_len"],
+                          job["dtype"], args.gradient_checkpointing, **options)  # fmt: skip
+        text, data = str(result), result.as_dict()
+    print(text)
     if args.output:
-        Path(args.output).write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+        Path(args.output).write_text(json.dumps(data, indent=2) + "\n")
         print(f"wrote {args.output}")
     return 0
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     """The methods that fit a memory budget, ranked by measurements or the estimator."""
-    from peftkit.recommend import recommend
+    from peftkit.memory.recommend import recommend
 
     result = recommend(
         args.memory, args.model, args.task, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -316,11 +378,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _add_step_shape(
-    parser: argparse.ArgumentParser, batch_size: int, seq_len: int, dtype: str
+    parser: argparse.ArgumentParser, batch_size: int | None, seq_len: int | None, dtype: str | None
 ) -> None:
     """The flags that set a training step's shape for the memory estimate (estimate, recommend)."""
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--seq-len", type=int, default=seq_len)
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="examples a step")
+    parser.add_argument("--seq-len", type=int, default=seq_len, help="tokens per example")
     parser.add_argument("--dtype", default=dtype, help="fp32 | bf16-mixed | fp16-mixed | bf16")
     parser.add_argument("--gradient-checkpointing", action="store_true")
 
@@ -425,19 +487,33 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--output", help="also write the generations as JSON here")
     generate.set_defaults(handler=cmd_generate)
 
-    est = commands.add_parser("estimate", help="estimate training memory by part, any model size")
+    est = commands.add_parser(
+        "estimate", help="estimate training memory by part: any method, any model size"
+    )
     est.add_argument(
-        "--model", default="llama-7b",
-        help="a bundled name, a config.json (or its folder), or llama-7b / llama-13b / llama-70b",
+        "--model",
+        help="a bundled name, a config.json (or its folder), or llama-7b / llama-13b / llama-70b "
+        "(default: llama-7b, or the recipe's)",
+    )
+    est.add_argument(
+        "--method", action="append", metavar="NAME",
+        help="a registered method (see peftkit methods -v), or a method section as YAML: "
+        "'{name: NAME, KEY: VALUE}'; repeat it with --table",
     )  # fmt: skip
     est.add_argument(
-        "--method", default="full", help="full | lora | qlora | prompt-tuning | bitfit"
-    )
-    _add_step_shape(est, batch_size=1, seq_len=512, dtype="bf16-mixed")
-    est.add_argument("--lora-rank", type=int, default=8)
-    est.add_argument("--lora-targets", nargs="+", help="LoRA target modules (default: q, v)")
-    est.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning length")
-    est.add_argument("--table", action="store_true", help="full vs LoRA, bf16-mixed and fp32")
+        "--set", action="append", metavar="KEY=VALUE",
+        help="a method option, e.g. --set method.rank=16 (with --recipe: any recipe key)",
+    )  # fmt: skip
+    est.add_argument("--recipe", help="estimate a recipe's model, task, method, batch and length")
+    est.add_argument("--task", help="classification | causal-lm | chat | seq2seq (default: "
+                     "the model's usual one)")  # fmt: skip
+    _add_step_shape(est, batch_size=None, seq_len=None, dtype=None)
+    est.add_argument("--attention", default="fused", help="fused (FlashAttention/SDPA) | eager")
+    est.add_argument("--quantization", help="nf4: the base's frozen linear weights in 4 bits")
+    est.add_argument(
+        "--table", action="store_true",
+        help="the --method estimates side by side, in bf16-mixed and fp32 (or --dtype)",
+    )  # fmt: skip
     est.add_argument("--output", help="also write the estimate as JSON here")
     est.set_defaults(handler=cmd_estimate)
 
@@ -448,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", default="classification", help="classification | causal-lm | seq2seq"
     )
     _add_step_shape(rec, batch_size=16, seq_len=128, dtype="fp32")
-    rec.add_argument("--methods", nargs="+", help="only consider these methods")
+    rec.add_argument("--methods", nargs="+", help="only these methods (default: every one)")
     rec.add_argument(
         "--compare", default="runs/compare/compare.json",
         help="a compare run's JSON to rank by measured quality (if it exists)",

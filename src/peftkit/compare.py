@@ -112,7 +112,18 @@ def run_entry(
         return {"method": entry.label, "failed": True, "error": tail[0], "log": str(log)}
     summary = json.loads(summary_path.read_text())
     summary["method"] = entry.label
+    # The method section that ran (the plan's, after overrides), so that readers such as
+    # `recommend` know which method and options a label stands for.
+    summary["method_section"] = _ran_method(run_dir / "recipe.yaml", entry.method)
     return summary
+
+
+def _ran_method(recipe: Path, planned: dict[str, Any]) -> dict[str, Any]:
+    """The method section of the recipe a run wrote, else the plan's."""
+    import yaml
+
+    ran = (yaml.safe_load(recipe.read_text()) or {}).get("method") if recipe.is_file() else None
+    return dict(ran or planned)
 
 
 COLUMNS = [

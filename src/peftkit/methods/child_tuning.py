@@ -599,6 +599,29 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
+def planned_subnetwork(model: nn.Module, config: ChildTuningConfig) -> None:
+    """D without its Fisher pass, for the memory estimator: patch in a subnetwork of the size
+    prepare keeps (the top p of the layer stack's weights, max(1, round(p x their count)) entries),
+    its entries spread over the tensors in proportion to their sizes. Which entries is what the
+    data decides; on a meta-device model only the shapes matter. F trains every weight: nothing."""
+    state = _state(model)
+    if config.mode != "D" or state.patched:
+        return
+    sizes = {name: p.numel() for name, p in layer_parameters(model).items()}
+    total = sum(sizes.values())
+    if not total:
+        return
+    keep = max(1, round(config.reserve_ratio * total))
+    counts = {name: keep * size // total for name, size in sizes.items()}
+    for name in list(counts)[: keep - sum(counts.values())]:  # the rounding remainder, one each
+        counts[name] += 1
+    for name, count in counts.items():
+        if count:
+            weight = model.get_parameter(name)
+            indices = torch.arange(count, dtype=index_dtype(sizes[name]), device=weight.device)
+            _install_patch(model, state, name, indices)
+
+
 CHILD_TUNING = Method(
     name="child_tuning",
     config_cls=ChildTuningConfig,
@@ -610,4 +633,5 @@ CHILD_TUNING = Method(
     remove=remove,
     adapter_config=adapter_config,
     description="update a child network: random per step (F) or Fisher-chosen (D)",
+    prepare_without_data=planned_subnetwork,
 )
