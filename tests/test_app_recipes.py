@@ -198,7 +198,14 @@ def test_tabular_evaluation_metrics() -> None:
     predicted = [r["predicted"] for r in result["records"]]
     expected = sum(p == r["label"] for p, r in zip(predicted, records, strict=True)) / 6
     assert result["accuracy"] == pytest.approx(expected)
-    assert 0.0 <= result["auc"] <= 1.0
+    # AUC as the share of (benign, malignant) pairs whose benign probability ranks the benign row
+    # higher (ties count half): the Mann-Whitney statistic, computed here from the same scores.
+    positive_word = result["label_words"][1]
+    score = {True: [], False: []}
+    for record in result["records"]:
+        score[record["label"] == positive_word].append(record["probabilities"][positive_word])
+    pairs = [(p > n) + 0.5 * (p == n) for p in score[True] for n in score[False]]
+    assert len(pairs) == 9 and result["auc"] == pytest.approx(sum(pairs) / len(pairs))
 
 
 def test_instruction_evaluation_uses_end_of_turn() -> None:

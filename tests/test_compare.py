@@ -43,6 +43,22 @@ def test_compare_two_methods_writes_table_json_csv_and_chart(tmp_path, capsys):
     assert table[0][0] == "method" and len(table) == 3
     assert (tmp_path / "out" / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
+    # A rerun into the same folder is refused before anything runs, and touches nothing.
+    out = tmp_path / "out"
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert main(["compare", str(plan), "--quick", "--output-dir", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "already holds runs of lora, full-ft" in error and "--overwrite" in error
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    # With --overwrite it reruns (here one entry) and replaces that entry's run.
+    (out / "lora" / "summary.json").write_text('{"earlier": true}')
+    again = [str(plan), "--quick", "--output-dir", str(out), "--overwrite", "--methods", "lora"]
+    assert main(["compare", *again]) == 0
+    assert json.loads((out / "lora" / "summary.json").read_text())["steps"] == 3
+    assert [r["method"] for r in json.loads((out / "compare.json").read_text())] == ["lora"]
+    assert not (out / "lora.previous").exists()
+
 
 def test_plan_errors_name_the_problem(tmp_path):
     plan = tmp_path / "p.yaml"

@@ -24,13 +24,25 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def _positive(flag: str, value: int | None) -> None:
+    """Refuse a count below 1 given on the command line (None: the flag was not given)."""
+    from peftkit.errors import ConfigError
+
+    if value is not None and value < 1:
+        raise ConfigError(f"{flag} must be at least 1, got {value}.")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a recipe and print its summary table."""
     from peftkit.recipe import load_recipe
-    from peftkit.training import finish_distributed, run
+    from peftkit.run_folder import check_output_dir
 
     recipe = load_recipe(args.recipe, _overrides(args))
-    run(recipe, resume=args.resume)
+    # Before the training stack loads: an earlier run in the folder is refused untouched.
+    check_output_dir(recipe.output_dir, args.resume, args.overwrite)
+    from peftkit.training import finish_distributed, run
+
+    run(recipe, resume=args.resume, overwrite=args.overwrite)
     finish_distributed()  # under torchrun: every process ends together, cleanly
     return 0
 
@@ -70,6 +82,10 @@ def cmd_app_eval(args: argparse.Namespace) -> int:
     from peftkit.recipe import load_recipe
     from peftkit.tasks import split_rows
 
+    # The numbers first: a bad one should not cost a model load.
+    _positive("--max-new-tokens", args.max_new_tokens)
+    _positive("--batch-size", args.batch_size)
+    _positive("--max-examples", args.max_examples)
     run_dir, adapter_dir = _run_folder(Path(args.run))
     # Every held-out row unless --max-examples: a recipe's max_eval_examples only bounds the
     # training-time loss check.
@@ -164,7 +180,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from peftkit.compare import compare
 
     only = [name for part in args.methods or [] for name in part.split(",") if name]
-    results = compare(args.plan, args.output_dir, quick=args.quick, only=only or None)
+    results = compare(
+        args.plan, args.output_dir, quick=args.quick, only=only or None, overwrite=args.overwrite
+    )
     return 1 if any(result.get("failed") for result in results) else 0
 
 
@@ -179,15 +197,49 @@ def _load_tuned(name: str, task: str, adapter: str | None) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
+def check_generate_args(args: argparse.Namespace) -> None:
+    """Refuse bad `generate` numbers, prompts and flag combinations before any model loads."""
+    from peftkit.decoding.generate import check_options
+    from peftkit.decoding.proxy import check_alpha
+    from peftkit.errors import ConfigError
+
+    check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    empty = [i for i, prompt in enumerate(args.prompt) if not prompt]
+    if empty:
+        raise ConfigError(
+            f"--prompt number {empty[0] + 1} is empty: give every prompt some text to continue."
+        )
+    proxy = [args.proxy_expert, args.proxy_anti_expert]
+    if any(proxy) and not all(proxy):
+        raise ConfigError(
+            "Proxy-Tuning needs both --proxy-expert (the tuned small model) and "
+            "--proxy-anti-expert (the same small model untuned)."
+        )
+    if args.proxy_adapter and any(proxy):
+        raise ConfigError(
+            "Give Proxy-Tuning either --proxy-adapter (one small model, adapter on and off) or "
+            "--proxy-expert with --proxy-anti-expert, not both."
+        )
+    if args.expert_adapter and not args.proxy_expert:
+        raise ConfigError("--expert-adapter goes on the expert: give --proxy-expert too.")
+    if args.alpha is not None:
+        if not (all(proxy) or args.proxy_adapter):
+            raise ConfigError(
+                "--alpha sets Proxy-Tuning's strength: give --proxy-adapter, or --proxy-expert "
+                "and --proxy-anti-expert, with it."
+            )
+        check_alpha(args.alpha)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate from a model, with an adapter, or proxy-tuned by an expert/anti-expert pair."""
     import peftkit.api as api
-    from peftkit.decoding.generate import check_options, generate
+    from peftkit.decoding.generate import generate
     from peftkit.errors import ConfigError
     from peftkit.tasks import get_task_type
 
-    # The numbers first: a bad one should not cost a model load.
-    check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    # Numbers, prompts and flags first: a bad one should not cost a model load.
+    check_generate_args(args)
     task = args.task
     if args.adapter and task is None:
         task = api.read_info(_run_folder(Path(args.adapter))[1]).get("task")
@@ -199,11 +251,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     chat = args.chat or task_type.chat  # a chat-tuned adapter reads its prompts as it trained
     proxy = [args.proxy_expert, args.proxy_anti_expert]
-    if any(proxy) and not all(proxy):
-        raise ConfigError(
-            "Proxy-Tuning needs both --proxy-expert (the tuned small model) and "
-            "--proxy-anti-expert (the same small model untuned)."
-        )
     model, tokenizer = _load_tuned(args.model, task_type.name, args.adapter)
     options = {
         "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
@@ -219,7 +266,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             expert, _ = _load_tuned(args.proxy_expert, task_type.name, args.expert_adapter)
             anti_expert, _ = _load_tuned(args.proxy_anti_expert, task_type.name, None)
         texts = proxy_generate(
-            model, expert, anti_expert, tokenizer, args.prompt, alpha=args.alpha,
+            model, expert, anti_expert, tokenizer, args.prompt,
+            alpha=1.0 if args.alpha is None else args.alpha,
             chat=chat, seed=args.seed, **options,
         )  # fmt: skip
     else:
@@ -394,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the run's newest complete checkpoint, or from this checkpoint-N "
         "folder (checkpoints are written every training.save_steps steps)",
     )  # fmt: skip
+    train.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an earlier run in the output folder (it is kept in <folder>.previous "
+        "until this run finishes; without this flag such a folder is refused)",
+    )  # fmt: skip
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a trained adapter on held-out data")
@@ -451,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--quick", action="store_true", help="the plan's smoke-sized budget")
     compare.add_argument("--methods", nargs="+", help="only these plan entries (labels)")
     compare.add_argument("--output-dir", default="runs/compare", help="where results go")
+    compare.add_argument(
+        "--overwrite", action="store_true",
+        help="rerun plan entries whose run folders already hold results (replacing them)",
+    )  # fmt: skip
     compare.set_defaults(handler=cmd_compare)
 
     generate = commands.add_parser(
@@ -477,7 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Proxy-Tuning with one set of weights: expert = model + this adapter, "
         "anti-expert = the same model with it disabled",
     )
-    generate.add_argument("--alpha", type=float, default=1.0, help="Proxy-Tuning strength")
+    generate.add_argument(
+        "--alpha", type=float, help="Proxy-Tuning strength (default 1.0, as in the paper)"
+    )
     generate.add_argument("--output", help="also write the generations as JSON here")
     generate.set_defaults(handler=cmd_generate)
 

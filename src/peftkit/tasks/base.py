@@ -40,7 +40,9 @@ class TaskData:
     eval: Features
     labels: list[str] = field(default_factory=list)
     truncated: int = 0  # examples cut to max_length (counted, reported in the summary)
-    dropped: int = 0  # examples left with nothing to learn after truncation
+    # Training examples with nothing to learn: an empty input, or nothing left after truncation.
+    dropped: int = 0
+    dropped_eval: int = 0  # held-out examples with an empty input (they cannot be scored)
     tokenizer: Any = None  # for evaluations that generate and decode text
     max_new_tokens: int = 32
 
@@ -72,6 +74,9 @@ class TaskType:
     generates: bool = False
     # Prompts for generation are rendered through the tokenizer's chat template.
     chat: bool = False
+    # Refuse the rows of one data file this type cannot learn from, numbered as in the file
+    # (task, rows, where they came from). None: every column() must hold a value in every row.
+    row_check: Callable[[TaskConfig, Rows, str], None] | None = None
 
     def check_columns(self, task: TaskConfig, train: Rows, held_out: Rows) -> None:
         """Refuse rows that lack a column this task type reads."""
@@ -79,15 +84,28 @@ class TaskType:
         require_columns(train, columns, "the training data")
         require_columns(held_out, columns, "the held-out data")
 
+    def check_rows(self, task: TaskConfig, rows: Rows, source: str) -> None:
+        """Refuse the rows of one data file (or bundled set) this type cannot learn from."""
+        if self.row_check is not None:
+            self.row_check(task, rows, source)
+        else:
+            require_columns(rows, self.columns(task), source)
 
-def split_rows(task: TaskConfig) -> tuple[Rows, Rows]:
-    """(train rows, held-out rows) from a bundled set or files; 10% held out if no eval file."""
+
+def read_split(task: TaskConfig, task_type: TaskType) -> tuple[Rows, Rows]:
+    """(train rows, held-out rows) from a bundled set or files; 10% held out if no eval file.
+    Each file's rows are checked by the task type before the split shuffles them, so an error
+    names rows as they are numbered in the file."""
     if task.dataset is not None:
         train, held_out = load_bundled(task.dataset)
+        task_type.check_rows(task, train, f"the training rows of {task.dataset}")
+        task_type.check_rows(task, held_out, f"the held-out rows of {task.dataset}")
     else:
-        train = read_rows(task.train_file)
+        train = read_rows(task.train_file, task.encoding)
+        task_type.check_rows(task, train, str(task.train_file))
         if task.eval_file is not None:
-            held_out = read_rows(task.eval_file)
+            held_out = read_rows(task.eval_file, task.encoding)
+            task_type.check_rows(task, held_out, str(task.eval_file))
         else:
             if len(train) < 2:
                 raise DataError(f"{task.train_file} needs at least 2 rows to split off eval rows.")
