@@ -9,10 +9,16 @@ Each run is `peftkit train` in its own process (as `peftkit compare` runs them),
 - chat: recipes/app-chat-smollm2-lora.yaml (SmolLM2-135M, r 8, all-linear, 29 steps of 16
   dialogues, 289 held-out dialogues); the metric is the held-out loss on the assistant turns.
 
-Prints mean +- sample standard deviation per task and dropout, and writes every run's figures.
+Runs already in the output JSON are kept and not run again, so the experiment can go one
+training run per call, each under the shared lock, letting other jobs take turns in between.
+Prints mean +- sample standard deviation per task and dropout over every run in the JSON.
 
-    flock /tmp/peftkit-heavy.lock .venv/bin/python benchmarks/lora_dropout.py         # ~30 minutes
-    .venv/bin/python benchmarks/lora_dropout.py --tasks demo --seeds 0 --max-steps 2  # smoke run
+    for task in demo chat; do for dropout in 0 0.05; do for seed in 0 1 2; do
+      flock /tmp/peftkit-heavy.lock .venv/bin/python benchmarks/lora_dropout.py \
+        --tasks $task --dropouts $dropout --seeds $seed
+    done; done; done                                     # demo ~1 minute a run, chat ~3 minutes
+    .venv/bin/python benchmarks/lora_dropout.py --tasks demo --seeds 0 --max-steps 2 \
+      --output /tmp/smoke.json                                                    # smoke run
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import markdown_table, write_json
+from common import RESULTS, markdown_table, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,36 +79,56 @@ def train(recipe: Path, method: dict, overrides: list[str], folder: Path) -> dic
     return json.loads((folder / "summary.json").read_text())
 
 
+def earlier_runs(args: Any) -> list[dict[str, Any]]:
+    """The runs already in the output JSON (none when there is none yet)."""
+    path = Path(args.output) if args.output else RESULTS / "lora_dropout.json"
+    return json.loads(path.read_text())["results"]["runs"] if path.exists() else []
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    """Mean +- sample standard deviation of the metric per task and dropout."""
+    groups: dict[tuple, list[float]] = {}
+    for run in runs:
+        groups.setdefault((run["task"], run["metric"], run["dropout"]), []).append(
+            run["metric_after"]
+        )
+    rows = []
+    for (task, metric, dropout), values in sorted(groups.items()):
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        cell = f"{statistics.mean(values):.4f} +- {spread:.4f}"
+        rows.append([task, metric, f"{dropout:g}", cell, len(values)])
+    return markdown_table(["task", "metric", "dropout", "mean +- std", "seeds"], rows)
+
+
 def main() -> None:
-    """Run every task x dropout x seed, print the table, write the JSON."""
+    """Run every task x dropout x seed not yet in the JSON, print the table, write the JSON."""
     args = parse_args()
-    runs, rows = [], []
+    runs = earlier_runs(args)
+    done = {(r["task"], r["dropout"], r["seed"]) for r in runs}
     with tempfile.TemporaryDirectory() as scratch:
         for task in args.tasks.split(","):
             recipe, method, overrides = task_runs(task)
             for dropout in [float(d) for d in args.dropouts.split(",")]:
-                values = []
                 for seed in [int(s) for s in args.seeds.split(",")]:
+                    if (task, dropout, seed) in done:
+                        continue
                     extra = [f"training.seed={seed}", f"training.threads={args.threads}"]
                     if args.max_steps is not None:
                         extra.append(f"training.max_steps={args.max_steps}")
                     folder = Path(scratch) / f"{task}-{dropout:g}-{seed}"
                     summary = train(recipe, {**method, "dropout": dropout}, overrides + extra,
                                     folder)  # fmt: skip
-                    values.append(summary["metric_after"])
                     runs.append({"task": task, "dropout": dropout, "seed": seed,
                                  "metric": summary["metric"],
                                  "metric_after": summary["metric_after"],
                                  "metric_before": summary["metric_before"],
                                  "final_train_loss": summary["final_train_loss"],
                                  "tokens_per_second": summary["tokens_per_second"],
-                                 "train_seconds": summary["train_seconds"]})  # fmt: skip
+                                 "train_seconds": summary["train_seconds"],
+                                 "max_steps": args.max_steps, "threads": args.threads})  # fmt: skip
                     print(f"{task} dropout {dropout:g} seed {seed}: {summary['metric']} "
                           f"{summary['metric_after']:.4f}", flush=True)  # fmt: skip
-                spread = statistics.stdev(values) if len(values) > 1 else 0.0
-                cell = f"{statistics.mean(values):.4f} +- {spread:.4f}"
-                rows.append([task, summary["metric"], f"{dropout:g}", cell, len(values)])
-    print(markdown_table(["task", "metric", "dropout", "mean +- std", "seeds"], rows))
+    print(table(runs))
     print(f"wrote {write_json('lora_dropout', args, {'runs': runs}, args.output)}")
 
 

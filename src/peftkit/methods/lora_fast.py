@@ -88,29 +88,44 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     return (lanes >= drop_count(p) - LANES // 2).view(shape)
 
 
-class _DroppedDown(torch.autograd.Function):
-    """h = (x * mask / (1 - p)) A^T, saving the bool mask rather than the dropped copy of x."""
+class _Down(torch.autograd.Function):
+    """h = (x * mask / (1 - p)) [A_1; A_2; ...]^T for sibling layers' A matrices at once.
+
+    Saves the A parameters themselves (the concatenation is rebuilt in backward, not kept) and,
+    with dropout, the bool mask rather than the dropped copy of x."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, p: float, *weights: torch.Tensor) -> torch.Tensor:
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
         if torch.is_autocast_enabled(x.device.type):  # compute as autocast would, in its dtype
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)
-        keep = keep_mask(x.shape, p, x.device)
-        ctx.scale = LANES / (LANES - drop_count(p))
+        keep = keep_mask(x.shape, p, x.device) if p > 0 else None
+        ctx.scale = LANES / (LANES - drop_count(p)) if p > 0 else 1.0
         # Each input's gradient needs the other one only: save what a gradient is wanted for.
-        x_grad, weight_grad = ctx.needs_input_grad[:2]
-        ctx.save_for_backward(x if weight_grad else None, weight if x_grad else None, keep)
+        x_grad, weight_grad = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:])
+        ctx.save_for_backward(x if weight_grad else None, keep, *(weights if x_grad else ()))
+        ctx.rows = [w.shape[0] for w in weights]
+        if keep is None:
+            return x.mm(weight.t())
         return torch.where(keep, x, 0.0).mm(weight.t()).mul_(ctx.scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, keep = ctx.saved_tensors
-        grad = grad * ctx.scale
+        x, keep, *weights = ctx.saved_tensors
+        if keep is not None:
+            grad = grad * ctx.scale
         # (autograd casts each gradient to its input's dtype when autocast computed in another)
-        grad_x = None if weight is None else torch.where(keep, grad.mm(weight), 0.0)
-        grad_weight = None if x is None else grad.t().mm(torch.where(keep, x, 0.0))
-        return grad_x, grad_weight, None
+        grad_x = None
+        if weights:
+            weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+            grad_x = grad.mm(weight.to(grad.dtype))
+            grad_x = grad_x if keep is None else torch.where(keep, grad_x, 0.0)
+        grad_weights: tuple[torch.Tensor | None, ...] = (None,) * len(ctx.rows)
+        if x is not None:
+            dropped = x if keep is None else torch.where(keep, x, 0.0)
+            grad_weights = grad.t().mm(dropped).split(ctx.rows)
+        return grad_x, None, *grad_weights
 
 
 def _dropout_p(layer: nn.Module, name: str) -> float:
@@ -160,8 +175,10 @@ def _down(layer: nn.Module, name: str, x: torch.Tensor, flat: torch.Tensor) -> t
             if m is not layer and fast_adapter(m, x, (), {}) == name and _dropout_p(m, name) == p
         ]
     weights = [m.lora_A[name].weight for m in members]
-    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-    h = _DroppedDown.apply(flat, weight, p) if p > 0 else F.linear(flat, weight)
+    if len(weights) == 1 and p == 0:
+        h = F.linear(flat, weights[0])
+    else:
+        h = _Down.apply(flat, p, *weights)
     if len(members) == 1:
         return h
     shares = h.split([w.shape[0] for w in weights], dim=1)
