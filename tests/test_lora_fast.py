@@ -10,7 +10,7 @@ import torch
 
 import peftkit
 from contract import FAMILIES, batch_for, tiny
-from peftkit.methods import lora, lora_fast
+from peftkit.methods import lora, lora_fast, lora_fast_down
 
 CONFIGS = {
     "lora-all-linear": peftkit.LoraConfig(rank=4, dropout=0.0, target_modules="all-linear"),
@@ -94,10 +94,10 @@ def test_equals_peft_in_float32_within_1e5():
 def test_keep_mask_rate_per_lane():
     torch.manual_seed(0)
     p, count = 0.05, 1 << 20
-    keep = lora_fast.keep_mask(torch.Size([count]), p, torch.device("cpu"))
+    keep = lora_fast_down.keep_mask(torch.Size([count]), p, torch.device("cpu"))
     dropped = (~keep).double()
-    rate = lora_fast.drop_count(p) / lora_fast.LANES
-    assert abs(rate - p) < 1 / lora_fast.LANES
+    rate = lora_fast_down.drop_count(p) / lora_fast_down.LANES
+    assert abs(rate - p) < 1 / lora_fast_down.LANES
     sigma = (rate * (1 - rate) / (count / 4)) ** 0.5
     for lane in range(4):  # each 16-bit lane of a 64-bit word drops at the same rate
         assert abs(dropped[lane::4].mean().item() - rate) < 5 * sigma
@@ -115,8 +115,10 @@ def test_siblings_share_one_mask_and_gradients_are_exact(monkeypatch):
     attention = model.base_model.model.model.layers[0].self_attn
     layers = [attention.q_proj, attention.k_proj, attention.v_proj]
     masks = []
-    drawn = lora_fast.keep_mask
-    monkeypatch.setattr(lora_fast, "keep_mask", lambda *a: masks.append(drawn(*a)) or masks[-1])
+    drawn = lora_fast_down.keep_mask
+    monkeypatch.setattr(
+        lora_fast_down, "keep_mask", lambda *a: masks.append(drawn(*a)) or masks[-1]
+    )
     with torch.no_grad():
         for layer in layers:
             layer.lora_B["default"].weight.normal_()
@@ -128,7 +130,7 @@ def test_siblings_share_one_mask_and_gradients_are_exact(monkeypatch):
 
     # The same maths written out with the recorded mask, differentiated by autograd.
     x_ref = x.detach().clone().requires_grad_(True)
-    keep = 1 - lora_fast.drop_count(0.25) / lora_fast.LANES
+    keep = 1 - lora_fast_down.drop_count(0.25) / lora_fast_down.LANES
     dropped = x_ref * masks[0].view(2, 5, 32) / keep
     ref_weights = [[p.detach().clone().requires_grad_(True) for p in _adapter_weights(layer)]
                    for layer in layers]  # fmt: skip
@@ -248,6 +250,31 @@ def test_gradient_checkpointing_redraws_the_same_masks():
         torch.testing.assert_close(got[0], want[0])
         for name, grad in want[1].items():
             torch.testing.assert_close(got[1][name], grad, msg=name)
+
+
+def test_first_forward_draws_the_masks_of_later_forwards():
+    # A run resumed from a checkpoint starts on a fresh model, whose first forward is still finding
+    # the sibling layers: it must draw the masks the uninterrupted run's model draws by then.
+    base, tokenizer = tiny("llama")
+    base = base.double()
+    batch = batch_for("llama", tokenizer)
+    config = peftkit.LoraConfig(dropout=0.2, target_modules="all-linear")
+    fresh = peftkit.apply(copy.deepcopy(base), config)
+    grouped = peftkit.apply(base, config)
+    with torch.no_grad():
+        for p, q in zip(fresh.parameters(), grouped.parameters(), strict=True):
+            if p.requires_grad:
+                p.normal_(std=0.3)
+                q.copy_(p)
+    grouped.eval()  # no dropout: finding the siblings draws nothing
+    _find_siblings(grouped, batch)
+    assert any(hasattr(m, lora_fast._SIBLINGS) for m in grouped.modules())
+    assert not any(hasattr(m, lora_fast._SIBLINGS) for m in fresh.modules())
+    want = _step(grouped, batch, seed=5)
+    got = _step(fresh, batch, seed=5)
+    torch.testing.assert_close(got[0], want[0], atol=1e-9, rtol=0)
+    for name, grad in want[1].items():
+        torch.testing.assert_close(got[1][name], grad, atol=1e-9, rtol=0, msg=name)
 
 
 def _relative_error(got, want):

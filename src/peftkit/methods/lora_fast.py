@@ -36,9 +36,10 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peftkit.methods import lora_fast_down
+
 _SIBLINGS = "_peftkit_siblings"  # a layer's Siblings record (absent: it runs alone)
 _DISCOVERY = "_peftkit_discovery"  # the first-forward recorder, while it runs
-LANES = 65536  # the dropout mask's resolution: p is rounded to a multiple of 1 / 65536
 
 
 @dataclass(eq=False)
@@ -70,62 +71,6 @@ def _version(x: torch.Tensor) -> int:
     """A tensor's in-place version (inference tensors have none: they cannot change outside
     inference mode, and a model does not rewrite its input between sibling layers)."""
     return -1 if x.is_inference() else x._version
-
-
-def drop_count(p: float) -> int:
-    """How many of the 65,536 lane values drop an element: p rounded to the mask's resolution."""
-    return round(p * LANES)
-
-
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """Bools, True where an element is kept, each kept with probability 1 - drop_count(p) / 65536.
-
-    Each 64-bit word from the generator gives four independent uniform 16-bit lanes, so the mask
-    costs a quarter of the generator calls of a float draw per element."""
-    count = shape.numel()
-    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
-    lanes = words.random_(-(2**63), None).view(torch.int16)[:count]
-    return (lanes >= drop_count(p) - LANES // 2).view(shape)
-
-
-class _Down(torch.autograd.Function):
-    """h = (x * mask / (1 - p)) [A_1; A_2; ...]^T for sibling layers' A matrices at once.
-
-    Saves the A parameters themselves (the concatenation is rebuilt in backward, not kept) and,
-    with dropout, the bool mask rather than the dropped copy of x."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, p: float, *weights: torch.Tensor) -> torch.Tensor:
-        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-        if torch.is_autocast_enabled(x.device.type):  # compute as autocast would, in its dtype
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
-        keep = keep_mask(x.shape, p, x.device) if p > 0 else None
-        ctx.scale = LANES / (LANES - drop_count(p)) if p > 0 else 1.0
-        # Each input's gradient needs the other one only: save what a gradient is wanted for.
-        x_grad, weight_grad = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:])
-        ctx.save_for_backward(x if weight_grad else None, keep, *(weights if x_grad else ()))
-        ctx.rows = [w.shape[0] for w in weights]
-        if keep is None:
-            return x.mm(weight.t())
-        return torch.where(keep, x, 0.0).mm(weight.t()).mul_(ctx.scale)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, keep, *weights = ctx.saved_tensors
-        if keep is not None:
-            grad = grad * ctx.scale
-        # (autograd casts each gradient to its input's dtype when autocast computed in another)
-        grad_x = None
-        if weights:
-            weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-            grad_x = grad.mm(weight.to(grad.dtype))
-            grad_x = grad_x if keep is None else torch.where(keep, grad_x, 0.0)
-        grad_weights: tuple[torch.Tensor | None, ...] = (None,) * len(ctx.rows)
-        if x is not None:
-            dropped = x if keep is None else torch.where(keep, x, 0.0)
-            grad_weights = grad.t().mm(dropped).split(ctx.rows)
-        return grad_x, None, *grad_weights
 
 
 def _dropout_p(layer: nn.Module, name: str) -> float:
@@ -178,7 +123,9 @@ def _down(layer: nn.Module, name: str, x: torch.Tensor, flat: torch.Tensor) -> t
     if len(weights) == 1 and p == 0:
         h = F.linear(flat, weights[0])
     else:
-        h = _Down.apply(flat, p, *weights)
+        discovery = layer.__dict__.get(_DISCOVERY)
+        keep = discovery.mask(layer, x, flat, p) if siblings is None and discovery else None
+        h = lora_fast_down.Down.apply(flat, p, keep, *weights)
     if len(members) == 1:
         return h
     shares = h.split([w.shape[0] for w in weights], dim=1)
@@ -230,6 +177,21 @@ class _Discovery:
         self.groups: list[list[nn.Module]] | None = None
         self.recording = False
         self.handles: list[Any] = []
+        # parent -> (input, its version, p, mask): the last mask drawn under each parent
+        self.masks: dict[int, tuple[torch.Tensor, int, float, torch.Tensor]] = {}
+
+    def mask(self, layer: nn.Module, x: torch.Tensor, flat: torch.Tensor, p: float) -> torch.Tensor:
+        """Until the groups exist, layers under one parent reading one tensor share its mask too,
+        so that a forward draws the same masks (the same random numbers) before the groups are
+        known as after: a run resumed from a checkpoint then draws what the uninterrupted one did,
+        and a gradient-checkpointed recompute of the first forward draws what it drew."""
+        parent = self.parents[id(layer)][1]
+        held = self.masks.get(parent)
+        if held is not None and held[0] is x and held[1] == _version(x) and held[2] == p:
+            return held[3]
+        keep = lora_fast_down.keep_mask(flat.shape, p, flat.device)
+        self.masks[parent] = (x, _version(x), p, keep)
+        return keep
 
     def start(self, *_: Any) -> None:
         """Forward pre-hook on the base model: group what the last forward found, or record."""
@@ -258,7 +220,7 @@ class _Discovery:
             layer.__dict__.pop(_DISCOVERY, None)
         for handle in self.handles:
             handle.remove()
-        self.inputs, self.recording = {}, False
+        self.inputs, self.recording, self.masks = {}, False, {}
 
 
 def install(model: nn.Module) -> int:
