@@ -1,14 +1,13 @@
 """What a run cost: peak memory, the memory training itself took, optimizer-state bytes, file
 sizes.
 
-Training memory on a CPU is the kernel's resident high-water mark over the training loop (VmHWM,
-reset to the current resident set just before training through /proc/self/clear_refs, Linux 4.0
-and later) minus the resident set just before it: exact (no sampling, so no missed spike) and
-free, and it counts every allocation, where torch's CPU allocator keeps no peak statistics and
-its profiler's memory tracking slows a step severalfold. It includes what training allocates and
-the allocator keeps (freed memory glibc has not returned), not model loading, libraries or data
-preparation. On a GPU it is the CUDA allocator's peak over the loop minus what was allocated
-before."""
+The training memory a run reports is counted at the allocator: on a GPU the CUDA allocator's peak
+over the loop minus what was allocated before; on a CPU the peak of live tensor bytes over the
+first optimizer steps (memory_probe.py). `TrainingMemory` here adds the resident view on a CPU:
+the kernel's resident high-water mark over the loop (VmHWM, reset just before it through
+/proc/self/clear_refs, Linux 4.0 and later) minus the resident set before it. That one counts
+every allocation, libraries' included, and also what glibc kept from freed blocks, so it says what
+the process grew by, not what a method needs; runs report it as `training_resident_mib`."""
 
 from __future__ import annotations
 

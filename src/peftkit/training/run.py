@@ -50,6 +50,7 @@ from peftkit.training.measure import (
     optimizer_state_bytes,
     peak_memory_bytes,
 )
+from peftkit.training.memory_probe import TensorMemoryProbe
 from peftkit.training.trainer import HooksCallback, PeftkitTrainer
 
 
@@ -187,6 +188,7 @@ def run(
         print(counts)
 
     train_collator = Collator(tokenizer.pad_token_id)  # counts only training tokens
+    probe = TensorMemoryProbe()  # training memory at the allocator, over the first steps (CPU)
     with reporting_environment(output):  # the reporting callbacks are built in Trainer.__init__
         trainer = PeftkitTrainer(
             model=model,
@@ -197,6 +199,7 @@ def run(
             callbacks=[
                 HooksCallback(hooks, method_state(checkpoint)),
                 CheckpointCallback(output, hooks, model),
+                probe,
             ],
             hooks=hooks,
             # Heads that divide by the token count Trainer gives them: let Trainer detect them.
@@ -221,12 +224,12 @@ def run(
         "task": recipe.task.type,
         **counts.as_dict(),
         "peak_memory_mib": mib(peak_memory_bytes()),
-        "training_memory_mib": mib(training_memory.bytes),
-        "training_memory_measure": training_memory.measure,
+        **probe.report(
+            training_memory, train_collator.tokens_seen, train_seconds, result.global_step
+        ),
         **estimated_training_memory(recipe, data.train),
         "optimizer_state_mib": mib(state_bytes),
         "train_tokens": train_collator.tokens_seen,
-        "tokens_per_second": train_collator.tokens_seen / max(train_seconds, 1e-9),
         "train_seconds": train_seconds,
         "prepare_seconds": prepare_seconds,
         "steps": result.global_step,
