@@ -146,6 +146,15 @@ def test_streaming_gives_the_same_text_piece_by_piece(server):
     assert pieces[-1].choices[0].finish_reason == chat.choices[0].finish_reason
 
 
+def test_a_list_of_prompts_gives_one_choice_each(server):
+    response = client(server.url).completions.create(
+        model=f"{MODEL}:a", prompt=PROMPTS[:2], max_tokens=5, temperature=0
+    )
+    assert [choice.index for choice in response.choices] == [0, 1]
+    alone = [complete(server.url, f"{MODEL}:a", prompt, 5) for prompt in PROMPTS[:2]]
+    assert [choice.text for choice in response.choices] == alone
+
+
 def test_stop_strings_cut_the_text(server):
     whole = complete(server.url, f"{MODEL}:a", PROMPTS[0], 12, extra_body={"ignore_eos": True})
     stop = whole[4:6]

@@ -89,6 +89,16 @@ BAD_REQUESTS = [
     ("stream as 1", "POST", "/completions", {**OK, "stream": 1}, 400, "stream"),
     ("prompt as a number", "POST", "/completions", {**OK, "prompt": 5}, 400, "prompt"),
     ("empty prompt", "POST", "/completions", {**OK, "prompt": ""}, 400, "prompt"),
+    ("empty list of token ids", "POST", "/completions", {**OK, "prompt": []}, 400, "prompt"),
+    (
+        "empty token ids in a batch",
+        "POST",
+        "/completions",
+        {**OK, "prompt": [[1, 2], []]},
+        400,
+        "prompt",
+    ),
+    ("seed past 64 bits", "POST", "/completions", {**OK, "seed": 2**64}, 400, "seed"),
     ("token id out of range", "POST", "/completions", {**OK, "prompt": [1, 10**6]}, 400, "prompt"),
     ("prompt too long", "POST", "/completions", {**OK, "prompt": "word " * CONTEXT}, 400, "prompt"),
     (

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from peftkit.decoding.prompts import to_token_ids
+from peftkit.errors import ConfigError
 from peftkit.serve.adapters import AdapterSet
 from peftkit.serve.engine import Engine
 from peftkit.serve.errors import ServeError
@@ -59,7 +60,10 @@ class Service:
         prompt = request.prompt
         many = isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)
         prompts = list(prompt) if many else [prompt]
-        rows = [to_token_ids(self.tokenizer, p, chat=False) for p in prompts]
+        try:
+            rows = [to_token_ids(self.tokenizer, p, chat=False) for p in prompts]
+        except ConfigError:  # an empty list of token ids
+            rows = [[]]
         for ids in rows:
             if not ids:
                 raise ServeError("A prompt is empty; give every prompt some text.", param="prompt")
@@ -82,15 +86,17 @@ class Service:
         if isinstance(request, ChatRequest):
             wanted = request.max_completion_tokens or wanted
         longest = max(len(p) for p in prompts)
-        if wanted is None:
+        if wanted is None:  # OpenAI's 16 for completions; as many as fit for chat
             default = self.default_tokens if isinstance(request, CompletionRequest) else None
-            wanted = min(default or self.max_tokens, self.max_tokens, self.context - longest)
+            wanted = max(
+                1, min(default or self.max_tokens, self.max_tokens, self.context - longest)
+            )
         if wanted > self.max_tokens:
             raise ServeError(
                 f"max_tokens is {wanted}, above this server's limit of {self.max_tokens}.",
                 param="max_tokens",
             )
-        if longest + max(wanted, 1) > self.context:
+        if longest + wanted > self.context:
             raise ServeError(
                 f"This model's maximum context length is {self.context} tokens. However, you "
                 f"requested {longest + wanted} tokens ({longest} in the prompt, {wanted} for the "

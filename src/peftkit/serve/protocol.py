@@ -39,7 +39,7 @@ class Decoding(Strict):
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch's generator takes
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1

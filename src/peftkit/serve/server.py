@@ -144,13 +144,13 @@ def running(options: ServeOptions, startup_seconds: float = 60.0) -> Iterator[Ru
 
     service = build(options)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((options.host, options.port))
     app = build_app(service, options.max_body_bytes)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
     try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((options.host, options.port))
+        thread.start()
         waited = time.monotonic() + startup_seconds
         while not server.started:
             if not thread.is_alive() or time.monotonic() > waited:
@@ -160,6 +160,7 @@ def running(options: ServeOptions, startup_seconds: float = 60.0) -> Iterator[Ru
         yield Running(f"http://{host}:{port}/v1", service)
     finally:
         server.should_exit = True
-        thread.join(timeout=30)
+        if thread.is_alive():
+            thread.join(timeout=30)
         service.engine.stop()
         listener.close()
