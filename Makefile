@@ -23,22 +23,26 @@ $(STAMP): pyproject.toml requirements-assets.txt
 
 # The main job: every method on the default task at a smoke-sized budget, each in its own process;
 # ends with the comparison table and the chart's path (runs/compare/).
+# --overwrite: a second `make demo` replaces the first one's results (a plain rerun is refused).
 demo: $(STAMP)
-	$(VENV)/bin/peftkit compare --quick
+	$(VENV)/bin/peftkit compare --quick --overwrite
 
 # The same comparison at the full budget of recipes/minilm-lora.yaml (about 40 minutes on 2 cores).
 compare: $(STAMP)
-	$(VENV)/bin/peftkit compare --output-dir runs/compare-full
+	$(VENV)/bin/peftkit compare --output-dir runs/compare-full --overwrite
 
 # One method, one run: LoRA on the default task (about 5 minutes).
 train: $(STAMP)
-	$(VENV)/bin/peftkit train recipes/minilm-lora.yaml
+	$(VENV)/bin/peftkit train recipes/minilm-lora.yaml --overwrite
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
+# The real-model tests need SmolLM2 as safetensors: converted from its bundled GGUF file once
+# (about 15 s) into peftkit's cache, so that they run here and in CI instead of being skipped.
 test: lint
+	$(PY) -c "from peftkit.models import smollm2_folder; print('SmolLM2 ready:', smollm2_folder())"
 	$(PY) -m pytest -q
 
 format: $(STAMP)

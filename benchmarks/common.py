@@ -86,15 +86,10 @@ def clock() -> float:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table with aligned columns."""
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    """A Markdown table with aligned columns (peftkit's own writer; cells as text)."""
+    from peftkit.tables import markdown_table as write
 
-    def line(row: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])
+    return write([str(c) for c in header], [[str(c) for c in row] for row in rows])
 
 
 def machine() -> dict[str, Any]:

@@ -72,7 +72,7 @@ def cosine(total: int, warmup: int) -> Any:
 def prepare(method: str, model: Any, args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """The model to train, its optimizer, its LambdaLR multiplier, and the hooks (or None)."""
     import peftkit
-    from peftkit.methods import relora
+    from peftkit.methods import relora, relora_optimizer
 
     warmup = max(1, args.steps // 20)
     if method == "full":
@@ -96,7 +96,7 @@ def prepare(method: str, model: Any, args: argparse.Namespace) -> tuple[Any, Any
         return model, optimizer, cosine(args.steps, warmup), None
     hooks = relora.hooks(model, config)
     relora.bind_optimizer(model, optimizer, rewarm=False)  # the jagged LambdaLR re-warms
-    schedule = relora.jagged_cosine_schedule(
+    schedule = relora_optimizer.jagged_cosine_schedule(
         args.steps, warmup, args.restart_every, args.restart_warmup
     )
     return model, optimizer, schedule, hooks

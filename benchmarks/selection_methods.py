@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 # child_tuning_f trains with its one-pass AdamW (what `peftkit train` uses with AdamW);
-# child_tuning_f_hooks masks around torch's AdamW instead (the path for any other optimizer).
+# child_tuning_f_hooks masks around torch's AdamW's step instead (the path for any other optimizer).
 METHODS = ("full", "bitfit", "child_tuning_f", "child_tuning_f_hooks", "child_tuning_d")
 F_MODES = ("child_tuning_f", "child_tuning_f_hooks")
 
@@ -104,7 +104,11 @@ def run_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     # fused=True: Trainer's default optimizer (adamw_torch_fused), what `peftkit train` steps with.
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.01, fused=True)
-    if hooks and hooks.replace_optimizer and method != "child_tuning_f_hooks":
+    if method == "child_tuning_f_hooks":  # torch's fused AdamW, masked around its step
+        from peftkit.methods.child_tuning import replace_optimizer
+
+        optimizer = replace_optimizer(model, optimizer, one_pass=False)
+    elif hooks and hooks.replace_optimizer:
         optimizer = hooks.replace_optimizer(model, optimizer)  # as PeftkitTrainer does
     model.train()
     phases: dict[str, list[float]] = {"forward_backward": [], "hooks": [], "optimizer": []}

@@ -21,14 +21,14 @@ def _seed() -> None:
 @pytest.fixture(scope="module")
 def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic Text-to-SQL bank database (seed 0), one per test module."""
-    from peftkit.apps import text_to_sql
+    from peftkit.apps.text_to_sql.database import build_database
 
-    return text_to_sql.build_database(tmp_path_factory.mktemp("bank") / "bank.db", seed=0)
+    return build_database(tmp_path_factory.mktemp("bank") / "bank.db", seed=0)
 
 
 @pytest.fixture(scope="module")
 def examples(db: Path) -> list[dict]:
     """The Text-to-SQL question set over that database (templated and composed)."""
-    from peftkit.apps import sql_examples
+    from peftkit.apps.text_to_sql.examples import generate_examples
 
-    return sql_examples.generate_examples(db, seed=0)
+    return generate_examples(db, seed=0)

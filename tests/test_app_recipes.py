@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from peftkit.apps import evaluate as app_eval
-from peftkit.apps import sql_examples, text_to_sql
-from peftkit.apps.sql_examples import compact_sql_schema
+from peftkit.apps.text_to_sql import database, suite, templates
+from peftkit.apps.text_to_sql.examples import compact_sql_schema
 from peftkit.cli import main
 from peftkit.data.bundled import BUNDLED, load_bundled
 from peftkit.decoding.generate import generate
@@ -52,7 +52,7 @@ class Scripted(torch.nn.Module):
 def test_bundled_application_sets() -> None:
     train, held_out = load_bundled("bank-sql")
     assert (len(train), len(held_out)) == (849, 54)
-    assert {r["template"] for r in held_out} == set(text_to_sql.HELDOUT_TEMPLATES)
+    assert {r["template"] for r in held_out} == set(templates.HELDOUT_TEMPLATES)
     assert compact_sql_schema() in train[0]["prompt"]
     train, test = load_bundled("breast-cancer-tabllm-k16")
     assert len(train) == 16 and len(test) == 113
@@ -64,9 +64,9 @@ def test_bundled_application_sets() -> None:
 
 def test_compact_schema_lists_every_column() -> None:
     lines = dict(line.split("(", 1) for line in compact_sql_schema().splitlines())
-    assert list(lines) == list(text_to_sql.SCHEMA)
-    db = sql_examples.default_database()
-    for table in text_to_sql.SCHEMA:
+    assert list(lines) == list(database.SCHEMA)
+    db = database.default_database()
+    for table in database.SCHEMA:
         # The database's own column list (PRAGMA through a plain connection, not the sandbox).
         connection = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
         names = [row[1] for row in connection.execute(f"PRAGMA table_info({table})")]
@@ -134,7 +134,7 @@ def test_sql_evaluation_records_refused_and_correct_queries() -> None:
     records = held_out[:3]
     tokenizer = tiny_tokenizer()
     eos = tokenizer.eos_token_id
-    db = sql_examples.default_database()
+    db = database.default_database()
 
     def score(answer: str) -> dict:
         ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
@@ -145,6 +145,8 @@ def test_sql_evaluation_records_refused_and_correct_queries() -> None:
     assert refused["execution_accuracy"] == 0.0 and refused["failures"] == {"refused": 3}
     right = score(" " + records[0]["sql"] + ";\n\nQuestion: and more")  # gold for record 0
     assert right["records"][0]["execution_match"] and right["records"][0]["exact_match"]
+    assert right["records"][0]["test_suite_match"]
+    assert set(right["records"][0]["suite_matches"]) == {i.name for i in suite.SUITE}
     assert right["count"] == 3
     broken = score("SELECT nonsense FROM nowhere")
     assert broken["failures"] == {"error": 3}
@@ -196,7 +198,14 @@ def test_tabular_evaluation_metrics() -> None:
     predicted = [r["predicted"] for r in result["records"]]
     expected = sum(p == r["label"] for p, r in zip(predicted, records, strict=True)) / 6
     assert result["accuracy"] == pytest.approx(expected)
-    assert 0.0 <= result["auc"] <= 1.0
+    # AUC as the share of (benign, malignant) pairs whose benign probability ranks the benign row
+    # higher (ties count half): the Mann-Whitney statistic, computed here from the same scores.
+    positive_word = result["label_words"][1]
+    score = {True: [], False: []}
+    for record in result["records"]:
+        score[record["label"] == positive_word].append(record["probabilities"][positive_word])
+    pairs = [(p > n) + 0.5 * (p == n) for p in score[True] for n in score[False]]
+    assert len(pairs) == 9 and result["auc"] == pytest.approx(sum(pairs) / len(pairs))
 
 
 def test_instruction_evaluation_uses_end_of_turn() -> None:

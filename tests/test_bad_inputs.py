@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -14,13 +15,16 @@ from transformers import AutoModelForCausalLM
 
 import peftkit
 from contract import tiny
-from peftkit.cli import main
+from peftkit.cli import build_parser, main
+from peftkit.compare import Entry, load_plan, refuse_earlier_results
 from peftkit.data.files import read_rows, require_columns
 from peftkit.errors import AdapterError, ConfigError, DataError, ModelNotFoundError, TargetError
 from peftkit.models import load_model, tiny_config
-from peftkit.recipe import TaskConfig, apply_overrides, load_recipe, recipe_from_dict
+from peftkit.recipe import TaskConfig, apply_overrides, load_recipe, recipe_from_dict, reporters
+from peftkit.run_folder import check_output_dir
 from peftkit.tasks import prepare_task
 from peftkit.training.checkpoints import find_checkpoint
+from peftkit.training.run import check_reporter_installed
 
 GOOD_RECIPE = {"model": "tiny-bert", "task": {"dataset": "amazon-reviews"}, "method": "lora"}
 
@@ -67,6 +71,56 @@ CASES = [
      ConfigError, r"training must be a mapping"),
     ("recipe file missing", lambda t: load_recipe(t / "nope.yaml"),
      ConfigError, r"nope\.yaml does not exist"),
+    ("recipe path that is a folder", lambda t: load_recipe(t),
+     ConfigError, r"Recipe .* is a folder, not a YAML file \(see recipes/ for examples\)"),
+    ("recipe path that is a run folder", lambda t: load_recipe(write(t / "recipe.yaml", "model: x\n").parent),
+     ConfigError, r"is a folder, not a YAML file; the recipe that run used is .*recipe\.yaml"),
+    ("a repeated recipe key", lambda t: load_recipe(write(t / "twice.yaml", "model: tiny-bert\ntask: {dataset: amazon-reviews}\nmodel: tiny-gpt2\n")),
+     ConfigError, r"twice\.yaml: key 'model' appears twice, on lines 1 and 3; a YAML mapping holds each key once"),
+    ("a repeated key inside a section", lambda t: load_recipe(write(t / "nested.yaml", "model: tiny-bert\ntask: {dataset: amazon-reviews}\nmethod:\n  name: lora\n  rank: 4\n  rank: 8\n")),
+     ConfigError, r"nested\.yaml: key 'rank' appears twice, on lines 5 and 6"),
+    ("a repeated key in a compare plan", lambda t: load_plan(write(t / "plan.yaml", "recipe: r.yaml\nmethods: [lora]\nrecipe: s.yaml\n")),
+     ConfigError, r"plan\.yaml: key 'recipe' appears twice, on lines 1 and 3"),
+    ("a repeated key in a --set value", lambda t: apply_overrides({}, ["method={name: lora, name: dora}"]),
+     ConfigError, r"override 'method=\{name: lora, name: dora\}': key 'name' appears twice"),
+    ("unknown experiment tracker", lambda t: recipe_from_dict({**GOOD_RECIPE, "training": {"report_to": "tensorbord"}}),
+     ConfigError, r"report_to 'tensorbord' is not an experiment tracker transformers knows\. Did you mean 'tensorboard'"),
+    ("experiment tracker not installed", lambda t: check_reporter_installed(_uninstalled_reporter()),
+     ConfigError, r"training\.report_to is '.*', but its package is not installed"),
+    # --- the output folder -----------------------------------------------------------------------
+    ("training into a finished run", lambda t: main_raising(["train", _recipe(t), "--output-dir", str(_finished_run(t))]),
+     ConfigError, r"/done already holds a finished run, which this run would replace\. Train into a new folder \(--output-dir\), or pass --overwrite"),
+    ("training into an unfinished run", lambda t: check_output_dir(_unfinished_run(t)),
+     ConfigError, r"already holds an unfinished run.*--overwrite.* To continue it from its newest checkpoint instead, pass --resume"),
+    ("--resume and --overwrite together", lambda t: main_raising(["train", _recipe(t), "--resume", "--overwrite"]),
+     ConfigError, r"--resume continues the run in the output folder and --overwrite replaces it: choose one"),
+    ("comparing into earlier results", lambda t: refuse_earlier_results([Entry("lora", {"name": "lora"})], _finished_run(t, "lora").parent, overwrite=False),
+     ConfigError, r"already holds runs of lora, which this comparison would replace\. Compare into a new folder \(--output-dir\), or pass --overwrite"),
+    # --- the command line: numbers, prompts and flags, refused before any model loads ------------
+    ("generate --max-new-tokens 0", lambda t: main_raising([*GENERATE, "--max-new-tokens", "0"]),
+     ConfigError, r"max_new_tokens must be at least 1, got 0"),
+    ("generate --temperature 0", lambda t: main_raising([*GENERATE, "--do-sample", "--temperature", "0"]),
+     ConfigError, r"temperature must be above 0, got 0\.0"),
+    ("generate --top-k 0", lambda t: main_raising([*GENERATE, "--do-sample", "--top-k", "0"]),
+     ConfigError, r"top_k must be at least 1, got 0"),
+    ("generate --top-p 1.5", lambda t: main_raising([*GENERATE, "--do-sample", "--top-p", "1.5"]),
+     ConfigError, r"top_p must be in \(0, 1\], got 1\.5"),
+    ("generate with an empty prompt", lambda t: main_raising(["generate", "--model", "tiny-llama", "--prompt", "Hi", "--prompt", ""]),
+     ConfigError, r"--prompt number 2 is empty: give every prompt some text"),
+    ("Proxy-Tuning alpha not finite", lambda t: main_raising([*GENERATE, "--proxy-adapter", "x", "--alpha", "nan"]),
+     ConfigError, r"Proxy-Tuning alpha must be a finite number"),
+    ("Proxy-Tuning alpha without Proxy-Tuning", lambda t: main_raising([*GENERATE, "--alpha", "2"]),
+     ConfigError, r"--alpha sets Proxy-Tuning's strength: give --proxy-adapter, or --proxy-expert"),
+    ("Proxy-Tuning expert without anti-expert", lambda t: main_raising([*GENERATE, "--proxy-expert", "tiny-llama"]),
+     ConfigError, r"Proxy-Tuning needs both --proxy-expert .* and --proxy-anti-expert"),
+    ("Proxy-Tuning with both kinds of expert", lambda t: main_raising([*GENERATE, "--proxy-adapter", "x", "--proxy-expert", "a", "--proxy-anti-expert", "b"]),
+     ConfigError, r"either --proxy-adapter .* or --proxy-expert with --proxy-anti-expert, not both"),
+    ("an expert adapter without an expert", lambda t: main_raising([*GENERATE, "--expert-adapter", "x"]),
+     ConfigError, r"--expert-adapter goes on the expert: give --proxy-expert too"),
+    ("app-eval --max-new-tokens 0", lambda t: main_raising(["app-eval", str(t), "--app", "sql", "--max-new-tokens", "0"]),
+     ConfigError, r"--max-new-tokens must be at least 1, got 0"),
+    ("app-eval --batch-size 0", lambda t: main_raising(["app-eval", str(t), "--app", "sql", "--batch-size", "0"]),
+     ConfigError, r"--batch-size must be at least 1, got 0"),
     ("recipe not YAML", lambda t: load_recipe(write(t / "bad.yaml", "model: [unclosed")),
      ConfigError, r"is not valid YAML"),
     ("override without '='", lambda t: apply_overrides({}, ["training.max_steps"]),
@@ -90,7 +144,13 @@ CASES = [
     ("empty data file", lambda t: read_rows(write(t / "e.jsonl", "")),
      DataError, r"e\.jsonl holds no examples"),
     ("non-UTF-8 bytes", lambda t: read_rows(write(t / "b.csv", b"text,label\n\xff\xfe,1\n")),
-     DataError, r"not UTF-8 text \(bad byte at offset 11\)"),
+     DataError, r"not utf-8 text \(byte 0xff at offset 11\)"),
+    ("a Latin-1 CSV read as UTF-8", lambda t: prepare_task(TaskConfig(train_file=str(write(t / "l.csv", LATIN_1_CSV))), None),
+     DataError, r"l\.csv is not utf-8 text \(byte 0xe9 at offset 14\)\. Set task\.encoding to the file's encoding \(for example latin-1"),
+    ("an encoding Python does not know", lambda t: TaskConfig(train_file="x.csv", encoding="latin-9000"),
+     ConfigError, r"task\.encoding 'latin-9000' is not a text encoding Python knows"),
+    ("data path that is a folder", lambda t: read_rows(t),
+     DataError, r"Data file .* is a folder; give the path of a file inside it"),
     ("broken JSONL line", lambda t: read_rows(write(t / "j.jsonl", '{"a": 1}\n{"a": \n')),
      DataError, r"j\.jsonl line 2 is not valid JSON"),
     ("JSON that is not a list", lambda t: read_rows(write(t / "o.json", '{"a": 1}')),
@@ -99,6 +159,14 @@ CASES = [
      DataError, r"train\.csv has no column 'text'\. Its columns are: label, review"),
     ("row lacking a value", lambda t: require_columns([{"text": "a"}, {"text": None}], ["text"], "d"),
      DataError, r"1 rows lack 'text' \(first: row 1\)"),
+    ("empty label cells", lambda t: prepare_task(TaskConfig(train_file=str(write(t / "e.csv", EMPTY_LABELS_CSV))), None),
+     DataError, r"e\.csv: 7 of 12 rows have an empty 'label' cell \(rows 1, 3, 5, 7, 8 and 2 more, counting from 0\)"),
+    ("empty label cells in a held-out file", lambda t: prepare_task(TaskConfig(
+        train_file=str(write(t / "tr.jsonl", '{"text":"a","label":"x"}\n{"text":"b","label":"y"}\n')),
+        eval_file=str(write(t / "ev.jsonl", '{"text":"c","label":"x"}\n{"text":"d","label":null}\n'))), None),
+     DataError, r"ev\.jsonl: 1 of 2 rows have an empty 'label' cell \(row 1, counting from 0\)"),
+    ("every text cell empty", lambda t: prepare_task(TaskConfig(train_file=str(write(t / "n.csv", "text,label\n" + ",a\n,b\n" * 10))), tiny("bert")[1]),
+     DataError, r"Every training row has an empty 'text' cell: there is no text to classify"),
     ("unknown bundled dataset", lambda t: prepare_task(TaskConfig(dataset="amazon-review"), None),
      DataError, r"Unknown bundled dataset 'amazon-review'\. Did you mean 'amazon-reviews'"),
     ("held-out label never seen in training", lambda t: prepare_task(
@@ -132,6 +200,44 @@ CASES = [
     ("resume from a folder that is not a checkpoint", lambda t: find_checkpoint(t, str(t)),
      ConfigError, r"is not a complete peftkit checkpoint \(it needs trainer_state\.json"),
 ]  # fmt: skip
+
+
+LATIN_1_CSV = "text,label\ncaf\xe9 au lait,good\nna\xefve,bad\n".encode("latin-1")
+EMPTY_LABELS_CSV = "text,label\n" + "".join(
+    f"row {i},{'' if i in (1, 3, 5, 7, 8, 10, 11) else 'pos' if i % 2 else 'neg'}\n"
+    for i in range(12)
+)
+GENERATE = ["generate", "--model", "tiny-llama", "--prompt", "Hello"]
+
+
+def main_raising(argv: list[str]) -> int:
+    """Run a command as `peftkit` does, but let its error out (main turns it into exit status 2),
+    with model loading replaced by a failure: each case must be refused before a model loads."""
+    args = build_parser().parse_args(argv)
+    with mock.patch("peftkit.models.load_model", side_effect=AssertionError("a model loaded")):
+        return args.handler(args)
+
+
+def _recipe(folder: Path) -> str:
+    return str(write(folder / "r.yaml", "model: tiny-bert\ntask: {dataset: amazon-reviews}\n"))
+
+
+def _finished_run(folder: Path, name: str = "done") -> Path:
+    run = folder / "runs" / name
+    (run / "adapter").mkdir(parents=True)
+    write(run / "summary.json", "{}")
+    return run
+
+
+def _unfinished_run(folder: Path) -> Path:
+    (folder / "checkpoints" / "checkpoint-10").mkdir(parents=True)
+    return folder
+
+
+def _uninstalled_reporter() -> str:
+    from transformers.integrations.integration_utils import get_available_reporting_integrations
+
+    return next(name for name in reporters() if name not in get_available_reporting_integrations())
 
 
 def _truncate(folder: Path) -> Path:
@@ -197,3 +303,34 @@ def test_cli_missing_recipe_argument_exits_with_usage():
     assert (
         result.returncode == 2 and "the following arguments are required: recipe" in result.stderr
     )
+
+
+def test_the_no_model_load_harness_catches_a_load(tmp_path):
+    # The command-line rows above are refused before a model loads: with good numbers the same
+    # call reaches load_model, which main_raising turns into a failure.
+    with pytest.raises(AssertionError, match="a model loaded"):
+        main_raising(GENERATE)
+
+
+def test_latin_1_file_reads_with_task_encoding(tmp_path):
+    path = write(tmp_path / "l.csv", LATIN_1_CSV)
+    rows = read_rows(path, encoding="latin-1")
+    assert [row["text"] for row in rows] == ["café au lait", "naïve"]
+    task = TaskConfig(train_file=str(path), eval_file=str(path), encoding="latin-1")
+    data = prepare_task(task, tiny("bert")[1])
+    assert data.labels == ["bad", "good"] and len(data.train) == 2
+    # UTF-8 with a byte-order mark (Excel's "CSV UTF-8") reads under the default encoding.
+    bom = write(tmp_path / "bom.csv", "\ufefftext,label\ncafé,good\n".encode())
+    assert read_rows(bom) == [{"text": "café", "label": "good"}]
+
+
+def test_rows_with_empty_text_are_dropped_and_counted(tmp_path):
+    lines = [f"{'' if i % 5 == 0 else f'text {i}'},{'pos' if i % 2 else 'neg'}" for i in range(30)]
+    train = write(tmp_path / "train.csv", "text,label\n" + "\n".join(lines) + "\n")
+    held_out = write(
+        tmp_path / "eval.jsonl", '{"text": "a", "label": "pos"}\n{"text": null, "label": "neg"}\n'
+    )
+    data = prepare_task(TaskConfig(train_file=str(train), eval_file=str(held_out)), tiny("bert")[1])
+    empty = sum(1 for i in range(30) if i % 5 == 0)
+    assert (data.dropped, len(data.train)) == (empty, 30 - empty)
+    assert (data.dropped_eval, len(data.eval)) == (1, 1)

@@ -1,18 +1,14 @@
-"""BitFit: the contract on five architectures, bias groups against the reference code's names,
-no-bias architectures, saving only biases, and bad input."""
+"""BitFit (its contract rows are in test_contract.py): bias groups against the reference code's
+names, no-bias architectures, saving only biases, and bad input."""
 
 import pytest
 import torch
 
 import peftkit
-from contract import FAMILIES, batch_for, check_contract, logits, tiny
+from contract import batch_for, logits, tiny
 from peftkit.errors import ConfigError, TargetError
 from peftkit.io import read_tensors
 from peftkit.methods.bitfit import BitFitConfig
-
-BITFIT_PARAMS = r"bias$|classifier|score"
-# Families whose linear layers lack biases (all of them, or o_proj and the MLP for Qwen2).
-NEEDS_ADD = {"t5", "llama", "qwen2"}
 
 # The reference code (github.com/benzakenelad/BitFit) unfreezes BERT biases by these substrings.
 REFERENCE_BERT_TERMS = {
@@ -22,12 +18,6 @@ REFERENCE_BERT_TERMS = {
     "feed_forward": ["intermediate.dense.bias", "output.dense.bias"],
     "layer_norm": ["LayerNorm.bias"],
 }  # fmt: skip
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_bitfit_contract(family, tmp_path):
-    missing = "add" if family in NEEDS_ADD else "error"
-    check_contract(family, BitFitConfig(missing_biases=missing), tmp_path, trainable=BITFIT_PARAMS)
 
 
 def trainable_names(model):

@@ -1,25 +1,19 @@
-"""Child-Tuning F and D: the contract on five architectures, exact masking under AdamW with weight
-decay, one F mask per optimizer step under accumulation, the Fisher pass and the exact top-p
-against independent computations, sparse saving, optimizer memory, bad input, and Trainer use."""
+"""Child-Tuning F and D (contract rows in test_contract.py): exact masking under AdamW with weight
+decay, one F mask per optimizer step under accumulation, drawn from the documented hash, the Fisher
+pass, the exact top-p and the chosen subnetwork against independent computations, sparse saving,
+optimizer memory, bad input, and Trainer use."""
 
+import numpy as np
 import pytest
 import torch
 
 import peftkit
-from contract import FAMILIES, batch_for, check_contract, logits, tiny
+from contract import batch_for, logits, tiny
 from peftkit.errors import ConfigError, DataError
 from peftkit.io import read_tensors
-from peftkit.methods import child_tuning
+from peftkit.methods import child_tuning, child_tuning_subnetwork, sparse_patch
 from peftkit.methods.child_tuning import ChildTuningConfig
-
-D_PARAMS = r"\.values$|classifier|score"
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("mode", ["F", "D"])
-def test_child_tuning_contract(family, mode, tmp_path):
-    trainable = D_PARAMS if mode == "D" else None
-    check_contract(family, ChildTuningConfig(mode=mode), tmp_path, trainable=trainable)
+from peftkit.methods.child_tuning_masks import effective_ratio, keep_mask, keep_threshold
 
 
 def optimizer_state_bytes(optimizer):
@@ -46,23 +40,24 @@ def test_f_masks_exactly_under_adamw_with_weight_decay():
     batch = batch_for("bert", tokenizer)
     config = ChildTuningConfig(mode="F", reserve_ratio=0.3)
     model = peftkit.apply(model, config)
-    hooks = child_tuning.hooks(model, config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    # Masked around torch's own AdamW (the path of any optimizer ChildTuningAdamW cannot replace).
+    optimizer = child_tuning.replace_optimizer(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), one_pass=False
+    )
+    assert type(optimizer) is torch.optim.AdamW
     model.train()
-    for step in range(3):  # later steps carry momentum for entries outside their mask
+    for _ in range(3):  # later steps carry momentum for entries outside their mask
         optimizer.zero_grad()
         model(**batch).loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        hooks.before_optimizer_step(model, step)
-        masks = {n: m.clone() for n, m in child_tuning._state(model).masks.items()}
-        scale = 1 / child_tuning.effective_ratio(0.3)
+        optimizer.step()
+        masks = {n: m.clone() for n, m in child_tuning._state(model).masking.masks.items()}
+        scale = 1 / effective_ratio(0.3)
         assert abs(1 / scale - 0.3) < 1 / 65536
-        for name, parameter in model.named_parameters():
+        for name, parameter in model.named_parameters():  # AdamW stepped on these gradients
             expected = torch.where(masks[name], grads[name] * scale, 0.0)
             torch.testing.assert_close(parameter.grad, expected, atol=0, rtol=0)
-        optimizer.step()
-        hooks.after_optimizer_step(model, step)
         for name, parameter in model.named_parameters():
             keep = masks[name]
             assert torch.equal(parameter.detach()[~keep], before[name][~keep]), name
@@ -73,23 +68,38 @@ def test_f_masks_exactly_under_adamw_with_weight_decay():
         assert abs(share - 0.3) < 0.02
 
 
+def lowbias32_keep(numel: int, seed_hi: int, seed_lo: int, threshold: int) -> np.ndarray:
+    """The documented F mask, written out in numpy uint32 arithmetic (which wraps mod 2^32):
+    entry i kept when the top 16 bits of lowbias32((i ^ seed_hi) + seed_lo) are below threshold."""
+    x = (np.arange(numel, dtype=np.uint32) ^ np.uint32(seed_hi)) + np.uint32(seed_lo)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return (x >> np.uint32(16)) < threshold
+
+
 def test_f_draws_one_mask_per_optimizer_step_under_accumulation():
     model, tokenizer = tiny("gpt2")
     batch = batch_for("gpt2", tokenizer)
     config = ChildTuningConfig(mode="F", reserve_ratio=0.5)
     model = peftkit.apply(model, config)
-    hooks = child_tuning.hooks(model, config)
+    optimizer = child_tuning.hooks(model, config).replace_optimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.0)
+    )
     model.train()
-    for _ in range(2):  # two micro-batches accumulate into .grad before the hook runs
+    for _ in range(2):  # two micro-batches accumulate into .grad before the step masks them
         model(**batch).loss.backward()
     accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
     torch.manual_seed(7)
-    hooks.before_optimizer_step(model, 0)
-    torch.manual_seed(7)  # the same draws, made independently: one per parameter, in order
-    for name, parameter in model.named_parameters():
-        words = torch.empty((parameter.numel() + 3) // 4, dtype=torch.int64)
-        lanes = words.random_(-(2**63), 2**63 - 1).view(torch.int16)[: parameter.numel()]
-        keep = (lanes < 0).view(parameter.shape)  # half of the 16-bit range: p = 0.5 exactly
+    optimizer.step()
+    torch.manual_seed(7)  # the same seeds, drawn independently: two per parameter, in order
+    parameters = dict(model.named_parameters())
+    seeds = torch.randint(0, 2**32, (len(parameters), 2), dtype=torch.int64).tolist()
+    for (name, parameter), (high, low) in zip(parameters.items(), seeds, strict=True):
+        keep = lowbias32_keep(parameter.numel(), high, low, 32768)  # p = 0.5 exactly
+        keep = torch.from_numpy(keep).view(parameter.shape)
         torch.testing.assert_close(parameter.grad, torch.where(keep, accumulated[name] * 2, 0.0))
 
 
@@ -100,11 +110,11 @@ def test_fisher_is_the_mean_squared_gradient():
     batches = [batch_for("bert", tokenizer)] * 2
     second = dict(batches[0], labels=torch.tensor([1, 0, 0]))
     batches = [batches[0], second]
-    candidates = child_tuning.layer_parameters(model)
+    candidates = child_tuning_subnetwork.layer_parameters(model)
     for module in model.modules():  # no dropout, so an independent pass sees the same loss
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    fisher = child_tuning.fisher_information(model, candidates, batches)
+    fisher = child_tuning_subnetwork.fisher_information(model, candidates, batches)
     expected = {n: torch.zeros_like(p) for n, p in candidates.items()}
     for batch in batches:
         grads = torch.autograd.grad(model(**batch).loss, list(candidates.values()))
@@ -127,14 +137,14 @@ def test_top_k_is_exact_against_a_full_sort():
     # Independent reference: a stable descending sort keeps earlier positions first among ties.
     order = torch.sort(flat, descending=True, stable=True).indices
     for k in (1, 17, 100, 200, 413, 450, flat.numel()):
-        masks = child_tuning.top_k_masks(scores, k)
+        masks = child_tuning_subnetwork.top_k_masks(scores, k)
         chosen = torch.cat([m.flatten() for m in masks.values()])
         assert set(chosen.nonzero().flatten().tolist()) == set(order[:k].tolist()), k
 
 
 def test_top_k_breaks_ties_by_position():
     scores = {"a": torch.tensor([0.0, 1.0, 0.0]), "b": torch.tensor([0.0, 2.0])}
-    masks = child_tuning.top_k_masks(scores, 3)
+    masks = child_tuning_subnetwork.top_k_masks(scores, 3)
     assert masks["a"].tolist() == [True, True, False] and masks["b"].tolist() == [False, True]
 
 
@@ -153,9 +163,42 @@ def test_d_keeps_the_top_p_of_the_layers_and_outputs_are_unchanged():
     reference = logits(model, batch)
     model, _ = prepared_d()
     torch.testing.assert_close(logits(model, batch), reference, atol=0, rtol=0)
-    layers = sum(p.numel() for p in child_tuning.layer_parameters(tiny("bert")[0]).values())
+    layers = sum(
+        p.numel() for p in child_tuning_subnetwork.layer_parameters(tiny("bert")[0]).values()
+    )
     kept = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".values"))
     assert kept == round(0.3 * layers)
+
+
+def test_d_chooses_exactly_the_fisher_top_k_computed_independently():
+    """The subnetwork prepare installs is the top k of the layers' Fisher information, computed
+    here with plain autograd and torch.topk over all layer weights at once (issue 16, item 11)."""
+    model, tokenizer = tiny("bert")
+    for module in model.modules():  # no dropout, so both passes see the same losses
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    first = batch_for("bert", tokenizer)
+    batches = [first, dict(first, labels=1 - first["labels"]), dict(first, labels=first["labels"])]
+    layers = {n: p for n, p in model.named_parameters() if n.startswith("bert.encoder.layer.")}
+    squares = {n: torch.zeros_like(p) for n, p in layers.items()}
+    for batch in batches:
+        grads = torch.autograd.grad(model(**batch).loss, list(layers.values()))
+        for name, grad in zip(layers, grads, strict=True):
+            squares[name] += grad * grad
+    flat = torch.cat([(squares[n] / len(batches)).flatten() for n in layers])
+    k = round(0.3 * flat.numel())
+    top = torch.topk(flat, k)
+    assert top.values[-1] > flat.sort(descending=True).values[k]  # no tie at the boundary
+    offsets = dict(zip(layers, np.cumsum([0] + [p.numel() for p in layers.values()]), strict=False))
+
+    config = ChildTuningConfig(mode="D", reserve_ratio=0.3)
+    model = peftkit.apply(model, config)
+    child_tuning.hooks(model, config).prepare(model, batches)
+    chosen = set()
+    for name, (module, attribute) in child_tuning._state(model).patched.items():
+        indices = module.parametrizations[attribute][0].indices.long()
+        chosen.update((indices + int(offsets[name])).tolist())
+    assert chosen == set(top.indices.tolist())
 
 
 def test_d_step_moves_only_the_subnetwork_and_state_scales_with_p():
@@ -208,12 +251,10 @@ def test_f_saves_changed_entries_and_reloads_exactly(tmp_path):
     config = ChildTuningConfig(mode="F", reserve_ratio=0.05)
     model = peftkit.apply(model, config)
     hooks = child_tuning.hooks(model, config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = hooks.replace_optimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
     model.train()
     model(**batch).loss.backward()
-    hooks.before_optimizer_step(model, 0)
     optimizer.step()
-    hooks.after_optimizer_step(model, 0)
     peftkit.save(model, tmp_path / "adapter")
     saved = read_tensors(tmp_path / "adapter")
     base = dict(tiny("llama")[0].named_parameters())
@@ -237,16 +278,14 @@ def test_f_patch_encodings_reload_exactly(ratio, steps, kind, tmp_path):
     config = ChildTuningConfig(mode="F", reserve_ratio=ratio)
     model = peftkit.apply(model, config)
     hooks = child_tuning.hooks(model, config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = hooks.replace_optimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         model(**batch).loss.backward()
-        hooks.before_optimizer_step(model, step)
         optimizer.step()
-        hooks.after_optimizer_step(model, step)
         optimizer.zero_grad()
     if steps > 1:
-        assert child_tuning._state(model).saved_dense  # the untracked path was taken
+        assert child_tuning._state(model).masking.saved_whole  # the untracked path was taken
     peftkit.save(model, tmp_path / "adapter")
     saved = read_tensors(tmp_path / "adapter")
     names = dict(model.named_parameters())
@@ -257,18 +296,28 @@ def test_f_patch_encodings_reload_exactly(ratio, steps, kind, tmp_path):
         assert torch.equal(parameter, names[name]), name
 
 
-def test_bernoulli_mask_keeps_p_on_average():
-    keep = child_tuning.bernoulli_mask(torch.Size([1000, 1000]), 0.3, torch.device("cpu"))
+def draw_mask(numel: int, ratio: float, seeds: tuple[int, int]) -> torch.Tensor:
+    """F's mask of a tensor of `numel` entries, drawn by the torch path."""
+    keep = torch.empty(numel, dtype=torch.bool)
+    scratch = torch.empty(2 * numel, dtype=torch.int64)
+    return keep_mask(0, seeds, keep_threshold(ratio), keep, scratch)
+
+
+def test_keep_mask_keeps_p_on_average_and_is_the_documented_hash():
+    keep = draw_mask(10**6, 0.3, (12345, 678910))
     assert abs(float(keep.float().mean()) - 0.3) < 0.002  # 4.6 standard deviations
-    tiny_share = child_tuning.bernoulli_mask(torch.Size([10**6]), 1e-9, torch.device("cpu"))
+    tiny_share = draw_mask(10**6, 1e-9, (1, 2))
     assert 0 < int(tiny_share.sum()) < 100  # never zero probability (p rounds up to 1/65536)
+    for seeds in ((0, 0), (2**32 - 1, 2**32 - 1), (3_000_000_000, 123)):  # wrap-around sums
+        expected = lowbias32_keep(5000, *seeds, keep_threshold(0.3))
+        assert torch.equal(draw_mask(5000, 0.3, seeds), torch.from_numpy(expected))
 
 
 def test_bit_packing_round_trips():
     mask = torch.rand(1001) < 0.3
-    packed = child_tuning.pack_bits(mask)
+    packed = sparse_patch.pack_bits(mask)
     assert packed.numel() == 126 and packed.dtype == torch.uint8
-    assert torch.equal(child_tuning.unpack_bits(packed, 1001), mask)
+    assert torch.equal(sparse_patch.unpack_bits(packed, 1001), mask)
 
 
 def test_merge_returns_the_plain_model():
@@ -333,6 +382,10 @@ def test_works_inside_a_transformers_trainer(mode, tmp_path):
     hooks = child_tuning.hooks(model, config)
     if hooks.prepare:
         hooks.prepare(model, [batch])  # before the Trainer builds its optimizer
+    optimizer = None  # F: the masking optimizer, built from the one the Trainer would build
+    if hooks.replace_optimizer:
+        adamw = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        optimizer = hooks.replace_optimizer(model, adamw)
     base = dict(tiny("bert")[0].named_parameters())
     calls = []
 
@@ -352,7 +405,10 @@ def test_works_inside_a_transformers_trainer(mode, tmp_path):
         gradient_accumulation_steps=2, learning_rate=1e-2, weight_decay=0.1,
         report_to=[], save_strategy="no", use_cpu=True, logging_strategy="no",
     )  # fmt: skip
-    Trainer(model=model, args=args, train_dataset=Repeat(), callbacks=[Hooks()]).train()
+    Trainer(
+        model=model, args=args, train_dataset=Repeat(), callbacks=[Hooks()],
+        optimizers=(optimizer, None),
+    ).train()  # fmt: skip
     assert calls == ["before", "after"] * 2  # once per optimizer step, not per micro-batch
     after = effective_weights(model)
     changed = sum(int((after[n] != base[n]).sum()) for n in base if n in after)

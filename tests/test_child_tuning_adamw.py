@@ -1,5 +1,6 @@
-"""Child-Tuning F's one-pass AdamW: the same steps as the hooks around torch's AdamW, exact
-masking with weight decay, interchangeable optimizer state, and when it replaces the optimizer."""
+"""Child-Tuning F's one-pass AdamW: the same steps as masking around torch's AdamW, exact masking
+with weight decay, interchangeable optimizer state, when it replaces the optimizer, and the one
+random stream: the compiled kernel and the torch path draw the same masks from the same seeds."""
 
 import copy
 
@@ -10,8 +11,14 @@ from transformers import TrainingArguments
 import peftkit
 from contract import batch_for, tiny
 from peftkit.methods import child_tuning, child_tuning_kernel
-from peftkit.methods.child_tuning import ChildTuningConfig
-from peftkit.methods.child_tuning_adamw import ChildTuningAdamW, replace_optimizer
+from peftkit.methods.child_tuning import ChildTuningConfig, replace_optimizer
+from peftkit.methods.child_tuning_adamw import ChildTuningAdamW
+from peftkit.methods.child_tuning_masks import (
+    effective_ratio,
+    keep_mask,
+    keep_threshold,
+    step_seeds,
+)
 from peftkit.training.trainer import HooksCallback, PeftkitTrainer
 
 
@@ -20,8 +27,13 @@ def _f_model(ratio: float = 0.3, family: str = "gpt2"):
     return peftkit.apply(model, ChildTuningConfig(mode="F", reserve_ratio=ratio)), tokenizer
 
 
-def _steps(model, optimizer, hooks, batch, count: int) -> list[dict[str, torch.Tensor]]:
-    """Train count steps (hooks around the optimizer's step) and return each step's masks."""
+def _masks(model) -> dict[str, torch.Tensor]:
+    """This step's F masks, copied."""
+    return {n: m.clone() for n, m in child_tuning._state(model).masking.masks.items()}
+
+
+def _steps(model, optimizer, batch, count: int) -> list[dict[str, torch.Tensor]]:
+    """Train count steps (the optimizer masks) and return each step's masks."""
     masks = []
     model.train()
     for step in range(count):
@@ -29,10 +41,8 @@ def _steps(model, optimizer, hooks, batch, count: int) -> list[dict[str, torch.T
         torch.manual_seed(step)  # the same dropout in both runs
         model(**batch).loss.backward()
         torch.manual_seed(100 + step)  # the same mask draws
-        hooks.before_optimizer_step(model, step)
         optimizer.step()
-        hooks.after_optimizer_step(model, step)
-        masks.append({n: m.clone() for n, m in child_tuning._state(model).masks.items()})
+        masks.append(_masks(model))
     return masks
 
 
@@ -42,18 +52,17 @@ def chunked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(child_tuning_kernel, "available", lambda parameter: False)
 
 
-def test_one_pass_step_equals_hooks_around_torch_adamw(chunked):
-    """Same gradients, same draws: weights, masks and moments agree with the hooks path."""
+def test_one_pass_step_equals_masking_around_torch_adamw(chunked):
+    """Same gradients, same draws: weights, masks and moments agree with masking around AdamW."""
     reference, tokenizer = _f_model()
     fused = copy.deepcopy(reference)
     batch = batch_for("gpt2", tokenizer)
-    config = child_tuning._state(reference).config
     settings = {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.9, 0.99), "eps": 1e-6}
     plain = torch.optim.AdamW(reference.parameters(), **settings)
+    plain = replace_optimizer(reference, plain, one_pass=False)  # torch's AdamW, masked around
     one_pass = replace_optimizer(fused, torch.optim.AdamW(fused.parameters(), **settings))
-    assert isinstance(one_pass, ChildTuningAdamW)
-    paths = ((reference, plain, child_tuning.hooks(reference, config)),
-             (fused, one_pass, child_tuning.hooks(fused, config)))  # fmt: skip
+    assert isinstance(one_pass, ChildTuningAdamW) and type(plain) is torch.optim.AdamW
+    paths = ((reference, plain), (fused, one_pass))
     reference.train()
     for step in range(4):  # later steps carry momentum for entries outside their mask
         plain.zero_grad()
@@ -62,12 +71,10 @@ def test_one_pass_step_equals_hooks_around_torch_adamw(chunked):
         for mine, theirs in zip(fused.parameters(), reference.parameters(), strict=True):
             mine.grad = theirs.grad.clone()
         masks = []
-        for model, optimizer, hooks in paths:
+        for model, optimizer in paths:
             torch.manual_seed(100 + step)  # the same mask draws
-            hooks.before_optimizer_step(model, step)
             optimizer.step()
-            hooks.after_optimizer_step(model, step)
-            masks.append({n: m.clone() for n, m in child_tuning._state(model).masks.items()})
+            masks.append(_masks(model))
         assert masks[0].keys() == masks[1].keys()
         for name, mask in masks[0].items():
             assert torch.equal(masks[1][name], mask), name
@@ -86,18 +93,17 @@ def test_one_pass_step_leaves_entries_outside_the_mask_exactly():
     model, tokenizer = _f_model(0.3, "bert")
     batch = batch_for("bert", tokenizer)
     hooks = child_tuning.hooks(model, child_tuning._state(model).config)
+    assert not hooks.before_optimizer_step and not hooks.after_optimizer_step  # all in the step
     optimizer = hooks.replace_optimizer(
         model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     )
     model.train()
-    for step in range(3):  # later steps carry momentum for entries outside their mask
+    for _ in range(3):  # later steps carry momentum for entries outside their mask
         optimizer.zero_grad()
         model(**batch).loss.backward()
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        hooks.before_optimizer_step(model, step)  # stands aside: the optimizer masks
         optimizer.step()
-        hooks.after_optimizer_step(model, step)
-        masks = child_tuning._state(model).masks
+        masks = child_tuning._state(model).masking.masks
         for name, parameter in model.named_parameters():
             keep = masks[name]
             assert torch.equal(parameter.detach()[~keep], before[name][~keep]), name
@@ -112,7 +118,7 @@ def test_optimizer_state_interchanges_with_torch_adamw():
     model, tokenizer = _f_model()
     batch = batch_for("gpt2", tokenizer)
     optimizer = replace_optimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
-    _steps(model, optimizer, child_tuning.hooks(model, child_tuning._state(model).config), batch, 2)
+    _steps(model, optimizer, batch, 2)
     saved = optimizer.state_dict()
     plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
     plain.load_state_dict(saved)
@@ -132,22 +138,22 @@ def test_optimizer_state_interchanges_with_torch_adamw():
         lambda params: torch.optim.Adam(params, lr=0.1),
     ],
 )
-def test_other_optimizers_are_kept_and_masked_by_the_hooks(make):
+def test_other_optimizers_are_kept_and_masked_around_their_step(make):
     model, tokenizer = _f_model()
     optimizer = make(model.parameters())
     assert replace_optimizer(model, optimizer) is optimizer
-    assert not child_tuning._state(model).fused
+    assert not isinstance(optimizer, ChildTuningAdamW)
     batch = batch_for("gpt2", tokenizer)
-    hooks = child_tuning.hooks(model, child_tuning._state(model).config)
     model.train()
     model(**batch).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    hooks.before_optimizer_step(model, 0)
     optimizer.step()
-    hooks.after_optimizer_step(model, 0)
+    scale = 1 / effective_ratio(0.3)
     for name, parameter in model.named_parameters():
-        keep = child_tuning._state(model).masks[name]
+        keep = child_tuning._state(model).masking.masks[name]
         assert torch.equal(parameter.detach()[~keep], before[name][~keep]), name
+        assert torch.equal(parameter.grad, torch.where(keep, grads[name] * scale, 0.0)), name
 
 
 def test_full_keep_ratio_and_mode_d_keep_torch_adamw():
@@ -181,7 +187,7 @@ def test_trainer_builds_the_one_pass_optimizer_with_its_parameter_groups(tmp_pat
     optimizer = trainer.optimizer.optimizer  # accelerate's wrapper around it
     assert isinstance(optimizer, ChildTuningAdamW)
     assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.1]
-    masks = child_tuning._state(model).masks
+    masks = child_tuning._state(model).masking.masks
     for name, parameter in model.named_parameters():
         assert torch.equal(parameter.detach()[~masks[name]], base[name][~masks[name]]), name
     changed = sum(int((p.detach() != base[n]).sum()) for n, p in model.named_parameters())
@@ -190,9 +196,9 @@ def test_trainer_builds_the_one_pass_optimizer_with_its_parameter_groups(tmp_pat
 
 def _hyper(lr: float, weight_decay: float, step: int) -> dict[str, float]:
     """The compiled step's settings at p = 0.3, as ChildTuningAdamW builds them."""
-    return {"threshold": child_tuning.lane_threshold(0.3) + 32768, "lr": lr,
+    return {"threshold": keep_threshold(0.3), "lr": lr,
             "weight_decay": weight_decay, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
-            "step": step, "scale": 1 / child_tuning.effective_ratio(0.3)}  # fmt: skip
+            "step": step, "scale": 1 / effective_ratio(0.3)}  # fmt: skip
 
 
 def _adamw_reference(weight, grad, exp_avg, exp_avg_sq, keep, step, hyper):
@@ -217,7 +223,8 @@ def test_compiled_step_is_adamw_on_the_kept_entries_only():
     hyper = _hyper(lr=1e-2, weight_decay=0.1, step=3)
     expected_inputs = [t.clone() for t in (weight, grad, exp_avg, exp_avg_sq)]
     keep = torch.empty(n, dtype=torch.bool)
-    child_tuning_kernel.masked_adamw_step(weight, grad, exp_avg, exp_avg_sq, keep, hyper)
+    seeds = (2_000_000_011, 77)
+    child_tuning_kernel.masked_adamw_step(weight, grad, exp_avg, exp_avg_sq, keep, seeds, hyper)
     assert abs(keep.float().mean().item() - 0.3) < 0.005
     assert torch.equal(grad, expected_inputs[1])  # the gradient is read, not rewritten
     want_weight, want_m, want_v = _adamw_reference(*expected_inputs, keep, 3, hyper)
@@ -237,7 +244,8 @@ def test_compiled_masks_are_fresh_reproducible_and_unbiased():
             torch.manual_seed(seed)
         keep = torch.empty(n, dtype=torch.bool)
         tensors = [torch.zeros(n) for _ in range(4)]
-        child_tuning_kernel.masked_adamw_step(*tensors, keep, hyper)
+        seeds = step_seeds(1, torch.device("cpu"))[0]  # this step's, from torch's generator
+        child_tuning_kernel.masked_adamw_step(*tensors, keep, seeds, hyper)
         return keep
 
     first, second = draw(1), draw()
@@ -267,12 +275,12 @@ def test_compiled_step_runs_inside_the_optimizer_and_masks_exactly():
         model(**batch).loss.backward()
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         optimizer.step()
-        masks = child_tuning._state(model).masks
+        masks = child_tuning._state(model).masking.masks
         for name, parameter in model.named_parameters():
             assert torch.equal(parameter.detach()[~masks[name]], before[name][~masks[name]])
             assert (parameter.detach()[masks[name]] != before[name][masks[name]]).any()
-    touched = child_tuning._state(model).touched
-    counts = child_tuning._state(model).touched_count  # kept as the compiled pass sets them
+    touched = child_tuning._state(model).masking.touched
+    counts = child_tuning._state(model).masking.touched_count  # kept as the compiled pass sets them
     assert counts == {name: int(t.sum()) for name, t in touched.items()}
     share = sum(int(t.sum()) for t in touched.values()) / sum(t.numel() for t in touched.values())
     assert abs(share - (1 - 0.7**3)) < 0.03
@@ -293,11 +301,29 @@ def test_compiled_step_gives_the_same_bits_on_any_thread_count_or_address():
             torch.set_num_threads(thread_count)
             tensors = [torch.empty(n + 8)[offset : offset + n].copy_(v) for v in values]
             keep = torch.empty(n, dtype=torch.bool)
-            torch.manual_seed(3)
-            child_tuning_kernel.masked_adamw_step(*tensors, keep, hyper)
+            child_tuning_kernel.masked_adamw_step(*tensors, keep, (3, 4_000_000_000), hyper)
             results.append([tensors[0], tensors[2], tensors[3], keep])
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
         for mine, first in zip(other, results[0], strict=True):
             assert torch.equal(mine, first)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 1e-9, 0.99999])
+def test_compiled_and_torch_paths_draw_the_same_masks(ratio):
+    """One random stream: for the same seeds, the kernel's masks equal keep_mask's bit for bit
+    (several parallel blocks, a ragged end, chunk boundaries, seeds whose sums wrap)."""
+    n = 300_001
+    hyper = {**_hyper(lr=0.0, weight_decay=0.0, step=1), "threshold": keep_threshold(ratio)}
+    for seeds in ((0, 0), (2**32 - 1, 2**32 - 1), (123_456_789, 3_999_999_999)):
+        compiled = torch.empty(n, dtype=torch.bool)
+        child_tuning_kernel.masked_adamw_step(
+            *[torch.zeros(n) for _ in range(4)], compiled, seeds, hyper
+        )
+        drawn = torch.empty(n, dtype=torch.bool)
+        scratch = torch.empty(2 * 1000, dtype=torch.int64)
+        for start in range(0, n, 1000):  # chunked, as the torch paths draw
+            stop = min(start + 1000, n)
+            keep_mask(start, seeds, hyper["threshold"], drawn[start:stop], scratch)
+        assert torch.equal(compiled, drawn), seeds

@@ -36,11 +36,28 @@ def test_compare_two_methods_writes_table_json_csv_and_chart(tmp_path, capsys):
     assert [r["method"] for r in results] == ["lora", "full-ft"]
     assert all(r["steps"] == 3 for r in results)  # the quick budget applied to both
     lora, full = results
+    assert lora["method_section"] == {"name": "lora", "rank": 2}  # what ran, for recommend
     assert lora["trainable_parameters"] < full["trainable_parameters"]
     assert full["trainable_percent"] == pytest.approx(100.0)
     table = list(csv.reader((tmp_path / "out" / "compare.csv").open()))
     assert table[0][0] == "method" and len(table) == 3
     assert (tmp_path / "out" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A rerun into the same folder is refused before anything runs, and touches nothing.
+    out = tmp_path / "out"
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert main(["compare", str(plan), "--quick", "--output-dir", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "already holds runs of lora, full-ft" in error and "--overwrite" in error
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    # With --overwrite it reruns (here one entry) and replaces that entry's run.
+    (out / "lora" / "summary.json").write_text('{"earlier": true}')
+    again = [str(plan), "--quick", "--output-dir", str(out), "--overwrite", "--methods", "lora"]
+    assert main(["compare", *again]) == 0
+    assert json.loads((out / "lora" / "summary.json").read_text())["steps"] == 3
+    assert [r["method"] for r in json.loads((out / "compare.json").read_text())] == ["lora"]
+    assert not (out / "lora.previous").exists()
 
 
 def test_plan_errors_name_the_problem(tmp_path):

@@ -4,6 +4,11 @@ seed); another seed gives another adapter."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_runs import adapter_tensors, write_recipe
@@ -36,3 +41,36 @@ def test_another_seed_gives_another_adapter(tmp_path):
     assert main(["train", str(recipe), *other]) == 0
     first, second = adapter_tensors(tmp_path / "first"), adapter_tensors(tmp_path / "other")
     assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_first_child_tuning_f_step_keeps_torchs_thread_count():
+    """numba's thread pool starts at the first compiled step and (OpenMP layer) used to reset the
+    OpenMP thread count torch shares to every core, undoing `training.threads` for the rest of the
+    process: the first F run in a process then differed from later ones. A fresh process, since
+    the pool starts once per process."""
+    script = textwrap.dedent(
+        """
+        import torch
+        torch.set_num_threads(1)
+        import peftkit
+        from contract import batch_for, tiny
+        from peftkit.methods.child_tuning import ChildTuningConfig
+        model, tokenizer = tiny("bert")
+        config = ChildTuningConfig(mode="F")
+        model = peftkit.apply(model, config)
+        hooks = peftkit.api.applied(model).method.hooks(model, config)
+        optimizer = hooks.replace_optimizer(model, torch.optim.AdamW(model.parameters()))
+        model(**batch_for("bert", tokenizer)).loss.backward()
+        optimizer.step()
+        print(torch.get_num_threads())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "1"

@@ -1,16 +1,23 @@
-"""The memory estimator against exact parameter counts, the ZeRO paper's bytes per parameter, and
-the measured peak of real training steps on small models (CPU, torch.profiler allocation events)."""
+"""The memory estimator against the measured peak of real training steps on small models (CPU,
+torch.profiler allocation events), against parameter counts of real models with the method
+applied, and against closed forms (the ZeRO paper's bytes per parameter, LoRA's r (in + out))."""
 
 import json
 
-import peft
 import pytest
 import torch
 import transformers
-from torch.profiler import ProfilerActivity, profile
+from made_up_method import register
 
-from peftkit.errors import ConfigError
-from peftkit.estimate import NF4_BYTES, estimate, main_table
+import peftkit
+from peftkit.api import applied
+from peftkit.cli import main
+from peftkit.errors import ConfigError, TargetError
+from peftkit.memory.estimate import NF4_BYTES, estimate
+from peftkit.memory.step_peak import step_peak_bytes
+from peftkit.memory.table import markdown_table, side_by_side, title
+from peftkit.models import load_model
+from peftkit.registry import method_names
 
 MIB = 2**20
 
@@ -25,7 +32,25 @@ def small_config(family: str) -> transformers.PretrainedConfig:
     )  # fmt: skip
 
 
-def real_model(family: str, method: str, checkpointing: bool) -> torch.nn.Module:
+def causal_batch(batch_size: int, seq_len: int, vocab: int = 2000) -> dict[str, torch.Tensor]:
+    """Random token ids with themselves as labels (a seeded draw)."""
+    ids = torch.randint(3, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "labels": ids}
+
+
+def prepared(model: torch.nn.Module, section: dict, batches: list[dict]) -> torch.nn.Module:
+    """peftkit.apply with a method section, then the method's prepare hook on real batches, as
+    training runs them (Child-Tuning D's Fisher pass chooses its subnetwork there)."""
+    options = dict(section)
+    tuned = peftkit.apply(model, options.pop("name"), **options)
+    state = applied(tuned)
+    prepare = state.method.hooks(tuned, state.config).prepare
+    if prepare is not None:
+        prepare(tuned, batches)
+    return tuned
+
+
+def real_model(family: str, section: dict, checkpointing: bool) -> torch.nn.Module:
     """The small model on CPU with random weights, set up to train with one method."""
     torch.manual_seed(0)
     config = small_config(family)
@@ -33,96 +58,106 @@ def real_model(family: str, method: str, checkpointing: bool) -> torch.nn.Module
     model = transformers.AutoModelForCausalLM.from_config(config)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if method == "lora":
-        targets = ["c_attn"] if family == "gpt2" else ["q_proj", "v_proj"]
-        lora = peft.LoraConfig(r=8, target_modules=targets, lora_dropout=0.05)
-        model = peft.get_peft_model(model, lora)
-    elif method == "bitfit":
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(name.endswith("bias"))
-    elif method == "prompt-tuning":
-        prompt = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)
-        model = peft.get_peft_model(model, prompt)
-    return model.train()
-
-
-def live_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind some tensors."""
-    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
-def measured_peak(model: torch.nn.Module, batch_size: int, seq_len: int) -> int:
-    """Peak bytes of live tensors during one AdamW training step.
-
-    CPU has no max_memory_allocated, so: run one step first (the optimizer makes its state), count
-    what is live before the second step exactly (parameters and optimizer state), then add the
-    peak of the running sum of the allocation and free events the profiler records in the second
-    step. Allocation sizes do not depend on timing, so the number repeats run to run."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    ids = torch.randint(3, 2000, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
-
-    def step() -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()
-    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    before = live_bytes([*model.parameters(), *state])
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        step()
-    events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
-    running = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        running += event.nbytes()
-        peak = max(peak, running)
-    return before + peak
+    return prepared(model, section, [causal_batch(2, 32)])
 
 
 @pytest.mark.parametrize(
-    "family,method,checkpointing",
+    "family,section,checkpointing",
     [
-        ("llama", "full", False),
-        ("llama", "lora", False),
-        ("llama", "full", True),
-        ("llama", "lora", True),
-        ("llama", "prompt-tuning", False),
-        ("gpt2", "full", False),
-        ("gpt2", "bitfit", False),
+        ("llama", {"name": "full"}, False),
+        ("llama", {"name": "lora"}, False),
+        ("llama", {"name": "full"}, True),
+        ("llama", {"name": "lora"}, True),
+        ("llama", {"name": "prompt_tuning"}, False),
+        ("llama", {"name": "prefix_tuning"}, False),
+        ("llama", {"name": "bottleneck"}, False),
+        ("llama", {"name": "dora"}, False),
+        ("llama", {"name": "child_tuning", "mode": "D"}, False),
+        ("gpt2", {"name": "full"}, False),
+        ("gpt2", {"name": "bitfit", "bias_groups": ["feed_forward"]}, False),
     ],
 )
-def test_estimate_within_15_percent_of_measured_peak(family, method, checkpointing):
+def test_estimate_within_15_percent_of_measured_peak(family, section, checkpointing):
     batch_size, seq_len = 4, 128
-    measured = measured_peak(real_model(family, method, checkpointing), batch_size, seq_len)
+    model = real_model(family, section, checkpointing)
+    measured = step_peak_bytes(model, causal_batch(batch_size, seq_len))
     estimated = estimate(
-        small_config(family), method, batch_size, seq_len, "fp32", checkpointing
+        small_config(family), section, batch_size, seq_len, "fp32", checkpointing
     ).total
     assert abs(estimated - measured) / measured < 0.15, (estimated / MIB, measured / MIB)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_parameter_counts_match_the_real_model(family):
-    model = transformers.AutoModelForCausalLM.from_config(small_config(family))
-    real = sum(p.numel() for p in model.parameters())  # tied weights count once
-    assert estimate(small_config(family), "full", dtype="fp32").total_parameters == real
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
-    trainable, _ = lora.get_nb_trainable_parameters()
-    found = estimate(small_config(family), "lora", lora_rank=4, lora_targets="all-linear")
-    assert found.trainable_parameters == trainable
+def _tiny_batches(task: str) -> list[dict[str, torch.Tensor]]:
+    """Two batches for the tiny models' prepare hooks (byte-level ids under 260)."""
+    ids = torch.randint(4, 260, (4, 12), generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 0, 1]) if task == "classification" else ids
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}] * 2
+
+
+@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize(
+    "model,task", [("tiny-bert", "classification"), ("tiny-gpt2", "causal-lm")]
+)
+def test_parameter_counts_equal_the_method_applied_to_the_real_model(name, model, task):
+    # The independent path: real weights, peftkit.apply, the prepare hook on real batches.
+    real, _ = load_model(model, task)
+    counts = peftkit.summary(prepared(real, {"name": name}, _tiny_batches(task)))
+    found = estimate(model, name, 2, 16, "fp32", task=task)
+    assert found.trainable_parameters == counts.trainable
+    assert found.total_parameters == counts.total
+    assert found.added_parameters == counts.total - sum(
+        p.numel() for p in load_model(model, task)[0].parameters()
+    )
 
 
 def test_llama_7b_parameter_count_is_the_published_one():
     assert estimate("llama-7b", "full").total_parameters == 6_738_415_616
 
 
-def test_bitfit_counts_gpt2_biases_in_closed_form():
+def test_lora_options_change_the_count_by_r_times_in_plus_out():
+    config = small_config("llama")
+    layers, hidden, inner = 4, 256, 688
+    default = estimate(config, "lora").trainable_parameters
+    assert default == layers * 2 * 8 * (hidden + hidden)  # q and v, r = 8
+    rank_16 = estimate(config, {"name": "lora", "rank": 16}).trainable_parameters
+    assert rank_16 - default == layers * 2 * 8 * (hidden + hidden)
+    every = estimate(config, {"name": "lora", "rank": 4, "target_modules": "all-linear"})
+    # q, k, v, o: hidden -> hidden; gate and up: hidden -> inner; down: inner -> hidden.
+    per_layer = 4 * (hidden + hidden) + 3 * (hidden + inner)
+    assert every.trainable_parameters == layers * 4 * per_layer
+
+
+def test_bitfit_counts_only_the_chosen_bias_group():
     hidden, layers = 256, 4
-    # Per layer: c_attn 3h, attention c_proj h, c_fc 4h, mlp c_proj h, two layer norms h each.
-    expected = layers * (3 + 1 + 4 + 1 + 2) * hidden + hidden  # plus the final layer norm
-    assert estimate(small_config("gpt2"), "bitfit").trainable_parameters == expected
-    assert estimate(small_config("llama"), "bitfit").trainable_parameters == 0
+    # GPT-2's feed-forward biases: c_fc (4h) and the MLP's c_proj (h) in each layer.
+    found = estimate(small_config("gpt2"), {"name": "bitfit", "bias_groups": ["feed_forward"]})
+    assert found.trainable_parameters == layers * (4 + 1) * hidden
+    # Every bias: c_attn 3h, attention c_proj h, c_fc 4h, MLP c_proj h, two layer norms h each,
+    # plus the final layer norm.
+    every = estimate(small_config("gpt2"), "bitfit")
+    assert every.trainable_parameters == layers * (3 + 1 + 4 + 1 + 2) * hidden + hidden
+    assert found.added_parameters == every.added_parameters == 0
+
+
+def test_bitfit_refuses_a_model_without_biases_through_its_own_check():
+    with pytest.raises(TargetError, match="no bias"):
+        estimate(small_config("llama"), "bitfit")
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.1])
+def test_child_tuning_d_trains_its_share_of_the_layer_stack_plus_the_head(ratio):
+    hidden, inner, layers = 32, 64, 2  # tiny-bert
+    # Per layer: q, k, v and the attention output (h x h + h), two layer norms (2h each), the
+    # intermediate (h x inner + inner) and output (inner x h + h) projections.
+    per_layer = 4 * (hidden * hidden + hidden) + 2 * 2 * hidden + (hidden * inner + inner)
+    per_layer += inner * hidden + hidden
+    head = hidden * 2 + 2  # the classifier, two labels
+    section = {"name": "child_tuning", "mode": "D", "reserve_ratio": ratio}
+    found = estimate("tiny-bert", section, 1, 16, task="classification")
+    assert found.trainable_parameters == round(ratio * layers * per_layer) + head
+    full = estimate("tiny-bert", "full", 1, 16, task="classification")
+    f_mode = estimate("tiny-bert", {"name": "child_tuning", "mode": "F"}, 1, 16)
+    assert f_mode.trainable_parameters == full.trainable_parameters == full.total_parameters
 
 
 @pytest.mark.parametrize("dtype,per_parameter", [("bf16-mixed", 16), ("fp32", 16), ("bf16", 8)])
@@ -132,21 +167,24 @@ def test_full_fine_tuning_bytes_per_parameter_follow_the_zero_paper(dtype, per_p
 
 
 def test_lora_model_states_in_closed_form():
-    found = estimate(small_config("llama"), "lora", dtype="bf16-mixed", lora_rank=8)
-    layers, hidden = 4, 256
-    lora = layers * 2 * 8 * (hidden + hidden)  # q and v, each r x (in + out)
+    found = estimate(small_config("llama"), "lora", dtype="bf16-mixed")
+    lora = 4 * 2 * 8 * (256 + 256)  # q and v, each r x (in + out)
+    assert found.trainable_parameters == found.added_parameters == lora
     base = found.total_parameters - lora
-    assert found.trainable_parameters == lora
     assert found.model_states == 2 * base + 16 * lora  # frozen bf16 + ZeRO's 16 per trainable
 
 
-def test_qlora_stores_linear_weights_in_four_bits():
+def test_nf4_stores_any_methods_frozen_linear_weights_in_four_bits():
     config = small_config("llama")
-    found = estimate(config, "qlora", dtype="bf16-mixed")
     linear = 4 * (4 * 256 * 256 + 3 * 256 * 688)  # attention q, k, v, o and the MLP, per layer
-    other = found.total_parameters - found.trainable_parameters - linear
-    expected = linear * NF4_BYTES + other * 2 + found.trainable_parameters * 2
-    assert found.weights == pytest.approx(expected)
+    for section in ("lora", {"name": "prefix_tuning"}):
+        found = estimate(config, section, 1, 128, "bf16-mixed", quantization="nf4")
+        other = found.frozen_parameters - linear
+        expected = linear * NF4_BYTES + other * 2 + found.trainable_parameters * 2
+        assert found.weights == pytest.approx(expected)
+    # Full fine-tuning freezes nothing, so nothing is stored in 4 bits.
+    full = estimate(config, "full", dtype="bf16-mixed", quantization="nf4")
+    assert full.weights == estimate(config, "full", dtype="bf16-mixed").weights
 
 
 def test_activations_grow_linearly_with_batch_and_checkpointing_saves():
@@ -158,43 +196,92 @@ def test_activations_grow_linearly_with_batch_and_checkpointing_saves():
     assert saved.activations < two.activations / 2
 
 
+def test_a_soft_prompt_lengthens_the_sequence_in_the_pass():
+    config, tokens = small_config("llama"), 20
+    plain = estimate(config, "lora", 2, 64, "fp32")
+    prompted = estimate(config, {"name": "prompt_tuning", "num_virtual_tokens": tokens}, 2, 64,
+                        "fp32")  # fmt: skip
+    # fp32 gradients of the log-softmax and the logits, over the lengthened sequence
+    assert prompted.loss_workspace == 2 * 2 * (64 + tokens) * 2000 * 4
+    assert plain.loss_workspace == 2 * 2 * 64 * 2000 * 4
+    assert f"to {64 + tokens} positions" in " ".join(prompted.notes)
+
+
+def test_a_method_is_given_as_a_name_a_section_or_a_config_object():
+    config = small_config("llama")
+    by_name = estimate(config, "lora").total
+    assert estimate(config, {"name": "lora", "rank": 8}).total == by_name
+    assert estimate(config, peftkit.LoraConfig()).total == by_name
+    assert estimate(config, peftkit.LoraConfig(rank=4)).label == "lora (rank=4)"
+
+
+def test_a_method_registered_elsewhere_is_estimated_without_touching_the_estimator(monkeypatch):
+    register(monkeypatch)
+    hidden, layers = 256, 4
+    found = estimate(small_config("llama"), "norms_only")
+    assert found.trainable_parameters == layers * 2 * hidden + hidden  # two norms a layer + final
+    inner = estimate(small_config("llama"), {"name": "norms_only", "include_final": False})
+    assert inner.trainable_parameters == layers * 2 * hidden
+
+
+def test_the_same_estimate_twice_is_the_same_to_the_byte():
+    # DoRA drops the graph of its weight norms during the pass; what that graph saved is freed,
+    # and a new tensor may take a freed storage's address: neither may change the count.
+    runs = {estimate(small_config("llama"), "dora", 2, 64, "fp32").activations for _ in range(3)}
+    assert len(runs) == 1
+
+
 def test_config_sources(tmp_path):
     config = small_config("llama")
     config.save_pretrained(tmp_path)
     by_object = estimate(config, "lora").total
     assert estimate(str(tmp_path / "config.json"), "lora").total == by_object
     assert estimate(tmp_path, "lora").total == by_object
-    assert estimate("tiny-gpt2", "full").total_parameters > 0
+    assert estimate("tiny-gpt2", "full", 1, 64).total_parameters > 0
 
 
 def test_report_formats():
-    found = estimate(small_config("llama"), "lora", dtype="bf16-mixed")
+    found = estimate(small_config("llama"), {"name": "lora", "rank": 4}, dtype="bf16-mixed")
     text = str(found)
-    for row in ("weights", "gradients", "optimizer (AdamW)", "activations", "peak"):
+    for row in ("weights", "gradients", "optimizer (AdamW)", "activations", "peak", "rank=4"):
         assert row in text
     data = json.loads(json.dumps(found.as_dict()))
     assert data["bytes"]["total"] == int(found.total)
     assert data["trainable_parameters"] == found.trainable_parameters
+    assert data["method"] == "lora" and data["method_options"]["rank"] == 4
+    assert data["task"] == "causal-lm"
 
 
-def test_main_table_for_llama_7b():
-    table = main_table("llama-7b")
-    assert "6,738,415,616" in table
-    assert table.count("16.00 B") == 2  # full fine-tuning, mixed precision and fp32
+def test_side_by_side_table_for_llama_7b():
+    estimates = side_by_side("llama-7b", ["full", "lora"])
+    assert "6,738,415,616" in title(estimates)
+    assert markdown_table(estimates).count("16.00 B") == 2  # full: mixed precision and fp32
 
 
 @pytest.mark.parametrize(
-    "options,message",
+    "options,error,message",
     [
-        ({"config": "no-such-model"}, "Cannot find a model config"),
-        ({"method": "adapters"}, "Unknown method 'adapters'"),
-        ({"dtype": "int8"}, "Unknown dtype 'int8'"),
-        ({"batch_size": 0}, "must be at least 1"),
+        ({"model": "no-such-model"}, ConfigError, "Cannot find a model config"),
+        ({"method": "adapters"}, ConfigError, "Unknown method 'adapters'"),
+        ({"method": "lorra"}, ConfigError, "Did you mean 'lora'"),
+        ({"method": {"name": "lora", "rnak": 4}}, ConfigError, "Did you mean 'rank'"),
+        ({"method": {"rank": 4}}, ConfigError, "needs a 'name'"),
+        ({"method": object()}, ConfigError, "not the config of any registered method"),
+        ({"dtype": "int8"}, ConfigError, "Unknown dtype 'int8'"),
+        ({"quantization": "int3"}, ConfigError, "Unknown quantization 'int3'"),
+        ({"batch_size": 0}, ConfigError, "must be at least 1"),
+        (
+            {"model": "tiny-gpt2", "task": "seq2seq"},
+            ConfigError,
+            "cannot serve task type 'seq2seq'",
+        ),
+        ({"model": "tiny-gpt2", "seq_len": 300}, ConfigError, "longer than the 256 positions"),
+        ({"task": "summarise"}, ConfigError, "Unknown task type"),
     ],
 )
-def test_bad_input(options, message):
-    arguments = {"config": small_config("llama"), **options}
-    with pytest.raises(ConfigError, match=message):
+def test_bad_input(options, error, message):
+    arguments = {"model": small_config("llama"), "method": "lora", **options}
+    with pytest.raises(error, match=message):
         estimate(**arguments)
 
 
@@ -216,3 +303,41 @@ def test_eager_attention_stores_the_probabilities():
     probabilities = layers * heads * seq * seq * 4
     fused_only = layers * seq * hidden * 4 + layers * heads * seq * 4
     assert eager - fused >= probabilities - fused_only
+
+
+def test_estimate_command_takes_a_method_and_its_options(tmp_path, capsys):
+    out = tmp_path / "e.json"
+    args = ["estimate", "--model", "llama-7b", "--method", "lora", "--set", "method.rank=16",
+            "--set", "method.target_modules=[q_proj]", "--output", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert "optimizer (AdamW)" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["trainable_parameters"] == 32 * 16 * (4096 + 4096)  # q only, r = 16
+    assert main(["estimate", "--method", "{name: lora, rank: 16}", "--model", "tiny-llama"]) == 0
+
+
+def test_estimate_command_reads_a_recipe(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: tiny-bert\ntask: {type: classification, dataset: amazon-reviews, max_length: 24}\n"
+        "method: {name: lora, rank: 2}\ntraining: {batch_size: 3}\n"
+    )
+    out = tmp_path / "e.json"
+    assert main(["estimate", "--recipe", str(recipe), "--output", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert (saved["model"], saved["task"], saved["method_options"]["rank"]) == (
+        "tiny-bert", "classification", 2,
+    )  # fmt: skip
+    assert (saved["batch_size"], saved["seq_len"], saved["precision"]) == (3, 24, "fp32")
+    assert main(["estimate", "--recipe", str(recipe), "--set", "method.rank=4", "--output",
+                 str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["method_options"]["rank"] == 4
+
+
+def test_estimate_command_errors(capsys):
+    assert main(["estimate", "--model", "tiny-llama"]) == 2
+    assert "Say which method" in capsys.readouterr().err
+    assert main(["estimate", "--method", "lora", "--set", "training.batch_size=2"]) == 2
+    assert "method options only" in capsys.readouterr().err
+    assert main(["estimate", "--method", "lora", "--method", "full"]) == 2
+    assert "--table" in capsys.readouterr().err

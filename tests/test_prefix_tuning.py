@@ -1,5 +1,6 @@
-"""Prefix tuning: the contract on five families, PEFT reading our files, a closed-form reference
-(a prefix that is the KV cache of real text), the MLP fold, grouped-query layout, bad input."""
+"""Prefix tuning (contract rows, PEFT reading our files: test_contract.py): peftkit reading PEFT's
+files, a closed-form reference (a prefix that is the KV cache of real text), the MLP fold,
+grouped-query layout, bad input."""
 
 import peft
 import pytest
@@ -7,22 +8,10 @@ import torch
 import transformers
 
 import peftkit
-from contract import FAMILIES, batch_for, check_contract, tiny
+from contract import FAMILIES, batch_for, tiny
 from peftkit.errors import AdapterError, ConfigError, DataError, TargetError
 from peftkit.methods.prefix_tuning import PrefixTuningConfig, fold
 from peftkit.models import tiny_config
-
-TRAINABLE = r"^virtual\.|classifier|score"
-PEFT_FAMILIES = ["gpt2", "llama", "qwen2", "t5"]  # PEFT refuses prefix tuning for BERT encoders
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("mlp", [None, 16], ids=["direct", "mlp"])
-def test_prefix_tuning_contract(family, mlp, tmp_path):
-    config = PrefixTuningConfig(num_virtual_tokens=4, encoder_hidden_size=mlp)
-    check_contract(
-        family, config, tmp_path, trainable=TRAINABLE, unchanged_at_init=False, mergeable=False
-    )
 
 
 def _stepped(family: str, mlp: int | None = None) -> tuple[torch.nn.Module, dict]:
@@ -35,22 +24,6 @@ def _stepped(family: str, mlp: int | None = None) -> tuple[torch.nn.Module, dict
     model(**batch).loss.backward()
     optimizer.step()
     return model.eval(), batch
-
-
-@pytest.mark.parametrize("family", PEFT_FAMILIES)
-def test_peft_loads_our_files_and_agrees(family, tmp_path):
-    model, batch = _stepped(family, mlp=8)
-    peftkit.save(model, tmp_path / "adapter")
-    fresh, _ = tiny(family)
-    theirs = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
-    with torch.no_grad():
-        ours, reference = model(**batch), theirs(**batch)
-    if FAMILIES[family] == "causal-lm":
-        real = batch["attention_mask"].bool()
-        torch.testing.assert_close(ours.logits[real], reference.logits[real], atol=1e-5, rtol=0)
-    else:
-        torch.testing.assert_close(ours.logits, reference.logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(ours.loss, reference.loss, atol=1e-5, rtol=1e-5)
 
 
 def test_save_pretrained_writes_the_adapter_not_the_base(tmp_path):

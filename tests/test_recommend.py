@@ -1,12 +1,15 @@
-"""peftkit.recommend: budgets, ranking by measured compare results, and refusals."""
+"""peftkit.memory.recommend: budgets, ranking by measured compare results (only those measured on
+the same model and task), refusals, and every registered method taken from the registry."""
 
 import json
 
 import pytest
+from made_up_method import register
 
 from peftkit.errors import ConfigError
+from peftkit.memory.estimate import estimate
+from peftkit.memory.recommend import GIB, parse_memory, recommend
 from peftkit.models import load_model
-from peftkit.recommend import GIB, parse_memory, recommend
 
 
 def test_memory_budgets_are_read_with_their_units() -> None:
@@ -69,18 +72,25 @@ def test_an_unknown_method_suggests_the_nearest() -> None:
         recommend("8GiB", "tiny-bert", "classification", methods=["lorra"], compare=None)
 
 
-def _compare_json(path, entries) -> str:  # noqa: ANN001
-    rows = [{"method": label, "model": "tiny-bert", "metric": metric, "metric_after": value,
-             "tokens_per_second": 100.0} for label, metric, value in entries]  # fmt: skip
+def _compare_json(path, entries, model="tiny-bert", task="classification") -> str:  # noqa: ANN001
+    """A compare.json as `peftkit compare` writes it: label, method section, model, task, result."""
+    rows = [{"method": label, "method_section": section, "model": model, "task": task,
+             "metric": metric, "metric_after": value, "tokens_per_second": 100.0}
+            for label, section, metric, value in entries]  # fmt: skip
     rows.append({"method": "prompt_tuning", "failed": True, "error": "boom", "log": "x.log"})
     path.write_text(json.dumps(rows))
     return str(path)
 
 
+def _ran(name: str, **options) -> dict:  # noqa: ANN003
+    return {"name": name, **options}
+
+
 def test_methods_that_fit_are_ranked_by_measured_quality(tmp_path) -> None:  # noqa: ANN001
     compare = _compare_json(tmp_path / "compare.json", [
-        ("lora", "accuracy", 0.80), ("full", "accuracy", 0.85), ("bitfit", "accuracy", 0.82),
-        ("child_tuning_f", "accuracy", 0.83),
+        ("lora", _ran("lora"), "accuracy", 0.80), ("full", _ran("full"), "accuracy", 0.85),
+        ("bitfit", _ran("bitfit"), "accuracy", 0.82),
+        ("ct_f", _ran("child_tuning", mode="F"), "accuracy", 0.83),
     ])  # fmt: skip
     methods = ["full", "lora", "bitfit", "child_tuning", "prompt_tuning"]
     result = recommend("64GiB", "tiny-bert", "classification", batch_size=2, seq_len=16,
@@ -88,22 +98,84 @@ def test_methods_that_fit_are_ranked_by_measured_quality(tmp_path) -> None:  # n
     assert result.basis == "measured"
     labels = [r["label"] for r in result.fitting]
     # Measured first, best accuracy first; the failed run (prompt_tuning) counts as unmeasured.
-    assert labels == ["full", "child_tuning_f", "bitfit", "lora", "prompt_tuning"]
+    assert labels == ["full", "ct_f", "bitfit", "lora", "prompt_tuning"]
     assert result.fitting[0]["why"].startswith("measured accuracy 0.8500")
     assert "measured accuracy" in result.table
+    # The label's own method section is what is estimated: Child-Tuning F trains every weight.
+    by_label = {r["label"]: r for r in result.records}
+    assert by_label["ct_f"]["trainable_parameters"] == by_label["full"]["trainable_parameters"]
 
 
 def test_a_loss_metric_ranks_lowest_first(tmp_path) -> None:  # noqa: ANN001
-    compare = _compare_json(tmp_path / "compare.json",
-                            [("full", "eval_loss", 1.5), ("lora", "eval_loss", 1.2)])  # fmt: skip
+    compare = _compare_json(tmp_path / "compare.json", [
+        ("full", _ran("full"), "eval_loss", 1.5), ("lora", _ran("lora"), "eval_loss", 1.2),
+    ])  # fmt: skip
     result = recommend("64GiB", "tiny-bert", "classification", batch_size=2, seq_len=16,
                        methods=["full", "lora"], compare=compare)  # fmt: skip
     assert [r["label"] for r in result.fitting] == ["lora", "full"]
 
 
+def test_results_from_another_model_or_task_are_set_aside_with_a_note(tmp_path) -> None:  # noqa: ANN001
+    entries = [("lora", _ran("lora"), "accuracy", 0.9), ("full", _ran("full"), "accuracy", 0.5)]
+    settings = {"batch_size": 2, "seq_len": 16, "methods": ["full", "lora"]}
+    for model, task in [("minilm", "classification"), ("tiny-llama", "causal-lm")]:
+        compare = _compare_json(tmp_path / "compare.json", entries, model=model, task=task)
+        result = recommend("64GiB", "tiny-llama", "classification", compare=compare, **settings)
+        assert result.basis == "estimated"
+        assert all(r["measured"] is None for r in result.records)
+        note = next(n for n in result.notes if n.startswith("set aside"))
+        assert f"{model} ({task})" in note and "tiny-llama (classification)" in note
+        # ranked by the estimate alone: full fine-tuning trains more
+        assert [r["label"] for r in result.fitting] == ["full", "lora"]
+    same = _compare_json(tmp_path / "compare.json", entries, model="tiny-llama")
+    result = recommend("64GiB", "tiny-llama", "classification", compare=same, **settings)
+    assert result.basis == "measured"
+    assert [r["label"] for r in result.fitting] == ["lora", "full"]
+
+
+def test_a_label_is_never_read_as_a_method_name(tmp_path) -> None:  # noqa: ANN001
+    # An entry that records no method section: its run folder's recipe.yaml says what ran ...
+    compare = tmp_path / "compare.json"
+    rows = [{"method": label, "model": "tiny-bert", "task": "classification",
+             "metric": "accuracy", "metric_after": value, "tokens_per_second": 1.0}
+            for label, value in [("lora_r2", 0.9), ("bitfit_x", 0.8)]]  # fmt: skip
+    compare.write_text(json.dumps(rows))
+    (tmp_path / "lora_r2").mkdir()
+    (tmp_path / "lora_r2" / "recipe.yaml").write_text("method: {name: lora, rank: 2}\n")
+    result = recommend("64GiB", "tiny-bert", "classification", batch_size=2, seq_len=16,
+                       methods=["lora", "bitfit"], compare=compare)  # fmt: skip
+    by_label = {r["label"]: r for r in result.records}
+    assert by_label["lora_r2"]["method_section"] == {"name": "lora", "rank": 2}
+    assert by_label["lora_r2"]["measured"]["value"] == 0.9
+    # ... and without either, its label's prefix is not taken for a method: it is set aside.
+    assert "bitfit_x" not in by_label and by_label["bitfit"]["measured"] is None
+    assert any("bitfit_x" in note and "unknown" in note for note in result.notes)
+
+
+def test_trainable_parameters_are_what_each_method_really_trains() -> None:
+    result = recommend("64GiB", "tiny-bert", "classification", batch_size=2, seq_len=16,
+                       compare=None)  # fmt: skip
+    by_method = {r["method"]: r for r in result.records}
+    for name in ("child_tuning", "full", "lora"):
+        expected = estimate("tiny-bert", name, 2, 16, "fp32", task="classification")
+        assert by_method[name]["trainable_parameters"] == expected.trainable_parameters
+    # Child-Tuning D (the default mode) trains its 30% share, not every weight.
+    child, full = by_method["child_tuning"], by_method["full"]
+    assert child["trainable_parameters"] < 0.35 * full["trainable_parameters"]
+
+
+def test_a_method_registered_elsewhere_is_recommended(monkeypatch) -> None:  # noqa: ANN001
+    register(monkeypatch)
+    result = recommend("64GiB", "tiny-llama", "causal-lm", batch_size=2, seq_len=16,
+                       compare=None)  # fmt: skip
+    made_up = next(r for r in result.records if r["method"] == "norms_only")
+    assert made_up["fits"] and made_up["trainable_parameters"] == 2 * 2 * 32 + 32
+
+
 def test_the_best_measured_method_is_left_out_when_it_does_not_fit(tmp_path) -> None:  # noqa: ANN001
-    compare = _compare_json(tmp_path / "compare.json",
-                            [("full", "accuracy", 0.9), ("lora", "accuracy", 0.8)])  # fmt: skip
+    compare = _compare_json(tmp_path / "compare.json", [
+        ("full", _ran("full"), "accuracy", 0.9), ("lora", _ran("lora"), "accuracy", 0.8),
+    ])  # fmt: skip
     settings = {"batch_size": 2, "seq_len": 16, "methods": ["full", "lora"], "compare": compare}
     roomy = recommend("64GiB", "tiny-bert", "classification", **settings)
     peaks = {r["method"]: r["peak_gib"] * GIB for r in roomy.records}

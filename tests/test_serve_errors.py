@@ -1,7 +1,7 @@
 """Every bad request gets a 4xx with OpenAI's error body, and the server goes on serving: bad JSON,
 wrong types, unknown models and adapters, prompts too long, options out of range, a body too
 large, a full queue (429); a request past its time limit fails with a 504; adapter loads outside
-the adapter directory, with bad names or twice are refused."""
+the adapter directory, with bad names or twice are refused; so are bad `peftkit serve` flags."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from serve_support import MODEL, call, client, engine_held, is_openai_error, make_adapter
 
+from peftkit.cli import main
 from peftkit.errors import ConfigError
+from peftkit.serve import server as server_module
 from peftkit.serve.server import ServeOptions, running
 
 CONTEXT = 64  # --max-model-len of the test server
@@ -265,3 +267,21 @@ def test_bad_server_options_are_refused_with_a_clear_message(options, message):
     with pytest.raises(ConfigError, match=message):
         with running(ServeOptions(model=MODEL, port=0, **options)):
             pass
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--adapter", "runs/x"], "--adapter takes NAME=PATH"),
+        (["--adapter", "a=runs/x", "--adapter", "a=runs/y"], "names 'a' twice"),
+        (["--max-queue", "0"], "--max-queue must be above 0"),
+        (["--threads", "0"], "--threads must be at least 1"),
+    ],
+)
+def test_bad_serve_flags_are_refused_before_the_model_loads(flags, message, capsys, monkeypatch):
+    def no_load(options):  # reaching the model load would mean the flags were let through
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(server_module, "build", no_load)
+    assert main(["serve", "--model", MODEL, *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -7,9 +7,9 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from peftkit.apps import sql_compositions as comp
-from peftkit.apps import sql_examples
-from peftkit.apps import text_to_sql as sql_app
+from peftkit.apps.text_to_sql import compositions as comp
+from peftkit.apps.text_to_sql import examples as sql_examples
+from peftkit.apps.text_to_sql import sandbox, templates
 
 
 def _table(name: str) -> comp.Table:
@@ -19,7 +19,7 @@ def _table(name: str) -> comp.Table:
 def test_held_out_shapes_are_the_held_out_templates(examples: list[dict]) -> None:
     """Each held-out template's gold SQL is exactly what its declared shape composes, so excluding
     the shape excludes the template (a wrong shape here would leak it into training)."""
-    assert set(comp.HELDOUT_SHAPES) == set(sql_app.HELDOUT_TEMPLATES)
+    assert set(comp.HELDOUT_SHAPES) == set(templates.HELDOUT_TEMPLATES)
     for example in (e for e in examples if e["split"] == "heldout"):
         table_name, select_name, filter_names = comp.HELDOUT_SHAPES[example["template"]]
         table = _table(table_name)
@@ -48,7 +48,7 @@ def test_composed_training_never_shows_a_held_out_shape(examples: list[dict]) ->
 def test_composed_examples_are_informative_and_seeded(db: Path, examples: list[dict]) -> None:
     composed = [e for e in examples if e["template"].startswith("composed:")]
     for example in random.Random(0).sample(composed, 60):
-        result = sql_app.run_query(db, example["sql"])
+        result = sandbox.run_query(db, example["sql"])
         assert result.ok and any(v not in (None, 0) for row in result.rows for v in row)
         assert "{" not in example["question"] and example["question"][-1] in ".?"
     per_shape = Counter(e["template"] for e in composed)

@@ -2,6 +2,8 @@
 callback runs once per optimizer step; the loss is on the response only."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -162,3 +164,45 @@ def test_summary_counts_parameters_a_prepare_hook_creates(classification_recipe,
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     head = 32 * 2 + 2  # tiny-bert classifier: hidden 32 -> 2 labels
     assert summary["trainable_parameters"] > 10 * head
+
+
+def test_tensorboard_logs_the_training_loss_in_the_run_folder(classification_recipe, tmp_path):
+    """training.report_to=tensorboard: event files under output_dir/logs hold every loss that
+    Trainer logged (its own record: trainer_state.json of the final checkpoint)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    settings = ["training.report_to=tensorboard", "training.logging_steps=2",
+                "training.save_steps=6"]  # fmt: skip
+    args = ["train", str(classification_recipe), "--max-steps", "6"]
+    assert main([*args, *(item for s in settings for item in ("--set", s))]) == 0
+    run = tmp_path / "run"
+    logs = run / "logs"
+    assert list(logs.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(logs))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    state = json.loads((run / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    expected = [(entry["step"], entry["loss"]) for entry in state["log_history"] if "loss" in entry]
+    assert [step for step, _ in logged] == [step for step, _ in expected] == [2, 4, 6]
+    assert [value for _, value in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
+
+
+def test_training_memory_counts_what_the_block_allocates_and_not_what_came_before() -> None:
+    # A fresh process, as a training run is: in this long-lived test process freed memory
+    # already resident would be reused, and a new allocation would not raise the resident set.
+    script = """
+import torch
+from peftkit.training.measure import TrainingMemory
+before = torch.ones(64 * 2**20 // 4)  # 64 MiB resident before the block: not counted
+with TrainingMemory() as memory:
+    inside = torch.ones(128 * 2**20 // 4)  # 128 MiB touched inside the block
+    del inside
+print(memory.exact, memory.bytes, float(before[0]))
+"""
+    output = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.split()
+    exact, measured = output[0] == "True", int(output[1])
+    assert exact  # Linux: the high-water mark was reset at the start
+    # 128 MiB, give or take what the interpreter itself frees or touches meanwhile (a few pages).
+    assert 126 * 2**20 <= measured < (128 + 32) * 2**20

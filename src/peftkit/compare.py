@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftkit.config import unknown_key_message
+from peftkit.config import read_yaml_file, unknown_key_message
 from peftkit.errors import ConfigError
+from peftkit.run_folder import check_output_dir, earlier_run
 from peftkit.tables import markdown_table
 
 PLAN_KEYS = ("recipe", "methods", "quick")
@@ -48,12 +49,10 @@ def _as_overrides(values: dict[str, Any] | None) -> list[str]:
 
 def load_plan(path: str | Path) -> Plan:
     """Read and check a compare plan."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Compare plan {path} does not exist (see recipes/compare-*.yaml).")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml_file(path, "Compare plan", " (see recipes/compare-*.yaml)") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Compare plan {path} must be a YAML mapping with recipe and methods.")
     for key in data:
         if key not in PLAN_KEYS:
             raise ConfigError(unknown_key_message(key, PLAN_KEYS, f"compare plan {path}"))
@@ -78,7 +77,22 @@ def load_plan(path: str | Path) -> Plan:
     return Plan(recipe, entries, _as_overrides(data.get("quick")))
 
 
-def run_entry(plan: Plan, entry: Entry, output: Path, quick: bool) -> dict[str, Any]:
+def refuse_earlier_results(entries: list[Entry], output: Path, overwrite: bool) -> None:
+    """Before anything runs: entries whose run folders hold an earlier run need --overwrite."""
+    held = [entry.label for entry in entries if earlier_run(output / entry.label) is not None]
+    if held and not overwrite:
+        raise ConfigError(
+            f"{output} already holds runs of {', '.join(held)}, which this comparison would "
+            "replace. Compare into a new folder (--output-dir), or pass --overwrite to replace "
+            "them (each earlier run is kept in <its folder>.previous until its new run finishes)."
+        )
+    for entry in entries if overwrite else []:
+        check_output_dir(output / entry.label, overwrite=True)
+
+
+def run_entry(
+    plan: Plan, entry: Entry, output: Path, quick: bool, overwrite: bool = False
+) -> dict[str, Any]:
     """Train one method in a fresh process; its summary, or a failure record with the log path."""
     run_dir = output / entry.label
     log = output / f"{entry.label}.log"
@@ -86,6 +100,7 @@ def run_entry(plan: Plan, entry: Entry, output: Path, quick: bool) -> dict[str, 
     command = [
         sys.executable, "-m", "peftkit.cli", "train", str(plan.recipe),
         "--set", f"method={json.dumps(entry.method)}", "--output-dir", str(run_dir),
+        *(["--overwrite"] if overwrite else []),
     ]  # fmt: skip
     for override in overrides:
         command += ["--set", override]
@@ -97,7 +112,18 @@ def run_entry(plan: Plan, entry: Entry, output: Path, quick: bool) -> dict[str, 
         return {"method": entry.label, "failed": True, "error": tail[0], "log": str(log)}
     summary = json.loads(summary_path.read_text())
     summary["method"] = entry.label
+    # The method section that ran (the plan's, after overrides), so that readers such as
+    # `recommend` know which method and options a label stands for.
+    summary["method_section"] = _ran_method(run_dir / "recipe.yaml", entry.method)
     return summary
+
+
+def _ran_method(recipe: Path, planned: dict[str, Any]) -> dict[str, Any]:
+    """The method section of the recipe a run wrote, else the plan's."""
+    import yaml
+
+    ran = (yaml.safe_load(recipe.read_text()) or {}).get("method") if recipe.is_file() else None
+    return dict(ran or planned)
 
 
 COLUMNS = [
@@ -184,9 +210,14 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path:
 
 
 def compare(
-    plan_path: str | Path, output: str | Path, quick: bool = False, only: list[str] | None = None
+    plan_path: str | Path,
+    output: str | Path,
+    quick: bool = False,
+    only: list[str] | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run the plan's methods one after another and write the comparison."""
+    """Run the plan's methods one after another and write the comparison. Entries whose run
+    folders already hold results are refused before anything runs, unless `overwrite`."""
     plan = load_plan(plan_path)
     entries = plan.entries
     if only:
@@ -196,13 +227,14 @@ def compare(
             raise ConfigError(f"Not in the compare plan: {unknown}. The plan has: {labels}.")
         entries = [e for e in entries if e.label in only]
     output = Path(output)
+    refuse_earlier_results(entries, output, overwrite)
     output.mkdir(parents=True, exist_ok=True)
     results = []
     started = time.perf_counter()
     for index, entry in enumerate(entries, start=1):
         print(f"[{index}/{len(entries)}] {entry.label} ...", end=" ", flush=True)
         t0 = time.perf_counter()
-        result = run_entry(plan, entry, output, quick)
+        result = run_entry(plan, entry, output, quick, overwrite)
         status = "FAILED, see " + result["log"] if result.get("failed") else (
             f"{result['metric']} {result['metric_after']:.4f}"
         )  # fmt: skip

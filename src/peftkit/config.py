@@ -1,11 +1,14 @@
-"""Config dataclasses from plain dicts (YAML recipes), with errors that suggest the nearest key."""
+"""Config dataclasses from plain dicts, with errors that suggest the nearest key; and the YAML files
+those dicts come from (recipes, compare plans), read strictly."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
+from pathlib import Path
 from typing import Any, TypeVar
 
 from peftkit.errors import ConfigError
@@ -111,3 +114,61 @@ def to_dict(config: Any) -> dict[str, Any]:
         return value
 
     return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+# YAML files (recipes, compare plans) are read strictly: YAML says a mapping's keys are unique,
+# and PyYAML's own loaders silently keep the last of a repeated key.
+
+
+@functools.cache
+def _strict_loader() -> type:
+    """A yaml.SafeLoader that refuses a mapping with a repeated key, naming it and its lines."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *anchor` merges defaults that explicit keys may override
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = lines.get(key)
+                    lines.setdefault(key, line)
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader's own error names it
+                if first is not None:
+                    where = f"on line {line}" if first == line else f"on lines {first} and {line}"
+                    raise ConfigError(
+                        f"key '{key}' appears twice, {where}; a YAML mapping holds each key "
+                        "once: keep one of them."
+                    )
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
+def load_yaml_text(text: str, where: str) -> Any:
+    """Parse YAML text strictly (a repeated key is an error); `where` names it in errors."""
+    import yaml
+
+    try:
+        return yaml.load(
+            text, Loader=_strict_loader()
+        )  # a SafeLoader subclass: no arbitrary objects
+    except ConfigError as error:  # a repeated key: say in which file or value
+        raise ConfigError(f"{where}: {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where} is not valid YAML: {error}") from None
+
+
+def read_yaml_file(path: str | Path, what: str, hint: str = "") -> Any:
+    """A YAML file's contents, strictly parsed; a missing path or a folder gets its own message.
+    `what` names the file's role ("Recipe"), `hint` says where to find good ones."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder, not a YAML file{hint}.")
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist{hint}.")
+    return load_yaml_text(path.read_text(encoding="utf-8"), str(path))

@@ -23,3 +23,7 @@ class DataError(PeftkitError, ValueError):
 
 class AdapterError(PeftkitError, ValueError):
     """An adapter folder is missing, malformed, or does not fit the base model."""
+
+
+class ExportError(PeftkitError, ValueError):
+    """A model cannot be exported as asked (its architecture, tokenizer, method or output path)."""

@@ -99,6 +99,10 @@ class Method:
     adapter_config: Callable[[Any, Any], dict[str, Any]] | None = None
     config_from_adapter: Callable[[dict[str, Any]], Any] | None = None
     description: str = field(default="")
+    # For the memory estimator, only where `prepare` chooses the trainable set from data
+    # (Child-Tuning D): on a meta-device model just applied, make the trainable tensors prepare
+    # would make, of the sizes it would choose; which entries is what the data decides.
+    prepare_without_data: Callable[[Any, Any], None] | None = None
     # Serving several of its adapters on one base, one per batch row (None: merge to serve).
     row_adapters: RowAdapters | None = None
 

@@ -3,11 +3,19 @@ onto a config dataclass, and `--set section.key=value` overrides any key from th
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from peftkit.config import from_dict, to_dict, unknown_key_message
+from peftkit.config import (
+    from_dict,
+    load_yaml_text,
+    nearest,
+    read_yaml_file,
+    to_dict,
+    unknown_key_message,
+)
 from peftkit.errors import ConfigError
 from peftkit.tasks import get_task_type, task_names
 
@@ -25,6 +33,10 @@ class TaskConfig:
     )
     eval_file: str | None = field(
         default=None, metadata={"help": "held-out data; default: 10% split off train_file"}
+    )
+    encoding: str = field(
+        default="utf-8",
+        metadata={"help": "text encoding of CSV/JSON/JSONL files (e.g. latin-1, cp1252)"},
     )
     text_column: str = field(default="text", metadata={"help": "classification input column"})
     label_column: str = field(default="label", metadata={"help": "classification label column"})
@@ -58,6 +70,34 @@ class TaskConfig:
             raise ConfigError("The task needs a data source: set task.dataset or task.train_file.")
         if self.max_length < 8:
             raise ConfigError(f"task.max_length must be at least 8, got {self.max_length}.")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ConfigError(
+                f"task.encoding {self.encoding!r} is not a text encoding Python knows; use a name "
+                "such as utf-8, latin-1 or cp1252."
+            ) from None
+
+
+def reporters() -> list[str]:
+    """The experiment trackers transformers.Trainer can report to (training.report_to)."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    return list(INTEGRATION_TO_CALLBACK)
+
+
+def check_reporter(name: str) -> None:
+    """Refuse a report_to that transformers does not know (transformers is imported only then)."""
+    if name == "none":
+        return
+    known = reporters()
+    if name not in known:
+        guess = nearest(str(name), known)
+        hint = f" Did you mean '{guess}'?" if guess else ""
+        raise ConfigError(
+            f"training.report_to {name!r} is not an experiment tracker transformers knows.{hint} "
+            f"Use none or one of: {', '.join(known)}."
+        )
 
 
 @dataclass(frozen=True)
@@ -85,8 +125,16 @@ class TrainConfig:
         default="fp32",
         metadata={"help": "fp32, or bf16 (mixed precision; on CPU needs AVX512-BF16 or AMX)"},
     )
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "experiment tracking: none, or a transformers integration (tensorboard: "
+            "event files in output_dir/logs; mlflow, wandb, ...: their own settings)"
+        },
+    )
 
     def __post_init__(self) -> None:
+        check_reporter(self.report_to)
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"training.precision must be fp32 or bf16, got {self.precision!r}.")
         if self.max_steps < 0 or (self.max_steps == 0 and self.epochs <= 0):
@@ -170,12 +218,10 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`training.max_steps=10` -> (["training", "max_steps"], 10); values are read as YAML."""
-    import yaml
-
     if "=" not in text:
         raise ConfigError(f"Override '{text}' must look like section.key=value.")
     path, raw = text.split("=", 1)
-    return path.strip().split("."), yaml.safe_load(raw)
+    return path.strip().split("."), load_yaml_text(raw, f"override '{text}'")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -196,15 +242,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe file, apply overrides, and validate it."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Recipe {path} does not exist (see recipes/ for examples).")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    hint = " (see recipes/ for examples)"
+    if (path / "recipe.yaml").is_file():  # a run folder: it keeps the recipe it ran
+        hint = f"; the recipe that run used is {path / 'recipe.yaml'}"
+    data = read_yaml_file(path, "Recipe", hint) or {}
     return recipe_from_dict(apply_overrides(data, overrides or []))
 
 
@@ -212,7 +254,9 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
     """Write a recipe as YAML (the run folder keeps the one it ran)."""
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    from peftkit.io import write_text_atomically
+
+    write_text_atomically(path, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
 
 
 def with_output_dir(recipe: Recipe, output_dir: str) -> Recipe:

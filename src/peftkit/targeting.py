@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -213,3 +214,12 @@ def module_listing(model: nn.Module, limit: int = 60) -> str:
     names = [n for n in folded if n]
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence an absolute-position model takes, or None (relative positions)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None

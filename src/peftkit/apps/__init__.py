@@ -1,7 +1,7 @@
 """Worked applications: each builds its data as plain records and scores a model's answers.
 
-- `text_to_sql`: a synthetic banking SQLite database, template questions, a read-only sandbox and
-  execution accuracy.
+- `text_to_sql/`: a synthetic banking SQLite database, template and composed questions, a
+  read-only sandbox, execution accuracy and test-suite accuracy over several databases.
 - `tabular`: TabLLM-style rows-as-text on scikit-learn's bundled tables, few-shot sampling, and a
   logistic-regression baseline.
 - `instructions`: chat and Alpaca data rendered with a chat template, loss on assistant turns only.

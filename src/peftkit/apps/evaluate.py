@@ -1,7 +1,8 @@
 """Generation-based evaluation of the applications, for a base model and the same model tuned.
 
-- `sql`: greedy SQL from each held-out prompt, run in the sandbox, execution accuracy and exact
-  match (`peftkit.apps.text_to_sql.evaluate`); refused or failing SQL is a recorded failure.
+- `sql`: greedy SQL from each held-out prompt, run in the sandbox; execution accuracy on the
+  seed-0 database, test-suite accuracy on the suite of databases, and exact match
+  (`peftkit.apps.text_to_sql.scoring.evaluate`); refused or failing SQL is a recorded failure.
 - `tabular`: the probability of each label word after the prompt (summed token log-probabilities,
   normalised over the classes), scored as accuracy and AUC (`tabular.classification_metrics`).
 - `instructions`: greedy answers through the chat template, stopped by the template's end-of-turn
@@ -30,7 +31,7 @@ from peftkit.tasks.conversations import to_messages
 APPS = ("sql", "tabular", "instructions")
 # The metrics each application's summary line shows.
 HEADLINE = {
-    "sql": ("execution_accuracy", "exact_match"),
+    "sql": ("execution_accuracy", "test_suite_accuracy", "exact_match"),
     "tabular": ("accuracy", "auc"),
     "instructions": ("eos_stop_rate", "mean_new_tokens", "exact_answer"),
 }
@@ -57,10 +58,13 @@ def first_statement(sql: str) -> str:
 
 def evaluate_sql(
     model: nn.Module, tokenizer: Any, records: Records, db_path: Any = None,
-    max_new_tokens: int = 96, batch_size: int = 16,
+    max_new_tokens: int = 96, batch_size: int = 16, suite: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Execution accuracy and exact match of greedy SQL on prompt/sql records."""
-    from peftkit.apps import sql_examples, text_to_sql
+    """Execution accuracy (db_path, default: the seed-0 database), test-suite accuracy (suite,
+    default: the bundled suite) and exact match of greedy SQL on prompt/sql records."""
+    from peftkit.apps.text_to_sql.database import default_database
+    from peftkit.apps.text_to_sql.scoring import evaluate, extract_sql
+    from peftkit.apps.text_to_sql.suite import default_suite
 
     for index, record in enumerate(records):
         if "prompt" not in record or "sql" not in record:
@@ -68,15 +72,16 @@ def evaluate_sql(
                 f"SQL record {index} needs 'prompt' and 'sql' (gold query) fields; it has "
                 f"{sorted(record)}."
             )
-    db_path = db_path if db_path is not None else sql_examples.default_database()
+    db_path = db_path if db_path is not None else default_database()
+    suite = suite if suite is not None else default_suite()
     # A query ends at ';' or a blank line (first_statement cuts there anyway): stopping there
     # spares a rambling base model's budget without changing any score.
     generated = generate(
         model, tokenizer, [r["prompt"] for r in records], max_new_tokens,
         batch_size=batch_size, eos_token_id=tokenizer.eos_token_id, stop_strings=[";", "\n\n"],
     )  # fmt: skip
-    predictions = [first_statement(text_to_sql.extract_sql(g.text)) for g in generated]
-    result = text_to_sql.evaluate(records, predictions, db_path)
+    predictions = [first_statement(extract_sql(g.text)) for g in generated]
+    result = evaluate(records, predictions, db_path, suite=suite)
     for record, g in zip(result["records"], generated, strict=True):
         record["generated"] = g.text
     return result

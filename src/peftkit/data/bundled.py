@@ -69,7 +69,7 @@ BUNDLED: dict[str, tuple[str, str, tuple[Any, ...]]] = {
     "copy-words": (__name__, "copy_words", ()),
     "reverse-words": (__name__, "reverse_words", ()),
     # SYNTHETIC Text-to-SQL over a generated bank database (docs/applications.md).
-    "bank-sql": ("peftkit.apps.sql_examples", "bank_sql", ()),
+    "bank-sql": ("peftkit.apps.text_to_sql.examples", "bank_sql", ()),
     # chatterbot-corpus English dialogues as {"topic", "messages"}: 1,736 train / 289 held out.
     "chatterbot-dialogues": ("peftkit.apps.instructions", "bundled_instructions", ()),
     # TabLLM-style (k training rows, fixed test rows) of a scikit-learn table, seed 0.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +39,33 @@ def _read_json(path: Path, text: str) -> list[dict[str, Any]]:
     return data
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Every row of a data file as a dict; refuses missing, empty, undecodable or odd files."""
+def _read_text(path: Path, encoding: str) -> str:
+    """The file's text in the given encoding (UTF-8 may start with a byte-order mark, as Excel
+    writes it); an undecodable byte names its offset and how to say the right encoding."""
+    try:
+        codec = codecs.lookup(encoding).name
+    except LookupError:
+        raise DataError(
+            f"Cannot read {path}: {encoding!r} is not a text encoding Python knows (use a name "
+            "such as utf-8, latin-1 or cp1252)."
+        ) from None
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig" if codec == "utf-8" else codec)
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path} is not {encoding} text (byte 0x{data[error.start]:02x} at offset "
+            f"{error.start}). Set task.encoding to the file's encoding (for example latin-1 "
+            "or cp1252 for files saved by older Windows and Excel), or re-save it as UTF-8."
+        ) from None
+
+
+def read_rows(path: str | Path, encoding: str = "utf-8") -> list[dict[str, Any]]:
+    """Every row of a data file as a dict; refuses missing, empty, undecodable or odd files.
+    `encoding` is the text encoding of CSV, JSON and JSONL files (Parquet carries its own)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"Data file {path} is a folder; give the path of a file inside it.")
     if not path.is_file():
         raise DataError(f"Data file {path} does not exist.")
     if path.suffix not in SUFFIXES:
@@ -49,12 +75,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
 
         rows = pd.read_parquet(path).to_dict("records")
     else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise DataError(
-                f"{path} is not UTF-8 text (bad byte at offset {error.start}); re-save it as UTF-8."
-            ) from None
+        text = _read_text(path, encoding)
         if path.suffix == ".csv":
             import io
 
@@ -76,8 +97,30 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def require_columns(rows: list[dict[str, Any]], columns: list[str], source: str) -> None:
-    """Refuse data lacking a needed column, listing the columns it does have."""
+def is_blank(value: Any) -> bool:
+    """Whether a cell holds nothing: None, NaN (pandas' empty cell) or blank text."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+def name_rows(indices: list[int], shown: int = 5) -> str:
+    """'rows 2, 5 and 9' (the first few of many: '... and 12 more'); rows count from 0."""
+    words = [str(i) for i in indices[:shown]]
+    if len(indices) > shown:
+        return f"rows {', '.join(words)} and {len(indices) - shown} more"
+    if len(words) == 1:
+        return f"row {words[0]}"
+    return f"rows {', '.join(words[:-1])} and {words[-1]}"
+
+
+def require_columns(
+    rows: list[dict[str, Any]], columns: list[str], source: str, values: bool = True
+) -> None:
+    """Refuse data lacking a needed column, listing the columns it does have; with `values`,
+    also refuse rows that hold no value (None) in one."""
     present = set(rows[0]) if rows else set()
     for column in columns:
         if column not in present:
@@ -87,7 +130,7 @@ def require_columns(rows: list[dict[str, Any]], columns: list[str], source: str)
                 "to match (text_column, label_column, prompt_column, response_column)."
             )
         missing = [i for i, row in enumerate(rows) if row.get(column) is None]
-        if missing:
+        if values and missing:
             raise DataError(
                 f"{source}: {len(missing)} rows lack '{column}' (first: row {missing[0]})."
             )

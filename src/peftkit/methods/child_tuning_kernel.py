@@ -1,16 +1,14 @@
 """Child-Tuning F's masked AdamW step for CPU float32 weights as one compiled loop (numba).
 
-Per entry, in one pass: hash the entry's index with this step's seed into 16 random bits, keep
+Per entry, in one pass: hash the entry's index with the tensor's seeds into 16 random bits, keep
 the entry if they fall below p's threshold, scale the kept gradient by 1/p, update both Adam
 moments (a masked gradient counts as zero, so its moments decay), and move the weight only if
 kept. Each entry's gradient, moments and weight are read once and its moments and weight written
 once, as in torch's fused AdamW kernel; the chunked torch version of the same step
-(child_tuning_adamw.masked_update) makes about a dozen passes over each chunk and took 4x as long.
+(child_tuning_adamw) makes about a dozen passes over each chunk and took 4x as long.
 
-The random bits come from a counter-based hash (lowbias32 of the index mixed with two 32-bit
-seeds), not from torch's generator: the seeds are drawn from torch's generator once per tensor
-and step, so runs are reproducible under torch.manual_seed and every process of a distributed run
-(which shares the torch RNG state before each step) draws the same masks."""
+The random bits are child_tuning_masks' one stream (lowbias32 of the index mixed with the
+tensor's two seeds for this step); its keep_mask draws the same bits with torch ops."""
 
 from __future__ import annotations
 
@@ -98,6 +96,22 @@ if numba is not None:
         return added
 
 
+def use_torchs_thread_count() -> None:
+    """Run the compiled loops on torch's thread count (the same budget, no oversubscription).
+
+    numba's first parallel call (or get_num_threads) launches its thread pool; with its OpenMP
+    layer, which shares torch's OpenMP runtime, the launch sets the process's OpenMP thread count
+    to numba's default (every core). That silently undid torch.set_num_threads(1) for the rest of
+    the process: the first Child-Tuning F run in a process ran its later steps on all cores and
+    every later run on one, so they rounded differently. The count torch had is put back."""
+    threads = torch.get_num_threads()
+    numba_threads = numba.get_num_threads()  # launches numba's pool on first use
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if numba_threads != threads and threads <= numba.config.NUMBA_NUM_THREADS:
+        numba.set_num_threads(threads)
+
+
 def track(keep: torch.Tensor, touched: torch.Tensor) -> int:
     """touched |= keep on flat bool CPU tensors, in one pass; the number of entries newly set."""
     return int(_track(keep.view(torch.uint8).numpy(), touched.view(torch.uint8).numpy()))
@@ -109,18 +123,17 @@ def masked_adamw_step(
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     keep: torch.Tensor,
+    seeds: tuple[int, int],
     hyper: dict[str, float],
 ) -> None:
     """One masked AdamW step on flat contiguous float32 CPU tensors; keep (bool) gets the mask.
 
-    hyper: threshold (entries whose 16 random bits are below it are kept: p = threshold / 65536),
-    scale (1/p), lr, weight_decay, beta1, beta2, eps and step (the count after this update)."""
-    seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()  # from torch's generator
+    seeds: this tensor's two 32-bit seeds for this step (child_tuning_masks.step_seeds). hyper:
+    threshold (entries whose 16 random bits are below it are kept: p = threshold / 65536), scale
+    (1/p), lr, weight_decay, beta1, beta2, eps and step (the count after this update)."""
     step = hyper["step"]
     f32 = np.float32
-    threads = torch.get_num_threads()
-    if numba.get_num_threads() != threads and threads <= numba.config.NUMBA_NUM_THREADS:
-        numba.set_num_threads(threads)  # the same budget as torch's ops, no oversubscription
+    use_torchs_thread_count()
     _step(
         weight.numpy(), grad.numpy(), exp_avg.numpy(), exp_avg_sq.numpy(),
         keep.view(torch.uint8).numpy(), np.uint32(seeds[0]), np.uint32(seeds[1]),

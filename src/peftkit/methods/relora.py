@@ -5,38 +5,31 @@ the optimizer state of the LoRA parameters is reset (zeroed, or pruned by magnit
 the learning rate then re-warms for a few steps (a jagged schedule). The sum of many rank-r updates
 can reach a high rank. Built on PEFT's LoRA layers (lora.py); peftkit adds the restarts.
 
-The restart needs the optimizer, which training hooks are not given: a custom loop calls
-`bind_optimizer(model, optimizer)` (or `restart(model, optimizer)` itself); in the peftkit pipeline
-`begin_training` arms a one-shot torch optimizer pre-step hook that binds the first optimizer that
-steps this model's LoRA parameters. The re-warm factor is applied around each optimizer step (on top
-of whatever schedule the loop uses); `jagged_cosine_schedule` is a whole LambdaLR multiplier for
-loops that build their own scheduler.
+The restart resets the optimizer, so ReLoRA binds it: the pipeline hands it over through
+`TrainingHooks.replace_optimizer` (which returns it unchanged); a custom loop calls
+`bind_optimizer(model, optimizer)` (or `restart(model, optimizer)` itself). Binding also applies
+the re-warm factor around each step of that optimizer (on top of whatever schedule the loop uses);
+relora_optimizer.py holds the reset, the re-warm factor and `jagged_cosine_schedule`, a whole
+LambdaLR multiplier for loops that build their own scheduler.
 
-What it saves: `peftkit.save` writes the accumulated merged update (dense, per adapted matrix) plus
-the current LoRA, so a reload is exact; `save_merged` writes the merged model with save_pretrained;
-`save_as_lora` writes a PEFT LoRA adapter of a chosen rank by truncated SVD of the whole update and
-returns its relative approximation error per matrix."""
+`peftkit.save` writes the accumulated merged update (dense, per adapted matrix) plus the current
+LoRA, so a reload is exact. Exports (the merged model, a LoRA of chosen rank by SVD) are in
+relora_export.py."""
 
 from __future__ import annotations
 
-import copy
-import math
-import weakref
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import peft
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from peftkit import io
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.method import Method, TrainingHooks
 from peftkit.methods import lora
+from peftkit.methods.relora_optimizer import reset_optimizer_state, rewarm_factor
 
 RESET_MODES = ("full", "prune")
 DELTA_SUFFIX = ".relora_delta"  # on-disk key suffix of a module's accumulated merged update
@@ -91,9 +84,8 @@ class ReLoraState:
     merged: dict[str, torch.Tensor]  # module name -> sum of merged deltas (base weight layout)
     optimizer: Any = None
     restarts: int = 0
-    steps_seen: int = 0  # optimizer steps since binding (the re-warm clock)
-    handles: list[Any] = field(default_factory=list)  # per-optimizer lr hooks
-    pending: Any = None  # the global hook waiting to bind the pipeline's optimizer
+    steps_seen: int = 0  # optimizer steps taken (the re-warm clock)
+    handles: list[Any] = field(default_factory=list)  # the bound optimizer's lr hooks
 
 
 _STATE = "_peftkit_relora"
@@ -152,33 +144,6 @@ def merge_and_reinit(model: nn.Module) -> dict[str, torch.Tensor]:
     return deltas
 
 
-def prune_by_magnitude(tensor: torch.Tensor, fraction: float) -> None:
-    """Zero the `fraction` of entries smallest in magnitude, in place (ties may prune more)."""
-    count = int(fraction * tensor.numel())
-    if count <= 0:
-        return
-    if count >= tensor.numel():
-        tensor.zero_()
-        return
-    threshold = tensor.abs().flatten().kthvalue(count).values
-    tensor.masked_fill_(tensor.abs() <= threshold, 0.0)
-
-
-@torch.no_grad()
-def reset_optimizer_state(
-    optimizer: torch.optim.Optimizer, parameters: Iterable[nn.Parameter], mode: str, fraction: float
-) -> None:
-    """Reset the moment estimates of `parameters`: zero them, or prune them by magnitude."""
-    for parameter in parameters:
-        for key, value in optimizer.state.get(parameter, {}).items():
-            if key == "step" or not torch.is_tensor(value) or not value.is_floating_point():
-                continue  # the step count keeps Adam's bias correction continuous, as the paper
-            if mode == "full":
-                value.zero_()
-            else:
-                prune_by_magnitude(value, fraction)
-
-
 def restart(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """One ReLoRA restart: merge, re-initialise, reset the LoRA optimizer state."""
     relora = state(model)
@@ -197,41 +162,11 @@ def restart(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) ->
     relora.restarts += 1
 
 
-def rewarm_factor(step: int, restart_every: int, restart_warmup_steps: int) -> float:
-    """Learning-rate multiplier at optimizer step `step` (0-based): ramps 0 -> 1 after a restart.
-
-    Restarts happen after steps N-1, 2N-1, ...; step kN + j (k >= 1, j < warmup) gets j / warmup,
-    as the reference code's schedule (the first step after a restart rebuilds Adam's moments)."""
-    cycle, offset = divmod(step, restart_every)
-    if cycle == 0 or offset >= restart_warmup_steps:
-        return 1.0
-    return offset / restart_warmup_steps
-
-
-def jagged_cosine_schedule(
-    total_steps: int,
-    warmup_steps: int,
-    restart_every: int,
-    restart_warmup_steps: int,
-    min_ratio: float = 0.1,
-) -> Callable[[int], float]:
-    """A LambdaLR multiplier: linear warm-up, cosine decay to min_ratio, re-warm after restarts."""
-    if restart_every < 1:
-        raise ConfigError(f"restart_every must be at least 1, got {restart_every}.")
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        cosine = min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        return cosine * rewarm_factor(step, restart_every, restart_warmup_steps)
-
-    return multiplier
-
-
 def bind_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, rewarm: bool = True) -> None:
-    """Let restarts reset this optimizer; with `rewarm`, scale its lr by the re-warm factor."""
+    """Let restarts reset this optimizer; with `rewarm`, scale its lr by the re-warm factor
+    around each of its steps. Binding another optimizer unbinds the previous one."""
     relora = state(model)
+    _unbind(relora)
     relora.optimizer = optimizer
     if not rewarm:
         return
@@ -256,38 +191,30 @@ def bind_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, rewarm: b
     ]
 
 
-def bind_on_first_step(model: nn.Module) -> None:
-    """Bind the first optimizer that steps this model's LoRA parameters (pipeline use)."""
-    relora = state(model)
-    if relora.optimizer is not None:
-        return
-    ours = {id(p) for p in lora_parameters(model)}
-    model_ref = weakref.ref(model)
+def _unbind(relora: ReLoraState) -> None:
+    """Take the re-warm hooks off the bound optimizer."""
+    for handle in relora.handles:
+        handle.remove()
+    relora.handles.clear()
+    relora.optimizer = None
 
-    def bind(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        tuned = model_ref()
-        if tuned is None or relora.optimizer is not None:
-            return  # removed after the step: torch is iterating over the global hooks now
-        if any(id(p) in ours for group in optimizer.param_groups for p in group["params"]):
-            bind_optimizer(tuned, optimizer)
 
-    relora.pending = register_optimizer_step_pre_hook(bind)
+def bind_and_keep(model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The pipeline's replace_optimizer: bind its optimizer (re-warm on) and train with it."""
+    bind_optimizer(model, optimizer)
+    return optimizer
 
 
 def hooks(model: peft.PeftModel, config: ReLoraConfig) -> TrainingHooks:
-    """Bind the optimizer when training starts; restart after every `restart_every` steps."""
+    """Bind the pipeline's optimizer when it is built; restart after every `restart_every` steps."""
 
     def after_step(tuned: nn.Module, step: int) -> None:
-        relora = state(tuned)
-        if relora.pending is not None and relora.optimizer is not None:
-            relora.pending.remove()
-            relora.pending = None
-        relora.steps_seen = step + 1  # keep the re-warm clock on the loop's own step count
+        state(tuned).steps_seen = step + 1  # keep the re-warm clock on the loop's own step count
         if (step + 1) % config.restart_every == 0:
             restart(tuned)
 
     return TrainingHooks(
-        begin_training=lambda tuned, total: bind_on_first_step(tuned),
+        replace_optimizer=bind_and_keep,
         after_optimizer_step=after_step,
         state=training_state,
         load_state=load_training_state,
@@ -305,16 +232,6 @@ def load_training_state(model: nn.Module, saved: dict[str, Any]) -> None:
     relora = state(model)
     relora.restarts = int(saved["restarts"])
     relora.steps_seen = int(saved["steps_seen"])
-
-
-def accumulated_update(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Per module, everything training added to W: merged deltas plus the current B A."""
-    relora = state(model)
-    with torch.no_grad():
-        return {
-            name: relora.merged[name] + layer.get_delta_weight("default").float()
-            for name, layer in lora_layers(model).items()
-        }
 
 
 def state_dict(model: peft.PeftModel) -> dict[str, Any]:
@@ -344,41 +261,6 @@ def load_state_dict(model: peft.PeftModel, tensors: dict[str, Any]) -> None:
     lora.load_state_dict(model, rest)
 
 
-def save_merged(model: peft.PeftModel, folder: str | Path) -> Path:
-    """The whole accumulated update folded into the base, written with save_pretrained."""
-    merged = copy.deepcopy(model).merge_and_unload()
-    merged.save_pretrained(str(folder))
-    return Path(folder)
-
-
-def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Truncated SVD: B (out x r), A (r x in), B A closest to delta; relative Frobenius error."""
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    b = u[:, :rank] * s[:rank]
-    a = vh[:rank]
-    error = torch.linalg.matrix_norm(delta - b @ a) / torch.linalg.matrix_norm(delta).clamp_min(
-        1e-30
-    )
-    return b, a, float(error)
-
-
-def save_as_lora(model: peft.PeftModel, folder: str | Path, rank: int) -> dict[str, float]:
-    """A PEFT LoRA adapter of `rank` approximating the whole update; relative error per module."""
-    if rank < 1:
-        raise ConfigError(f"The exported LoRA rank must be at least 1, got {rank}.")
-    saved = lora.adapter_config(model, state(model).config)
-    saved.update(r=rank, lora_alpha=float(rank), use_rslora=False)  # scale 1: B A is the update
-    tensors = dict(lora.state_dict(model))  # keeps a trained task head (modules_to_save)
-    errors = {}
-    for name, delta in accumulated_update(model).items():
-        transposed = getattr(lora_layers(model)[name], "fan_in_fan_out", False)
-        b, a, errors[name] = low_rank_factors(delta.T if transposed else delta, rank)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b
-    io.write_folder_atomically(folder, {io.CONFIG_NAME: saved, io.WEIGHTS_NAME: tensors})
-    return errors
-
-
 def remove(model: peft.PeftModel) -> nn.Module:
     """Undo apply: take out any loaded merged update and the LoRA layers."""
     relora = state(model)
@@ -386,9 +268,7 @@ def remove(model: peft.PeftModel) -> nn.Module:
         for name, layer in lora_layers(model).items():
             weight = layer.get_base_layer().weight
             weight.sub_(relora.merged[name].to(weight.dtype))
-    for handle in [*relora.handles, relora.pending]:
-        if handle is not None:
-            handle.remove()
+    _unbind(relora)
     return lora.remove(model)
 
 

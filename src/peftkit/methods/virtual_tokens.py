@@ -28,7 +28,7 @@ from torch import nn
 from peftkit import io
 from peftkit.errors import ConfigError, DataError, TargetError
 from peftkit.method import adapter_files
-from peftkit.targeting import task_head_modules
+from peftkit.targeting import max_positions, task_head_modules
 
 # Call keyword arguments a pre-hook rewrites, as one mutable dict.
 Kwargs = dict[str, Any]
@@ -165,15 +165,6 @@ def real_positions(mask: torch.Tensor) -> torch.Tensor:
 def with_ones(mask: torch.Tensor, count: int) -> torch.Tensor:
     """The mask with `count` attended positions in front."""
     return torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
-
-
-def max_positions(config: Any) -> int | None:
-    """The longest sequence an absolute-position model takes, or None (relative positions)."""
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 def check_length(config: Any, num_virtual: int, total: int) -> None:

@@ -120,15 +120,3 @@ def model_config(name: str) -> Any:
             f"No model config for {name!r} ({str(error).splitlines()[0]}): give a bundled name "
             f"({', '.join(bundled_names())}), a folder holding config.json, or its path."
         ) from None
-
-
-def meta_model(config: Any, task: str) -> nn.Module:
-    """The model a config describes for a task type, on the meta device: exact shapes, no
-    memory (the memory estimator and recommend build on it)."""
-    import copy
-
-    task_type = get_task_type(task)
-    config = copy.deepcopy(config)  # building adjusts it; the caller's stays as it was
-    with torch.device("meta"):
-        make = lambda: task_type.auto_class().from_config(config)  # noqa: E731
-        return build(task_type, make, config.model_type)

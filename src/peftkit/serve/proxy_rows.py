@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from peftkit.decoding.proxy import check_vocabularies, proxy_logits
+from peftkit.decoding.proxy import proxy_logits
+from peftkit.decoding.proxy_options import check_vocabularies
 from peftkit.decoding.stream import ModelStream
 
 

@@ -83,7 +83,7 @@ def load_proxy(options: ServeOptions, device: Any) -> ProxyPair | None:
 
 def build(options: ServeOptions) -> Service:
     """Load everything and start the engine; the Service the app serves."""
-    from peftkit.decoding.proxy import output_vocab_size
+    from peftkit.decoding.proxy_options import output_vocab_size
     from peftkit.models import load_model
     from peftkit.serve.adapters import AdapterSet
     from peftkit.serve.errors import ServeError

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.config import nearest
 from peftkit.errors import ConfigError, DataError
-from peftkit.tasks.base import Rows, TaskData, TaskType, higher_is_better, split_rows
+from peftkit.tasks.base import Rows, TaskData, TaskType, higher_is_better, read_split
 from peftkit.tasks.causal_lm import CAUSAL_LM
 from peftkit.tasks.chat import CHAT
 from peftkit.tasks.classification import CLASSIFICATION
@@ -41,6 +41,11 @@ def get_task_type(name: str) -> TaskType:
     guess = nearest(str(name), TASK_TYPES)
     hint = f" Did you mean '{guess}'?" if guess else ""
     raise ConfigError(f"Unknown task type '{name}'.{hint} Use one of: {', '.join(TASK_TYPES)}.")
+
+
+def split_rows(task: TaskConfig) -> tuple[Rows, Rows]:
+    """(train rows, held-out rows) of the task's data, each file checked by its task type."""
+    return read_split(task, get_task_type(task.type))
 
 
 def headline_metric(task: TaskConfig) -> str:

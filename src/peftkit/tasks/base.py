@@ -40,7 +40,9 @@ class TaskData:
     eval: Features
     labels: list[str] = field(default_factory=list)
     truncated: int = 0  # examples cut to max_length (counted, reported in the summary)
-    dropped: int = 0  # examples left with nothing to learn after truncation
+    # Training examples with nothing to learn: an empty input, or nothing left after truncation.
+    dropped: int = 0
+    dropped_eval: int = 0  # held-out examples with an empty input (they cannot be scored)
     tokenizer: Any = None  # for evaluations that generate and decode text
     max_new_tokens: int = 32
 
@@ -72,6 +74,9 @@ class TaskType:
     generates: bool = False
     # Prompts for generation are rendered through the tokenizer's chat template.
     chat: bool = False
+    # Refuse the rows of one data file this type cannot learn from, numbered as in the file
+    # (task, rows, where they came from). None: every column() must hold a value in every row.
+    row_check: Callable[[TaskConfig, Rows, str], None] | None = None
 
     def check_columns(self, task: TaskConfig, train: Rows, held_out: Rows) -> None:
         """Refuse rows that lack a column this task type reads."""
@@ -79,15 +84,28 @@ class TaskType:
         require_columns(train, columns, "the training data")
         require_columns(held_out, columns, "the held-out data")
 
+    def check_rows(self, task: TaskConfig, rows: Rows, source: str) -> None:
+        """Refuse the rows of one data file (or bundled set) this type cannot learn from."""
+        if self.row_check is not None:
+            self.row_check(task, rows, source)
+        else:
+            require_columns(rows, self.columns(task), source)
 
-def split_rows(task: TaskConfig) -> tuple[Rows, Rows]:
-    """(train rows, held-out rows) from a bundled set or files; 10% held out if no eval file."""
+
+def read_split(task: TaskConfig, task_type: TaskType) -> tuple[Rows, Rows]:
+    """(train rows, held-out rows) from a bundled set or files; 10% held out if no eval file.
+    Each file's rows are checked by the task type before the split shuffles them, so an error
+    names rows as they are numbered in the file."""
     if task.dataset is not None:
         train, held_out = load_bundled(task.dataset)
+        task_type.check_rows(task, train, f"the training rows of {task.dataset}")
+        task_type.check_rows(task, held_out, f"the held-out rows of {task.dataset}")
     else:
-        train = read_rows(task.train_file)
+        train = read_rows(task.train_file, task.encoding)
+        task_type.check_rows(task, train, str(task.train_file))
         if task.eval_file is not None:
-            held_out = read_rows(task.eval_file)
+            held_out = read_rows(task.eval_file, task.encoding)
+            task_type.check_rows(task, held_out, str(task.eval_file))
         else:
             if len(train) < 2:
                 raise DataError(f"{task.train_file} needs at least 2 rows to split off eval rows.")
@@ -128,6 +146,33 @@ def require_training_features(features: Features, what: str, max_length: int) ->
             f"No training example keeps {what} within max_length={max_length}; raise "
             "task.max_length or shorten the inputs."
         )
+
+
+def generative_data(
+    task: TaskConfig, tokenizer: Any, train: Features, held_out: Features, truncated: int,
+    dropped: int,
+) -> TaskData:  # fmt: skip
+    """The TaskData of a task type whose evaluation may generate (it keeps the tokenizer)."""
+    return TaskData(
+        train, held_out, truncated=truncated, dropped=dropped, tokenizer=tokenizer,
+        max_new_tokens=task.max_new_tokens,
+    )  # fmt: skip
+
+
+def prepare_pairs(
+    task: TaskConfig, task_type: TaskType, tokenizer: Any, train: Rows, held_out: Rows,
+    make: Callable[[Any, str, str, int], dict[str, Any] | None], what: str,
+) -> TaskData:  # fmt: skip
+    """Features from each row's (input, output) columns (the task type's two columns), with
+    truncations and drops counted; `what` names what a kept example must hold, for the error."""
+    task_type.check_columns(task, train, held_out)
+    names = task_type.columns(task)
+    train_features, truncated, dropped = pair_features(
+        train, names, make, tokenizer, task.max_length
+    )
+    require_training_features(train_features, what, task.max_length)
+    eval_features, _, _ = pair_features(held_out, names, make, tokenizer, task.max_length)
+    return generative_data(task, tokenizer, train_features, eval_features, truncated, dropped)
 
 
 def batches(features: Features, collator: Any, size: int) -> Iterator[dict[str, Any]]:

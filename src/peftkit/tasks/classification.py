@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from peftkit.data.files import is_blank, name_rows, require_columns
 from peftkit.errors import DataError
 from peftkit.tasks.base import Features, Rows, TaskData, TaskType, batches
 
@@ -26,9 +27,27 @@ def columns(task: TaskConfig) -> list[str]:
     return [task.text_column, task.label_column]
 
 
+def check_rows(task: TaskConfig, rows: Rows, source: str) -> None:
+    """Both columns present, and a label in every row: an empty label cell would otherwise
+    become a class of its own. (A row with empty text is dropped, and counted, by prepare.)"""
+    require_columns(rows, columns(task), source, values=False)
+    empty = [i for i, row in enumerate(rows) if is_blank(row.get(task.label_column))]
+    if empty:
+        raise DataError(
+            f"{source}: {len(empty)} of {len(rows)} rows have an empty '{task.label_column}' "
+            f"cell ({name_rows(empty)}, counting from 0). Give every row a label, or remove "
+            "those rows."
+        )
+
+
+def with_text(rows: Rows, task: TaskConfig) -> Rows:
+    """The rows whose text cell holds something (an empty input has nothing to classify)."""
+    return [row for row in rows if not is_blank(row.get(task.text_column))]
+
+
 def labels(task: TaskConfig, rows: Rows) -> list[str]:
-    """The sorted class names found in the training rows."""
-    return sorted({str(row[task.label_column]) for row in rows})
+    """The sorted class names found in the training rows that have text (the rows it trains on)."""
+    return sorted({str(row[task.label_column]) for row in with_text(rows, task)})
 
 
 def features(rows: Rows, tokenizer: Any, task: TaskConfig, names: list[str]) -> Features:
@@ -46,8 +65,19 @@ def features(rows: Rows, tokenizer: Any, task: TaskConfig, names: list[str]) -> 
 
 
 def prepare(task: TaskConfig, tokenizer: Any, train: Rows, held_out: Rows) -> TaskData:
-    """Tokenised features; refuses a single label or held-out labels never seen in training."""
-    CLASSIFICATION.check_columns(task, train, held_out)
+    """Tokenised features; refuses a single label or held-out labels never seen in training.
+    Rows with empty text are dropped and counted."""
+    check_rows(task, train, "the training data")
+    check_rows(task, held_out, "the held-out data")
+    kept, kept_held_out = with_text(train, task), with_text(held_out, task)
+    for rows, what in ((kept, "training"), (kept_held_out, "held-out")):
+        if not rows:
+            raise DataError(
+                f"Every {what} row has an empty '{task.text_column}' cell: there is no text to "
+                "classify. Check task.text_column names the column that holds the text."
+            )
+    dropped, dropped_eval = len(train) - len(kept), len(held_out) - len(kept_held_out)
+    train, held_out = kept, kept_held_out
     names = labels(task, train)
     if len(names) < 2:
         raise DataError(f"Classification needs at least 2 labels; the training data has {names}.")
@@ -59,7 +89,10 @@ def prepare(task: TaskConfig, tokenizer: Any, train: Rows, held_out: Rows) -> Ta
     train_features = features(train, tokenizer, task, names)
     truncated = sum(len(f["input_ids"]) >= task.max_length for f in train_features)
     eval_features = features(held_out, tokenizer, task, names)
-    return TaskData(train_features, eval_features, labels=names, truncated=truncated)
+    return TaskData(
+        train_features, eval_features, labels=names, truncated=truncated, dropped=dropped,
+        dropped_eval=dropped_eval,
+    )  # fmt: skip
 
 
 def accuracy(model: nn.Module, data: TaskData, collator: Any, batch_size: int) -> dict[str, float]:
@@ -86,4 +119,5 @@ CLASSIFICATION = TaskType(
     metric="accuracy",
     metrics=("accuracy",),
     labels=labels,
+    row_check=check_rows,
 )

@@ -4,10 +4,10 @@ prompt/response), as one validated list of {"role", "content"} turns."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
+from peftkit.data.files import is_blank
 from peftkit.errors import DataError
 
 Message = dict[str, str]
@@ -18,15 +18,6 @@ FORMATS_HELP = (
     '{"instruction", "input" (optional), "output"} (Alpaca), '
     '{"conversations": [{"from": "human"|"gpt", "value": ...}]} (ShareGPT), {"prompt", "response"}'
 )
-
-
-def _missing(value: Any) -> bool:
-    """Whether a field is absent: None, NaN (pandas' empty cell) or blank text."""
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and not value.strip()
 
 
 def _as_list(value: Any, where: str) -> list[Any]:
@@ -67,7 +58,7 @@ def validate_messages(messages: list[Any], where: str = "conversation") -> list[
                 f"{where}: turns must go (system), user, assistant, user, ...; found "
                 f"{turn['role']!r} where {expected!r} belongs (a system turn only comes first)."
             )
-    if not body or body[-1]["role"] != "assistant" or _missing(body[-1]["content"]):
+    if not body or body[-1]["role"] != "assistant" or is_blank(body[-1]["content"]):
         raise DataError(f"{where}: the conversation has no final assistant answer to learn.")
     return clean
 
@@ -79,18 +70,18 @@ def _text(value: Any) -> Any:
 
 def _alpaca(record: dict[str, Any], where: str) -> list[Any]:
     """Alpaca instruction/input/output as a user turn and an assistant turn."""
-    if _missing(record.get("instruction")):
+    if is_blank(record.get("instruction")):
         raise DataError(f"{where}: the 'instruction' is empty.")
-    if _missing(record.get("output")):
+    if is_blank(record.get("output")):
         raise DataError(f"{where}: the 'output' (the answer) is missing or empty.")
     question = str(record["instruction"])
-    if not _missing(record.get("input")):
+    if not is_blank(record.get("input")):
         question = f"{question}\n\n{record['input']}"
     turns = [
         {"role": "user", "content": question},
         {"role": "assistant", "content": _text(record["output"])},
     ]
-    if not _missing(record.get("system")):
+    if not is_blank(record.get("system")):
         turns.insert(0, {"role": "system", "content": record["system"]})
     return turns
 
@@ -120,7 +111,7 @@ def to_messages(record: dict[str, Any], where: str = "record") -> list[Message]:
     elif "conversations" in record:
         turns = _sharegpt(record, where)
     elif "prompt" in record:
-        if _missing(record.get("response")):
+        if is_blank(record.get("response")):
             raise DataError(f"{where}: the 'response' (the answer) is missing or empty.")
         turns = [
             {"role": "user", "content": _text(record["prompt"])},
@@ -131,8 +122,9 @@ def to_messages(record: dict[str, Any], where: str = "record") -> list[Message]:
     return validate_messages(turns, where)
 
 
-def load_conversations(path: str | Path) -> list[list[Message]]:
+def load_conversations(path: str | Path, encoding: str = "utf-8") -> list[list[Message]]:
     """Every conversation in a JSON, JSONL, CSV or Parquet file, validated."""
     from peftkit.data.files import read_rows
 
-    return [to_messages(row, f"{path} row {index}") for index, row in enumerate(read_rows(path))]
+    rows = read_rows(path, encoding)
+    return [to_messages(row, f"{path} row {index}") for index, row in enumerate(rows)]

@@ -9,8 +9,11 @@ every `save_steps` appear only when complete, and `resume` continues from one ex
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,11 @@ from transformers import TrainingArguments, set_seed
 
 import peftkit.api as api
 from peftkit.data.collate import Collator
+from peftkit.errors import ConfigError
+from peftkit.io import write_text_atomically
 from peftkit.models import load_model
 from peftkit.recipe import Recipe, save_recipe
+from peftkit.run_folder import check_output_dir, discard_previous, set_aside_earlier_run
 from peftkit.tables import key_value_table
 from peftkit.tasks import TaskData, get_task_type, headline_metric, split_rows
 from peftkit.training.checkpoints import (
@@ -58,7 +64,7 @@ def training_arguments(recipe: Recipe, output: Path) -> TrainingArguments:
         save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=t.save_steps if t.save_steps > 0 else 500,
         seed=t.seed,
-        report_to="none",
+        report_to=t.report_to,  # TensorBoard writes to output/logs (reporting_environment)
         remove_unused_columns=False,  # features are already exactly what the model takes
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         use_cpu=not torch.cuda.is_available(),
@@ -77,10 +83,9 @@ def evaluate(model: Any, recipe: Recipe, data: TaskData, collator: Collator) -> 
 def load_for_recipe(recipe: Recipe) -> tuple[Any, Any, TaskData]:
     """The base model, its tokenizer, and the task's tokenised data."""
     task_type = get_task_type(recipe.task.type)
-    train_rows, eval_rows = split_rows(recipe.task)
+    train_rows, eval_rows = split_rows(recipe.task)  # each file's rows checked by the task type
     labels = None
     if task_type.labels is not None:
-        task_type.check_columns(recipe.task, train_rows, eval_rows)
         labels = task_type.labels(recipe.task, train_rows)
     model, tokenizer = load_model(
         recipe.model, recipe.task.type, num_labels=len(labels) if labels else None,
@@ -94,15 +99,58 @@ def load_for_recipe(recipe: Recipe) -> tuple[Any, Any, TaskData]:
     return model, tokenizer, data
 
 
-def run(recipe: Recipe, resume: str | bool | None = None) -> dict[str, Any]:
+def logs_folder(output: Path) -> Path:
+    """Where experiment trackers that write files (TensorBoard) put them: inside the run."""
+    return output / "logs"
+
+
+@contextlib.contextmanager
+def reporting_environment(output: Path) -> Iterator[None]:
+    """TensorBoard's callback takes its folder from TENSORBOARD_LOGGING_DIR when Trainer builds
+    it (its default, Trainer's output_dir, is the checkpoint staging folder, which is cleared);
+    a folder the user set there is kept."""
+    if "TENSORBOARD_LOGGING_DIR" in os.environ:
+        yield
+        return
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(logs_folder(output))
+    try:
+        yield
+    finally:
+        del os.environ["TENSORBOARD_LOGGING_DIR"]
+
+
+def check_reporter_installed(name: str) -> None:
+    """Refuse, before any model loads, a report_to whose package is not installed."""
+    if name == "none":
+        return
+    from transformers.integrations.integration_utils import get_available_reporting_integrations
+
+    if name not in get_available_reporting_integrations():
+        extra = " (pip install 'peftkit[tensorboard]')" if name == "tensorboard" else ""
+        raise ConfigError(
+            f"training.report_to is {name!r}, but its package is not installed: install it"
+            f"{extra}, or set training.report_to: none."
+        )
+
+
+def run(
+    recipe: Recipe, resume: str | bool | None = None, overwrite: bool = False
+) -> dict[str, Any]:
     """Train the recipe's method on its task; write adapter, recipe and summary.json. `resume`:
-    True or "latest" for the run's newest checkpoint, or a checkpoint folder."""
+    True or "latest" for the run's newest checkpoint, or a checkpoint folder. A folder holding
+    an earlier run is refused unless resumed, or replaced with `overwrite` (run_folder.py)."""
+    output = Path(recipe.output_dir)
+    main_process = is_main_process()
+    check_output_dir(output, resume, overwrite)
+    check_reporter_installed(recipe.training.report_to)
+    checkpoint = find_checkpoint(output, resume) if resume else None
+    previous = set_aside_earlier_run(output) if overwrite and main_process else None
+    if previous is not None:
+        print(f"--overwrite: the earlier run in {output} is kept in {previous} until this one "
+              "finishes")  # fmt: skip
     if recipe.training.threads:
         torch.set_num_threads(recipe.training.threads)
     set_seed(recipe.training.seed)
-    output = Path(recipe.output_dir)
-    main_process = is_main_process()
-    checkpoint = find_checkpoint(output, resume) if resume else None
     config = recipe.method_config()
     task_type = get_task_type(recipe.task.type)
     metric = headline_metric(recipe.task)
@@ -132,20 +180,21 @@ def run(recipe: Recipe, resume: str | bool | None = None) -> dict[str, Any]:
         print(counts)
 
     train_collator = Collator(tokenizer.pad_token_id)  # counts only training tokens
-    trainer = PeftkitTrainer(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        data_collator=train_collator,
-        processing_class=tokenizer,
-        callbacks=[
-            HooksCallback(hooks, method_state(checkpoint)),
-            CheckpointCallback(output, hooks, model),
-        ],
-        hooks=hooks,
-        # Heads that divide by the token count Trainer gives them: let Trainer detect them.
-        loss_uses_token_count=None if task_type.loss_per_token else False,
-    )
+    with reporting_environment(output):  # the reporting callbacks are built in Trainer.__init__
+        trainer = PeftkitTrainer(
+            model=model,
+            args=args,
+            train_dataset=data.train,
+            data_collator=train_collator,
+            processing_class=tokenizer,
+            callbacks=[
+                HooksCallback(hooks, method_state(checkpoint)),
+                CheckpointCallback(output, hooks, model),
+            ],
+            hooks=hooks,
+            # Heads that divide by the token count Trainer gives them: let Trainer detect them.
+            loss_uses_token_count=None if task_type.loss_per_token else False,
+        )
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     model = gathered_model(trainer, recipe, method.config)
     if model is None:  # not the main process: it trained its share; the main one reports
@@ -182,10 +231,12 @@ def run(recipe: Recipe, resume: str | bool | None = None) -> dict[str, Any]:
         "eval_examples": len(data.eval),
         "truncated_examples": data.truncated,
         "dropped_examples": data.dropped,
+        "dropped_eval_examples": data.dropped_eval,
         "adapter_bytes": folder_bytes(adapter_dir),
         "adapter_dir": str(adapter_dir),
     }
-    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomically(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    discard_previous(previous)  # the new run is complete: the one it replaces can go
     print(format_summary(summary))
     print(f"wrote {output / 'summary.json'} and the adapter in {adapter_dir}")
     return summary
@@ -213,4 +264,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     rows.append(("adapter size", f"{summary['adapter_bytes'] / 1024:.1f} KiB"))
     if summary["truncated_examples"]:
         rows.append(("truncated examples", str(summary["truncated_examples"])))
+    if summary["dropped_examples"]:
+        rows.append(("dropped (train)", f"{summary['dropped_examples']} (nothing to learn)"))
+    if summary.get("dropped_eval_examples"):
+        rows.append(("dropped (held-out)", f"{summary['dropped_eval_examples']} (empty input)"))
     return key_value_table(rows)

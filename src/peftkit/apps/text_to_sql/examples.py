@@ -9,36 +9,36 @@ import re
 from pathlib import Path
 from typing import Any
 
-from peftkit.apps.sql_compositions import composed_examples
-from peftkit.apps.text_to_sql import (
-    HELDOUT_TEMPLATES,
+from peftkit.apps.text_to_sql.compositions import composed_examples
+from peftkit.apps.text_to_sql.database import (
     SCHEMA,
-    TEMPLATES,
-    _fills,
-    _informative,
-    _quote,
-    _read_only,
-    build_database,
+    default_database,
     render_schema,
-    sql_prompt,
 )
-from peftkit.models import cache_dir
+from peftkit.apps.text_to_sql.sandbox import read_only
+from peftkit.apps.text_to_sql.templates import (
+    HELDOUT_TEMPLATES,
+    TEMPLATES,
+    is_informative,
+    quote_value,
+    slot_fillings,
+)
 
 
 def generate_examples(
     db_path: str | Path, fills_per_template: int = 6, seed: int = 0, composed_per_shape: int = 2
 ) -> list[dict[str, Any]]:
     """Question/SQL examples from every template, each marked train or heldout by template, then
-    composed_per_shape composed training questions per shape (`sql_compositions`; 0: none)."""
+    composed_per_shape composed training questions per shape (`compositions`; 0: none)."""
 
     examples = []
-    with _read_only(db_path) as connection:
+    with read_only(db_path) as connection:
         for template in TEMPLATES:
             rng = random.Random(f"{seed}:{template.name}")
             kept = 0
-            for fill in _fills(template, rng, fills_per_template * 3):
-                sql = template.sql.format(**{k: _quote(v) for k, v in fill.items()})
-                if not _informative(connection.execute(sql).fetchall()):
+            for fill in slot_fillings(template, rng, fills_per_template * 3):
+                sql = template.sql.format(**{k: quote_value(v) for k, v in fill.items()})
+                if not is_informative(connection.execute(sql).fetchall()):
                     continue  # an empty gold answer would credit any empty prediction
                 for number, paraphrase in enumerate(template.paraphrases):
                     examples.append({
@@ -57,19 +57,20 @@ def generate_examples(
     return examples
 
 
+def sql_prompt(question: str, schema: str) -> str:
+    """The prompt a model completes with one SQLite query."""
+    return (
+        f"Database schema (SQLite):\n{schema}\n\n"
+        f"Question: {question}\nWrite one SQLite SELECT query that answers the question.\nSQL:"
+    )
+
+
 def prompt_records(examples: list[dict[str, Any]], schema: str) -> list[dict[str, Any]]:
     """Prompt/response records (schema in the prompt, gold SQL as the response) for training."""
     return [
         {**example, "prompt": sql_prompt(example["question"], schema), "response": example["sql"]}
         for example in examples
     ]
-
-
-def default_database(seed: int = 0) -> Path:
-    """The bundled database in peftkit's cache folder, built on first use."""
-
-    path = cache_dir() / "text-to-sql" / f"bank-seed{seed}.db"
-    return path if path.is_file() else build_database(path, seed=seed)
 
 
 def bundled_split(
@@ -84,7 +85,7 @@ def bundled_split(
 
 
 def compact_sql_schema() -> str:
-    """The bank schema as one `table(column, ...)` line per table (about 530 characters).
+    """The bank schema as one `table(column, ...)` line per table (499 characters).
 
     The full CREATE statements are ~1,400 characters (~400 tokens); on 2 CPU cores the prompt's
     length sets the cost of every training step, and the column names carry what the questions

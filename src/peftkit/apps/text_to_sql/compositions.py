@@ -20,7 +20,17 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
-from peftkit.apps import text_to_sql as base
+from peftkit.apps.text_to_sql.database import (
+    ACCOUNT_STATUSES,
+    ACCOUNT_TYPES,
+    CATEGORIES,
+    CITIES,
+    CURRENCIES,
+    LOAN_STATUSES,
+    NETWORKS,
+    SEGMENTS,
+)
+from peftkit.apps.text_to_sql.templates import SLOT_VALUES, YEARS, is_informative, quote_value
 
 
 @dataclass(frozen=True)
@@ -101,8 +111,8 @@ TABLES: tuple[Table, ...] = (
             "Give the names of {np}.")),
         _aggregate("avg_birth_year", "AVG(birth_year)", "birth year"),
     ), (
-        Filter("segment", "segment = '{v}'", base.SEGMENTS, ("{v}",), ("in the {v} segment",)),
-        Filter("city", "city = '{v}'", base.CITIES, (), ("in {v}", "from {v}", "living in {v}")),
+        Filter("segment", "segment = '{v}'", SEGMENTS, ("{v}",), ("in the {v} segment",)),
+        Filter("city", "city = '{v}'", CITIES, (), ("in {v}", "from {v}", "living in {v}")),
         Filter("born_before", "birth_year < {v}", (1950, 1960, 1970, 1980), (),
                ("born before {v}",), column="birth_year"),
         Filter("born_after", "birth_year > {v}", (1970, 1980, 1990), (), ("born after {v}",),
@@ -117,10 +127,10 @@ TABLES: tuple[Table, ...] = (
         _aggregate("max_balance", "MAX(balance)", "balance"),
         _listing("ids", "account_id", "account ids"),
     ), (
-        Filter("status", "status = '{v}'", base.ACCOUNT_STATUSES, ("{v}",),
+        Filter("status", "status = '{v}'", ACCOUNT_STATUSES, ("{v}",),
                ("with status {v}", "whose status is {v}")),
-        Filter("account_type", "account_type = '{v}'", base.ACCOUNT_TYPES, ("{v}",)),
-        Filter("currency", "currency = '{v}'", base.CURRENCIES, (),
+        Filter("account_type", "account_type = '{v}'", ACCOUNT_TYPES, ("{v}",)),
+        Filter("currency", "currency = '{v}'", CURRENCIES, (),
                ("held in {v}", "in {v}", "denominated in {v}")),
         Filter("balance_above", "balance > {v}", (1000, 5000, 10000, 50000), (),
                ("with a balance above {v}", "holding more than {v}")),
@@ -135,13 +145,13 @@ TABLES: tuple[Table, ...] = (
         _listing("ids", "transaction_id, amount", "ids and amounts"),
     ), (
         Filter("direction", "direction = '{v}'", ("debit", "credit"), ("{v}",)),
-        Filter("category", "category = '{v}'", base.CATEGORIES, ("{v}",),
+        Filter("category", "category = '{v}'", CATEGORIES, ("{v}",),
                ("in the {v} category",)),
-        Filter("merchant", "merchant = '{v}'", base.SLOT_VALUES["merchant"], (),
+        Filter("merchant", "merchant = '{v}'", SLOT_VALUES["merchant"], (),
                ("with {v}", "at {v}")),
         Filter("amount_above", "amount > {v}", (100, 250, 500, 1000, 2500), (),
                ("over {v}", "larger than {v}")),
-        Filter("year", "strftime('%Y', transaction_date) = '{v}'", base.YEARS, (),
+        Filter("year", "strftime('%Y', transaction_date) = '{v}'", YEARS, (),
                ("made in {v}", "in {v}", "during {v}")),
     )),
     Table("loans", "loans", (
@@ -151,7 +161,7 @@ TABLES: tuple[Table, ...] = (
         _aggregate("avg_rate", "AVG(interest_rate)", "interest rate"),
         _listing("ids", "loan_id", "loan ids"),
     ), (
-        Filter("status", "status = '{v}'", base.LOAN_STATUSES, ("{v}",), ("with status {v}",)),
+        Filter("status", "status = '{v}'", LOAN_STATUSES, ("{v}",), ("with status {v}",)),
         Filter("rate_above", "interest_rate > {v}", (4, 5, 6, 7, 8), (),
                ("with an interest rate above {v} percent", "charging more than {v}% interest")),
         Filter("term", "term_months = {v}", (12, 24, 36, 60, 120, 240, 360), (),
@@ -166,7 +176,7 @@ TABLES: tuple[Table, ...] = (
         _listing("ids", "card_id", "card ids"),
     ), (
         Filter("active", "is_active = {v}", (1,), ("active",)),
-        Filter("network", "network = '{v}'", base.NETWORKS, ("{v}",), ("on the {v} network",)),
+        Filter("network", "network = '{v}'", NETWORKS, ("{v}",), ("on the {v} network",)),
         Filter("card_type", "card_type = '{v}'", ("debit", "credit"), ("{v}",)),
         Filter("expiry", "expiry_year = {v}", (2025, 2026, 2027, 2028, 2029, 2030), (),
                ("expiring in {v}", "that expire in {v}")),
@@ -200,7 +210,7 @@ def shape_key(table: Table, select: Select, filters: tuple[Filter, ...]) -> tupl
 def shape_sql(table: Table, select: Select, filters: tuple[Filter, ...], fill: tuple) -> str:
     """The gold SQL of a shape for one value per filter (filters in the table's order)."""
     where = " AND ".join(
-        f.sql.format(v=base._quote(value)) for f, value in zip(filters, fill, strict=True)
+        f.sql.format(v=quote_value(value)) for f, value in zip(filters, fill, strict=True)
     )
     return f"SELECT {select.sql} FROM {table.name} WHERE {where}"
 
@@ -239,7 +249,7 @@ def composed_examples(
             kept = 0
             for fill in fills:
                 sql = shape_sql(table, select, filters, fill)
-                if sql in skip_sql or not base._informative(connection.execute(sql).fetchall()):
+                if sql in skip_sql or not is_informative(connection.execute(sql).fetchall()):
                     continue
                 examples.append({
                     "id": f"{name}-{kept}",

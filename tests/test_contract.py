@@ -1,0 +1,276 @@
+"""The method contract, one table of cases times the five tiny families.
+
+Every registered method has at least one row. Each check is its own test, parametrised over the
+table x families, so a failure names the check, the case and the family: only the intended
+parameters train; the output is unchanged at initialisation where the method promises it; the
+first optimizer step changes only trainable parameters; save then load gives the same outputs;
+merge gives the same outputs with the base's parameter names (or is refused with a reason); PEFT
+loads PEFT-format adapters to the same logits, and refuses peftkit's own.
+
+Each (case, family) trains once per module (`runs`), built by whichever test asks first, so any
+test passes alone and in any order. Method-specific behaviour lives in each method's test file."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+
+import peftkit
+from contract import FAMILIES, Case, Run, logits, logits_and_loss, run_case, tiny
+from peftkit.errors import AdapterError
+from peftkit.methods import relora
+from peftkit.registry import method_for_config, method_names
+
+HEADS = r"classifier|score"  # a new classification head (tiny BERT's) trains with every method
+LORA_PARAMS = rf"lora_|{HEADS}"
+NORMS = r"LayerNorm|layer_norm|layernorm|ln_\d"
+VIRTUAL = rf"^virtual\.|{HEADS}"
+# Tiny T5, Llama and Qwen2 lack biases on (some of) the layers BitFit selects: it adds zero ones.
+BIAS_LESS = {"t5", "llama", "qwen2"}
+NO_PEFT_PREFIX_FOR_BERT = {"bert": "PEFT refuses prefix tuning for BERT encoders"}
+
+CASES = [
+    Case("lora", lambda family: peftkit.LoraConfig(dropout=0.0), LORA_PARAMS, peft_loadable=True),
+    Case(
+        "lora-all-linear",
+        lambda family: peftkit.LoraConfig(rank=2, dropout=0.0, target_modules="all-linear"),
+        LORA_PARAMS,
+        peft_loadable=True,
+    ),
+    Case(
+        "rslora",
+        lambda family: peftkit.RsLoraConfig(rank=4, dropout=0.0),
+        LORA_PARAMS,
+        peft_loadable=True,
+    ),
+    Case(
+        "dora",
+        lambda family: peftkit.DoraConfig(rank=4, dropout=0.0),
+        LORA_PARAMS,
+        peft_loadable=True,
+    ),
+    Case(
+        "adalora",
+        lambda family: peftkit.AdaLoraConfig(init_rank=4, target_rank=2, total_steps=10),
+        LORA_PARAMS,
+        peft_loadable=True,
+        peft_loss_differs="PEFT's AdaLoRA forward adds its own orthogonality term to the loss "
+        "(and, loaded for inference, fails computing it); peftkit adds it once, in extra_loss",
+    ),
+    Case(
+        "relora",
+        # A restart after the second step (merge, re-initialise, reset), then a step on the
+        # fresh LoRA, so the saved adapter holds both a merged update and a current LoRA. No
+        # re-warm: the step after the restart would otherwise run at learning rate 0.
+        lambda family: peftkit.ReLoraConfig(
+            rank=4, dropout=0.0, restart_every=2, restart_warmup_steps=0
+        ),
+        LORA_PARAMS,
+        steps=3,
+        reached=lambda model: relora.state(model).restarts >= 1,
+    ),
+    Case(
+        "bottleneck-houlsby",
+        lambda family: peftkit.BottleneckConfig(placement="houlsby", bottleneck_size=4),
+        rf"bottleneck_adapter|{NORMS}|{HEADS}",
+        mergeable=False,
+    ),
+    Case(
+        "bottleneck-pfeiffer",
+        lambda family: peftkit.BottleneckConfig(placement="pfeiffer", bottleneck_size=4),
+        rf"bottleneck_adapter|{HEADS}",
+        mergeable=False,
+    ),
+    Case(
+        "bitfit",
+        lambda family: peftkit.BitFitConfig(
+            missing_biases="add" if family in BIAS_LESS else "error"
+        ),
+        rf"bias$|{HEADS}",
+        merge_adds=r"\.bias$",  # the zero biases BitFit added (missing_biases='add') stay
+    ),
+    Case("child_tuning-F", lambda family: peftkit.ChildTuningConfig(mode="F"), None),
+    Case(
+        "child_tuning-D",
+        lambda family: peftkit.ChildTuningConfig(mode="D"),
+        rf"\.values$|{HEADS}",
+    ),
+    Case(
+        "prompt_tuning",
+        lambda family: peftkit.PromptTuningConfig(num_virtual_tokens=4),
+        VIRTUAL,
+        unchanged_at_init=False,  # the soft prompt is new input from the start
+        mergeable=False,
+        peft_loadable=True,
+    ),
+    Case(
+        "prefix_tuning-direct",
+        lambda family: peftkit.PrefixTuningConfig(num_virtual_tokens=4),
+        VIRTUAL,
+        unchanged_at_init=False,  # the prefix is attended to from the start
+        mergeable=False,
+        peft_loadable=True,
+        peft_excluded=NO_PEFT_PREFIX_FOR_BERT,
+    ),
+    Case(
+        "prefix_tuning-mlp",
+        lambda family: peftkit.PrefixTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16),
+        VIRTUAL,
+        unchanged_at_init=False,
+        mergeable=False,
+        peft_loadable=True,
+        peft_excluded=NO_PEFT_PREFIX_FOR_BERT,
+    ),
+    Case("full", lambda family: peftkit.FullConfig(), None),
+]
+
+
+def rows(applies: Callable[[Case, str], bool] = lambda case, family: True) -> list:
+    """(case, family) parameters for every pair `applies` accepts, named 'label-family'."""
+    return [
+        pytest.param(case, family, id=f"{case.label}-{family}")
+        for case in CASES
+        for family in FAMILIES
+        if applies(case, family)
+    ]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Case, str], Run]:
+    """One training run per (case, family) in this module, made by the first test that asks."""
+    cache: dict[tuple[str, str], Run] = {}
+
+    def get(case: Case, family: str) -> Run:
+        key = (case.label, family)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"{case.label}-{family}")
+            cache[key] = run_case(case, family, folder)
+        return cache[key]
+
+    return get
+
+
+def test_every_registered_method_has_a_row():
+    covered = {method_for_config(case.config(family)).name for case in CASES for family in FAMILIES}
+    assert covered == set(method_names())
+    labels = [case.label for case in CASES]
+    assert len(labels) == len(set(labels)), "case labels name the tests: they must be unique"
+
+
+@pytest.mark.parametrize(("case", "family"), rows())
+def test_only_intended_parameters_train(case, family, runs):
+    run = runs(case, family)
+    assert run.trainable, "the method made nothing trainable"
+    if case.trainable is None:
+        assert run.trainable == run.names, "every parameter should train"
+        return
+    wrong = [n for n in run.trainable if not re.search(case.trainable, n)]
+    assert not wrong, f"unintended trainable parameters: {wrong[:5]}"
+    assert any(not re.search(HEADS, n) for n in run.trainable), "only the task head trains"
+
+
+@pytest.mark.parametrize(("case", "family"), rows(lambda case, family: case.unchanged_at_init))
+def test_unchanged_at_init(case, family, runs):
+    run = runs(case, family)
+    torch.testing.assert_close(run.at_init, run.reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("case", "family"), rows())
+def test_step_changes_only_trainable(case, family, runs):
+    run = runs(case, family)
+    frozen_moved = sorted(set(run.moved_by_first_step) - set(run.trainable))
+    assert not frozen_moved, f"frozen parameters changed: {frozen_moved[:5]}"
+    assert run.moved_by_first_step, "the step changed nothing"
+    assert not torch.allclose(run.tuned, run.at_init), "training did not change the output"
+
+
+@pytest.mark.parametrize(("case", "family"), rows(lambda case, family: case.reached is not None))
+def test_training_reaches_what_the_case_needs(case, family, runs):
+    assert runs(case, family).reached
+
+
+@pytest.mark.parametrize(("case", "family"), rows())
+def test_save_load_roundtrip(case, family, runs):
+    run = runs(case, family)
+    fresh, _ = tiny(family)
+    loaded = peftkit.load(fresh, run.adapter)
+    torch.testing.assert_close(logits(loaded, run.batch), run.tuned, atol=1e-5, rtol=0)
+
+
+# BitFit's merge warns that T5's and Qwen2's configs cannot declare its added biases for a
+# save_pretrained round trip; this check keeps the merged model in memory.
+@pytest.mark.filterwarnings("ignore:BitFit.*cannot declare the biases:UserWarning")
+@pytest.mark.parametrize(("case", "family"), rows(lambda case, family: case.mergeable))
+def test_merge_equals_unmerged(case, family, runs):
+    run = runs(case, family)
+    fresh, _ = tiny(family)
+    base_class = type(fresh)
+    merged = peftkit.merge(peftkit.load(fresh, run.adapter))
+    assert type(merged) is base_class, "merge should give back a plain transformers model"
+    names = {n for n, _ in merged.named_parameters()}
+    assert not set(run.base_names) - names, "merge lost base parameters"
+    extra = sorted(n for n in names - set(run.base_names))
+    unexpected = [n for n in extra if not (case.merge_adds and re.search(case.merge_adds, n))]
+    assert not unexpected, f"merged model has parameters the base lacks: {unexpected[:5]}"
+    torch.testing.assert_close(logits(merged, run.batch), run.tuned, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("case", "family"), rows(lambda case, family: not case.mergeable))
+def test_unmergeable_method_refuses_merge(case, family, runs):
+    run = runs(case, family)
+    fresh, _ = tiny(family)
+    with pytest.raises(AdapterError, match="cannot"):
+        peftkit.merge(peftkit.load(fresh, run.adapter))
+
+
+def _saved_config(adapter: Path) -> dict:
+    return json.loads((adapter / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("case", "family"),
+    rows(lambda case, family: case.peft_loadable and family not in case.peft_excluded),
+)
+def test_peft_loads_it(case, family, runs):
+    """peft.PeftModel.from_pretrained on a fresh base gives the logits and loss peftkit had."""
+    run = runs(case, family)
+    # Without this, a PEFT that ignored the adapter could pass within the tolerance.
+    assert (run.tuned - run.reference).abs().max() > 1e-4, "the adapter barely matters"
+    saved = _saved_config(run.adapter)
+    assert saved["peft_type"] == method_for_config(case.config(family)).peft_type
+    assert "peftkit_method" not in saved
+    fresh, _ = tiny(family)
+    inputs = {k: v for k, v in run.batch.items() if k != "labels"}
+    if FAMILIES[family] == "seq2seq":  # the decoder inputs the labels would have made
+        inputs["decoder_input_ids"] = fresh.prepare_decoder_input_ids_from_labels(
+            labels=run.batch["labels"]
+        )
+    model = peft.PeftModel.from_pretrained(fresh, run.adapter)
+    ours, theirs = run.tuned, logits(model, inputs)
+    if theirs.dim() == 3 and theirs.shape[1] > ours.shape[1]:
+        theirs = theirs[:, -ours.shape[1] :]  # PEFT keeps prompt tuning's virtual positions
+    if FAMILIES[family] == "causal-lm":  # compare real tokens: PEFT pads virtual tokens its way
+        real = run.batch["attention_mask"].bool()
+        ours, theirs = ours[real], theirs[real]
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    if case.peft_loss_differs is None:
+        their_loss = logits_and_loss(model, run.batch)[1]
+        torch.testing.assert_close(their_loss, run.tuned_loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("case", "family"), rows(lambda case, family: not case.peft_loadable))
+def test_peft_refuses_peftkit_format(case, family, runs):
+    """peftkit's own files name their method and no peft_type, so PEFT refuses the folder."""
+    run = runs(case, family)
+    saved = _saved_config(run.adapter)
+    assert "peft_type" not in saved
+    assert saved["peftkit_method"] == method_for_config(case.config(family)).name
+    fresh, _ = tiny(family)
+    with pytest.raises(KeyError, match="peft_type"):
+        peft.PeftModel.from_pretrained(fresh, run.adapter)
