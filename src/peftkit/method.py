@@ -64,6 +64,21 @@ def config_from_peftkit_adapter(config_cls: type) -> Callable[[dict[str, Any]], 
 
 
 @dataclass(frozen=True)
+class RowAdapters:
+    """Several saved adapters of one method on one base model, a different one (or none) per row
+    of a batch: what a server needs to decode requests for different adapters together.
+
+    add(model, name, folder) loads one more adapter and returns the model that holds it (the
+    base model is wrapped on the first); remove(model, name) drops one and returns the model
+    without it (the plain base once none is left); forward(model, names, **inputs) runs one
+    forward in which row i goes through adapter names[i] (None: the base alone)."""
+
+    add: Callable[[Any, str, Any], Any]
+    remove: Callable[[Any, str], Any]
+    forward: Callable[..., Any]
+
+
+@dataclass(frozen=True)
 class Method:
     """A PEFT method: its config class and the functions generic code calls. No subclassing."""
 
@@ -88,6 +103,8 @@ class Method:
     # (Child-Tuning D): on a meta-device model just applied, make the trainable tensors prepare
     # would make, of the sizes it would choose; which entries is what the data decides.
     prepare_without_data: Callable[[Any, Any], None] | None = None
+    # Serving several of its adapters on one base, one per batch row (None: merge to serve).
+    row_adapters: RowAdapters | None = None
 
     def saved_config(self, model: Any, config: Any) -> dict[str, Any]:
         """What goes into adapter_config.json for this method."""
