@@ -1,11 +1,14 @@
-"""LoRA step time as a ratio to full fine-tuning, and where the time goes (torch.profiler).
+"""LoRA step time against full fine-tuning's and against HF PEFT's own LoRA modules, with profiles.
 
 Theory: a training step costs about 6N FLOPs a token with every weight training (forward 2N,
 backward 2N for input gradients and 2N for weight gradients) and 4N with a frozen base (no weight
 gradients), so LoRA's step should take about 2/3 of full fine-tuning's, a little less once full
-fine-tuning's AdamW update over every weight is counted. Both arms use the same base weights, the
-same fixed-length chunks of real review text and AdamW; they alternate round by round. Then one
-step of each runs under torch.profiler and the top operators by self CPU time are printed.
+fine-tuning's AdamW update over every weight is counted. Arms: full fine-tuning, then for each
+dropout asked for, peftkit's LoRA (`peftkit.apply`, its fast forward) and PEFT's own LoRA modules
+with the same rank, alpha, targets and dropout (`peft.get_peft_model` on the PEFT config peftkit
+builds, PEFT's forward). Every arm uses the same base weights, the same fixed-length chunks of real
+review text and AdamW; they alternate round by round. Then one step of each runs under
+torch.profiler and the top operators by self CPU time are printed.
 
     flock /tmp/peftkit-heavy.lock .venv/bin/python benchmarks/lora_vs_full.py    # smollm2-135m
     .venv/bin/python benchmarks/lora_vs_full.py --model tiny-llama --steps 2 --rounds 1
@@ -38,6 +41,13 @@ def parse_args() -> Any:
     parser.add_argument("--top", type=int, default=12, help="operators shown per profile")
     parser.add_argument(
         "--targets", default="all-linear", help="LoRA target_modules (default: every linear)"
+    )
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    parser.add_argument(
+        "--dropouts", default="default,0", help="LoRA dropouts to time ('default': peftkit's)"
+    )
+    parser.add_argument(
+        "--no-peft", action="store_true", help="leave out the arms of PEFT's own modules"
     )
     return parser.parse_args()
 
@@ -92,13 +102,38 @@ def profile(step: Any, top: int) -> tuple[str, list[dict[str, Any]]]:
     return table, data
 
 
+def lora_arms(model: Any, args: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """{arm: (model, description)}: peftkit's LoRA and PEFT's own, for each dropout asked for."""
+    import peft
+
+    import peftkit
+    from peftkit.methods import lora
+
+    default = peftkit.LoraConfig().dropout
+    arms = {}
+    for spec in args.dropouts.split(","):
+        dropout = default if spec == "default" else float(spec)
+        config = peftkit.LoraConfig(rank=args.rank, target_modules=args.targets, dropout=dropout)
+        about = {"rank": args.rank, "targets": args.targets, "dropout": dropout}
+        arms[f"peftkit LoRA, dropout {dropout:g}"] = (
+            peftkit.apply(copy.deepcopy(model), config),
+            {**about, "implementation": "peftkit"},
+        )
+        if not args.no_peft:
+            base = copy.deepcopy(model)
+            arms[f"PEFT LoRA, dropout {dropout:g}"] = (
+                peft.get_peft_model(base, lora.peft_config(base, config)),
+                {**about, "implementation": "peft"},
+            )
+    return arms
+
+
 def main() -> None:
-    """Time both arms, profile one step of each, print the ratio and the profiles."""
+    """Time every arm, profile one step of each, print the ratios and the profiles."""
     args = parse_args()
     setup(args)
     import torch
 
-    import peftkit
     from peftkit.models import load_model
 
     model, tokenizer = load_model(args.model, "causal-lm", seed=args.seed)
@@ -108,51 +143,32 @@ def main() -> None:
         chunk = features[start : start + args.batch_size]
         ids = torch.tensor([f["input_ids"] for f in chunk])
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
-    lora_model = peftkit.apply(copy.deepcopy(model), "lora", target_modules=args.targets)
-    # The profile of the default arm shows dropout's Bernoulli masks as LoRA's largest extra cost
-    # on a CPU; the same adapters without dropout measure how much of the gap that is.
-    plain_model = peftkit.apply(
-        copy.deepcopy(model), "lora", target_modules=args.targets, dropout=0.0
-    )
+    arms = lora_arms(model, args)
     model.requires_grad_(True)
-    steps = {
-        "full": make_step(model, batches),
-        "lora": make_step(lora_model, batches),
-        "lora_no_dropout": make_step(plain_model, batches),
-    }
+    models = {"full fine-tuning": (model, {"implementation": "full"}), **arms}
+    steps = {name: make_step(m, batches) for name, (m, _) in models.items()}
     seconds = interleaved({name: timed(s, args.steps) for name, s in steps.items()}, args.rounds)
     profiles = {name: profile(s, args.top) for name, s in steps.items()}
-    full = median(seconds["full"])
-    lora = median(seconds["lora"])
-    plain = median(seconds["lora_no_dropout"])
-    trainable = sum(p.numel() for p in lora_model.parameters() if p.requires_grad)
-    rows = [
-        ["full fine-tuning", f"{full:.3f}", "1.000", len(seconds["full"])],
-        [f"LoRA r 8 ({args.targets})", f"{lora:.3f}", f"{lora / full:.3f}", len(seconds["lora"])],
-        [
-            f"LoRA r 8 ({args.targets}), dropout 0",
-            f"{plain:.3f}",
-            f"{plain / full:.3f}",
-            len(seconds["lora_no_dropout"]),
-        ],  # fmt: skip
-    ]
+    full = median(seconds["full fine-tuning"])
+    rows, results = [], []
+    for name, (m, about) in models.items():
+        step = median(seconds[name])
+        peer = name.replace("peftkit", "PEFT")
+        vs_peft = step / median(seconds[peer]) if name != peer and peer in seconds else None
+        trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        results.append({"arm": name, **about, "median_step_seconds": step,
+                        "ratio_to_full": step / full, "ratio_to_peft": vs_peft,
+                        "trainable_parameters": trainable, "step_seconds": seconds[name],
+                        "profile": profiles[name][1]})  # fmt: skip
+        rows.append([name, f"{step:.3f}", f"{step / full:.3f}",
+                     "" if vs_peft is None else f"{vs_peft:.3f}", len(seconds[name])])  # fmt: skip
     print(f"{args.model}, AdamW, batch {args.batch_size} x {args.seq_len}, {args.threads} threads;"
-          f" LoRA trains {trainable:,} parameters")  # fmt: skip
-    print(markdown_table(["arm", "median step s", "step time / full", "timed steps"], rows))
-    print(f"LoRA / full = {lora / full:.3f}, without dropout {plain / full:.3f} (theory ~0.667)")
+          f" LoRA r {args.rank} on {args.targets}")  # fmt: skip
+    header = ["arm", "median step s", "step time / full", "step time / PEFT's", "timed steps"]
+    print(markdown_table(header, rows))
     for name, (table, _) in profiles.items():
-        print(f"\nTop operators by self CPU time, one {name} step:\n{table}")
-    results = {
-        "full_step_seconds": full,
-        "lora_step_seconds": lora,
-        "ratio": lora / full,
-        "lora_no_dropout_step_seconds": plain,
-        "ratio_no_dropout": plain / full,
-        "lora_trainable_parameters": trainable,
-        "step_seconds": seconds,
-        "profiles": {name: data for name, (_, data) in profiles.items()},
-    }
-    print(f"wrote {write_json('lora_vs_full', args, results, args.output)}")
+        print(f"\nTop operators by self CPU time, one step of {name}:\n{table}")
+    print(f"wrote {write_json('lora_vs_full', args, {'arms': results}, args.output)}")
 
 
 if __name__ == "__main__":

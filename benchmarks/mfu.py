@@ -80,15 +80,23 @@ def attention_flops_per_token(config: Any, seq_len: int) -> int:
 
 
 def method_models(model: Any) -> dict[str, tuple[Any, int]]:
-    """{method: (model to train, FLOPs factor per matmul parameter)}: full 6, LoRA 4, BitFit 4."""
+    """{method: (model to train, FLOPs factor per matmul parameter)}: full 6, LoRA 4, BitFit 4
+    (LoRA at peftkit's default dropout and at 0)."""
     import peftkit
     from peftkit.methods.bitfit import BitFitConfig
 
     full = copy.deepcopy(model).requires_grad_(True)
     lora = peftkit.apply(copy.deepcopy(model), "lora", target_modules="all-linear")
+    # the same adapters without dropout: how much of LoRA's cost the dropout masks still are
+    plain = peftkit.apply(copy.deepcopy(model), "lora", target_modules="all-linear", dropout=0.0)
     # Llama-style models have no biases: BitFit then adds zero ones (see docs/methods/bitfit.md).
     bitfit = peftkit.apply(copy.deepcopy(model), BitFitConfig(missing_biases="add"))
-    return {"full": (full, 6), "lora": (lora, 4), "bitfit": (bitfit, 4)}
+    return {
+        "full": (full, 6),
+        "lora": (lora, 4),
+        "lora_dropout_0": (plain, 4),
+        "bitfit": (bitfit, 4),
+    }
 
 
 def step_function(model: Any, batch: dict) -> Any:

@@ -13,6 +13,7 @@ from torch import nn
 
 from peftkit.errors import AdapterError
 from peftkit.method import Method
+from peftkit.methods import lora_fast
 from peftkit.methods.lora_rows import ROW_ADAPTERS
 from peftkit.targeting import default_targets, resolve_targets, task_head_modules, task_type
 
@@ -33,6 +34,13 @@ class LoraConfig:
     )
     use_rslora: bool = field(default=False, metadata={"help": "scale by alpha / sqrt(r)"})
     use_dora: bool = field(default=False, metadata={"help": "DoRA magnitude/direction split"})
+    fast_path: bool = field(
+        default=True,
+        metadata={
+            "help": "peftkit's faster forward on PEFT's LoRA layers (shared A multiplies and "
+            "dropout masks for sibling layers); false: PEFT's own forward"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -63,7 +71,10 @@ def peft_config(model: nn.Module, config: LoraConfig) -> peft.LoraConfig:
 
 def apply(model: nn.Module, config: LoraConfig) -> peft.PeftModel:
     """Wrap the model in a PEFT LoRA model; only LoRA weights (and a new task head) train."""
-    return peft.get_peft_model(model, peft_config(model, config))
+    tuned = peft.get_peft_model(model, peft_config(model, config))
+    if config.fast_path:
+        lora_fast.install(tuned)
+    return tuned
 
 
 def state_dict(model: peft.PeftModel) -> dict[str, Any]:
@@ -81,11 +92,13 @@ def load_state_dict(model: peft.PeftModel, tensors: dict[str, Any]) -> None:
 
 def merge(model: peft.PeftModel) -> nn.Module:
     """Fold B A into the base weights and return the plain transformers model."""
+    lora_fast.uninstall(model)
     return model.merge_and_unload()
 
 
 def remove(model: peft.PeftModel) -> nn.Module:
     """Take the LoRA layers out again, restoring the base model unchanged."""
+    lora_fast.uninstall(model)
     return model.unload()
 
 

@@ -1,0 +1,254 @@
+"""A faster forward for PEFT's LoRA Linear layers; PEFT's module tree, parameters and files stay.
+
+PEFT computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` layer by layer: a fresh Bernoulli
+mask per layer (saved as a float tensor, with the dropped copy of the input beside it), then two
+passes over the output for the scale and the add. benchmarks/lora_vs_full.py's profile put those
+at a fifth of a SmolLM2 LoRA step on a CPU. This forward, for a layer in the plain case:
+
+- runs the A projections of sibling layers that read the same input tensor (q/k/v; gate/up) as one
+  multiply over their concatenated A matrices, and draws one dropout mask for that input;
+- draws the mask as 16-bit lanes of 64-bit random words (a quarter of the generator calls), keeps it
+  as bools and recomputes the dropped input in backward instead of saving it;
+- accumulates `scale * h B^T` into the base layer's output in one addmm (no scale or add pass);
+- with dropout 0 (or in eval mode) draws and copies nothing.
+
+DoRA takes the same path when no dropout is in effect: its output is `(m / ||W + s BA||_c) * (x W^T
++ s h B^T) + bias`, PEFT's formula rearranged, with the norm detached as in PEFT and the paper.
+Everything else runs PEFT's own forward: merged or disabled adapters, several active adapters,
+per-row `adapter_names`, other LoRA variants, DoRA with dropout in training, a LoRA bias, base
+layers other than nn.Linear and GPT-2's Conv1D, dtypes that differ without autocast.
+
+Siblings are found on the model's first forward (layers under one parent module that received the
+very same tensor objects) and share from the second on; a member uses the shared result only when
+its input is that tensor object at that version, so a model that calls its layers differently
+stays correct (each layer then computes its own)."""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora.variants import DoraLinearVariant
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftkit.methods import lora_fast_down
+
+_SIBLINGS = "_peftkit_siblings"  # a layer's Siblings record (absent: it runs alone)
+_DISCOVERY = "_peftkit_discovery"  # the first-forward recorder, while it runs
+
+
+@dataclass(eq=False)
+class Siblings:
+    """LoRA layers under one parent reading the same input tensor, and what was computed for it."""
+
+    members: list[nn.Module]
+    source: torch.Tensor | None = None  # the input the pending results belong to
+    version: int = -1
+    pending: dict[int, torch.Tensor] = field(default_factory=dict)  # id(member) -> its x A^T
+
+    def take(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """This member's share when it was computed for this very input, else None."""
+        if self.source is not x or _version(x) != self.version:
+            return None
+        found = self.pending.pop(id(layer), None)
+        if not self.pending:
+            self.source = None  # release the input once every member has taken its share
+        return found
+
+    def keep(self, x: torch.Tensor, shares: dict[int, torch.Tensor]) -> None:
+        """Hold the other members' shares for this input."""
+        self.source, self.version, self.pending = (
+            (x, _version(x), shares) if shares else (None, -1, {})
+        )
+
+
+def _version(x: torch.Tensor) -> int:
+    """A tensor's in-place version (inference tensors have none: they cannot change outside
+    inference mode, and a model does not rewrite its input between sibling layers)."""
+    return -1 if x.is_inference() else x._version
+
+
+def _dropout_p(layer: nn.Module, name: str) -> float:
+    """The dropout probability in effect for this adapter now (0 in eval mode or without one)."""
+    dropout = layer.lora_dropout[name]
+    return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
+def _weight(layer: nn.Module) -> torch.Tensor:
+    """The base weight as (out, in), whatever the layer stores."""
+    base = layer.base_layer
+    return base.weight.t() if isinstance(base, Conv1D) else base.weight
+
+
+def fast_adapter(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+    """The adapter this call computes on the fast path, or None when PEFT's forward must run."""
+    if args or any(value is not None for value in kwargs.values()):
+        return None  # per-row adapter_names, aLoRA offsets, extra base-layer arguments
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A or layer.lora_B[name].bias is not None:
+        return None
+    variant = layer.lora_variant.get(name)
+    dora = isinstance(variant, DoraLinearVariant)
+    if (variant is not None and not dora) or (dora and _dropout_p(layer, name) > 0):
+        return None
+    dtypes = {x.dtype, layer.base_layer.weight.dtype, layer.lora_A[name].weight.dtype}
+    if len(dtypes) > 1 and (dora or not torch.is_autocast_enabled(x.device.type)):
+        return None
+    return name
+
+
+def _down(layer: nn.Module, name: str, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """x A^T (dropout applied) for this layer, computed with its siblings' in one multiply."""
+    siblings: Siblings | None = getattr(layer, _SIBLINGS, None)
+    if siblings is not None:
+        found = siblings.take(layer, x)
+        if found is not None:
+            return found
+    p = _dropout_p(layer, name)
+    members = [layer]
+    if siblings is not None:
+        members += [
+            m
+            for m in siblings.members
+            if m is not layer and fast_adapter(m, x, (), {}) == name and _dropout_p(m, name) == p
+        ]
+    weights = [m.lora_A[name].weight for m in members]
+    if len(weights) == 1 and p == 0:
+        h = F.linear(flat, weights[0])
+    else:
+        discovery = layer.__dict__.get(_DISCOVERY)
+        keep = discovery.mask(layer, x, flat, p) if siblings is None and discovery else None
+        h = lora_fast_down.Down.apply(flat, p, keep, *weights)
+    if len(members) == 1:
+        return h
+    shares = h.split([w.shape[0] for w in weights], dim=1)
+    siblings.keep(x, {id(m): share for m, share in zip(members[1:], shares[1:], strict=True)})
+    return shares[0]
+
+
+def _accumulate(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """y + scale * h B^T in one addmm (in place when no autocast casts anything)."""
+    if y.dtype == h.dtype == b.dtype and not torch.is_autocast_enabled(y.device.type):
+        return y.addmm_(h, b.t(), alpha=scale)
+    return torch.addmm(y, h, b.t(), alpha=scale)
+
+
+def forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The LoRA layer's forward: the fast path when it applies, else PEFT's own."""
+    discovery = getattr(layer, _DISCOVERY, None)
+    if discovery is not None and discovery.recording:
+        discovery.inputs[id(layer)].append(x)
+    name = fast_adapter(layer, x, args, kwargs)
+    if name is None:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    flat = x.reshape(-1, x.shape[-1])
+    h = _down(layer, name, x, flat)
+    base, weight = layer.base_layer, _weight(layer)
+    b, scale = layer.lora_B[name].weight, layer.scaling[name]
+    if name in layer.lora_variant:  # DoRA: W' = m (W + s BA) / ||W + s BA||_c, norm detached
+        with torch.no_grad():
+            norm = torch.linalg.norm(
+                torch.addmm(weight, b, layer.lora_A[name].weight, alpha=scale), dim=1
+            )
+        rows = layer.lora_magnitude_vector[name].weight / norm
+        y = _accumulate(F.linear(flat, weight), h, b, scale)
+        y = torch.addcmul(base.bias, y, rows) if base.bias is not None else y * rows
+    else:
+        y = _accumulate(F.linear(flat, weight, base.bias), h, b, scale)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class _Discovery:
+    """Records, over the model's first forward, which tensor each LoRA layer reads; the layers
+    under one parent that read the same tensors become Siblings at the start of the next forward
+    (not at the end of this one: a gradient-checkpointed backward recomputes this forward, and
+    must recompute the same operations), then it unhooks itself."""
+
+    def __init__(self, parents: dict[int, tuple[nn.Module, int]]) -> None:
+        self.parents = parents  # id(layer) -> (layer, id(parent module))
+        self.inputs: dict[int, list[torch.Tensor]] = {}
+        self.groups: list[list[nn.Module]] | None = None
+        self.recording = False
+        self.handles: list[Any] = []
+        # parent -> (input, its version, p, mask): the last mask drawn under each parent
+        self.masks: dict[int, tuple[torch.Tensor, int, float, torch.Tensor]] = {}
+
+    def mask(self, layer: nn.Module, x: torch.Tensor, flat: torch.Tensor, p: float) -> torch.Tensor:
+        """Until the groups exist, layers under one parent reading one tensor share its mask too,
+        so that a forward draws the same masks (the same random numbers) before the groups are
+        known as after: a run resumed from a checkpoint then draws what the uninterrupted one did,
+        and a gradient-checkpointed recompute of the first forward draws what it drew."""
+        parent = self.parents[id(layer)][1]
+        held = self.masks.get(parent)
+        if held is not None and held[0] is x and held[1] == _version(x) and held[2] == p:
+            return held[3]
+        keep = lora_fast_down.keep_mask(flat.shape, p, flat.device)
+        self.masks[parent] = (x, _version(x), p, keep)
+        return keep
+
+    def start(self, *_: Any) -> None:
+        """Forward pre-hook on the base model: group what the last forward found, or record."""
+        if self.groups is None:
+            self.inputs, self.recording = {key: [] for key in self.parents}, True
+            return
+        for members in self.groups:
+            siblings = Siblings(members)
+            for layer in members:
+                setattr(layer, _SIBLINGS, siblings)
+        self.stop()
+
+    def finish(self, *_: Any) -> None:
+        """Forward hook on the base model: which layers read the same tensors (by identity)."""
+        by_reads: dict[tuple, list[nn.Module]] = {}
+        for key, (layer, parent) in self.parents.items():
+            reads = tuple(id(t) for t in self.inputs.get(key, []))  # alive until we return
+            if reads:
+                by_reads.setdefault((parent, reads), []).append(layer)
+        self.groups = [members for members in by_reads.values() if len(members) > 1]
+        self.inputs, self.recording = {}, False
+
+    def stop(self) -> None:
+        """Unhook and let the layers forget this recorder."""
+        for layer, _ in self.parents.values():
+            layer.__dict__.pop(_DISCOVERY, None)
+        for handle in self.handles:
+            handle.remove()
+        self.inputs, self.recording, self.masks = {}, False, {}
+
+
+def install(model: nn.Module) -> int:
+    """Give every PEFT LoRA Linear layer of a model the fast forward; the number of layers."""
+    parents: dict[int, tuple[nn.Module, int]] = {}
+    modules = dict(model.named_modules())
+    for name, layer in modules.items():
+        if isinstance(layer, LoraLinear) and isinstance(layer.base_layer, nn.Linear | Conv1D):
+            layer.forward = types.MethodType(forward, layer)
+            parents[id(layer)] = (layer, id(modules[name.rpartition(".")[0]]))
+    if parents:
+        discovery = _Discovery(parents)
+        for layer, _ in parents.values():
+            setattr(layer, _DISCOVERY, discovery)
+        root = model.get_base_model() if hasattr(model, "get_base_model") else model
+        discovery.handles = [
+            root.register_forward_pre_hook(discovery.start),
+            root.register_forward_hook(discovery.finish),
+        ]
+    return len(parents)
+
+
+def uninstall(model: nn.Module) -> None:
+    """Give every LoRA layer PEFT's own forward back and forget the sibling groups."""
+    for layer in model.modules():
+        if isinstance(layer, LoraLinear):
+            discovery = layer.__dict__.get(_DISCOVERY)
+            if discovery is not None:
+                discovery.stop()
+            for attribute in ("forward", _SIBLINGS):
+                layer.__dict__.pop(attribute, None)
