@@ -99,7 +99,7 @@ def fast_adapter(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -
     if (variant is not None and not dora) or (dora and _dropout_p(layer, name) > 0):
         return None
     dtypes = {x.dtype, layer.base_layer.weight.dtype, layer.lora_A[name].weight.dtype}
-    if len(dtypes) > 1 and (dora or not torch.is_autocast_enabled(x.device.type)):
+    if len(dtypes) > 1 and (dora or not lora_fast_down.autocast_on(x)):
         return None
     return name
 
@@ -135,7 +135,7 @@ def _down(layer: nn.Module, name: str, x: torch.Tensor, flat: torch.Tensor) -> t
 
 def _accumulate(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """y + scale * h B^T in one addmm (in place when no autocast casts anything)."""
-    if y.dtype == h.dtype == b.dtype and not torch.is_autocast_enabled(y.device.type):
+    if y.dtype == h.dtype == b.dtype and not lora_fast_down.autocast_on(y):
         return y.addmm_(h, b.t(), alpha=scale)
     return torch.addmm(y, h, b.t(), alpha=scale)
 

@@ -11,6 +11,12 @@ import torch
 LANES = 65536  # the dropout mask's resolution: p is rounded to a multiple of 1 / 65536
 
 
+def autocast_on(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device (never on the meta device, which has no autocast:
+    the estimator runs the applied model there)."""
+    return x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+
+
 def drop_count(p: float) -> int:
     """How many of the 65,536 lane values drop an element: p rounded to the mask's resolution."""
     return round(p * LANES)
@@ -38,7 +44,7 @@ class Down(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, p: float, keep: torch.Tensor | None, *weights: torch.Tensor
     ) -> torch.Tensor:
         weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-        if torch.is_autocast_enabled(x.device.type):  # compute as autocast would, in its dtype
+        if autocast_on(x):  # compute as autocast would, in its dtype
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)
         if keep is None and p > 0:
