@@ -88,6 +88,11 @@ class Method:
     # (Child-Tuning D): on a meta-device model just applied, make the trainable tensors prepare
     # would make, of the sizes it would choose; which entries is what the data decides.
     prepare_without_data: Callable[[Any, Any], None] | None = None
+    # Why the method needs the base's own weights in float32, for methods that change them
+    # (full fine-tuning, Child-Tuning, ReLoRA's merges): a half-precision weight rounds small
+    # updates away and a quantised one cannot take them. Empty: the method keeps the base frozen,
+    # so the base may be stored in half precision or quantised (api.apply refuses otherwise).
+    needs_float32_base: str = ""
 
     def saved_config(self, model: Any, config: Any) -> dict[str, Any]:
         """What goes into adapter_config.json for this method."""

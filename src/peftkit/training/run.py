@@ -22,10 +22,12 @@ from torch.utils.data import DataLoader
 from transformers import TrainingArguments, set_seed
 
 import peftkit.api as api
+from peftkit import registry
 from peftkit.data.collate import Collator
 from peftkit.errors import ConfigError
 from peftkit.io import write_text_atomically
-from peftkit.models import load_model
+from peftkit.models import load_model, storage_for
+from peftkit.models.precision import stored_bytes
 from peftkit.recipe import Recipe, save_recipe
 from peftkit.run_folder import check_output_dir, discard_previous, set_aside_earlier_run
 from peftkit.tables import key_value_table
@@ -42,7 +44,14 @@ from peftkit.training.distributed import (
     is_main_process,
     refuse_unsupported_sharding,
 )
-from peftkit.training.measure import folder_bytes, mib, optimizer_state_bytes, peak_memory_bytes
+from peftkit.training.gradient_checkpointing import enable_gradient_checkpointing
+from peftkit.training.measure import (
+    TrainingMemory,
+    folder_bytes,
+    mib,
+    optimizer_state_bytes,
+    peak_memory_bytes,
+)
 from peftkit.training.trainer import HooksCallback, PeftkitTrainer
 
 
@@ -89,7 +98,7 @@ def load_for_recipe(recipe: Recipe) -> tuple[Any, Any, TaskData]:
         labels = task_type.labels(recipe.task, train_rows)
     model, tokenizer = load_model(
         recipe.model, recipe.task.type, num_labels=len(labels) if labels else None,
-        seed=recipe.training.seed,
+        seed=recipe.training.seed, dtype=recipe.base.dtype, quantize=recipe.base.quantize,
     )  # fmt: skip
     data = task_type.prepare(recipe.task, tokenizer, train_rows, eval_rows)
     if data.labels:
@@ -143,6 +152,13 @@ def run(
     main_process = is_main_process()
     check_output_dir(output, resume, overwrite)
     check_reporter_installed(recipe.training.report_to)
+    # A base the method cannot train on, or a quantisation bitsandbytes cannot run here, is
+    # refused before an earlier run is set aside or anything loads.
+    api.refuse_low_bit_base(
+        registry.method_for_config(recipe.method_config()),
+        recipe.base.quantize or recipe.base.dtype,
+    )
+    storage_for(recipe.base.dtype, recipe.base.quantize)
     checkpoint = find_checkpoint(output, resume) if resume else None
     previous = set_aside_earlier_run(output) if overwrite and main_process else None
     if previous is not None:
@@ -158,6 +174,8 @@ def run(
     collator = Collator(tokenizer.pad_token_id)
     before = evaluate(model, recipe, data, collator) if main_process else {}
 
+    if recipe.training.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     set_seed(recipe.training.seed)  # the method's own initialisation is seeded too
     # Resuming rebuilds the adapter from the checkpoint (including what prepare chose).
     model = api.apply(model, config) if checkpoint is None else api.load(model, checkpoint)
@@ -195,7 +213,9 @@ def run(
             # Heads that divide by the token count Trainer gives them: let Trainer detect them.
             loss_uses_token_count=None if task_type.loss_per_token else False,
         )
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    peak_before = peak_memory_bytes()  # TrainingMemory resets the kernel's high-water mark
+    with TrainingMemory() as training_memory:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     model = gathered_model(trainer, recipe, method.config)
     if model is None:  # not the main process: it trained its share; the main one reports
         return {}
@@ -204,7 +224,8 @@ def run(
     after = evaluate(model, recipe, data, collator)
 
     adapter_dir = output / "adapter"
-    info = {"base_model": recipe.model, "task": recipe.task.type, "labels": data.labels}
+    info = {"base_model": recipe.model, "task": recipe.task.type, "labels": data.labels,
+            "base_dtype": recipe.base.dtype, "quantize": recipe.base.quantize}  # fmt: skip
     api.save(model, adapter_dir, info=info)
     save_recipe(recipe, output / "recipe.yaml")
     summary = {
@@ -212,7 +233,12 @@ def run(
         "model": recipe.model,
         "task": recipe.task.type,
         **counts.as_dict(),
-        "peak_memory_mib": mib(peak_memory_bytes()),
+        "base_dtype": recipe.base.dtype,
+        "quantize": recipe.base.quantize,
+        "gradient_checkpointing": recipe.training.gradient_checkpointing,
+        "weight_memory_mib": mib(stored_bytes(model)),
+        "peak_memory_mib": mib(max(peak_before, peak_memory_bytes())),
+        "training_memory_mib": mib(training_memory.bytes),
         "optimizer_state_mib": mib(state_bytes),
         "train_tokens": train_collator.tokens_seen,
         "tokens_per_second": train_collator.tokens_seen / max(train_seconds, 1e-9),
