@@ -107,14 +107,18 @@ def test_qlora_merge_folds_into_the_dequantised_weights(tmp_path):
 def test_bf16_compute_merges_into_bf16():
     """A base computing in bf16 merges into bf16 weights (or the dtype asked for); bf16
     dequant(W) is exactly what its quantised layers multiplied with, so the outputs agree to
-    bf16 rounding."""
+    bf16 rounding of the sums."""
     model, tokenizer = tiny("llama", dtype="bf16", quantize="nf4")
     batch = batch_for("llama", tokenizer)
     tuned = peftkit.apply(model, peftkit.LoraConfig(dropout=0.0))
     unmerged = logits(tuned, batch)
     merged = peftkit.merge(tuned)
     assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
-    torch.testing.assert_close(logits(merged, batch), unmerged, atol=1e-2, rtol=1e-2)
+    # bf16 keeps 8 significant bits: every matmul rounds its output to 2^-8 relative, and
+    # bitsandbytes' CPU kernel sums in another order than torch's bf16 matmul, so the two agree
+    # to a few bf16 steps at the logits' largest magnitude (one run differed by 0.047).
+    step = 2**-8 * unmerged.abs().max().item()
+    torch.testing.assert_close(logits(merged, batch), unmerged, atol=16 * step, rtol=0)
     again, _ = tiny("llama", dtype="bf16", quantize="nf4")
     fp32 = peftkit.merge(peftkit.apply(again, peftkit.LoraConfig(dropout=0.0)), dtype="fp32")
     assert {p.dtype for p in fp32.parameters()} == {torch.float32}
