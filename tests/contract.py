@@ -28,9 +28,10 @@ FAMILIES = {
 }
 
 
-def tiny(family: str, seed: int = 0) -> tuple[torch.nn.Module, Any]:
-    """The tiny model of a family, for its matrix task, always with the same random weights."""
-    model, tokenizer = load_model(f"tiny-{family}", FAMILIES[family], seed=seed)
+def tiny(family: str, seed: int = 0, **storage: Any) -> tuple[torch.nn.Module, Any]:
+    """The tiny model of a family, for its matrix task, always with the same random weights;
+    `storage` (dtype, quantize) as load_model takes it."""
+    model, tokenizer = load_model(f"tiny-{family}", FAMILIES[family], seed=seed, **storage)
     return model.eval(), tokenizer
 
 
@@ -156,10 +157,11 @@ class Run:
     reached: bool | None
 
 
-def run_case(case: Case, family: str, folder: Path) -> Run:
-    """Apply, prepare, train `case.steps` steps and save one case on one family, recording it."""
+def run_case(case: Case, family: str, folder: Path, **storage: Any) -> Run:
+    """Apply, prepare, train `case.steps` steps and save one case on one family, recording it;
+    `storage` (dtype, quantize) says how the base is stored."""
     torch.manual_seed(0)  # the same run whichever test asks for it first
-    base, tokenizer = tiny(family)
+    base, tokenizer = tiny(family, **storage)
     batch = batch_for(family, tokenizer)
     base_names = [n for n, _ in base.named_parameters()]
     reference = logits(base, batch)

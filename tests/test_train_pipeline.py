@@ -69,7 +69,10 @@ def test_train_eval_merge_on_tiny_classifier(classification_recipe, tmp_path):
     # The estimator's prediction for these settings, at the longest training example (the
     # longest of these rows is "good fine great" plus BERT's two special tokens).
     longest = len(classification_tokens("good fine great"))
-    assert summary["estimate_settings"] == {"batch_size": 8, "seq_len": longest, "dtype": "fp32"}
+    assert summary["estimate_settings"] == {
+        "batch_size": 8, "seq_len": longest, "dtype": "fp32", "base_dtype": "fp32",
+        "quantization": None, "gradient_checkpointing": False,
+    }  # fmt: skip
     from peftkit.memory.estimate import estimate
 
     expected = estimate("tiny-bert", {"name": "lora", "rank": 4}, 8, longest, "fp32",

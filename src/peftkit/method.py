@@ -105,6 +105,11 @@ class Method:
     prepare_without_data: Callable[[Any, Any], None] | None = None
     # Serving several of its adapters on one base, one per batch row (None: merge to serve).
     row_adapters: RowAdapters | None = None
+    # Why the method needs the base's own weights in float32, for methods that change them
+    # (full fine-tuning, Child-Tuning, ReLoRA's merges): a half-precision weight rounds small
+    # updates away and a quantised one cannot take them. Empty: the method keeps the base frozen,
+    # so the base may be stored in half precision or quantised (api.apply refuses otherwise).
+    needs_float32_base: str = ""
 
     def saved_config(self, model: Any, config: Any) -> dict[str, Any]:
         """What goes into adapter_config.json for this method."""

@@ -130,8 +130,10 @@ def estimated_training_memory(recipe: Any, features: list[dict[str, Any]]) -> di
     # accounting, whose fp32 activations are then an upper bound.
     dtype = "fp32"
     try:
-        found = estimate(recipe.model, dict(recipe.method), recipe.training.batch_size, longest,
-                         dtype, task=recipe.task.type)  # fmt: skip
+        base, training = recipe.base, recipe.training
+        found = estimate(recipe.model, dict(recipe.method), training.batch_size, longest, dtype,
+                         training.gradient_checkpointing, task=recipe.task.type,
+                         base_dtype=base.dtype, quantization=base.quantize)  # fmt: skip
     except (PeftkitError, OSError, ValueError) as error:
         return {"estimated_training_memory_mib": None, "estimate_note": str(error)}
     return {
@@ -141,5 +143,8 @@ def estimated_training_memory(recipe: Any, features: list[dict[str, Any]]) -> di
             "batch_size": recipe.training.batch_size,
             "seq_len": longest,
             "dtype": dtype,
+            "base_dtype": recipe.base.dtype,
+            "quantization": recipe.base.quantize,
+            "gradient_checkpointing": recipe.training.gradient_checkpointing,
         },  # fmt: skip
     }
