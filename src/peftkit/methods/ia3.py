@@ -75,7 +75,7 @@ def resolve(model: nn.Module, config: IA3Config) -> tuple[list[str], list[str]]:
     if outside:
         raise TargetError(
             f"feedforward_modules must be among target_modules (HF PEFT's rule): "
-            f"{len(outside)} are not targeted, e.g. {outside[0]}. Add them to target_modules "
+            f"{len(outside)} are not targeted, such as {outside[0]}. Add them to target_modules "
             "or leave them out of feedforward_modules."
         )
     return targeted, feedforward

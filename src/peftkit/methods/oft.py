@@ -75,7 +75,7 @@ def check_block_size(model: nn.Module, targeted: list[str], block_size: int) -> 
         common = sorted({b for b in range(2, 129) if all(s % b == 0 for s in sizes.values())})
         raise TargetError(
             f"OFT's block_size {block_size} does not divide the input size of {len(bad)} "
-            f"targeted layers (e.g. {name}: {size}). Block sizes that divide them all: "
+            f"targeted layers ({name} has {size}). Block sizes that divide them all: "
             f"{', '.join(map(str, common)) or 'none up to 128'}."
         )
 

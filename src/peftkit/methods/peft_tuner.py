@@ -51,7 +51,7 @@ def refuse_conv1d(model: nn.Module, matched: list[str], method: str, others: str
     if conv:
         raise TargetError(
             f"{method} in HF PEFT adapts torch.nn.Linear layers only; {len(conv)} targeted "
-            f"layers here are transformers Conv1D (GPT-2's), e.g. {conv[0]}. Choose Linear "
+            f"layers here are transformers Conv1D (GPT-2's), such as {conv[0]}. Choose Linear "
             f"layers in target_modules, or a method that adapts Conv1D ({others})."
         )
 
