@@ -44,6 +44,13 @@ def classification_recipe(tmp_path):
     return recipe
 
 
+def classification_tokens(text: str) -> list[int]:
+    """The tiny tokenizer's ids of a text, special tokens included (as the task tokenises)."""
+    from peftkit.models import tiny_tokenizer
+
+    return tiny_tokenizer()(text)["input_ids"]
+
+
 def test_train_eval_merge_on_tiny_classifier(classification_recipe, tmp_path):
     assert main(["train", str(classification_recipe)]) == 0
     run = tmp_path / "run"
@@ -53,6 +60,18 @@ def test_train_eval_merge_on_tiny_classifier(classification_recipe, tmp_path):
     assert summary["metric_after"] > summary["eval_after"]["majority_baseline"]
     assert 0 < summary["trainable_parameters"] < summary["total_parameters"]
     assert summary["tokens_per_second"] > 0 and summary["peak_memory_mib"] > 0
+    assert summary["training_memory_measure"].startswith("resident high-water mark")
+    # The estimator's prediction for these settings, at the longest training example (the
+    # longest of these rows is "good fine great" plus BERT's two special tokens).
+    longest = len(classification_tokens("good fine great"))
+    assert summary["estimate_settings"] == {"batch_size": 8, "seq_len": longest, "dtype": "fp32"}
+    from peftkit.memory.estimate import estimate
+
+    expected = estimate("tiny-bert", {"name": "lora", "rank": 4}, 8, longest, "fp32",
+                        task="classification")  # fmt: skip
+    assert summary["estimated_training_memory_mib"] == pytest.approx(
+        (expected.total - expected.weights) / 2**20
+    )
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
     assert main(["eval", str(run)]) == 0

@@ -116,3 +116,31 @@ def folder_bytes(folder: str | Path) -> int:
 def mib(count: int) -> float:
     """Bytes as MiB."""
     return count / 2**20
+
+
+def estimated_training_memory(recipe: Any, features: list[dict[str, Any]]) -> dict[str, Any]:
+    """What peftkit's estimator predicts for this run's training memory: its peak beyond the
+    weights (which were resident before training started, so the measured figure leaves them
+    out), for the recipe's model, task, method and batch size at the longest training example.
+    None, with the reason, where the estimator cannot size the model."""
+    from peftkit.errors import PeftkitError
+    from peftkit.memory.estimate import estimate
+
+    longest = max((len(f["input_ids"]) for f in features), default=1)
+    # training.precision bf16 is autocast over fp32 weights, gradients and AdamW state: the fp32
+    # accounting, whose fp32 activations are then an upper bound.
+    dtype = "fp32"
+    try:
+        found = estimate(recipe.model, dict(recipe.method), recipe.training.batch_size, longest,
+                         dtype, task=recipe.task.type)  # fmt: skip
+    except (PeftkitError, OSError, ValueError) as error:
+        return {"estimated_training_memory_mib": None, "estimate_note": str(error)}
+    return {
+        "estimated_training_memory_mib": mib(int(found.total - found.weights)),
+        "estimated_peak_mib": mib(int(found.total)),
+        "estimate_settings": {
+            "batch_size": recipe.training.batch_size,
+            "seq_len": longest,
+            "dtype": dtype,
+        },  # fmt: skip
+    }

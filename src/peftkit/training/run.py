@@ -42,7 +42,14 @@ from peftkit.training.distributed import (
     is_main_process,
     refuse_unsupported_sharding,
 )
-from peftkit.training.measure import folder_bytes, mib, optimizer_state_bytes, peak_memory_bytes
+from peftkit.training.measure import (
+    TrainingMemory,
+    estimated_training_memory,
+    folder_bytes,
+    mib,
+    optimizer_state_bytes,
+    peak_memory_bytes,
+)
 from peftkit.training.trainer import HooksCallback, PeftkitTrainer
 
 
@@ -195,7 +202,8 @@ def run(
             # Heads that divide by the token count Trainer gives them: let Trainer detect them.
             loss_uses_token_count=None if task_type.loss_per_token else False,
         )
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with TrainingMemory() as training_memory:  # the loop alone: not loading, not evaluation
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     model = gathered_model(trainer, recipe, method.config)
     if model is None:  # not the main process: it trained its share; the main one reports
         return {}
@@ -213,6 +221,9 @@ def run(
         "task": recipe.task.type,
         **counts.as_dict(),
         "peak_memory_mib": mib(peak_memory_bytes()),
+        "training_memory_mib": mib(training_memory.bytes),
+        "training_memory_measure": training_memory.measure,
+        **estimated_training_memory(recipe, data.train),
         "optimizer_state_mib": mib(state_bytes),
         "train_tokens": train_collator.tokens_seen,
         "tokens_per_second": train_collator.tokens_seen / max(train_seconds, 1e-9),
@@ -252,7 +263,16 @@ def format_summary(summary: dict[str, Any]) -> str:
             "trainable params",
             f"{summary['trainable_parameters']:,} ({summary['trainable_percent']:.3f}%)",
         ),
-        ("peak memory", f"{summary['peak_memory_mib']:.0f} MiB"),
+        ("peak memory (process)", f"{summary['peak_memory_mib']:.0f} MiB"),
+        (
+            "training memory",
+            f"{summary['training_memory_mib']:.0f} MiB"
+            + (
+                f" (estimate {summary['estimated_training_memory_mib']:.0f})"
+                if summary.get("estimated_training_memory_mib") is not None
+                else ""
+            ),
+        ),
         ("optimizer state", f"{summary['optimizer_state_mib']:.2f} MiB"),
         ("tokens/s (train)", f"{summary['tokens_per_second']:.0f}"),
         ("train time", f"{summary['train_seconds']:.1f} s ({summary['steps']} steps)"),
