@@ -131,6 +131,9 @@ class Case:
     peft_loadable: bool = False
     # family -> why PEFT cannot load this case's files there (the check is left out for it).
     peft_excluded: dict[str, str] = field(default_factory=dict)
+    # family -> why the method cannot serve that family at all: every check is left out, and
+    # test_contract checks that applying it there is refused with a TargetError instead.
+    excluded: dict[str, str] = field(default_factory=dict)
     # Why PEFT's loss on these files differs from peftkit's (the logits must still agree).
     peft_loss_differs: str | None = None
     # A regex of parameters a merged model may have that the base lacks (and why, at the row).
