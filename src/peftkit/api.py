@@ -38,6 +38,12 @@ def config_for(name: str, **options: Any) -> Any:
 def refuse_low_bit_base(method: Method, storage: str | None) -> None:
     """Refuse a half-precision or quantised base (storage: bf16, fp16, nf4, int8) for a method
     that changes the base's own weights; its record says why."""
+    if is_quantized(storage) and method.no_quantized_base:
+        raise ConfigError(
+            f"Method '{method.name}' cannot train on a base quantised to {storage}: "
+            f"{method.no_quantized_base}. Load the base unquantised (no base.quantize; "
+            "base.dtype: bf16 halves it), or use LoRA, which adapts quantised layers (QLoRA)."
+        )
     if not is_low_bit(storage) or not method.needs_float32_base:
         return
     what = "cannot be updated in place" if is_quantized(storage) else "rounds small updates away"

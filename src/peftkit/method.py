@@ -110,6 +110,9 @@ class Method:
     # updates away and a quantised one cannot take them. Empty: the method keeps the base frozen,
     # so the base may be stored in half precision or quantised (api.apply refuses otherwise).
     needs_float32_base: str = ""
+    # Why the method cannot adapt a quantised base though it keeps the base frozen (PEFT's tuner
+    # wraps plain Linear layers only). Empty: it can.
+    no_quantized_base: str = ""
 
     def saved_config(self, model: Any, config: Any) -> dict[str, Any]:
         """What goes into adapter_config.json for this method."""

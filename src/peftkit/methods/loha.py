@@ -74,4 +74,5 @@ LOHA = peft_tuner.peft_method(
     peft_config,
     config_from_adapter,
     "Hadamard product of two low-rank updates on chosen linear layers (HF PEFT)",
+    "HF PEFT's LoHa wraps plain Linear layers only, not bitsandbytes' quantised ones",
 )

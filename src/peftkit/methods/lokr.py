@@ -91,4 +91,5 @@ LOKR = peft_tuner.peft_method(
     peft_config,
     config_from_adapter,
     "Kronecker product update on chosen linear layers (HF PEFT)",
+    "HF PEFT's LoKr wraps plain Linear layers only, not bitsandbytes' quantised ones",
 )

@@ -90,7 +90,22 @@ def merge(model: peft.PeftModel) -> nn.Module:
 
 def remove(model: peft.PeftModel) -> nn.Module:
     """Take the tuner's layers out again, restoring the base model unchanged."""
-    return model.unload()
+    base = model.base_model.model
+    # PEFT's (IA)3 refuses to unload from a quantised base, as it refuses to merge into one, but
+    # unloading merges nothing: lift the marks for the call (merging onto a quantised base
+    # unloads, dequantises, then merges into plain layers).
+    flags = {
+        f: getattr(base, f)
+        for f in ("is_loaded_in_4bit", "is_loaded_in_8bit")
+        if getattr(base, f, False)
+    }
+    for flag in flags:
+        setattr(base, flag, False)
+    try:
+        return model.unload()
+    finally:
+        for flag, value in flags.items():
+            setattr(base, flag, value)
 
 
 def adapter_config(model: peft.PeftModel, config: Any) -> dict[str, Any]:
@@ -106,6 +121,7 @@ def peft_method(
     to_peft: Callable[[nn.Module, Any], Any],
     from_saved: Callable[[dict[str, Any]], Any],
     description: str,
+    no_quantized_base: str = "",
 ) -> Method:
     """The Method record of a method that is one PEFT tuner, mergeable through PEFT."""
     return Method(
@@ -120,4 +136,5 @@ def peft_method(
         adapter_config=adapter_config,
         config_from_adapter=from_saved,
         description=description,
+        no_quantized_base=no_quantized_base,
     )
