@@ -232,3 +232,39 @@ def test_a_job_describes_itself_as_the_command_to_type() -> None:
     command = jobs.cli_command("train", "my recipe.yaml", "--resume")
     job = jobs.Job(command, Path("x.log"), process=None)  # type: ignore[arg-type]
     assert job.describe() == "peftkit train 'my recipe.yaml' --resume"
+
+
+def test_peftkit_ui_without_gradio_says_how_to_install_it(monkeypatch, capsys, tmp_path) -> None:
+    from peftkit.cli import main
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if it were not installed
+    assert main(["ui", "--workspace", str(tmp_path / "ws")]) == 2
+    assert "pip install 'peftkit[ui]'" in capsys.readouterr().err
+
+
+def test_serving_beyond_this_machine_is_warned_about(tmp_path: Path) -> None:
+    from peftkit.ui.app import host_warning
+
+    assert host_warning("127.0.0.1", 7860, tmp_path) is None
+    assert host_warning("localhost", 7860, tmp_path) is None
+    warning = host_warning("0.0.0.0", 8000, tmp_path)
+    assert "serving on 0.0.0.0" in warning and "port 8000" in warning and str(tmp_path) in warning
+
+
+def test_a_run_action_reading_outside_the_workspace_is_refused(space: Workspace, tmp_path):
+    from peftkit.recipe import recipe_from_dict, save_recipe
+    from peftkit.ui.runs_page import confine_run
+
+    outside = tmp_path / "elsewhere.csv"
+    outside.write_text("text,label\na,b\n")
+    run = space.root / "r"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "peftkit.json").write_text('{"base_model": "tiny-bert"}')
+    recipe = {"model": "tiny-bert", "task": {"type": "classification", "train_file": str(outside)}}
+    save_recipe(recipe_from_dict(recipe), run / "recipe.yaml")
+    confine_run(space, run, reads_data=False)  # merge and export read only the base model
+    with pytest.raises(WorkspaceError, match="elsewhere.csv is outside the workspace"):
+        confine_run(space, run, reads_data=True)
+    (run / "adapter" / "peftkit.json").write_text(f'{{"base_model": "{tmp_path}"}}')
+    with pytest.raises(WorkspaceError, match="is outside the workspace"):
+        confine_run(space, run, reads_data=False)

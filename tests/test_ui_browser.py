@@ -2,7 +2,7 @@
 served on a free localhost port with tiny models, used as a person would use it.
 
 Each test ends with a screenshot of its page in the test's temporary folder; with
-PEFTKIT_UI_SCREENSHOTS=docs/ui they are also written there (the README's pictures)."""
+PEFTKIT_UI_SCREENSHOTS=docs/ui one of each page is also written there (the README's pictures)."""
 
 from __future__ import annotations
 
@@ -90,12 +90,12 @@ def page(browser: Browser, server: str) -> Iterator[Page]:
     context.close()
 
 
-def screenshot(page: Page, name: str, folder: Path) -> None:
+def screenshot(page: Page, name: str, folder: Path, for_docs: bool = False) -> None:
     """The page as it looks now, into the test's folder (and docs/ui when asked)."""
     path = folder / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     wanted = os.environ.get("PEFTKIT_UI_SCREENSHOTS")
-    if wanted:
+    if wanted and for_docs:
         Path(wanted).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, Path(wanted) / path.name)
 
@@ -170,7 +170,7 @@ def test_a_tiny_run_from_the_train_page_ends_with_its_loss_curve_and_summary(
     axis = page.locator("#train-loss svg [aria-roledescription='axis']").first
     assert "titled 'step'" in axis.get_attribute("aria-label")
     assert page.locator("#train-loss svg path[aria-roledescription='line mark']").count() == 1
-    screenshot(page, "train", tmp_path)
+    screenshot(page, "train", tmp_path, for_docs=True)
 
 
 def test_stop_ends_a_run_leaving_a_valid_folder_that_resumes(
@@ -193,7 +193,8 @@ def test_stop_ends_a_run_leaving_a_valid_folder_that_resumes(
     assert earlier_run(run) == "an unfinished run"
     checkpoint = find_checkpoint(run, "latest")  # complete: trainer state and adapter
     step = int(checkpoint.name.split("-")[1])
-    assert step % 50 == 0 and f"checkpoint `{checkpoint.name}`" in page.inner_text("#train-summary")
+    assert step % 50 == 0
+    assert f"newest checkpoint {checkpoint.name} in" in page.inner_text("#train-summary")
     screenshot(page, "train-stopped", tmp_path)
     # The command the page names continues the run from that checkpoint.
     command = [sys.executable, "-m", "peftkit.cli", "train", str(run / "ui-recipe.yaml"),
@@ -266,7 +267,7 @@ def test_the_playground_shows_alphas_effect_on_greedy_text(
     set_slider(page, "play-alpha", 2)  # letting go of the slider regenerates the proxy text
     wait_for_text(page, "play-proxy", expected[2.0])
     assert page.input_value("#play-base textarea") == base_text
-    screenshot(page, "playground", tmp_path)
+    screenshot(page, "playground", tmp_path, for_docs=True)
 
 
 def test_a_csv_missing_a_column_shows_the_clis_error_and_the_page_keeps_working(
@@ -304,3 +305,78 @@ def test_paths_outside_the_workspace_are_refused(page: Page, tmp_path: Path) -> 
     pick(page, "train-model", "tiny-bert")  # and the page goes on: an estimate for a good one
     page.click("#train-estimate")
     page.wait_for_selector("#train-estimate-result:has-text('estimated peak')")
+
+
+@pytest.fixture(scope="module")
+def reviews_run(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny-bert LoRA run of the workspace, trained by `peftkit train`."""
+    folder = tmp_path_factory.mktemp("cli")
+    (workspace / "data").mkdir(parents=True, exist_ok=True)
+    data = write_reviews(workspace / "data" / "reviews.csv")  # the UI reads only its workspace
+    recipe = folder / "recipe.yaml"
+    run = workspace / "cli-run"
+    recipe.write_text(f"model: tiny-bert\ntask: {{type: classification, train_file: {data}}}\n"
+                      "training: {max_steps: 8, batch_size: 8, learning_rate: 0.01}\n"
+                      f"output_dir: {run}\n")  # fmt: skip
+    command = [sys.executable, "-m", "peftkit.cli", "train", str(recipe)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    return run
+
+
+def test_the_runs_page_lists_a_run_and_re_evaluates_it(
+    page: Page, reviews_run: Path, tmp_path: Path
+) -> None:
+    summary = json.loads((reviews_run / "summary.json").read_text())
+    page.get_by_role("tab", name="Runs").click()
+    page.click("#runs-refresh")
+    row = page.locator("#runs-table tr:visible", has_text="cli-run").first
+    row.wait_for()
+    assert "finished" in row.inner_text() and f"{summary['metric_after']:.4f}" in row.inner_text()
+    pick(page, "runs-run", "cli-run")
+    page.wait_for_selector("#runs-details:has-text('a finished run')")
+    page.click("#runs-re-evaluate")
+    page.wait_for_selector("#runs-details:has-text('re-evaluated:')")
+    # `peftkit eval` scored the saved adapter on the recipe's held-out rows: the accuracy the run
+    # measured on the same rows at its end.
+    evaluated = json.loads((reviews_run / "eval.json").read_text())
+    assert evaluated["accuracy"] == pytest.approx(summary["metric_after"])
+    assert f"accuracy {evaluated['accuracy']:.4f}" in page.inner_text("#runs-details")
+    screenshot(page, "runs", tmp_path, for_docs=True)
+
+
+def test_the_compare_page_runs_a_plan_and_shows_its_table_and_chart(
+    page: Page, workspace: Path, tmp_path: Path
+) -> None:
+    plans = workspace / "plans"
+    plans.mkdir(exist_ok=True)
+    data = write_reviews(plans / "reviews.csv")
+    (plans / "tiny-base.yaml").write_text(
+        f"model: tiny-bert\ntask: {{type: classification, train_file: {data}}}\n"
+        "training: {max_steps: 50, batch_size: 8, learning_rate: 0.01}\n"
+    )
+    (plans / "tiny.yaml").write_text(
+        "recipe: tiny-base.yaml\nmethods:\n  - method: {name: lora, rank: 2}\n"
+        "  - method: {name: bitfit}\n  - method: {name: full}\nquick: {training.max_steps: 3}\n"
+    )
+    page.get_by_role("tab", name="Compare").click()
+    page.click("#compare-refresh")
+    pick(page, "compare-plan", "plans/tiny.yaml")
+    page.wait_for_selector("#compare-methods label:has-text('bitfit')")
+    page.click("#compare-methods label:has-text('full')")  # two of the plan's three
+    type_in(page, "compare-output", "compare-tiny")
+    page.click("#compare-run")
+    page.wait_for_selector("#compare-status:has-text('finished')")
+
+    output = workspace / "compare-tiny"
+    assert not (output / "full").exists()
+    rows = page.locator("#compare-table tbody tr")
+    assert rows.count() == 2
+    for index, method in enumerate(["lora", "bitfit"]):
+        summary = json.loads((output / method / "summary.json").read_text())
+        cells = rows.nth(index).locator("td").all_inner_texts()
+        assert summary["steps"] == 3  # the plan's quick budget
+        assert cells[0] == method and cells[1] == f"{summary['trainable_parameters']:,}"
+        assert cells[9] == f"{summary['metric_after']:.4f}"
+    assert page.locator("#compare-chart img").count() == 1
+    screenshot(page, "compare", tmp_path, for_docs=True)

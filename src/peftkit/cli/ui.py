@@ -8,16 +8,14 @@ from typing import Any
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """Serve the web UI on a workspace folder until interrupted."""
+    import importlib.util
+
     from peftkit.errors import ConfigError
 
-    try:
-        from peftkit.ui.app import launch
-    except ModuleNotFoundError as error:
-        if error.name != "gradio":
-            raise
-        raise ConfigError(
-            "peftkit ui needs Gradio: pip install 'peftkit[ui]' (make install does)."
-        ) from None
+    if importlib.util.find_spec("gradio") is None:
+        raise ConfigError("peftkit ui needs Gradio: pip install 'peftkit[ui]' (make install does).")
+    from peftkit.ui.app import launch
+
     launch(args.workspace, args.host, args.port, args.max_upload_mib)
     return 0
 

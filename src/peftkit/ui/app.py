@@ -43,6 +43,15 @@ def prepare_environment(workspace: Workspace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def host_warning(host: str, port: int, root: Path) -> str | None:
+    """What to tell someone serving the UI beyond this machine (None for a local address)."""
+    if host in LOCAL_HOSTS:
+        return None
+    return (f"peftkit ui: warning: serving on {host}: anyone who can reach this machine on port "
+            f"{port} can start training and read and write in {root}; the UI has no login. Use "
+            "the default 127.0.0.1 unless you mean it.")  # fmt: skip
+
+
 def launch(
     workspace: str | Path = "runs",
     host: str = "127.0.0.1",
@@ -53,10 +62,9 @@ def launch(
     """Serve the UI until interrupted; a host other than the local one gets a warning."""
     space = Workspace(workspace, max_upload_bytes=max_upload_mib * 2**20)
     prepare_environment(space)
-    if host not in LOCAL_HOSTS:
-        print(f"peftkit ui: warning: serving on {host}: anyone who can reach this machine on port "
-              f"{port} can start training and read and write in {space.root}; the UI has no "
-              "login. Use the default 127.0.0.1 unless you mean it.", file=sys.stderr)  # fmt: skip
+    warning = host_warning(host, port, space.root)
+    if warning:
+        print(warning, file=sys.stderr)
     app = build_app(space, Path(plans_folder) if plans_folder else None)
     print(f"peftkit ui: workspace {space.root}; open http://{host}:{port}/", flush=True)
     try:

@@ -11,7 +11,7 @@ import gradio as gr
 
 from peftkit.ui.jobs import JobSlots, cli_command
 from peftkit.ui.widgets import guarded
-from peftkit.ui.workspace import Workspace
+from peftkit.ui.workspace import Workspace, WorkspaceError
 
 LOG_NAME = "ui-compare.log"
 
@@ -35,7 +35,6 @@ def start_compare(
     """Start `peftkit compare` on the chosen entries, into a folder of the workspace; earlier
     results there are refused first with the CLI's message (unless `overwrite`)."""
     from peftkit.compare import load_plan, refuse_earlier_results
-    from peftkit.ui.workspace import WorkspaceError
 
     if not labels:
         raise WorkspaceError("Pick at least one method of the plan to compare.")
@@ -63,13 +62,16 @@ def build(workspace: Workspace, slots: JobSlots, plans_folder: Path | None) -> N
     first = next(iter(plans), None)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
-            plan = gr.Dropdown(
-                list(plans),
-                value=first,
-                label="compare plan",
-                elem_id="compare-plan",
-                info="plans in the workspace, then the project's recipes/",
-            )
+            with gr.Row():
+                plan = gr.Dropdown(
+                    list(plans),
+                    value=first,
+                    label="compare plan",
+                    elem_id="compare-plan",
+                    info="plans (YAML with recipe and methods) in the workspace or its plans/ "
+                    "folder, then the project's recipes/",
+                )
+                refresh = gr.Button("Refresh", elem_id="compare-refresh", scale=0)
             found = plan_labels(plans[first]) if first else []
             labels = gr.CheckboxGroup(found, value=found, label="methods",
                                       elem_id="compare-methods")  # fmt: skip
@@ -93,13 +95,25 @@ def build(workspace: Workspace, slots: JobSlots, plans_folder: Path | None) -> N
             log = gr.Code(label="progress", elem_id="compare-log")
     timer = gr.Timer(2.0, active=False)
 
-    def on_plan(name: str) -> Any:
-        found = plan_labels(plans[name])
-        return gr.update(choices=found, value=found)
+    def on_refresh(current: str | None) -> list[Any]:
+        plans.clear()
+        plans.update(workspace.plans(plans_folder))
+        kept = current if current in plans else next(iter(plans), None)
+        choices = gr.update(choices=workspace.compare_results())
+        return [gr.update(choices=list(plans), value=kept), choices]
 
-    plan.change(guarded(on_plan), plan, labels)
+    def on_plan(name: str | None) -> list[Any]:
+        found = plan_labels(plans[name]) if name else []
+        return ["", gr.update(choices=found, value=found)]
 
-    def run(name: str, chosen: list[str], folder: str, is_quick: bool, replace: bool) -> list:
+    plan.change(guarded(on_plan, 2), plan, [status, labels])
+    refresh.click(on_refresh, plan, [plan, earlier])
+
+    def run(
+        name: str | None, chosen: list[str], folder: str, is_quick: bool, replace: bool
+    ) -> list:
+        if name not in plans:
+            raise WorkspaceError("Choose a compare plan first (Refresh lists new ones).")
         job = start_compare(workspace, slots, plans[name], chosen, folder, is_quick, replace)
         return [f"started: `{job.describe()}`", gr.Timer(active=True)]
 

@@ -20,9 +20,9 @@ ACTIONS = ("re-evaluate", "merge", "export GGUF", "resume")
 OUTTYPES = ("f16", "f32", "q8_0")
 
 
-def _rounded(summary: dict[str, Any], key: str) -> Any:
-    """A summary's number to 4 places ('' where the summary lacks it)."""
-    return round(summary[key], 4) if key in summary else ""
+def _cell(summary: dict[str, Any], key: str, pattern: str = "{:.4f}") -> str:
+    """A summary's number as the compare table writes it ('' where the summary lacks it)."""
+    return pattern.format(summary[key]) if key in summary else ""
 
 
 def run_rows(runs: list[RunInfo]) -> list[list[Any]]:
@@ -30,11 +30,29 @@ def run_rows(runs: list[RunInfo]) -> list[list[Any]]:
     rows = []
     for run in runs:
         s = run.summary
-        texts = [s.get(key, "") for key in ("method", "model", "task", "metric")]
-        numbers = [_rounded(s, "metric_before"), _rounded(s, "metric_after"), s.get("steps", ""),
-                   s.get("trainable_parameters", ""), _rounded(s, "peak_memory_mib")]  # fmt: skip
+        texts = [str(s.get(key, "")) for key in ("method", "model", "task", "metric")]
+        numbers = [_cell(s, "metric_before"), _cell(s, "metric_after"), _cell(s, "steps", "{}"),
+                   _cell(s, "trainable_parameters", "{:,}"),
+                   _cell(s, "peak_memory_mib", "{:.0f}")]  # fmt: skip
         rows.append([run.name, run.state, *texts, *numbers])
     return rows
+
+
+def confine_run(workspace: Workspace, run: Path, reads_data: bool) -> None:
+    """Refuse an action whose command would read outside the workspace: the base model the
+    adapter names and, for evaluation, the data files of the run's recipe."""
+    import peftkit.api as api
+
+    base = api.read_info(run / "adapter").get("base_model")
+    if base:
+        workspace.model(base)
+    if reads_data and (run / "recipe.yaml").is_file():
+        from peftkit.recipe import load_recipe
+
+        task = load_recipe(run / "recipe.yaml").task
+        for path in (task.train_file, task.eval_file):
+            if path:
+                workspace.resolve(path)
 
 
 def run_details(run: Path) -> str:
@@ -65,6 +83,7 @@ def start_action(
         return resume_training(slots, run)
     if not (run / "adapter").is_dir():
         raise WorkspaceError(f"{name} has no adapter yet (an unfinished run): resume it first.")
+    confine_run(workspace, run, reads_data=action == "re-evaluate")
     if action == "re-evaluate":
         return slots.start("runs", cli_command("eval", str(run)), log)
     if action == "merge":
