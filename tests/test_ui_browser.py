@@ -330,9 +330,19 @@ def test_the_runs_page_lists_a_run_and_re_evaluates_it(
     summary = json.loads((reviews_run / "summary.json").read_text())
     page.get_by_role("tab", name="Runs").click()
     page.click("#runs-refresh")
-    row = page.locator("#runs-table tr:visible", has_text="cli-run").first
-    row.wait_for()
-    assert "finished" in row.inner_text() and f"{summary['metric_after']:.4f}" in row.inner_text()
+    # The table's cells, row by row (Gradio's table rows are laid out without a box of their own,
+    # which Playwright counts as hidden: read their text instead).
+    page.wait_for_function("document.querySelector('#runs-table').textContent.includes('cli-run')")
+    rows = page.evaluate(
+        "[...document.querySelectorAll('#runs-table tr')]"
+        ".map(row => [...row.querySelectorAll('th, td')].map(cell => cell.textContent.trim()))"
+    )
+    header = next(cells for cells in rows if any(c.startswith("after") for c in cells))
+    row = next(cells for cells in rows if "cli-run" in cells)
+    column = {name: [i for i, c in enumerate(header) if c.startswith(name)][0]
+              for name in ("state", "after")}  # fmt: skip
+    assert row[column["state"]] == "finished", rows
+    assert row[column["after"]] == f"{summary['metric_after']:.4f}", rows
     pick(page, "runs-run", "cli-run")
     page.wait_for_selector("#runs-details:has-text('a finished run')")
     page.click("#runs-re-evaluate")
