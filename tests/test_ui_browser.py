@@ -167,8 +167,11 @@ def test_a_tiny_run_from_the_train_page_ends_with_its_loss_curve_and_summary(
     logged = [(entry["step"], entry["loss"]) for entry in state["log_history"] if "loss" in entry]
     assert [step for step, _ in logged] == [2, 4, 6, 8, 10, 12]
     assert f"loss {logged[-1][1]:.4f} at step 12" in page.inner_text("#train-status")
-    axis = page.locator("#train-loss svg [aria-roledescription='axis']").first
-    assert "titled 'step'" in axis.get_attribute("aria-label")
+    axes = page.locator("#train-loss svg [aria-roledescription='axis']")
+    labels = [axes.nth(i).get_attribute("aria-label") for i in range(axes.count())]
+    # Both axes are numbers (a linear scale), not the logged values as categories.
+    assert any("titled 'step' for a linear scale" in label for label in labels), labels
+    assert any("titled 'loss' for a linear scale" in label for label in labels), labels
     assert page.locator("#train-loss svg path[aria-roledescription='line mark']").count() == 1
     screenshot(page, "train", tmp_path, for_docs=True)
 
@@ -352,6 +355,7 @@ def test_the_runs_page_lists_a_run_and_re_evaluates_it(
     evaluated = json.loads((reviews_run / "eval.json").read_text())
     assert evaluated["accuracy"] == pytest.approx(summary["metric_after"])
     assert f"accuracy {evaluated['accuracy']:.4f}" in page.inner_text("#runs-details")
+    page.wait_for_selector("#runs-status:has-text('finished')")
     screenshot(page, "runs", tmp_path, for_docs=True)
 
 

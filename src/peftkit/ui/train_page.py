@@ -221,10 +221,11 @@ def _events(workspace: Workspace, slots: JobSlots, w: Widgets) -> None:
 
 
 def _curve_frame(points: list[tuple[int, float]]) -> Any:
-    """The loss curve as the table gr.LinePlot draws."""
+    """The loss curve as the table gr.LinePlot draws. Typed even when empty: the plot keeps the
+    axis kinds of the first table it gets, and an empty one's would be text (a discrete axis)."""
     import pandas as pd
 
-    return pd.DataFrame(points, columns=["step", "loss"])
+    return pd.DataFrame(points, columns=["step", "loss"]).astype({"step": int, "loss": float})
 
 
 def _summary_text(state: tf.RunStatus, run: Path) -> str:
