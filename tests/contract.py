@@ -28,9 +28,10 @@ FAMILIES = {
 }
 
 
-def tiny(family: str, seed: int = 0) -> tuple[torch.nn.Module, Any]:
-    """The tiny model of a family, for its matrix task, always with the same random weights."""
-    model, tokenizer = load_model(f"tiny-{family}", FAMILIES[family], seed=seed)
+def tiny(family: str, seed: int = 0, **storage: Any) -> tuple[torch.nn.Module, Any]:
+    """The tiny model of a family, for its matrix task, always with the same random weights;
+    `storage` (dtype, quantize) as load_model takes it."""
+    model, tokenizer = load_model(f"tiny-{family}", FAMILIES[family], seed=seed, **storage)
     return model.eval(), tokenizer
 
 
@@ -130,6 +131,9 @@ class Case:
     peft_loadable: bool = False
     # family -> why PEFT cannot load this case's files there (the check is left out for it).
     peft_excluded: dict[str, str] = field(default_factory=dict)
+    # family -> why the method cannot serve that family at all: every check is left out, and
+    # test_contract checks that applying it there is refused with a TargetError instead.
+    excluded: dict[str, str] = field(default_factory=dict)
     # Why PEFT's loss on these files differs from peftkit's (the logits must still agree).
     peft_loss_differs: str | None = None
     # A regex of parameters a merged model may have that the base lacks (and why, at the row).
@@ -156,10 +160,11 @@ class Run:
     reached: bool | None
 
 
-def run_case(case: Case, family: str, folder: Path) -> Run:
-    """Apply, prepare, train `case.steps` steps and save one case on one family, recording it."""
+def run_case(case: Case, family: str, folder: Path, **storage: Any) -> Run:
+    """Apply, prepare, train `case.steps` steps and save one case on one family, recording it;
+    `storage` (dtype, quantize) says how the base is stored."""
     torch.manual_seed(0)  # the same run whichever test asks for it first
-    base, tokenizer = tiny(family)
+    base, tokenizer = tiny(family, **storage)
     batch = batch_for(family, tokenizer)
     base_names = [n for n, _ in base.named_parameters()]
     reference = logits(base, batch)

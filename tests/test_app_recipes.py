@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from peftkit.apps import evaluate as app_eval
+from peftkit.apps import tabular_evaluation
 from peftkit.apps.text_to_sql import database, suite, templates
 from peftkit.apps.text_to_sql.examples import compact_sql_schema
 from peftkit.cli import main
@@ -167,7 +168,7 @@ def test_label_word_scores_match_unbatched_reference() -> None:
     model, tokenizer = load_model("tiny-llama", "causal-lm")
     prompts = ["The size is 3.\nAnswer:", "A much longer prompt here.\nAnswer:"]
     words = ["malignant", "benign"]  # several byte tokens each: the general path
-    scores = app_eval.label_word_log_probs(model, tokenizer, prompts, words, batch_size=3)
+    scores = tabular_evaluation.label_word_log_probs(model, tokenizer, prompts, words, batch_size=3)
     for p, prompt in enumerate(prompts):
         for w, word in enumerate(words):
             prompt_ids = tokenizer(prompt)["input_ids"]
@@ -180,8 +181,8 @@ def test_label_word_scores_match_unbatched_reference() -> None:
             )
             assert scores[p][w] == pytest.approx(reference, abs=1e-4)
     # One-byte words take the single-forward path; it must agree with the general one.
-    single = app_eval.label_word_log_probs(model, tokenizer, prompts, ["a", "b"])
-    general = app_eval.label_word_log_probs(model, tokenizer, prompts, ["a", "bb"])
+    single = tabular_evaluation.label_word_log_probs(model, tokenizer, prompts, ["a", "b"])
+    general = tabular_evaluation.label_word_log_probs(model, tokenizer, prompts, ["a", "bb"])
     assert [row[0] for row in single] == pytest.approx([row[0] for row in general], abs=1e-4)
 
 
@@ -189,8 +190,8 @@ def test_tabular_evaluation_metrics() -> None:
     model, tokenizer = load_model("tiny-llama", "causal-lm")
     _, test = load_bundled("breast-cancer-tabllm-k4")
     records = test[:3] + test[-3:]  # both classes, so AUC is defined
-    result = app_eval.evaluate_tabular(
-        model, tokenizer, records, app_eval.tabular_label_words(records), batch_size=4
+    result = tabular_evaluation.evaluate_tabular(
+        model, tokenizer, records, tabular_evaluation.tabular_label_words(records), batch_size=4
     )
     assert result["label_words"] == ["malignant", "benign"]
     for record in result["records"]:

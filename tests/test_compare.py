@@ -70,9 +70,23 @@ def test_plan_errors_name_the_problem(tmp_path):
         load_plan(plan)
 
 
-def test_shipped_plan_names_registered_methods(request):
-    from peftkit.registry import method_names
+@pytest.mark.parametrize("name", ["compare-minilm.yaml", "compare-all.yaml"])
+def test_shipped_plan_entries_build_recipes(request, name):
+    from peftkit.recipe import load_recipe
+    from peftkit.registry import method_for_config
 
-    plan = load_plan(request.config.rootpath / "recipes" / "compare-minilm.yaml")
+    plan = load_plan(request.config.rootpath / "recipes" / name)
     assert plan.recipe.is_file()
-    assert {e.method["name"] for e in plan.entries} <= set(method_names())
+    for entry in plan.entries:  # what run_entry hands `peftkit train`, options checked
+        overrides = [f"method={json.dumps(entry.method)}", *plan.quick, *entry.overrides]
+        recipe = load_recipe(plan.recipe, overrides)
+        assert method_for_config(recipe.method_config()).name == entry.method["name"]
+
+
+def test_compare_all_extends_the_default_plan(request):
+    default = load_plan(request.config.rootpath / "recipes" / "compare-minilm.yaml")
+    every = load_plan(request.config.rootpath / "recipes" / "compare-all.yaml")
+    assert every.recipe == default.recipe and every.quick == default.quick
+    assert [(e.label, e.method) for e in default.entries] == [
+        (e.label, e.method) for e in every.entries[: len(default.entries)]
+    ]

@@ -23,7 +23,7 @@ import torch
 
 import peftkit
 from contract import FAMILIES, Case, Run, logits, logits_and_loss, run_case, tiny
-from peftkit.errors import AdapterError
+from peftkit.errors import AdapterError, TargetError
 from peftkit.methods import relora
 from peftkit.registry import method_for_config, method_names
 
@@ -34,6 +34,9 @@ VIRTUAL = rf"^virtual\.|{HEADS}"
 # Tiny T5, Llama and Qwen2 lack biases on (some of) the layers BitFit selects: it adds zero ones.
 BIAS_LESS = {"t5", "llama", "qwen2"}
 NO_PEFT_PREFIX_FOR_BERT = {"bert": "PEFT refuses prefix tuning for BERT encoders"}
+# PEFT's LyCORIS (LoHa, LoKr) and OFT layers wrap torch.nn.Linear only; GPT-2's layers are all
+# transformers Conv1D, so these methods refuse it (TargetError) instead of adapting nothing.
+LINEAR_ONLY = {"gpt2": "PEFT's layers for this method wrap nn.Linear, GPT-2 has only Conv1D"}
 
 CASES = [
     Case("lora", lambda family: peftkit.LoraConfig(dropout=0.0), LORA_PARAMS, peft_loadable=True),
@@ -127,6 +130,41 @@ CASES = [
         peft_loadable=True,
         peft_excluded=NO_PEFT_PREFIX_FOR_BERT,
     ),
+    # (IA)^3: every vector starts at 1, the identity. Defaults: keys, values and the second
+    # feed-forward projection of each family (targeting.FEED_FORWARD_DOWN).
+    Case("ia3", lambda family: peftkit.IA3Config(), rf"ia3_l|{HEADS}", peft_loadable=True),
+    # LoHa starts with one factor of the second product at zero: dW = 0.
+    Case(
+        "loha",
+        lambda family: peftkit.LoHaConfig(rank=4),
+        rf"hada_|{HEADS}",
+        peft_loadable=True,
+        excluded=LINEAR_ONLY,
+    ),
+    # LoKr starts with the small Kronecker factor at zero: dW = 0.
+    Case(
+        "lokr",
+        lambda family: peftkit.LoKrConfig(rank=4),
+        rf"lokr_|{HEADS}",
+        peft_loadable=True,
+        excluded=LINEAR_ONLY,
+    ),
+    # VeRA starts with lambda_b at zero: dW = 0. All linear layers, so layers of different
+    # shapes share the one pair of random matrices (PEFT slices it per layer).
+    Case(
+        "vera-all-linear",
+        lambda family: peftkit.VeraConfig(rank=8, target_modules="all-linear"),
+        rf"vera_lambda_|{HEADS}",
+        peft_loadable=True,
+    ),
+    # OFT starts with every skew-symmetric Q at zero: R = I.
+    Case(
+        "oft",
+        lambda family: peftkit.OFTConfig(block_size=8),
+        rf"oft_R|{HEADS}",
+        peft_loadable=True,
+        excluded=LINEAR_ONLY,
+    ),
     Case("full", lambda family: peftkit.FullConfig(), None),
 ]
 
@@ -137,7 +175,7 @@ def rows(applies: Callable[[Case, str], bool] = lambda case, family: True) -> li
         pytest.param(case, family, id=f"{case.label}-{family}")
         for case in CASES
         for family in FAMILIES
-        if applies(case, family)
+        if family not in case.excluded and applies(case, family)
     ]
 
 
@@ -161,6 +199,22 @@ def test_every_registered_method_has_a_row():
     assert covered == set(method_names())
     labels = [case.label for case in CASES]
     assert len(labels) == len(set(labels)), "case labels name the tests: they must be unique"
+
+
+@pytest.mark.parametrize(
+    ("case", "family"),
+    [
+        pytest.param(case, family, id=f"{case.label}-{family}")
+        for case in CASES
+        for family in case.excluded
+    ],
+)
+def test_excluded_family_is_refused(case, family):
+    """An exclusion is a refusal with a message, never a method that silently adapts nothing."""
+    model, _ = tiny(family)
+    with pytest.raises(TargetError, match="target_modules"):
+        peftkit.apply(model, case.config(family))
+    assert not any(type(m).__module__.startswith("peft") for m in model.modules())
 
 
 @pytest.mark.parametrize(("case", "family"), rows())

@@ -8,6 +8,7 @@ from itertools import product
 import pytest
 
 from peftkit.apps import tabular as tb
+from peftkit.apps import tabular_baseline as tbb
 from peftkit.errors import ConfigError, DataError
 
 
@@ -107,7 +108,7 @@ def test_few_shot_seeds_pools_and_shortages() -> None:
 def test_metrics_against_closed_forms() -> None:
     labels = [0, 0, 1, 1, 1, 0]
     positive = [0.1, 0.4, 0.35, 0.8, 0.7, 0.6]
-    metrics = tb.classification_metrics(labels, [[1 - p, p] for p in positive])
+    metrics = tbb.classification_metrics(labels, [[1 - p, p] for p in positive])
     assert metrics["auc"] == pytest.approx(_auc_by_pairs(labels, positive))
     assert metrics["accuracy"] == pytest.approx(4 / 6)  # 0.35 and 0.6 fall on the wrong side
     # One-vs-rest: the macro mean of each class's AUC against the rest.
@@ -119,13 +120,13 @@ def test_metrics_against_closed_forms() -> None:
     per_class = [
         _auc_by_pairs([int(y == c) for y in labels3], [row[c] for row in probs]) for c in range(3)
     ]
-    got = tb.classification_metrics(labels3, probs)
+    got = tbb.classification_metrics(labels3, probs)
     assert got["auc"] == pytest.approx(sum(per_class) / 3)
     assert got["accuracy"] == pytest.approx(5 / 7)
 
 
 def test_logistic_baseline_learns_and_grows_with_k() -> None:
-    runs = tb.baseline_runs("breast_cancer", sizes=(4, "all"), seeds=(0, 1, 2))
+    runs = tbb.baseline_runs("breast_cancer", sizes=(4, "all"), seeds=(0, 1, 2))
     full = next(run for run in runs if run["k"] == "all")
     assert full["train_rows"] == 456 and full["test_rows"] == 42 + 71
     assert full["accuracy"] > 0.93 and full["auc"] > 0.97  # a linear model does well on WDBC
@@ -133,23 +134,24 @@ def test_logistic_baseline_learns_and_grows_with_k() -> None:
     assert len(few) == 3 and all(run["train_rows"] == 4 for run in few)
     mean_few = sum(run["auc"] for run in few) / len(few)
     assert 0.5 < mean_few < full["auc"]
-    iris = tb.baseline_runs("iris", sizes=(4,), seeds=(0,))[0]
-    expected = _iris_reference(k=4, seed=0)
+    iris = tbb.baseline_runs("iris", sizes=(4,), seeds=(0,))[0]
+    expected = _reference("load_iris", k=4, seed=0)
     assert iris["accuracy"] == pytest.approx(expected["accuracy"])
     assert iris["auc"] == pytest.approx(expected["auc"])
 
 
-def _iris_reference(k: int, seed: int) -> dict[str, float]:
-    """The same baseline computed here from scikit-learn's own iris arrays (not peftkit's Table):
-    the same rows, the same pipeline; accuracy counted, AUC one-vs-rest by pairs."""
-    from sklearn.datasets import load_iris
+def _reference(loader: str, k: int, seed: int) -> dict[str, float]:
+    """The same baseline computed here from scikit-learn's own arrays (not peftkit's Table): the
+    same rows, the same pipeline; accuracy counted, AUC one-vs-rest by pairs."""
+    import sklearn.datasets
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    data = load_iris()
+    data = getattr(sklearn.datasets, loader)()
     labels = [int(y) for y in data.target]
+    classes = sorted(set(labels))
     train, test = tb.stratified_split(labels, 0.2, seed=0)
     rows = tb.few_shot_indices(labels, k, seed=seed, pool=train)
     model = make_pipeline(SimpleImputer(), StandardScaler(), LogisticRegression(max_iter=5000))
@@ -160,10 +162,39 @@ def _iris_reference(k: int, seed: int) -> dict[str, float]:
     correct = sum(p == y for p, y in zip(predicted, truth, strict=True))
     probabilities = model.predict_proba(data.data[test])
     per_class = []
-    for c in range(3):  # a class absent from the k rows scores 0 for every test row
+    for c in classes:  # a class absent from the k rows scores 0 for every test row
         scores = [row[seen.index(c)] if c in seen else 0.0 for row in probabilities]
         per_class.append(_auc_by_pairs([int(y == c) for y in truth], scores))
-    return {"accuracy": correct / len(test), "auc": sum(per_class) / 3}
+    # Two classes: the one AUC of class 1 (class 0's AUC is the same number).
+    auc = per_class[1] if len(classes) == 2 else sum(per_class) / len(classes)
+    return {"accuracy": correct / len(test), "auc": auc}
+
+
+def test_baseline_for_a_run_uses_its_rows_and_the_seed_mean() -> None:
+    train, test = tb.bundled_split("breast_cancer", k=16)
+    report = tbb.baseline_for_records(train, test)
+    assert (report["table"], report["train_rows"], report["test_rows"]) == (
+        "breast_cancer",
+        16,
+        113,
+    )
+    same = _reference("load_breast_cancer", 16, seed=0)  # bundled_split draws with seed 0
+    assert report["same_rows"] == pytest.approx(same)
+    seeds = [_reference("load_breast_cancer", 16, seed) for seed in (0, 1, 2)]
+    assert report["mean_of_seeds"]["seeds"] == [0, 1, 2]
+    assert report["mean_of_seeds"]["accuracy"] == pytest.approx(
+        sum(s["accuracy"] for s in seeds) / 3
+    )
+    assert report["mean_of_seeds"]["auc"] == pytest.approx(sum(s["auc"] for s in seeds) / 3)
+    # Part of the test split: the rows' own baseline, no seed mean (it is on the whole split).
+    assert "mean_of_seeds" not in tbb.baseline_for_records(train, test[:50])
+    # Rows of a table peftkit does not bundle, or one class only: nothing to compare, said so.
+    foreign = [{"prompt": "x\nWhat?\nAnswer:", "label": "a", "row": 0}]
+    assert tbb.baseline_for_records(foreign, foreign) is None
+    one_class = [r for r in train if r["label"] == "benign"]
+    assert (
+        tbb.baseline_for_records(one_class, test)["skipped"] == "the training rows hold one class"
+    )
 
 
 def test_parse_label_word() -> None:
@@ -184,7 +215,7 @@ def test_records_table_and_its_bad_inputs() -> None:
     assert table.labels == (1, 0) and table.columns == ("age", "job", "income")
     assert tb.serialize_row(table.rows[1]) == "The age is 29. The job is nurse."
     with pytest.raises(DataError, match="numeric columns; 'job'"):
-        tb.logistic_baseline(table, [0, 1], [0, 1])
+        tbb.logistic_baseline(table, [0, 1], [0, 1])
     mixed = records + [{"age": "forty", "job": "clerk", "income": 1.0, "label": "no"}]
     with pytest.raises(DataError, match="Column 'age' mixes types"):
         tb.table_from_records(mixed, "label")
@@ -196,7 +227,7 @@ def test_records_table_and_its_bad_inputs() -> None:
     with pytest.raises(DataError, match="no rows"):
         tb.table_from_records([], "label")
     with pytest.raises(DataError, match="two classes"):
-        tb.logistic_baseline(tb.load_table("iris"), [0, 1], [60, 120])
+        tbb.logistic_baseline(tb.load_table("iris"), [0, 1], [60, 120])
 
 
 def test_bundled_split_records() -> None:

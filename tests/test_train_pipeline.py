@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 import peftkit
@@ -44,6 +45,13 @@ def classification_recipe(tmp_path):
     return recipe
 
 
+def classification_tokens(text: str) -> list[int]:
+    """The tiny tokenizer's ids of a text, special tokens included (as the task tokenises)."""
+    from peftkit.models import tiny_tokenizer
+
+    return tiny_tokenizer()(text)["input_ids"]
+
+
 def test_train_eval_merge_on_tiny_classifier(classification_recipe, tmp_path):
     assert main(["train", str(classification_recipe)]) == 0
     run = tmp_path / "run"
@@ -53,6 +61,25 @@ def test_train_eval_merge_on_tiny_classifier(classification_recipe, tmp_path):
     assert summary["metric_after"] > summary["eval_after"]["majority_baseline"]
     assert 0 < summary["trainable_parameters"] < summary["total_parameters"]
     assert summary["tokens_per_second"] > 0 and summary["peak_memory_mib"] > 0
+    assert summary["training_memory_measure"].startswith(
+        "peak of live tensor bytes over the first 2"
+    )
+    # At its peak training holds at least every float32 trainable's gradient and AdamW's moments.
+    assert summary["training_memory_mib"] * 2**20 >= summary["trainable_parameters"] * 12
+    # The estimator's prediction for these settings, at the longest training example (the
+    # longest of these rows is "good fine great" plus BERT's two special tokens).
+    longest = len(classification_tokens("good fine great"))
+    assert summary["estimate_settings"] == {
+        "batch_size": 8, "seq_len": longest, "dtype": "fp32", "base_dtype": "fp32",
+        "quantization": None, "gradient_checkpointing": False,
+    }  # fmt: skip
+    from peftkit.memory.estimate import estimate
+
+    expected = estimate("tiny-bert", {"name": "lora", "rank": 4}, 8, longest, "fp32",
+                        task="classification")  # fmt: skip
+    assert summary["estimated_training_memory_mib"] == pytest.approx(
+        (expected.total - expected.weights) / 2**20
+    )
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
     assert main(["eval", str(run)]) == 0
@@ -192,6 +219,7 @@ def test_training_memory_counts_what_the_block_allocates_and_not_what_came_befor
     # already resident would be reused, and a new allocation would not raise the resident set.
     script = """
 import torch
+from torch import nn
 from peftkit.training.measure import TrainingMemory
 before = torch.ones(64 * 2**20 // 4)  # 64 MiB resident before the block: not counted
 with TrainingMemory() as memory:
@@ -206,3 +234,29 @@ print(memory.exact, memory.bytes, float(before[0]))
     assert exact  # Linux: the high-water mark was reset at the start
     # 128 MiB, give or take what the interpreter itself frees or touches meanwhile (a few pages).
     assert 126 * 2**20 <= measured < (128 + 32) * 2**20
+
+
+def test_tensor_memory_probe_finds_the_peak_of_live_tensors_in_its_window() -> None:
+    from types import SimpleNamespace
+
+    from peftkit.training.memory_probe import TensorMemoryProbe, peak_of_allocations
+
+    assert peak_of_allocations([4, 8, -4, 2, -10, 3]) == 12
+    mib = 2**20
+    before = torch.ones(16 * mib // 4)  # held before the window: not counted
+    model = nn.Linear(256, 256)  # 256 KiB of gradient already held when the window opens
+    model.weight.grad = torch.zeros_like(model.weight)
+    probe = TensorMemoryProbe(steps=1)
+    probe.enabled = True  # a CPU measure, on any machine
+    probe.on_step_begin(None, SimpleNamespace(global_step=0), None, model=model, optimizer=None)
+    first = torch.ones(8 * mib // 4)
+    second = torch.ones(4 * mib // 4)  # 12 MiB live: the peak
+    del first
+    third = torch.ones(2 * mib // 4)  # 6 MiB live
+    del second, third, before  # frees, including one from before the window
+    probe.on_step_end(None, SimpleNamespace(global_step=1), None)
+    assert probe.window_steps == 1
+    held = model.weight.numel() * 4
+    assert probe.bytes is not None
+    # 12 MiB and the held gradient, give or take the profiler's own small tensors.
+    assert held + 12 * mib <= probe.bytes < held + 12 * mib + mib // 4

@@ -13,6 +13,15 @@ from peftkit import io, registry
 from peftkit.config import from_dict
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.method import Applied, Method, adapter_files, applied, mark_applied
+from peftkit.models.precision import (
+    base_storage,
+    float_dtype,
+    is_low_bit,
+    is_quantized,
+    keep_float32_masters,
+    release_float32_masters,
+    torch_dtype,
+)
 
 __all__ = [
     "Applied", "Summary", "applied", "apply", "config_for", "load", "merge", "read_info", "save",
@@ -26,14 +35,47 @@ def config_for(name: str, **options: Any) -> Any:
     return from_dict(method.config_cls, options, where=f"method '{name}'")
 
 
+def refuse_low_bit_base(method: Method, storage: str | None) -> None:
+    """Refuse a half-precision or quantised base (storage: bf16, fp16, nf4, int8) for a method
+    that changes the base's own weights; its record says why."""
+    if is_quantized(storage) and method.no_quantized_base:
+        raise ConfigError(
+            f"Method '{method.name}' cannot train on a base quantised to {storage}: "
+            f"{method.no_quantized_base}. Load the base unquantised (no base.quantize; "
+            "base.dtype: bf16 halves it), or use LoRA, which adapts quantised layers (QLoRA)."
+        )
+    if not is_low_bit(storage) or not method.needs_float32_base:
+        return
+    what = "cannot be updated in place" if is_quantized(storage) else "rounds small updates away"
+    frozen = [m.name for m in registry.METHODS if not m.needs_float32_base]
+    raise ConfigError(
+        f"Method '{method.name}' cannot train on a base stored in {storage}: "
+        f"{method.needs_float32_base}, and a {storage} weight {what}. Load the base in float32 "
+        "(recipe: base.dtype: fp32 and no base.quantize; training.precision: bf16 still "
+        f"computes in bf16), or use a method that keeps the base frozen: {', '.join(frozen)}."
+    )
+
+
+def check_base(method: Method, model: nn.Module) -> str | None:
+    """Refuse the model's base for the method if it must (refuse_low_bit_base); returns the
+    base's storage (None on the meta device)."""
+    storage = base_storage(model)
+    refuse_low_bit_base(method, storage)
+    return storage
+
+
 def apply(model: nn.Module, config: Any, **options: Any) -> nn.Module:
-    """Prepare `model` for PEFT with `config` (a config object, or a method name plus options)."""
+    """Prepare `model` for PEFT with `config` (a config object, or a method name plus options).
+    On a half-precision or quantised base, what trains is kept in float32 (models/precision.py)."""
     if isinstance(config, str):
         config = config_for(config, **options)
     elif options:
         raise ConfigError("Pass options either inside the config object or with a method name.")
     method = registry.method_for_config(config)
+    storage = check_base(method, model)
     tuned = method.apply(model, config)
+    if is_low_bit(storage):
+        keep_float32_masters(tuned)
     mark_applied(tuned, method, config)
     return tuned
 
@@ -133,11 +175,15 @@ def load(base_model: nn.Module, folder: str | Path, allow_pickle: bool = False) 
     method = registry.method_for_saved(saved)
     config = method.read_config(saved)
     tensors = io.read_tensors(folder, allow_pickle=allow_pickle)
+    storage = check_base(method, base_model)
     model = method.apply(base_model, config)
+    # float32 masters before the saved tensors are copied in, so they are not rounded to half
+    undo = keep_float32_masters(model) if is_low_bit(storage) else lambda: None
     try:
         _check_fits(method, model, tensors, folder)
         method.load_state_dict(model, tensors)
     except Exception:
+        undo()
         if method.remove is not None:
             method.remove(model)
         raise
@@ -145,12 +191,41 @@ def load(base_model: nn.Module, folder: str | Path, allow_pickle: bool = False) 
     return model
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Fold the adapter into the base weights; returns a plain transformers model."""
+def merge(model: nn.Module, dtype: str | None = None) -> nn.Module:
+    """Fold the adapter into the base weights; returns a plain transformers model (in `dtype`:
+    fp32, bf16 or fp16, if given). On a quantised base the update is folded into dequant(W), the
+    weights the quantised model computed with, never into the original weights."""
     state = applied(model)
     if state.method.merge is None:
         raise AdapterError(
             f"Method '{state.method.name}' adds computation that cannot be folded into the base "
             "weights; save the adapter instead."
         )
-    return state.method.merge(model)
+    target = torch_dtype(dtype) if dtype is not None else None
+    if is_quantized(base_storage(model)):
+        merged = _merge_onto_dequantized(model, state, target)
+    else:
+        release_float32_masters(model)
+        merged = state.method.merge(model)
+    return merged.to(target) if target is not None else merged
+
+
+def _merge_onto_dequantized(model: nn.Module, state: Applied, dtype: Any) -> nn.Module:
+    """Take the adapter off, replace the quantised layers by plain ones holding dequant(W), put
+    the adapter back and merge it there: an exact fold of what the quantised model computed."""
+    from peftkit.models.quantize import dequantize
+
+    method = state.method
+    if method.remove is None:
+        raise AdapterError(
+            f"Method '{method.name}' cannot be merged onto a quantised base: it cannot take its "
+            "update off the base to dequantise it first. Save the adapter instead, or train on "
+            "an unquantised base (no base.quantize)."
+        )
+    tensors = {name: tensor.detach().clone() for name, tensor in method.state_dict(model).items()}
+    base = method.remove(model)
+    release_float32_masters(model)
+    dequantize(base, dtype or float_dtype(base))
+    tuned = method.apply(base, state.config)
+    method.load_state_dict(tuned, tensors)
+    return method.merge(tuned)

@@ -130,6 +130,8 @@ COLUMNS = [
     ("method", "method", "{}"),
     ("trainable", "trainable_parameters", "{:,}"),
     ("%", "trainable_percent", "{:.3f}"),
+    ("train MiB", "training_memory_mib", "{:.0f}"),
+    ("est. MiB", "estimated_training_memory_mib", "{:.0f}"),
     ("peak MiB", "peak_memory_mib", "{:.0f}"),
     ("optim MiB", "optimizer_state_mib", "{:.2f}"),
     ("tokens/s", "tokens_per_second", "{:.0f}"),
@@ -150,8 +152,11 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
             continue
         cells = []
         for _, key, pattern in COLUMNS:
-            value = result[key] / 1024 if key == "adapter_bytes" else result[key]
-            cells.append(pattern.format(value))
+            value = result.get(key)  # a summary from before a column existed has no value
+            if value is None:
+                cells.append("-")
+                continue
+            cells.append(pattern.format(value / 1024 if key == "adapter_bytes" else value))
         rows.append(cells)
     return rows
 
@@ -170,7 +175,7 @@ def write_outputs(results: list[dict[str, Any]], output: Path) -> dict[str, Path
         writer.writerow([key for _, key, _ in COLUMNS])
         for result in results:
             if not result.get("failed"):
-                writer.writerow([result[key] for _, key, _ in COLUMNS])
+                writer.writerow([result.get(key) for _, key, _ in COLUMNS])
     done = [r for r in results if not r.get("failed")]
     if done:
         paths["png"] = plot(done, output / "compare.png")
@@ -178,7 +183,7 @@ def write_outputs(results: list[dict[str, Any]], output: Path) -> dict[str, Path
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> Path:
-    """Quality against trainable parameters and against peak memory, one point per method."""
+    """Quality against trainable parameters and against training memory, one point per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,7 +193,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for axis, key, label, log in [
         (axes[0], "trainable_parameters", "trainable parameters", True),
-        (axes[1], "peak_memory_mib", "peak memory (MiB)", False),
+        (axes[1], "training_memory_mib", "training memory (MiB)", False),
     ]:
         for result in results:
             axis.scatter(result[key], result["metric_after"], s=40)

@@ -64,6 +64,21 @@ def config_from_peftkit_adapter(config_cls: type) -> Callable[[dict[str, Any]], 
 
 
 @dataclass(frozen=True)
+class RowAdapters:
+    """Several saved adapters of one method on one base model, a different one (or none) per row
+    of a batch: what a server needs to decode requests for different adapters together.
+
+    add(model, name, folder) loads one more adapter and returns the model that holds it (the
+    base model is wrapped on the first); remove(model, name) drops one and returns the model
+    without it (the plain base once none is left); forward(model, names, **inputs) runs one
+    forward in which row i goes through adapter names[i] (None: the base alone)."""
+
+    add: Callable[[Any, str, Any], Any]
+    remove: Callable[[Any, str], Any]
+    forward: Callable[..., Any]
+
+
+@dataclass(frozen=True)
 class Method:
     """A PEFT method: its config class and the functions generic code calls. No subclassing."""
 
@@ -88,6 +103,16 @@ class Method:
     # (Child-Tuning D): on a meta-device model just applied, make the trainable tensors prepare
     # would make, of the sizes it would choose; which entries is what the data decides.
     prepare_without_data: Callable[[Any, Any], None] | None = None
+    # Serving several of its adapters on one base, one per batch row (None: merge to serve).
+    row_adapters: RowAdapters | None = None
+    # Why the method needs the base's own weights in float32, for methods that change them
+    # (full fine-tuning, Child-Tuning, ReLoRA's merges): a half-precision weight rounds small
+    # updates away and a quantised one cannot take them. Empty: the method keeps the base frozen,
+    # so the base may be stored in half precision or quantised (api.apply refuses otherwise).
+    needs_float32_base: str = ""
+    # Why the method cannot adapt a quantised base though it keeps the base frozen (PEFT's tuner
+    # wraps plain Linear layers only). Empty: it can.
+    no_quantized_base: str = ""
 
     def saved_config(self, model: Any, config: Any) -> dict[str, Any]:
         """What goes into adapter_config.json for this method."""

@@ -79,6 +79,48 @@ class TaskConfig:
             ) from None
 
 
+# The base's storage choices (peftkit.models.precision and .quantize map them onto torch and
+# bitsandbytes; kept here as names so reading a recipe imports neither).
+BASE_DTYPES = ("fp32", "bf16", "fp16")
+BASE_QUANTIZATIONS = ("nf4", "int8")
+
+
+def _check_choice(value: Any, choices: tuple[str, ...], key: str) -> None:
+    """Refuse a value outside `choices`, suggesting the nearest."""
+    if value not in choices:
+        guess = nearest(str(value), list(choices))
+        hint = f" Did you mean '{guess}'?" if guess else ""
+        raise ConfigError(f"{key} {value!r} is not known.{hint} Use one of: {', '.join(choices)}.")
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """How the base model is stored: its precision, and optionally its linear layers quantised.
+    Whatever the choice, trainable parameters are float32 (peftkit.models.precision)."""
+
+    dtype: str = field(
+        default="fp32",
+        metadata={
+            "help": "fp32 | bf16 | fp16: the base's weights as loaded (whatever dtype the "
+            "checkpoint was saved in); the quantised layers compute in it"
+        },
+    )
+    quantize: str | None = field(
+        default=None,
+        metadata={
+            "help": "none | nf4 | int8: store the base's linear layers in 4 bits (NF4, QLoRA) or "
+            "8 bits (LLM.int8) through bitsandbytes; the output layer and a new head stay"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        _check_choice(self.dtype, BASE_DTYPES, "base.dtype")
+        if isinstance(self.quantize, str) and self.quantize.lower() == "none":
+            object.__setattr__(self, "quantize", None)
+        if self.quantize is not None:
+            _check_choice(self.quantize, BASE_QUANTIZATIONS, "base.quantize")
+
+
 def reporters() -> list[str]:
     """The experiment trackers transformers.Trainer can report to (training.report_to)."""
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
@@ -125,6 +167,13 @@ class TrainConfig:
         default="fp32",
         metadata={"help": "fp32, or bf16 (mixed precision; on CPU needs AVX512-BF16 or AMX)"},
     )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "keep only each layer's input during the forward pass and recompute the "
+            "rest in the backward pass: less activation memory, about a third more compute"
+        },
+    )
     report_to: str = field(
         default="none",
         metadata={
@@ -156,6 +205,7 @@ class Recipe:
         metadata={"help": "name: the method; other keys: its config options"},
     )
     training: TrainConfig = field(default_factory=TrainConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
     output_dir: str = field(default="runs/latest", metadata={"help": "where results are written"})
 
     def method_config(self) -> Any:
@@ -178,8 +228,8 @@ def _default_method() -> str:
     return DEFAULT_METHOD
 
 
-SECTIONS = {"task": TaskConfig, "training": TrainConfig}
-TOP_LEVEL = ("model", "task", "method", "training", "output_dir")
+SECTIONS = {"task": TaskConfig, "training": TrainConfig, "base": BaseConfig}
+TOP_LEVEL = ("model", "base", "task", "method", "training", "output_dir")
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
@@ -209,6 +259,7 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """The recipe as plain data: what `recipe_from_dict` reads back to an equal Recipe."""
     return {
         "model": recipe.model,
+        "base": to_dict(recipe.base),
         "task": to_dict(recipe.task),
         "method": dict(recipe.method),
         "training": to_dict(recipe.training),

@@ -13,11 +13,16 @@ from peftkit.methods.bottleneck import BOTTLENECK
 from peftkit.methods.child_tuning import CHILD_TUNING
 from peftkit.methods.dora import DORA
 from peftkit.methods.full import FULL
+from peftkit.methods.ia3 import IA3
+from peftkit.methods.loha import LOHA
+from peftkit.methods.lokr import LOKR
 from peftkit.methods.lora import LORA
+from peftkit.methods.oft import OFT
 from peftkit.methods.prefix_tuning import PREFIX_TUNING
 from peftkit.methods.prompt_tuning import PROMPT_TUNING
 from peftkit.methods.relora import RELORA
 from peftkit.methods.rslora import RSLORA
+from peftkit.methods.vera import VERA
 
 METHODS: list[Method] = [
     LORA,
@@ -30,6 +35,11 @@ METHODS: list[Method] = [
     CHILD_TUNING,
     PROMPT_TUNING,
     PREFIX_TUNING,
+    IA3,
+    LOHA,
+    LOKR,
+    VERA,
+    OFT,
     FULL,
 ]
 

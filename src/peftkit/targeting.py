@@ -30,6 +30,39 @@ QUERY_VALUE_PROJECTIONS: dict[str, list[str]] = {
     "mistral": ["q_proj", "v_proj"],
 }
 
+# The attention's key and value projections (the modules whose outputs (IA)^3 rescales, Liu et al.
+# 2022). GPT-2 fuses query, key and value in one Conv1D: a vector on its output scales all three.
+# T5's names also take the decoder's cross-attention keys and values, as the paper does.
+KEY_VALUE_PROJECTIONS: dict[str, list[str]] = {
+    "bert": ["key", "value"],
+    "roberta": ["key", "value"],
+    "t5": ["k", "v"],
+    "mt5": ["k", "v"],
+    "bart": ["k_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "llama": ["k_proj", "v_proj"],
+    "qwen2": ["k_proj", "v_proj"],
+    "mistral": ["k_proj", "v_proj"],
+}
+# model_type -> regex (full match) of each layer's second feed-forward projection, whose input is
+# the feed-forward network's intermediate activation (after the nonlinearity, after the gate in
+# gated families). BERT names the attention's output projection `attention.output.dense` and the
+# feed-forward one `output.dense`: a suffix match on "output.dense" takes both, hence the regex.
+_BERT_FEED_FORWARD_DOWN = r".*\.layer\.\d+\.output\.dense"
+_T5_FEED_FORWARD_DOWN = r".*\.DenseReluDense\.wo"  # also gated T5 v1.1 / mT5 (wi_0, wi_1 -> wo)
+_LLAMA_FEED_FORWARD_DOWN = r".*\.layers\.\d+\.mlp\.down_proj"
+FEED_FORWARD_DOWN: dict[str, str] = {
+    "bert": _BERT_FEED_FORWARD_DOWN,
+    "roberta": _BERT_FEED_FORWARD_DOWN,
+    "t5": _T5_FEED_FORWARD_DOWN,
+    "mt5": _T5_FEED_FORWARD_DOWN,
+    "bart": r".*\.layers\.\d+\.fc2",
+    "gpt2": r".*\.h\.\d+\.mlp\.c_proj",
+    "llama": _LLAMA_FEED_FORWARD_DOWN,
+    "qwen2": _LLAMA_FEED_FORWARD_DOWN,
+    "mistral": _LLAMA_FEED_FORWARD_DOWN,
+}
+
 TargetSpec = str | Sequence[str] | None
 
 # A numbered path segment ("layers.3.", "h.0.", "block.1.") marks the repeated transformer layers.
@@ -146,6 +179,32 @@ def default_targets(model: nn.Module) -> list[str]:
             f"Linear layers here end in: {', '.join(suffixes(model))}."
         )
     return list(QUERY_VALUE_PROJECTIONS[kind])
+
+
+def key_value_targets(model: nn.Module) -> list[str]:
+    """This architecture's key and value projections (names), or an error for an unknown one."""
+    return list(_family_entry(KEY_VALUE_PROJECTIONS, model, "key and value projections"))
+
+
+def feed_forward_down(model: nn.Module) -> list[str]:
+    """Full names of the layers' second feed-forward projections (their input is the intermediate
+    activation); [] for a family peftkit has no entry for."""
+    pattern = FEED_FORWARD_DOWN.get(model_type(model))
+    if pattern is None:
+        return []
+    return [name for name in linear_module_names(model) if re.fullmatch(pattern, name)]
+
+
+def _family_entry(table: dict[str, Any], model: nn.Module, what: str) -> Any:
+    """A per-family table's entry for this model, or an error saying what to set instead."""
+    kind = model_type(model)
+    if kind not in table:
+        raise TargetError(
+            f"No default {what} known for model type '{kind or type(model).__name__}'. "
+            "Set target_modules to a list of module names, a regex, or 'all-linear'. "
+            f"Linear layers here end in: {', '.join(suffixes(model))}."
+        )
+    return table[kind]
 
 
 def suffixes(model: nn.Module) -> list[str]:

@@ -4,7 +4,8 @@
   seed-0 database, test-suite accuracy on the suite of databases, and exact match
   (`peftkit.apps.text_to_sql.scoring.evaluate`); refused or failing SQL is a recorded failure.
 - `tabular`: the probability of each label word after the prompt (summed token log-probabilities,
-  normalised over the classes), scored as accuracy and AUC (`tabular.classification_metrics`).
+  normalised over the classes), scored as accuracy and AUC, uncalibrated and calibrated on the
+  training rows and content-free inputs, beside logistic regression (`tabular_evaluation`).
 - `instructions`: greedy answers through the chat template, stopped by the template's end-of-turn
   token; the share of prompts whose answer ends with that token within the token budget.
 
@@ -13,17 +14,14 @@ which) and returns metrics plus one record per example."""
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
-from peftkit.data.collate import pad_batch
+from peftkit.apps.tabular_evaluation import evaluate_tabular, tabular_label_words
 from peftkit.decoding.generate import generate
-from peftkit.decoding.prompts import pad_id
 from peftkit.errors import ConfigError, DataError
 from peftkit.tasks.chat import end_of_turn_token_id, prompt_and_answer
 from peftkit.tasks.conversations import to_messages
@@ -32,7 +30,13 @@ APPS = ("sql", "tabular", "instructions")
 # The metrics each application's summary line shows.
 HEADLINE = {
     "sql": ("execution_accuracy", "test_suite_accuracy", "exact_match"),
-    "tabular": ("accuracy", "auc"),
+    "tabular": (
+        "accuracy",
+        "auc",
+        "accuracy_contextual",
+        "accuracy_threshold",
+        "logistic_accuracy",
+    ),
     "instructions": ("eos_stop_rate", "mean_new_tokens", "exact_answer"),
 }
 Records = list[dict[str, Any]]
@@ -87,91 +91,6 @@ def evaluate_sql(
     return result
 
 
-# --- tabular ----------------------------------------------------------------------------------
-
-
-def label_word_log_probs(
-    model: nn.Module, tokenizer: Any, prompts: list[str], words: list[str], batch_size: int = 16
-) -> list[list[float]]:
-    """log P(" word" | prompt) for each prompt and label word: the word's token log-probs summed."""
-    word_ids = [tokenizer(f" {word}", add_special_tokens=False)["input_ids"] for word in words]
-    # Single-token words are all scored by one forward of the prompt alone (half the cost or less).
-    pairs = (
-        [(p, -1) for p in range(len(prompts))]
-        if all(len(ids) == 1 for ids in word_ids)
-        else [(p, w) for p in range(len(prompts)) for w in range(len(words))]
-    )
-    prompt_ids = [tokenizer(prompt, add_special_tokens=True)["input_ids"] for prompt in prompts]
-    scores = [[0.0] * len(words) for _ in prompts]
-    model.eval()
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        rows = [prompt_ids[p] + (word_ids[w] if w >= 0 else []) for p, w in chunk]
-        with torch.no_grad():
-            logits = model(**pad_batch(rows, pad_id(tokenizer), side="right")).logits
-        for row_index, (p, w) in enumerate(chunk):
-            first = len(prompt_ids[p])  # position of the word's first token
-            if w < 0:  # every word is one token, predicted at the prompt's last position
-                log_probs = logits[row_index, first - 1].log_softmax(-1)
-                for word, ids in enumerate(word_ids):
-                    scores[p][word] = float(log_probs[ids[0]])
-                continue
-            # The logits at position t predict token t + 1.
-            positions = torch.arange(first - 1, first - 1 + len(word_ids[w]))
-            log_probs = logits[row_index, positions].log_softmax(-1)
-            tokens = torch.tensor(word_ids[w])
-            scores[p][w] = float(log_probs[torch.arange(len(tokens)), tokens].sum())
-    return scores
-
-
-def evaluate_tabular(
-    model: nn.Module, tokenizer: Any, records: Records, label_words: list[str] | None = None,
-    batch_size: int = 16,
-) -> dict[str, Any]:  # fmt: skip
-    """Accuracy and AUC from label-word probabilities on prompt/label records."""
-    from peftkit.apps.tabular import classification_metrics
-
-    for index, record in enumerate(records):
-        if "prompt" not in record or "label" not in record:
-            raise DataError(
-                f"Tabular record {index} needs 'prompt' and 'label' fields; it has "
-                f"{sorted(record)}."
-            )
-    words = list(label_words or sorted({str(r["label"]) for r in records}))
-    unknown = sorted({str(r["label"]) for r in records} - set(words))
-    if unknown:
-        raise DataError(f"Labels {unknown} are not among the label words {words}.")
-    scores = label_word_log_probs(
-        model, tokenizer, [r["prompt"] for r in records], words, batch_size
-    )
-    probabilities = [_softmax(row) for row in scores]
-    labels = [words.index(str(r["label"])) for r in records]
-    metrics = classification_metrics(labels, probabilities, len(words))
-    per_example = [
-        {"row": r.get("row"), "label": r["label"], "predicted": words[max(range(len(words)),
-         key=p.__getitem__)], "probabilities": dict(zip(words, p, strict=True))}
-        for r, p in zip(records, probabilities, strict=True)
-    ]  # fmt: skip
-    return {"count": len(records), **metrics, "label_words": words, "records": per_example}
-
-
-def _softmax(values: list[float]) -> list[float]:
-    """Probabilities from log-scores, normalised over the classes."""
-    top = max(values)
-    exps = [math.exp(v - top) for v in values]
-    return [e / sum(exps) for e in exps]
-
-
-def tabular_label_words(records: Records) -> list[str] | None:
-    """The label words of a bundled table whose question the records ask, else None."""
-    from peftkit.apps.tabular import BUNDLED
-
-    for _, words, question in BUNDLED.values():
-        if records and question in str(records[0].get("prompt", "")):
-            return list(words)
-    return None
-
-
 # --- instructions -----------------------------------------------------------------------------
 
 
@@ -215,15 +134,21 @@ def _fold(text: str) -> str:
 
 def evaluate_app(
     app: str, model: nn.Module, tokenizer: Any, records: Records, max_new_tokens: int | None = None,
-    batch_size: int = 16,
+    batch_size: int = 16, train_records: Records | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """One application's metrics on records (see the module docstring)."""
+    """One application's metrics on records (see the module docstring); train_records are the
+    run's training rows, which only `tabular` reads (to fit its calibration threshold)."""
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "sql": lambda: evaluate_sql(
             model, tokenizer, records, max_new_tokens=max_new_tokens or 96, batch_size=batch_size
         ),
         "tabular": lambda: evaluate_tabular(
-            model, tokenizer, records, tabular_label_words(records), batch_size=batch_size
+            model,
+            tokenizer,
+            records,
+            tabular_label_words(records),
+            batch_size=batch_size,
+            train_records=train_records,
         ),
         "instructions": lambda: evaluate_instructions(
             model, tokenizer, records, max_new_tokens=max_new_tokens or 64, batch_size=batch_size

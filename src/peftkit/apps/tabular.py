@@ -8,8 +8,9 @@ Hegselmann et al., "TabLLM: Few-shot Classification of Tabular Data with Large L
 - answers are label words ("malignant"/"benign") that a causal LM learns to emit;
 - few-shot training sets of k = 4, 16, 64 or all rows, class-balanced where the classes allow,
   seeded, drawn from a stratified training split; the test split stays fixed;
-- a baseline: logistic regression (scikit-learn, standardised features) on the same rows and the
-  same k, with accuracy and AUC (one-vs-rest macro AUC for more than two classes).
+- a baseline, in `tabular_baseline`: logistic regression (scikit-learn, standardised features)
+  on the same rows and the same k, with accuracy and AUC (one-vs-rest macro AUC for more classes);
+- calibration of a tuned model's label-word scores, in `tabular_calibration`.
 
 Data: scikit-learn's bundled breast cancer, wine and iris tables (files inside the package; no
 download)."""
@@ -58,6 +59,12 @@ class Table:
     question: str
 
 
+def bundled_table_name(records: list[dict[str, Any]]) -> str | None:
+    """The bundled table whose question the records' prompts ask, else None."""
+    prompt = str(records[0].get("prompt", "")) if records else ""
+    return next((name for name, (_, _, question) in BUNDLED.items() if question in prompt), None)
+
+
 def load_table(name: str) -> Table:
     """One of scikit-learn's bundled tables (breast_cancer, wine, iris) as a Table."""
     if name not in BUNDLED:
@@ -76,7 +83,7 @@ def load_table(name: str) -> Table:
     return Table(name, columns, rows, labels, words, question)
 
 
-def _kind(value: Any) -> str | None:
+def cell_kind(value: Any) -> str | None:
     """The type family of a cell: number, text or boolean; None when missing."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
@@ -94,7 +101,7 @@ def check_column_types(rows: list[dict[str, Any]] | tuple[dict[str, Any], ...]) 
     kinds: dict[str, dict[str, Any]] = {}
     for row in rows:
         for column, value in row.items():
-            kind = _kind(value)
+            kind = cell_kind(value)
             if kind is not None:
                 kinds.setdefault(column, {}).setdefault(kind, value)
     for column, seen in kinds.items():
@@ -113,7 +120,7 @@ def table_from_records(
     """A Table from plain records (e.g. `peftkit.data.files.read_rows`), checked."""
     if not records:
         raise DataError(f"Table '{name}' has no rows.")
-    missing = [i for i, record in enumerate(records) if _kind(record.get(label_column)) is None]
+    missing = [i for i, record in enumerate(records) if cell_kind(record.get(label_column)) is None]
     if missing:
         raise DataError(
             f"Table '{name}': {len(missing)} rows lack the label column '{label_column}' "
@@ -152,12 +159,17 @@ def format_value(value: Any) -> str:
 
 def serialize_row(row: dict[str, Any], template: str = "text") -> str:
     """One row as text: "The <column> is <value>." sentences, or a "- <column>: <value>" list."""
-    cells = [(column, format_value(value)) for column, value in row.items() if _kind(value)]
+    cells = [(column, format_value(value)) for column, value in row.items() if cell_kind(value)]
     if template == "text":
         return " ".join(f"The {column} is {value}." for column, value in cells)
     if template == "list":
         return "\n".join(f"- {column}: {value}" for column, value in cells)
     raise ConfigError(f"Unknown serialisation template '{template}'; use one of: {TEMPLATES}.")
+
+
+def row_prompt(text: str, question: str) -> str:
+    """What a causal LM answers: the serialised row, the table's question, then "Answer:"."""
+    return f"{text}\n{question}\nAnswer:"
 
 
 def row_records(table: Table, indices: list[int], template: str = "text") -> list[dict[str, Any]]:
@@ -167,7 +179,7 @@ def row_records(table: Table, indices: list[int], template: str = "text") -> lis
         text = serialize_row(table.rows[index], template)
         word = table.label_words[table.labels[index]]
         records.append({
-            "prompt": f"{text}\n{table.question}\nAnswer:",
+            "prompt": row_prompt(text, table.question),
             "response": f" {word}",
             "text": text,
             "label": word,
@@ -255,82 +267,3 @@ def bundled_split(
     train, test = stratified_split(table.labels, test_fraction, seed=0)
     rows = few_shot_indices(table.labels, k, seed=seed, pool=train)
     return row_records(table, rows, template), row_records(table, test, template)
-
-
-# --- metrics and the baseline -----------------------------------------------------------------
-
-
-def classification_metrics(
-    labels: list[int], probabilities: list[list[float]], num_classes: int | None = None
-) -> dict[str, float]:
-    """Accuracy (arg-max) and AUC: binary AUC, or one-vs-rest macro AUC for more classes."""
-    from sklearn.metrics import roc_auc_score
-
-    num_classes = num_classes or len(probabilities[0])
-    predicted = [max(range(num_classes), key=row.__getitem__) for row in probabilities]
-    accuracy = sum(p == y for p, y in zip(predicted, labels, strict=True)) / len(labels)
-    if num_classes == 2:
-        auc = roc_auc_score(labels, [row[1] for row in probabilities])
-    else:
-        auc = roc_auc_score(
-            labels, probabilities, multi_class="ovr", average="macro", labels=range(num_classes)
-        )
-    return {"accuracy": float(accuracy), "auc": float(auc)}
-
-
-def _matrix(table: Table, indices: list[int]) -> list[list[float]]:
-    """Feature rows as numbers; a text column needs encoding the baseline does not do."""
-    matrix = []
-    for index in indices:
-        row = table.rows[index]
-        values = []
-        for column in table.columns:
-            value = row.get(column)
-            if _kind(value) not in ("number", "boolean", None):
-                raise DataError(
-                    f"The logistic baseline needs numeric columns; '{column}' holds {value!r}."
-                )
-            values.append(float("nan") if _kind(value) is None else float(value))
-        matrix.append(values)
-    return matrix
-
-
-def logistic_baseline(table: Table, train: list[int], test: list[int]) -> dict[str, float]:
-    """Logistic regression on standardised features: fit on train rows, score on test rows."""
-    import numpy as np
-    from sklearn.impute import SimpleImputer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    num_classes = len(table.label_words)
-    y_train = [table.labels[i] for i in train]
-    if len(set(y_train)) < 2:
-        raise DataError(f"The baseline needs training rows of two classes or more; k={len(train)}.")
-    model = make_pipeline(
-        SimpleImputer(), StandardScaler(), LogisticRegression(max_iter=5000, C=1.0)
-    )
-    model.fit(_matrix(table, train), y_train)
-    seen = model.predict_proba(_matrix(table, test))
-    # A class absent from the k training rows gets probability 0, so columns stay aligned.
-    probabilities = np.zeros((len(test), num_classes))
-    probabilities[:, model.classes_] = seen
-    labels = [table.labels[i] for i in test]
-    return classification_metrics(labels, probabilities.tolist(), num_classes)
-
-
-def baseline_runs(
-    name: str, sizes: tuple[int | str, ...] = FEW_SHOT_SIZES, seeds: tuple[int, ...] = (0, 1, 2),
-    test_fraction: float = 0.2,
-) -> list[dict[str, Any]]:  # fmt: skip
-    """The logistic baseline on a bundled table for each k and seed, on one fixed test split."""
-    table = load_table(name)
-    train, test = stratified_split(table.labels, test_fraction, seed=0)
-    runs = []
-    for k in sizes:
-        for seed in seeds if k != "all" else seeds[:1]:  # "all" rows: every seed is the same
-            rows = few_shot_indices(table.labels, k, seed=seed, pool=train)
-            metrics = logistic_baseline(table, rows, test)
-            runs.append({"table": name, "k": k, "seed": seed, "train_rows": len(rows),
-                         "test_rows": len(test), **metrics})  # fmt: skip
-    return runs

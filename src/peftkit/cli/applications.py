@@ -27,9 +27,14 @@ def cmd_app_eval(args: argparse.Namespace) -> int:
     # training-time loss check.
     limit = f"task.max_eval_examples={args.max_examples or 'null'}"
     recipe = load_recipe(run_dir / "recipe.yaml", [*(args.set or []), limit])
-    _, records = split_rows(recipe.task)
+    # The training rows too: tabular calibration fits its threshold on them (never on held-out).
+    train_records, records = split_rows(recipe.task)
     model, tokenizer = load_model(recipe.model, recipe.task.type, seed=recipe.training.seed)
-    options = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
+    options = {
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "train_records": train_records,
+    }
     results = {}
     if not args.skip_base:
         results["base"] = evaluate_app(args.app, model, tokenizer, records, **options)
@@ -37,7 +42,8 @@ def cmd_app_eval(args: argparse.Namespace) -> int:
         args.app, api.load(model, adapter_dir), tokenizer, records, **options
     )
     for name, result in results.items():
-        values = ", ".join(f"{m} {result[m]:.4f}" for m in HEADLINE[args.app])
+        shown = [m for m in HEADLINE[args.app] if result.get(m) is not None]
+        values = ", ".join(f"{m} {result[m]:.4f}" for m in shown)
         failures = f", failures {result['failures']}" if result.get("failures") else ""
         print(f"{name:>6} ({result['count']} examples): {values}{failures}")
     output = run_dir / f"app_eval_{args.app}.json"

@@ -35,7 +35,8 @@ def _estimate_job(args: argparse.Namespace) -> dict[str, Any]:
     from peftkit.errors import ConfigError
 
     job: dict[str, Any] = {"model": "llama-7b", "task": None, "batch_size": 1, "seq_len": 512,
-                           "dtype": "bf16-mixed"}  # fmt: skip
+                           "dtype": "bf16-mixed", "base_dtype": None, "quantization": None,
+                           "gradient_checkpointing": False}  # fmt: skip
     if args.recipe:
         from peftkit.recipe import load_recipe
 
@@ -50,7 +51,9 @@ def _estimate_job(args: argparse.Namespace) -> dict[str, Any]:
         precision = {"bf16": "bf16-mixed"}.get(recipe.training.precision, "fp32")
         job.update(model=recipe.model, task=recipe.task.type, methods=[dict(recipe.method)],
                    batch_size=recipe.training.batch_size, seq_len=recipe.task.max_length,
-                   dtype=precision)  # fmt: skip
+                   dtype=precision, base_dtype=recipe.base.dtype,
+                   quantization=recipe.base.quantize,
+                   gradient_checkpointing=recipe.training.gradient_checkpointing)  # fmt: skip
     else:
         job["methods"] = _method_sections(args.method, list(args.set or []))
         if not job["methods"]:
@@ -59,7 +62,9 @@ def _estimate_job(args: argparse.Namespace) -> dict[str, Any]:
                 "names and options; --set method.KEY=VALUE sets an option), or --recipe FILE."
             )
     given = {"model": args.model, "task": args.task, "batch_size": args.batch_size,
-             "seq_len": args.seq_len, "dtype": args.dtype}  # fmt: skip
+             "seq_len": args.seq_len, "dtype": args.dtype, "base_dtype": args.base_dtype,
+             "quantization": args.quantization,
+             "gradient_checkpointing": args.gradient_checkpointing or None}  # fmt: skip
     job.update({key: value for key, value in given.items() if value is not None})
     return job
 
@@ -70,12 +75,13 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from peftkit.memory.table import DTYPES, markdown_table, side_by_side, title
 
     job = _estimate_job(args)
-    options = {"task": job["task"], "attention": args.attention, "quantization": args.quantization}
+    options = {"task": job["task"], "attention": args.attention,
+               "quantization": job["quantization"], "base_dtype": job["base_dtype"]}  # fmt: skip
     if args.table:
         dtypes = [args.dtype] if args.dtype else list(DTYPES)
         estimates = side_by_side(
             job["model"], job["methods"], dtypes, job["batch_size"], job["seq_len"],
-            args.gradient_checkpointing, **options,
+            job["gradient_checkpointing"], **options,
         )  # fmt: skip
         text = title(estimates) + "\n\n" + markdown_table(estimates)
         data: Any = {"title": title(estimates), "estimates": [e.as_dict() for e in estimates]}
@@ -85,7 +91,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
             raise ConfigError("Give one --method, or add --table to set several side by side.")
         result = estimate(job["model"], job["methods"][0], job["batch_size"], job["seq_len"],
-                          job["dtype"], args.gradient_checkpointing, **options)  # fmt: skip
+                          job["dtype"], job["gradient_checkpointing"], **options)  # fmt: skip
         text, data = str(result), result.as_dict()
     print(text)
     if args.output:
@@ -96,12 +102,18 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     """The methods that fit a memory budget, ranked by measurements or the estimator."""
+    from peftkit.memory import meta
     from peftkit.memory.recommend import recommend
 
+    task = args.task or meta.default_task(meta.resolve_config(args.model)[0])
+    # With no storage flag, every storage setting is tried for each method (the first that fits
+    # is listed with the others that fit); any flag fixes the setting.
+    explore = not (args.base_dtype or args.quantization or args.gradient_checkpointing)
     result = recommend(
-        args.memory, args.model, args.task, batch_size=args.batch_size, seq_len=args.seq_len,
+        args.memory, args.model, task, batch_size=args.batch_size, seq_len=args.seq_len,
         dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
-        methods=args.methods, compare=args.compare,
+        methods=args.methods, compare=args.compare, base_dtype=args.base_dtype,
+        quantization=args.quantization, explore=explore,
     )  # fmt: skip
     print(f"basis: {result.basis}")
     print(result.table)
@@ -109,6 +121,17 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         Path(args.output).write_text(json.dumps(result.as_dict(), indent=2, default=str) + "\n")
         print(f"wrote {args.output}")
     return 0
+
+
+def _add_storage(parser: argparse.ArgumentParser) -> None:
+    """The flags that say how the base is stored, for the memory estimate (estimate, recommend)."""
+    parser.add_argument(
+        "--base-dtype", help="fp32 | bf16 | fp16: the frozen base's storage (recipe base.dtype)"
+    )
+    parser.add_argument(
+        "--quantization",
+        help="nf4 | int8: the base's frozen linear weights in 4 or 8 bits (recipe base.quantize)",
+    )
 
 
 def _add_step_shape(
@@ -146,7 +169,7 @@ def add_commands(commands: Any) -> None:
                      "the model's usual one)")  # fmt: skip
     _add_step_shape(est, batch_size=None, seq_len=None, dtype=None)
     est.add_argument("--attention", default="fused", help="fused (FlashAttention/SDPA) | eager")
-    est.add_argument("--quantization", help="nf4: the base's frozen linear weights in 4 bits")
+    _add_storage(est)
     est.add_argument(
         "--table", action="store_true",
         help="the --method estimates side by side, in bf16-mixed and fp32 (or --dtype)",
@@ -158,9 +181,12 @@ def add_commands(commands: Any) -> None:
     rec.add_argument("--memory", required=True, help="the budget, e.g. 8GiB, 512MiB, 24GB")
     rec.add_argument("--model", default="minilm", help="bundled name, config.json, or llama-7b")
     rec.add_argument(
-        "--task", default="classification", help="classification | causal-lm | seq2seq"
+        "--task",
+        help="classification | causal-lm | seq2seq (default: the model's usual one: "
+        "classification for encoders, causal-lm for decoders)",
     )
     _add_step_shape(rec, batch_size=16, seq_len=128, dtype="fp32")
+    _add_storage(rec)
     rec.add_argument("--methods", nargs="+", help="only these methods (default: every one)")
     rec.add_argument(
         "--compare", default="runs/compare/compare.json",

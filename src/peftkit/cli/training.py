@@ -51,6 +51,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from peftkit.errors import ConfigError
     from peftkit.models import load_model
     from peftkit.models.pooling import uses_mean_pooling, write_pooling_config
+    from peftkit.models.precision import torch_dtype
 
     _, adapter_dir = run_folder(Path(args.adapter))
     info = api.read_info(adapter_dir)
@@ -58,10 +59,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if not base:
         raise ConfigError(f"{adapter_dir} does not name its base model: pass --model.")
     labels = info.get("labels") or []
+    if args.dtype is not None:
+        torch_dtype(args.dtype)  # an unknown name is refused before anything loads
+    # The base as the adapter was trained on it (a QLoRA adapter: the same NF4 base).
     model, tokenizer = load_model(
-        base, info.get("task", "causal-lm"), num_labels=len(labels) or None
-    )
-    merged = api.merge(api.load(model, adapter_dir))
+        base, info.get("task", "causal-lm"), num_labels=len(labels) or None,
+        dtype=info.get("base_dtype", "fp32"), quantize=info.get("quantize"),
+    )  # fmt: skip
+    merged = api.merge(api.load(model, adapter_dir), dtype=args.dtype)
     if labels:
         merged.config.id2label = dict(enumerate(labels))
         merged.config.label2id = {name: i for i, name in enumerate(labels)}
@@ -137,6 +142,11 @@ def add_commands(commands: Any) -> None:
     merge.add_argument("adapter", help="a run folder or an adapter folder")
     merge.add_argument("--output", required=True, help="folder for the merged model")
     merge.add_argument("--model", help="base model (default: the one the adapter names)")
+    merge.add_argument(
+        "--dtype",
+        help="fp32 | bf16 | fp16: the merged model's dtype (default: the base's as trained; a "
+        "quantised base is dequantised into it)",
+    )
     merge.set_defaults(handler=cmd_merge)
 
     compare = commands.add_parser(

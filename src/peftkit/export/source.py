@@ -40,9 +40,11 @@ def merge_adapter(adapter_dir: Path, base_model: str | None = None) -> ExportSou
     if not base:
         raise ExportError(f"{adapter_dir} does not name its base model: pass --model.")
     labels = info.get("labels") or []
+    # The base as the adapter was trained on it: a QLoRA adapter folds into dequant(NF4 W).
     model, tokenizer = load_model(
-        base, info.get("task", "causal-lm"), num_labels=len(labels) or None
-    )
+        base, info.get("task", "causal-lm"), num_labels=len(labels) or None,
+        dtype=info.get("base_dtype", "fp32"), quantize=info.get("quantize"),
+    )  # fmt: skip
     tuned = api.load(model, adapter_dir)
     try:
         merged = api.merge(tuned)

@@ -35,6 +35,7 @@ class Recommendation:
     records: list[dict[str, Any]]
     basis: str  # "measured" (a compare run on this model and task) or "estimated"
     notes: list[str] = field(default_factory=list)
+    explored: bool = False  # every storage setting was tried for each method
 
     @property
     def fitting(self) -> list[dict[str, Any]]:
@@ -45,10 +46,12 @@ class Recommendation:
     def table(self) -> str:
         """A Markdown table of every method considered, and why it is where it is."""
         header = ["rank", "method", "fits", "est. peak", "trainable", "measured", "why"]
+        if self.explored:
+            header[4:4] = ["settings that fit"]
         rows = []
         for record in self.records:
             found = record["measured"]
-            rows.append([
+            row = [
                 str(record["rank"]) if record["rank"] else "-",
                 record["label"],
                 "yes" if record["fits"] else "no",
@@ -56,12 +59,16 @@ class Recommendation:
                 f"{record['trainable_parameters']:,}" if record["serves"] else "-",
                 f"{found['metric']} {found['value']:.4f}" if found else "-",
                 record["why"],
-            ])  # fmt: skip
+            ]
+            if self.explored:
+                row[4:4] = ["; ".join(record["settings_that_fit"]) or "-"]
+            rows.append(row)
         return "\n".join([markdown_table(header, rows), *self.notes])
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
-        return {"basis": self.basis, "records": self.records, "notes": self.notes}
+        return {"basis": self.basis, "explored": self.explored, "records": self.records,
+                "notes": self.notes}  # fmt: skip
 
     def __str__(self) -> str:
         return self.table
@@ -103,32 +110,40 @@ def _candidates(methods: Sequence[str] | None) -> list[str]:
 
 
 def _record(label: str, section: dict[str, Any], budget: int, settings: dict[str, Any]) -> dict:
-    """One method's record: can it serve, its estimated peak and trainable count, does it fit."""
-    from peftkit.memory.estimate import estimate
+    """One method's record: can it serve, the settings that fit, the first of them (or the
+    smallest), its estimated peak and trainable count."""
+    from peftkit.memory.settings import estimates, settings_for
+    from peftkit.registry import get_method
 
     record: dict[str, Any] = {
         "rank": None, "method": section["name"], "label": label, "method_section": section,
         "serves": False, "fits": False, "peak_gib": None, "trainable_parameters": None,
-        "measured": None,
+        "measured": None, "setting": None, "settings_that_fit": [],
     }  # fmt: skip
     try:
-        found = estimate(
-            settings["model"], section, settings["batch_size"], settings["seq_len"],
-            settings["dtype"], settings["gradient_checkpointing"], task=settings["task"],
+        tried = settings_for(get_method(section["name"]), settings["explore"], settings["fixed"])
+        found = estimates(
+            settings["model"], section, tried, settings["dtype"], settings["batch_size"],
+            settings["seq_len"], settings["task"],
         )  # fmt: skip
     except (PeftkitError, ValueError, TypeError, NotImplementedError) as error:
         refusal = str(error).splitlines()[0]
         record["refusal"] = refusal  # the method's own message, in full
         record["why"] = f"cannot serve this model/task: {refusal.split('. ')[0]}"
         return record
-    record.update(serves=True, trainable_parameters=found.trainable_parameters,
-                  peak_gib=found.total / GIB, peak_phase=found.peak_phase,
-                  fits=found.total <= budget, estimate_notes=found.notes)  # fmt: skip
+    fitting = [(setting, e) for setting, e in found if e.total <= budget]
+    setting, chosen = fitting[0] if fitting else min(found, key=lambda pair: pair[1].total)
+    record.update(serves=True, trainable_parameters=chosen.trainable_parameters,
+                  peak_gib=chosen.total / GIB, peak_phase=chosen.peak_phase,
+                  fits=bool(fitting), estimate_notes=chosen.notes, setting=setting.as_dict(),
+                  setting_label=setting.label,
+                  settings_that_fit=[s.label for s, _ in fitting])  # fmt: skip
+    where = f" with {setting.label}" if settings["explore"] else ""
     record["why"] = (
-        f"fits: {_size(found.total)} of {_size(budget)}"
+        f"fits{where}: {_size(chosen.total)} of {_size(budget)}"
         if record["fits"]
-        else f"needs {_size(found.total)} > budget {_size(budget)}"
-    ) + f" (peak at {found.peak_phase})"
+        else f"needs {_size(chosen.total)}{where} > budget {_size(budget)}"
+    ) + f" (peak at {chosen.peak_phase})"
     return record
 
 
@@ -180,24 +195,28 @@ def _rank_measured(fitting: list[dict[str, Any]], measured: list[dict[str, Any]]
 def _nothing_fits(serving: list[dict[str, Any]], budget: int, settings: dict[str, Any]) -> str:
     """The message for a budget no method fits: what the smallest needs, and what to change."""
     smallest = min(serving, key=lambda r: r["peak_gib"])
+    where = f" ({smallest['setting_label']})" if settings["explore"] else ""
+    change = (
+        "turn on gradient checkpointing, or store the base in bf16 or quantised (nf4), or use "
+        "a 16-bit dtype"
+        if not settings["explore"]
+        else "or use a 16-bit training dtype"
+    )
     return (
         f"Nothing fits in {_size(budget)} for {settings['model']}, {settings['task']}, batch "
         f"{settings['batch_size']} x {settings['seq_len']} tokens, {settings['dtype']}: the "
-        f"smallest is {smallest['label']} at {_size(smallest['peak_gib'] * GIB)}. Raise the "
-        "budget, lower the batch size or sequence length, turn on gradient checkpointing, or "
-        "use a 16-bit dtype."
+        f"smallest is {smallest['label']}{where} at {_size(smallest['peak_gib'] * GIB)}. Raise "
+        f"the budget, lower the batch size or sequence length, {change}."
     )
 
 
 def _check_settings(settings: dict[str, Any]) -> None:
     """Refuse an unknown dtype, a bad step shape, or a model without that task's form, once."""
     from peftkit.memory import meta
-    from peftkit.memory.estimate import PRECISIONS
+    from peftkit.memory.storage import PRECISIONS, check
 
-    if settings["dtype"] not in PRECISIONS:
-        raise ConfigError(
-            f"Unknown dtype {settings['dtype']!r}; use one of: {', '.join(PRECISIONS)}."
-        )
+    fixed = settings["fixed"]
+    check(settings["dtype"], fixed.base_dtype, fixed.quantization)
     if settings["batch_size"] < 1 or settings["seq_len"] < 1:
         raise ConfigError(
             f"batch_size and seq_len must be at least 1: {settings['batch_size']}, "
@@ -217,11 +236,21 @@ def recommend(
     gradient_checkpointing: bool = False,
     methods: Sequence[str] | None = None,
     compare: str | Path | None = DEFAULT_COMPARE,
+    *,
+    base_dtype: str | None = None,
+    quantization: str | None = None,
+    explore: bool = False,
 ) -> Recommendation:
-    """The methods that fit `memory` for training `model` on `task`, best first, with reasons."""
+    """The methods that fit `memory` for training `model` on `task`, best first, with reasons.
+    With `explore`, each method is tried with every storage setting (memory/settings.py: the
+    base in fp32, bf16, int8, nf4, each without and with gradient checkpointing) and the first
+    that fits is chosen; otherwise with the one given (base_dtype, quantization, checkpointing)."""
+    from peftkit.memory.settings import Setting
+
     budget = parse_memory(memory)
+    fixed = Setting(base_dtype, quantization, gradient_checkpointing)
     settings = {"model": str(model), "task": task, "batch_size": batch_size,
-                "seq_len": seq_len, "dtype": dtype,
+                "seq_len": seq_len, "dtype": dtype, "explore": explore, "fixed": fixed,
                 "gradient_checkpointing": gradient_checkpointing}  # fmt: skip
     _check_settings(settings)
     names = _candidates(methods)
@@ -238,9 +267,10 @@ def recommend(
     fitting = [r for r in serving if r["fits"]]
     if not fitting:
         raise ConfigError(_nothing_fits(serving, budget, settings))
-    checkpointing = ", gradient checkpointing" if gradient_checkpointing else ""
+    storage = ("every storage setting, first that fits (fp32, bf16, int8, nf4 base; then with "
+               "checkpointing)") if explore else fixed.label  # fmt: skip
     notes = [f"budget {_size(budget)}; {model}, {task}, batch {batch_size} x {seq_len} tokens, "
-             f"{dtype}{checkpointing}", *found.notes]  # fmt: skip
+             f"{dtype} training, {storage}", *found.notes]  # fmt: skip
     if measured:
         notes += _rank_measured(fitting, measured)
     else:
@@ -257,4 +287,5 @@ def recommend(
         "estimates: peftkit.memory.estimate (docs/estimate.md), tensors only; add the runtime's "
         "own overhead (a CUDA context is 0.5-1 GiB; Python and its libraries)"
     )
-    return Recommendation(fitting + rest, "measured" if measured else "estimated", notes)
+    basis = "measured" if measured else "estimated"
+    return Recommendation(fitting + rest, basis, notes, explored=explore)

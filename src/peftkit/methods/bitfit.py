@@ -88,8 +88,11 @@ def _bias_owners(model: nn.Module, config: BitFitConfig) -> tuple[list[str], lis
 def _add_zero_bias(module: nn.Module) -> None:
     """Give a linear layer a zero bias, which its forward (F.linear) then adds."""
     weight = module.weight
-    out_features = weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0]
-    module.bias = nn.Parameter(torch.zeros(out_features, dtype=weight.dtype, device=weight.device))
+    out_features = weight.shape[1] if type(module).__name__ == "Conv1D" else module.out_features
+    # A quantised layer's weight holds packed integers: its bias takes the float compute dtype.
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    dtype = getattr(module, "compute_dtype", None) or dtype
+    module.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=weight.device))
 
 
 def _handle_missing(model: nn.Module, config: BitFitConfig, missing: list[str]) -> list[str]:

@@ -300,4 +300,5 @@ CHILD_TUNING = Method(
     adapter_config=adapter_config,
     description="update a child network: random per step (F) or Fisher-chosen (D)",
     prepare_without_data=planned_subnetwork,
+    needs_float32_base="it updates the base's own weights (a child network of them)",
 )

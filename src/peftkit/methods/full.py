@@ -49,4 +49,5 @@ FULL = Method(
     load_state_dict=load_state_dict,
     merge=merge,
     description="full fine-tuning: every weight trains (the baseline)",
+    needs_float32_base="every weight of the base trains",
 )

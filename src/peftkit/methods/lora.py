@@ -14,6 +14,7 @@ from torch import nn
 from peftkit.errors import AdapterError
 from peftkit.method import Method
 from peftkit.methods import lora_fast
+from peftkit.methods.lora_rows import ROW_ADAPTERS
 from peftkit.targeting import default_targets, resolve_targets, task_head_modules, task_type
 
 
@@ -133,6 +134,7 @@ def lora_method(name: str, config_cls: type, description: str) -> Method:
         adapter_config=adapter_config,
         config_from_adapter=config_from_adapter,
         description=description,
+        row_adapters=ROW_ADAPTERS,
     )
 
 

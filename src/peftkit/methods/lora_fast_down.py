@@ -12,8 +12,8 @@ LANES = 65536  # the dropout mask's resolution: p is rounded to a multiple of 1 
 
 
 def autocast_on(x: torch.Tensor) -> bool:
-    """Whether autocast is on for this tensor's device (never on the meta device, where the memory
-    estimator runs the model and torch has no autocast state to ask)."""
+    """Whether autocast is on for x's device (never on the meta device, which has no autocast:
+    the estimator runs the applied model there)."""
     return x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
 
 

@@ -282,4 +282,5 @@ RELORA = Method(
     merge=lora.merge,
     remove=remove,
     description="LoRA merged into the base and restarted every N steps, optimizer reset (peftkit)",
+    needs_float32_base="it merges its update into the base's weights at every restart",
 )

@@ -7,6 +7,7 @@ gets (classifier, causal LM, encoder-decoder) is the task type's record's choice
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,14 @@ from torch import nn
 
 from peftkit.errors import ConfigError, ModelNotFoundError
 from peftkit.models.bundled import SMOLLM2_GGUF, cache_dir, minilm_folder, smollm2_folder
+from peftkit.models.precision import torch_dtype
 from peftkit.models.tiny import TINY_FAMILIES, tiny_config, tiny_tokenizer
 from peftkit.tasks import TaskType, get_task_type
 
 __all__ = [
-    "SMOLLM2_GGUF", "TINY_FAMILIES", "bundled_names", "cache_dir", "load_model", "minilm_folder",
-    "model_config", "smollm2_folder", "tiny_config", "tiny_tokenizer",
+    "SMOLLM2_GGUF", "TINY_FAMILIES", "Storage", "bundled_names", "cache_dir", "load_model",
+    "minilm_folder", "model_config", "smollm2_folder", "storage_for", "tiny_config",
+    "tiny_tokenizer",
 ]  # fmt: skip
 BUNDLED_FOLDERS = {"minilm": minilm_folder, "smollm2-135m": smollm2_folder}
 
@@ -43,21 +46,45 @@ def build(task: TaskType, make: Any, kind: str) -> nn.Module:
         ) from None
 
 
+def _kept_unquantized(config: Any, task: TaskType) -> list[str]:
+    """The modules a quantised load leaves alone (output layer, new head), read off the model
+    built on the meta device."""
+    from peftkit.models.quantize import kept_modules, quantizable_layers
+
+    with torch.device("meta"):
+        shape = build(task, lambda: task.auto_class().from_config(config), config.model_type)
+    quantizable_layers(shape)  # a model with nothing to quantise is refused before loading
+    return kept_modules(shape)
+
+
 def _from_folder(
-    folder: Path | str, task: TaskType, num_labels: int | None
+    folder: Path | str, task: TaskType, num_labels: int | None, storage: Storage
 ) -> tuple[nn.Module, Any]:
-    """Model and tokenizer from a Hugging Face folder or id."""
+    """Model and tokenizer from a Hugging Face folder or id, in the dtype peftkit chose."""
     import transformers
 
     from peftkit.models.pooling import declared_pooling, install_mean_pooling
 
-    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    # The dtype is always peftkit's choice: transformers would otherwise keep the checkpoint's.
+    kwargs: dict[str, Any] = {"trust_remote_code": False, "dtype": storage.dtype}
     if task.labels is not None:
         kwargs["num_labels"] = num_labels or 2
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     config = transformers.AutoConfig.from_pretrained(folder)
+    if task.labels is not None:
+        config.num_labels = kwargs["num_labels"]
+    if storage.quantize is not None:
+        from peftkit.models.quantize import quantization_config
+
+        kept = _kept_unquantized(config, task)
+        kwargs["quantization_config"] = quantization_config(storage.quantize, storage.dtype, kept)
     make = lambda: task.auto_class().from_pretrained(folder, **kwargs)  # noqa: E731
     model = build(task, make, config.model_type)
+    if storage.quantize is not None:
+        from peftkit.models.quantize import mark_quantized, prepare_quantized
+
+        mark_quantized(model, storage.quantize, storage.dtype)
+        prepare_quantized(model, storage.dtype)
     if task.labels is not None and declared_pooling(folder) == "mean":
         install_mean_pooling(model)  # the checkpoint was trained on mean-pooled states
     return model, tokenizer
@@ -72,26 +99,64 @@ def _finish(model: nn.Module, tokenizer: Any) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
+@dataclass(frozen=True)
+class Storage:
+    """How to store the base: its torch dtype and an optional quantisation (nf4, int8)."""
+
+    dtype: torch.dtype = torch.float32
+    quantize: str | None = None
+
+
+def storage_for(dtype: str = "fp32", quantize: str | None = None) -> Storage:
+    """A checked Storage from recipe names; with quantize, bitsandbytes must run here."""
+    storage = Storage(torch_dtype(dtype), quantize)
+    if quantize is not None:
+        from peftkit.models.quantize import check_kind, check_runs
+
+        check_kind(quantize)
+        check_runs(quantize, storage.dtype)
+    return storage
+
+
+def _tiny(name: str, task: TaskType, num_labels: int | None, seed: int, storage: Storage):  # noqa: ANN202
+    """A tiny random model, built in code in the chosen dtype (quantised layer by layer)."""
+    config = tiny_config(name.removeprefix("tiny-"))
+    if task.labels is not None:
+        config.num_labels = num_labels or 2
+    torch.manual_seed(seed)  # tiny models are random: the seed makes them reproducible
+    make = lambda: task.auto_class().from_config(config, dtype=storage.dtype)  # noqa: E731
+    model = build(task, make, config.model_type)
+    if storage.quantize is not None:
+        from peftkit.models.quantize import prepare_quantized, quantize_layers
+
+        quantize_layers(model, storage.quantize, storage.dtype)
+        prepare_quantized(model, storage.dtype)
+    return model
+
+
 def load_model(
-    name: str, task: str = "causal-lm", num_labels: int | None = None, seed: int = 0
+    name: str,
+    task: str = "causal-lm",
+    num_labels: int | None = None,
+    seed: int = 0,
+    dtype: str = "fp32",
+    quantize: str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """Load (model, tokenizer) for a task type by bundled name, local folder, or hub id."""
+    """Load (model, tokenizer) for a task type by bundled name, local folder, or hub id, its
+    weights in `dtype` (fp32, bf16, fp16) whatever the checkpoint holds, and its linear layers
+    quantised when `quantize` is nf4 or int8 (docs/lowbit.md)."""
     task_type = get_task_type(task)  # validates the task name before anything slow
+    storage = storage_for(dtype, quantize)
     if name.startswith("tiny-"):
-        config = tiny_config(name.removeprefix("tiny-"))
-        if task_type.labels is not None:
-            config.num_labels = num_labels or 2
-        torch.manual_seed(seed)  # tiny models are random: the seed makes them reproducible
-        make = lambda: task_type.auto_class().from_config(config)  # noqa: E731
-        return _finish(build(task_type, make, config.model_type), tiny_tokenizer())
+        return _finish(_tiny(name, task_type, num_labels, seed, storage), tiny_tokenizer())
     if name in BUNDLED_FOLDERS:
-        return _finish(*_from_folder(BUNDLED_FOLDERS[name](), task_type, num_labels))
+        return _finish(*_from_folder(BUNDLED_FOLDERS[name](), task_type, num_labels, storage))
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise ModelNotFoundError(f"{name} is a folder but holds no config.json.")
-        return _finish(*_from_folder(name, task_type, num_labels))
+        return _finish(*_from_folder(name, task_type, num_labels, storage))
     try:
-        return _finish(*_from_folder(name, task_type, num_labels))
+        return _finish(*_from_folder(name, task_type, num_labels, storage))
     except OSError as error:
         raise ModelNotFoundError(
             f"Model '{name}' is not a bundled name, not a local folder, and could not be loaded "

@@ -1,14 +1,13 @@
 """What a run cost: peak memory, the memory training itself took, optimizer-state bytes, file
 sizes.
 
-Training memory on a CPU is the kernel's resident high-water mark over the training loop (VmHWM,
-reset to the current resident set just before training through /proc/self/clear_refs, Linux 4.0
-and later) minus the resident set just before it: exact (no sampling, so no missed spike) and
-free, and it counts every allocation, where torch's CPU allocator keeps no peak statistics and
-its profiler's memory tracking slows a step severalfold. It includes what training allocates and
-the allocator keeps (freed memory glibc has not returned), not model loading, libraries or data
-preparation. On a GPU it is the CUDA allocator's peak over the loop minus what was allocated
-before."""
+The training memory a run reports is counted at the allocator: on a GPU the CUDA allocator's peak
+over the loop minus what was allocated before; on a CPU the peak of live tensor bytes over the
+first optimizer steps (memory_probe.py). `TrainingMemory` here adds the resident view on a CPU:
+the kernel's resident high-water mark over the loop (VmHWM, reset just before it through
+/proc/self/clear_refs, Linux 4.0 and later) minus the resident set before it. That one counts
+every allocation, libraries' included, and also what glibc kept from freed blocks, so it says what
+the process grew by, not what a method needs; runs report it as `training_resident_mib`."""
 
 from __future__ import annotations
 
@@ -116,3 +115,36 @@ def folder_bytes(folder: str | Path) -> int:
 def mib(count: int) -> float:
     """Bytes as MiB."""
     return count / 2**20
+
+
+def estimated_training_memory(recipe: Any, features: list[dict[str, Any]]) -> dict[str, Any]:
+    """What peftkit's estimator predicts for this run's training memory: its peak beyond the
+    weights (which were resident before training started, so the measured figure leaves them
+    out), for the recipe's model, task, method and batch size at the longest training example.
+    None, with the reason, where the estimator cannot size the model."""
+    from peftkit.errors import PeftkitError
+    from peftkit.memory.estimate import estimate
+
+    longest = max((len(f["input_ids"]) for f in features), default=1)
+    # training.precision bf16 is autocast over fp32 weights, gradients and AdamW state: the fp32
+    # accounting, whose fp32 activations are then an upper bound.
+    dtype = "fp32"
+    try:
+        base, training = recipe.base, recipe.training
+        found = estimate(recipe.model, dict(recipe.method), training.batch_size, longest, dtype,
+                         training.gradient_checkpointing, task=recipe.task.type,
+                         base_dtype=base.dtype, quantization=base.quantize)  # fmt: skip
+    except (PeftkitError, OSError, ValueError) as error:
+        return {"estimated_training_memory_mib": None, "estimate_note": str(error)}
+    return {
+        "estimated_training_memory_mib": mib(int(found.total - found.weights)),
+        "estimated_peak_mib": mib(int(found.total)),
+        "estimate_settings": {
+            "batch_size": recipe.training.batch_size,
+            "seq_len": longest,
+            "dtype": dtype,
+            "base_dtype": recipe.base.dtype,
+            "quantization": recipe.base.quantize,
+            "gradient_checkpointing": recipe.training.gradient_checkpointing,
+        },  # fmt: skip
+    }

@@ -22,13 +22,14 @@ from torch.utils.data import DataLoader
 from transformers import TrainingArguments, set_seed
 
 import peftkit.api as api
+from peftkit import registry
 from peftkit.data.collate import Collator
 from peftkit.errors import ConfigError
 from peftkit.io import write_text_atomically
-from peftkit.models import load_model
+from peftkit.models import load_model, storage_for
+from peftkit.models.precision import stored_bytes
 from peftkit.recipe import Recipe, save_recipe
 from peftkit.run_folder import check_output_dir, discard_previous, set_aside_earlier_run
-from peftkit.tables import key_value_table
 from peftkit.tasks import TaskData, get_task_type, headline_metric, split_rows
 from peftkit.training.checkpoints import (
     CheckpointCallback,
@@ -42,7 +43,17 @@ from peftkit.training.distributed import (
     is_main_process,
     refuse_unsupported_sharding,
 )
-from peftkit.training.measure import folder_bytes, mib, optimizer_state_bytes, peak_memory_bytes
+from peftkit.training.gradient_checkpointing import enable_gradient_checkpointing
+from peftkit.training.measure import (
+    TrainingMemory,
+    estimated_training_memory,
+    folder_bytes,
+    mib,
+    optimizer_state_bytes,
+    peak_memory_bytes,
+)
+from peftkit.training.memory_probe import TensorMemoryProbe
+from peftkit.training.summary_table import format_summary
 from peftkit.training.trainer import HooksCallback, PeftkitTrainer
 
 
@@ -89,7 +100,7 @@ def load_for_recipe(recipe: Recipe) -> tuple[Any, Any, TaskData]:
         labels = task_type.labels(recipe.task, train_rows)
     model, tokenizer = load_model(
         recipe.model, recipe.task.type, num_labels=len(labels) if labels else None,
-        seed=recipe.training.seed,
+        seed=recipe.training.seed, dtype=recipe.base.dtype, quantize=recipe.base.quantize,
     )  # fmt: skip
     data = task_type.prepare(recipe.task, tokenizer, train_rows, eval_rows)
     if data.labels:
@@ -143,6 +154,13 @@ def run(
     main_process = is_main_process()
     check_output_dir(output, resume, overwrite)
     check_reporter_installed(recipe.training.report_to)
+    # A base the method cannot train on, or a quantisation bitsandbytes cannot run here, is
+    # refused before an earlier run is set aside or anything loads.
+    api.refuse_low_bit_base(
+        registry.method_for_config(recipe.method_config()),
+        recipe.base.quantize or recipe.base.dtype,
+    )
+    storage_for(recipe.base.dtype, recipe.base.quantize)
     checkpoint = find_checkpoint(output, resume) if resume else None
     previous = set_aside_earlier_run(output) if overwrite and main_process else None
     if previous is not None:
@@ -158,6 +176,8 @@ def run(
     collator = Collator(tokenizer.pad_token_id)
     before = evaluate(model, recipe, data, collator) if main_process else {}
 
+    if recipe.training.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     set_seed(recipe.training.seed)  # the method's own initialisation is seeded too
     # Resuming rebuilds the adapter from the checkpoint (including what prepare chose).
     model = api.apply(model, config) if checkpoint is None else api.load(model, checkpoint)
@@ -180,6 +200,7 @@ def run(
         print(counts)
 
     train_collator = Collator(tokenizer.pad_token_id)  # counts only training tokens
+    probe = TensorMemoryProbe()  # training memory at the allocator, over the first steps (CPU)
     with reporting_environment(output):  # the reporting callbacks are built in Trainer.__init__
         trainer = PeftkitTrainer(
             model=model,
@@ -190,12 +211,15 @@ def run(
             callbacks=[
                 HooksCallback(hooks, method_state(checkpoint)),
                 CheckpointCallback(output, hooks, model),
+                probe,
             ],
             hooks=hooks,
             # Heads that divide by the token count Trainer gives them: let Trainer detect them.
             loss_uses_token_count=None if task_type.loss_per_token else False,
         )
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    peak_before = peak_memory_bytes()  # TrainingMemory resets the kernel's high-water mark
+    with TrainingMemory() as training_memory:  # the loop alone: not loading, not evaluation
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     model = gathered_model(trainer, recipe, method.config)
     if model is None:  # not the main process: it trained its share; the main one reports
         return {}
@@ -204,7 +228,8 @@ def run(
     after = evaluate(model, recipe, data, collator)
 
     adapter_dir = output / "adapter"
-    info = {"base_model": recipe.model, "task": recipe.task.type, "labels": data.labels}
+    info = {"base_model": recipe.model, "task": recipe.task.type, "labels": data.labels,
+            "base_dtype": recipe.base.dtype, "quantize": recipe.base.quantize}  # fmt: skip
     api.save(model, adapter_dir, info=info)
     save_recipe(recipe, output / "recipe.yaml")
     summary = {
@@ -212,10 +237,17 @@ def run(
         "model": recipe.model,
         "task": recipe.task.type,
         **counts.as_dict(),
-        "peak_memory_mib": mib(peak_memory_bytes()),
+        "base_dtype": recipe.base.dtype,
+        "quantize": recipe.base.quantize,
+        "gradient_checkpointing": recipe.training.gradient_checkpointing,
+        "weight_memory_mib": mib(stored_bytes(model)),
+        "peak_memory_mib": mib(max(peak_before, peak_memory_bytes())),
+        **probe.report(
+            training_memory, train_collator.tokens_seen, train_seconds, result.global_step
+        ),
+        **estimated_training_memory(recipe, data.train),
         "optimizer_state_mib": mib(state_bytes),
         "train_tokens": train_collator.tokens_seen,
-        "tokens_per_second": train_collator.tokens_seen / max(train_seconds, 1e-9),
         "train_seconds": train_seconds,
         "prepare_seconds": prepare_seconds,
         "steps": result.global_step,
@@ -240,32 +272,3 @@ def run(
     print(format_summary(summary))
     print(f"wrote {output / 'summary.json'} and the adapter in {adapter_dir}")
     return summary
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """The run's summary as an aligned two-column table."""
-    metric = summary["metric"]
-    rows = [
-        ("method", summary["method"]),
-        ("model", summary["model"]),
-        (
-            "trainable params",
-            f"{summary['trainable_parameters']:,} ({summary['trainable_percent']:.3f}%)",
-        ),
-        ("peak memory", f"{summary['peak_memory_mib']:.0f} MiB"),
-        ("optimizer state", f"{summary['optimizer_state_mib']:.2f} MiB"),
-        ("tokens/s (train)", f"{summary['tokens_per_second']:.0f}"),
-        ("train time", f"{summary['train_seconds']:.1f} s ({summary['steps']} steps)"),
-        (f"{metric} before", f"{summary['metric_before']:.4f}"),
-        (f"{metric} after", f"{summary['metric_after']:.4f}"),
-    ]
-    if "majority_baseline" in summary["eval_after"]:
-        rows.append(("majority baseline", f"{summary['eval_after']['majority_baseline']:.4f}"))
-    rows.append(("adapter size", f"{summary['adapter_bytes'] / 1024:.1f} KiB"))
-    if summary["truncated_examples"]:
-        rows.append(("truncated examples", str(summary["truncated_examples"])))
-    if summary["dropped_examples"]:
-        rows.append(("dropped (train)", f"{summary['dropped_examples']} (nothing to learn)"))
-    if summary.get("dropped_eval_examples"):
-        rows.append(("dropped (held-out)", f"{summary['dropped_eval_examples']} (empty input)"))
-    return key_value_table(rows)

@@ -41,7 +41,7 @@ CITIES = (
 )  # fmt: skip
 FIRST_NAMES = (
     "Ana", "Ben", "Clara", "David", "Elena", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Karin",
-    "Luis", "Maya", "Nils", "Olga", "Pablo", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wim",
+    "Luis", "Maya", "Nils", "Olga", "Pablo", "Rosa", "Sven", "Tara", "Umar", "Viktor", "Wim",
     "Yara", "Zoe",
 )  # fmt: skip
 LAST_NAMES = (

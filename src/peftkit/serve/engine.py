@@ -1,0 +1,285 @@
+"""Continuous batching: one thread decodes every running request together, one token per step,
+whatever adapter each uses; requests join and leave the batch between steps.
+
+Each turn of the loop: run queued commands (adapter loads and unloads: the model is only ever
+touched by this thread), fail rows whose time is up and drop those whose client left, admit
+waiting rows up to the batch limit (their prompts run together in one left-padded forward, each
+row through its own adapter, and their caches join the batch's: kv.py), then run one decode step:
+the last token of every row in one forward (row i through its adapter, with its own attention
+mask and position), one sample per row with that request's settings (sampling.py), and finished
+rows leave. A request therefore never waits for another to finish, only for a free row.
+
+torch releases the GIL inside its kernels, so the HTTP event loop keeps answering while a step
+runs."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from peftkit.decoding.generate import stop_token_ids
+from peftkit.decoding.prompts import left_padded, pad_id
+from peftkit.decoding.stream import accepts_logits_to_keep, model_device, positions_from_mask
+from peftkit.serve import kv
+from peftkit.serve.errors import ServeError
+from peftkit.serve.proxy_rows import ProxyPair, ProxyRow
+from peftkit.serve.rows import Row
+from peftkit.serve.sampling import TextStream, next_token
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much the server takes on at once."""
+
+    max_batch: int = 16  # rows decoded together
+    max_queue: int = 64  # rows waiting for a place in the batch; more: 429
+    timeout: float = 300.0  # seconds a request may take from arrival to its last token
+
+
+@dataclass
+class Stats:
+    """What the loop has done (for tests, the benchmark and /health)."""
+
+    steps: int = 0  # decode steps
+    prefills: int = 0  # admission forwards
+    tokens: int = 0  # tokens sampled
+    peak_rows: int = 0  # most rows in one decode step
+    mixed_steps: int = 0  # decode steps whose rows used two or more adapters (or base + one)
+
+
+@dataclass
+class Command:
+    """Work for the loop thread; it runs once `ready()` holds (an unload waits for its rows)."""
+
+    run: Callable[[], Any]
+    future: Future = field(default_factory=Future)
+    ready: Callable[[], bool] = lambda: True
+
+
+class Engine:
+    """The scheduler: rows in, text events out; it owns the model."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, limits: Limits, proxy: ProxyPair | None = None
+    ) -> None:
+        self.model, self.tokenizer, self.limits, self.proxy = model, tokenizer, limits, proxy
+        self.row_adapters: Any = None  # the adapters' method record (RowAdapters), once loaded
+        self.adapters: set[str] = set()  # the adapters loaded on the model
+        self.device = model_device(model)
+        self.stops = stop_token_ids(model, tokenizer, None)
+        self.pad = pad_id(tokenizer)
+        self.prefill_options = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+        self.stats = Stats()
+        self.waiting: deque[Row] = deque()
+        self.commands: list[Command] = []
+        self.wake = threading.Condition()
+        self.rows: list[Row] = []  # the running batch, in cache order
+        self.cache: Any = None
+        self.mask = self.positions = self.tokens = torch.empty(0)
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+
+    # --- called from other threads -------------------------------------------------------
+    def submit(self, rows: list[Row]) -> None:
+        """Queue a request's rows; 429 when the queue cannot take them all."""
+        with self.wake:
+            if len(self.waiting) + len(rows) > self.limits.max_queue:
+                raise ServeError(
+                    f"The server's queue is full ({self.limits.max_queue} waiting); retry later.",
+                    status=429,
+                    code="queue_full",
+                )
+            self.waiting.extend(rows)
+            self.wake.notify()
+
+    def call(self, run: Callable[[], Any], ready: Callable[[], bool] = lambda: True) -> Future:
+        """Run `run` on the loop thread between steps, once `ready()`; its result's future."""
+        command = Command(run, ready=ready)
+        with self.wake:
+            self.commands.append(command)
+            self.wake.notify()
+        return command.future
+
+    def uses(self, adapter: str) -> bool:
+        """Whether a waiting or running row asks for `adapter`."""
+        with self.wake:
+            waiting = list(self.waiting)
+        return any(row.adapter == adapter for row in [*waiting, *self.rows])
+
+    def start(self) -> None:
+        """Start the loop thread."""
+        self.thread = threading.Thread(target=self._loop, name="peftkit-serve-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop thread (rows still running get no further tokens)."""
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        if self.thread is not None:
+            self.thread.join()
+
+    # --- the loop thread ------------------------------------------------------------------
+    def _loop(self) -> None:
+        """Wait for work; run commands, then one turn of admission and decoding."""
+        while True:
+            with self.wake:
+                while not (self.stopping or self.waiting or self.rows or self._runnable()):
+                    self.wake.wait()
+                if self.stopping:
+                    return
+            self.run_commands()
+            try:
+                self.run_once()
+            except Exception as error:  # noqa: BLE001 - one failed step must not stop the server
+                self._fail_running(error)
+
+    def _runnable(self) -> bool:
+        """Whether a queued command can run now."""
+        return any(command.ready() for command in self.commands)
+
+    def run_commands(self) -> None:
+        """Run every queued command whose condition holds, each settling its future."""
+        with self.wake:
+            due = [command for command in self.commands if command.ready()]
+            self.commands = [command for command in self.commands if command not in due]
+        for command in due:
+            try:
+                command.future.set_result(command.run())
+            except Exception as error:  # noqa: BLE001 - handed to the caller through the future
+                command.future.set_exception(error)
+
+    def run_once(self) -> None:
+        """One turn: expire and drop rows, admit waiting ones, one decode step."""
+        now = time.monotonic()
+        with self.wake:
+            self.waiting = deque(row for row in self.waiting if not row.expire(now))
+        for row in self.rows:
+            row.expire(now)
+        self._retire()
+        self._admit()
+        if self.rows:
+            self._step()
+
+    def _forward(self, rows: list[Row], **inputs: Any) -> Any:
+        """One forward of the model in which each row goes through its own adapter."""
+        with torch.no_grad():
+            if self.row_adapters is None:
+                return self.model(**inputs)
+            return self.row_adapters.forward(self.model, [row.adapter for row in rows], **inputs)
+
+    def _admit(self) -> None:
+        """Prefill waiting rows (as many as the batch has room for) and join them to the batch."""
+        with self.wake:
+            room = min(self.limits.max_batch - len(self.rows), len(self.waiting))
+            new = [self.waiting.popleft() for _ in range(room)]
+        for row in new:
+            if row.adapter is not None and row.adapter not in self.adapters:
+                row.fail(
+                    ServeError(f"Adapter '{row.adapter}' was unloaded.", 404, "model_not_found")
+                )
+        new = [row for row in new if not row.finished]
+        if not new:
+            return
+        try:
+            inputs = left_padded([row.prompt for row in new], self.pad, self.device)
+            positions = positions_from_mask(inputs["attention_mask"])
+            output = self._forward(
+                new, **inputs, position_ids=positions, use_cache=True, **self.prefill_options
+            )
+            kv.check_plain(output.cache)
+            logits = output.logits[:, -1].float()
+            for index, row in enumerate(new):
+                row.text = TextStream(self.tokenizer, row.sampling.stop)
+                row.generator = row.sampling.generator(self.device)
+                if row.sampling.proxy_alpha is not None:
+                    row.proxy = ProxyRow(self.proxy, row.prompt, row.sampling.proxy_alpha)
+                    logits[index] = row.proxy.first(logits[index])
+            tokens = [
+                next_token(logits[i], row.sampling, row.generator) for i, row in enumerate(new)
+            ]
+        except Exception as error:  # noqa: BLE001 - these rows fail; the running batch is intact
+            for row in new:
+                row.fail(failure(error))
+            return
+        self.stats.prefills += 1
+        next_positions = positions[:, -1] + 1
+        if self.rows:
+            self.cache, self.mask = kv.join(
+                self.cache, self.mask, output.cache, inputs["attention_mask"]
+            )
+            self.positions = torch.cat([self.positions, next_positions])
+        else:
+            self.cache, self.mask = output.cache, inputs["attention_mask"]
+            self.positions = next_positions
+        self.rows += new
+        self._take(new, tokens)
+
+    def _step(self) -> None:
+        """One decode step of every running row."""
+        rows = self.rows
+        mask = torch.cat([self.mask, self.mask.new_ones((len(rows), 1))], dim=1)
+        tokens = torch.tensor([row.last_token for row in rows], device=self.device)
+        output = self._forward(
+            rows,
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=self.positions[:, None],
+            cache=self.cache,
+            use_cache=True,
+        )
+        self.cache, self.mask = output.cache, mask
+        self.positions = self.positions + 1
+        logits = output.logits[:, -1].float()
+        for index, row in enumerate(rows):
+            if row.proxy is not None:
+                logits[index] = row.proxy.next(logits[index], row.last_token)
+        chosen = [next_token(logits[i], row.sampling, row.generator) for i, row in enumerate(rows)]
+        self.stats.steps += 1
+        self.stats.peak_rows = max(self.stats.peak_rows, len(rows))
+        self.stats.mixed_steps += len({row.adapter for row in rows}) > 1
+        self._take(rows, chosen)
+
+    def _take(self, rows: list[Row], tokens: list[int]) -> None:
+        """Give each row its token, then let the finished rows leave."""
+        for row, token in zip(rows, tokens, strict=True):
+            row.take(token, self.stops)
+        self.stats.tokens += len(tokens)
+        self._retire()
+
+    def _retire(self) -> None:
+        """Drop finished, failed and cancelled rows from the batch (cache, mask, positions)."""
+        keep = [i for i, row in enumerate(self.rows) if not (row.finished or row.cancelled)]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache = [], None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.cache, self.mask = kv.keep_rows(self.cache, self.mask, index)
+        self.positions = self.positions.index_select(0, index)
+        self.rows = [self.rows[i] for i in keep]
+
+    def _fail_running(self, error: Exception) -> None:
+        """A step failed: its rows fail (500), the batch starts afresh; the server goes on."""
+        for row in self.rows:
+            row.fail(failure(error))
+        self.rows, self.cache = [], None
+
+
+def failure(error: Exception) -> ServeError:
+    """A ServeError as is; anything else as a 500 naming it."""
+    if isinstance(error, ServeError):
+        return error
+    return ServeError(
+        f"The server failed while decoding: {type(error).__name__}: {str(error)[:300]}",
+        status=500,
+        code="decoding_failed",
+    )

@@ -1,0 +1,176 @@
+"""The OpenAI API's request and response shapes, as far as the server speaks them.
+
+Requests are pydantic models in strict mode: a number where text belongs, "5" for max_tokens, 1
+for a boolean, NaN or infinity are all refused with a 400 naming the field. Fields the server
+does not know are ignored (clients send `user` and the like); options it knows but does not
+implement (n > 1, logprobs, echo, penalties, tools...) are refused by `refuse_unsupported` rather
+than silently dropped. Two extensions, as vLLM spells them where it has them: `ignore_eos` and
+`proxy_alpha` (Proxy-Tuning strength; the expert and anti-expert are named when the server
+starts). With the openai client they go in `extra_body`."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from peftkit.serve.errors import ServeError
+
+
+class Strict(BaseModel):
+    """Strict types, finite numbers, unknown fields ignored."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class StreamOptions(Strict):
+    """stream_options: whether the last event carries the token counts."""
+
+    include_usage: bool = False
+
+
+class Decoding(Strict):
+    """The options shared by completions and chat completions."""
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch's generator takes
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    ignore_eos: bool = False
+    proxy_alpha: float | None = None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """`stop` as a tuple (at most 4 non-empty strings, as OpenAI allows)."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > 4 or any(not s for s in stop):
+            raise ServeError("stop takes up to 4 non-empty strings.", param="stop")
+        return tuple(stop)
+
+
+class CompletionRequest(Decoding):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(Strict):
+    """A text part of a message's content (image parts are not served)."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    """One turn of a conversation."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def as_turn(self) -> dict[str, str]:
+        """{"role", "content"} with text parts joined (a developer turn is a system turn)."""
+        content = self.content
+        if not isinstance(content, str):
+            content = "".join(part.text for part in content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatRequest(Decoding):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+
+class AdapterRequest(Strict):
+    """POST /v1/adapters: load the adapter folder `path` (under the adapter directory) as `name`."""
+
+    name: str
+    path: str
+
+
+def refuse_unsupported(request: Decoding) -> None:
+    """A 400 for any option the server knows but does not implement."""
+    checks: list[tuple[str, bool, str]] = [
+        ("n", request.n == 1, "one choice per prompt (n=1)"),
+        ("presence_penalty", request.presence_penalty == 0, "no presence penalty"),
+        ("frequency_penalty", request.frequency_penalty == 0, "no frequency penalty"),
+        ("logit_bias", not request.logit_bias, "no logit_bias"),
+    ]
+    if isinstance(request, CompletionRequest):
+        checks += [
+            ("echo", not request.echo, "no echo"),
+            ("logprobs", not request.logprobs, "no logprobs"),
+            ("best_of", request.best_of in (None, 1), "best_of=1"),
+            ("suffix", request.suffix is None, "no suffix"),
+        ]
+    if isinstance(request, ChatRequest):
+        text = request.response_format in (None, {"type": "text"})
+        checks += [
+            ("logprobs", not request.logprobs and not request.top_logprobs, "no logprobs"),
+            ("tools", not request.tools and request.tool_choice in (None, "none"), "no tools"),
+            ("response_format", text, "plain text responses"),
+        ]
+    for param, fine, what in checks:
+        if not fine:
+            raise ServeError(f"'{param}' is not supported: this server serves {what}.", param=param)
+
+
+def new_id(prefix: str) -> str:
+    """A response id such as cmpl-3f2a..."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """OpenAI's token counts."""
+    total = prompt_tokens + completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": total}  # fmt: skip
+
+
+def choice(
+    chat: bool, index: int, text: str | None, finish: str | None, first: bool | None = None
+) -> dict[str, Any]:
+    """One choice: a completion's text, a chat message (first=None), or a streamed chat delta
+    (the first delta of a choice carries the role)."""
+    if not chat:
+        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+    if first is None:  # a whole message
+        message = {"role": "assistant", "content": text or ""}
+        return {"index": index, "message": message, "logprobs": None, "finish_reason": finish}
+    delta: dict[str, str] = {"role": "assistant", "content": text or ""} if first else {}
+    if text and not first:
+        delta["content"] = text
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+def envelope(chat: bool, stream: bool, rid: str, model: str, created: int) -> dict[str, Any]:
+    """The fields every response or chunk starts with."""
+    kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
+    return {"id": rid, "object": kind, "created": created, "model": model}
+
+
+def model_card(model_id: str, parent: str | None) -> dict[str, Any]:
+    """One entry of GET /v1/models."""
+    return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "peftkit",
+            "parent": parent}  # fmt: skip

@@ -1,0 +1,76 @@
+"""The `peftkit ui` web app: four pages (Train, Compare, Runs, Playground) on one workspace folder,
+served by Gradio on 127.0.0.1 unless told otherwise."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from peftkit.ui.workspace import UI_FILES, Workspace
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+PAGES = ("train", "compare", "runs", "playground")
+
+
+def build_app(workspace: Workspace, plans_folder: Path | None = None) -> Any:
+    """The Gradio Blocks app of the four pages over `workspace`."""
+    import gradio as gr
+
+    from peftkit.ui import compare_page, playground_page, runs_page, train_page
+    from peftkit.ui.jobs import JobSlots
+
+    slots = JobSlots()
+    with gr.Blocks(title="peftkit") as app:
+        gr.Markdown(f"## peftkit · workspace `{workspace.root}`")
+        with gr.Tab("Train", elem_id="tab-train"):
+            train_page.build(workspace, slots)
+        with gr.Tab("Compare", elem_id="tab-compare"):
+            compare_page.build(workspace, slots, plans_folder)
+        with gr.Tab("Runs", elem_id="tab-runs"):
+            runs_page.build(workspace, slots)
+        with gr.Tab("Playground", elem_id="tab-playground"):
+            playground_page.build(workspace)
+    app.peftkit_slots = slots  # so the server stops the children it started when it ends
+    return app
+
+
+def prepare_environment(workspace: Workspace) -> None:
+    """Settings Gradio reads at import: uploads land inside the workspace, nothing phones home."""
+    os.environ["GRADIO_TEMP_DIR"] = str(workspace.root / UI_FILES / "gradio")
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def host_warning(host: str, port: int, root: Path) -> str | None:
+    """What to tell someone serving the UI beyond this machine (None for a local address)."""
+    if host in LOCAL_HOSTS:
+        return None
+    return (f"peftkit ui: warning: serving on {host}: anyone who can reach this machine on port "
+            f"{port} can start training and read and write in {root}; the UI has no login. Use "
+            "the default 127.0.0.1 unless you mean it.")  # fmt: skip
+
+
+def launch(
+    workspace: str | Path = "runs",
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    max_upload_mib: int = 100,
+    plans_folder: str | Path | None = "recipes",
+) -> None:
+    """Serve the UI until interrupted; a host other than the local one gets a warning."""
+    space = Workspace(workspace, max_upload_bytes=max_upload_mib * 2**20)
+    prepare_environment(space)
+    warning = host_warning(host, port, space.root)
+    if warning:
+        print(warning, file=sys.stderr)
+    app = build_app(space, Path(plans_folder) if plans_folder else None)
+    print(f"peftkit ui: workspace {space.root}; open http://{host}:{port}/", flush=True)
+    try:
+        app.queue().launch(
+            server_name=host, server_port=port, max_file_size=space.max_upload_bytes,
+            quiet=True, footer_links=[], allowed_paths=[str(space.root)],
+        )  # fmt: skip
+    finally:
+        app.peftkit_slots.stop_all()

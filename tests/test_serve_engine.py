@@ -1,0 +1,126 @@
+"""The server's engine without HTTP, driven turn by turn: rows that join a running batch and leave
+it at different steps each decode the text `generate` gives them alone, while the batch's cache
+stays exactly as long as its longest live row; sampling follows its definitions; text is released
+as it becomes final."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import pytest
+import torch
+from serve_support import MODEL, make_adapter
+
+import peftkit.api as api
+from peftkit.decoding.generate import generate
+from peftkit.methods.lora_rows import ROW_ADAPTERS
+from peftkit.models import load_model
+from peftkit.serve.engine import Engine, Limits
+from peftkit.serve.rows import Row
+from peftkit.serve.sampling import Sampling, TextStream, next_token, nucleus
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {"a": make_adapter(root / "a", 1, 2), "b": make_adapter(root / "b", 2, 4)}
+
+
+def engine_with(folders, max_batch):
+    """An engine (no thread: the test turns the loop) serving adapters a and b."""
+    model, tokenizer = load_model(MODEL, "causal-lm")
+    for name, folder in folders.items():
+        model = ROW_ADAPTERS.add(model, name, folder)
+    engine = Engine(model, tokenizer, Limits(max_batch=max_batch, max_queue=16))
+    engine.row_adapters, engine.adapters = ROW_ADAPTERS, set(folders)
+    return engine, tokenizer
+
+
+def check_cache_fits_the_rows(engine):
+    """Every row's mask covers exactly its own tokens, right-aligned; no column is unused."""
+    if not engine.rows:
+        return
+    fed = [len(row.prompt) + row.generated - 1 for row in engine.rows]  # the last is not fed yet
+    assert engine.mask.shape[1] == max(fed)
+    assert engine.mask.sum(dim=1).tolist() == fed
+    assert all(engine.mask[i, -n:].all() for i, n in enumerate(fed))
+    assert engine.cache.get_seq_length() == max(fed)
+    assert engine.positions.tolist() == fed
+
+
+def test_rows_joining_and_leaving_decode_as_each_would_alone(folders):
+    engine, tokenizer = engine_with(folders, max_batch=3)
+    texts = defaultdict(str)
+    cases = [  # (adapter, prompt, max_tokens, turn at which it is submitted)
+        ("a", "a longer prompt than the others, to pad", 14, 0),
+        ("b", "short", 4, 3),
+        (None, "the base alone", 9, 3),
+        ("a", "waits for a place", 6, 3),  # max_batch 3: it joins once a row leaves
+        ("b", "late", 5, 8),
+    ]
+    rows = []
+    for turn in range(60):
+        for index, (adapter, prompt, n, start) in enumerate(cases):
+            if start == turn:
+
+                def emit(kind, payload, index=index):
+                    texts[index] += payload if kind == "text" else ""
+
+                ids = tokenizer(prompt)["input_ids"]
+                rows.append(Row(ids, adapter, Sampling(max_tokens=n, temperature=0), emit))
+                engine.submit([rows[-1]])
+        engine.run_once()
+        check_cache_fits_the_rows(engine)
+        assert len(engine.rows) <= 3
+    assert all(row.finished for row in rows) and engine.stats.mixed_steps > 0
+    for index, (adapter, prompt, n, _) in enumerate(cases):
+        model = load_model(MODEL, "causal-lm")[0]
+        alone = api.load(model, folders[adapter]) if adapter else model
+        assert texts[index] == generate(alone.eval(), tokenizer, [prompt], max_new_tokens=n)[0].text
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    torch.manual_seed(0)
+    for _ in range(20):
+        logits, top_p = torch.randn(50), float(torch.rand(()))
+        probabilities = logits.softmax(-1)
+        kept, mass = set(), 0.0
+        for token in probabilities.argsort(descending=True).tolist():
+            if mass >= top_p:
+                break
+            kept.add(token)
+            mass += float(probabilities[token])
+        got = nucleus(logits, top_p)
+        assert set(torch.isfinite(got).nonzero().flatten().tolist()) == kept
+        torch.testing.assert_close(got[list(kept)], logits[list(kept)])
+
+
+def test_sampling_draws_from_the_tempered_distribution_and_a_seed_repeats_it():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    sampling = Sampling(max_tokens=1, temperature=0.7, seed=3)
+    generator = sampling.generator(torch.device("cpu"))
+    counts = Counter(next_token(logits, sampling, generator) for _ in range(4000))
+    expected = (logits / 0.7).softmax(-1)
+    for token in range(4):
+        assert abs(counts[token] / 4000 - float(expected[token])) < 0.03
+    first = [
+        next_token(logits, sampling, sampling.generator(torch.device("cpu"))) for _ in range(3)
+    ]
+    assert len(set(first)) == 1
+    assert next_token(logits, Sampling(max_tokens=1, temperature=0), None) == 0
+
+
+def test_text_is_released_whole_and_stops_at_a_stop_string():
+    _, tokenizer = load_model(MODEL, "causal-lm")
+    ids = tokenizer("héllo, wor", add_special_tokens=False)["input_ids"]
+    assert len(ids) > len("héllo, wor")  # byte-level: é takes two tokens
+    stream = TextStream(tokenizer)
+    pieces = [stream.add(token) for token in ids] + [stream.finish()]
+    assert "".join(pieces) == "héllo, wor" and "\ufffd" not in "".join(pieces)
+    stopping = TextStream(tokenizer, stop=("lo, w",))
+    pieces = []
+    for token in ids:
+        pieces.append(stopping.add(token))
+        if stopping.stopped:
+            break
+    assert "".join(pieces) == "hél" and stopping.finish() == ""

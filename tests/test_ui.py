@@ -1,0 +1,270 @@
+"""The UI's parts that need no browser: the workspace's confinement, forms from the registry,
+progress read from a training's output, the memory check, child processes and Stop."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from made_up_method import register
+
+from peftkit.api import config_for
+from peftkit.errors import ConfigError, DataError
+from peftkit.recipe import TrainConfig
+from peftkit.registry import METHODS
+from peftkit.ui import forms, jobs, progress
+from peftkit.ui.fit import Fit, available_memory, check_fit
+from peftkit.ui.training_form import build_recipe, check_data, columns_read
+from peftkit.ui.workspace import Workspace, WorkspaceError
+
+
+@pytest.fixture
+def space(tmp_path: Path) -> Workspace:
+    return Workspace(tmp_path / "ws", max_upload_bytes=1024)
+
+
+@pytest.mark.parametrize("path", ["..", "../elsewhere", "a/../../b", "/etc/passwd"])
+def test_a_path_leaving_the_workspace_is_refused(space: Workspace, path: str) -> None:
+    with pytest.raises(WorkspaceError, match="is outside the workspace"):
+        space.resolve(path)
+
+
+def test_a_link_pointing_out_of_the_workspace_is_refused(space: Workspace, tmp_path: Path) -> None:
+    (tmp_path / "outside").mkdir()
+    (space.root / "link").symlink_to(tmp_path / "outside")
+    with pytest.raises(WorkspaceError, match="is outside the workspace"):
+        space.resolve("link/data.csv")
+    assert space.resolve("runs/x") == space.root / "runs" / "x"
+    assert space.resolve(space.root / "y") == space.root / "y"
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "..", ".hidden", "x y", "a" * 101])
+def test_a_run_name_must_be_a_plain_folder_name(space: Workspace, name: str) -> None:
+    with pytest.raises(WorkspaceError):
+        space.run_folder(name)
+
+
+def test_uploads_are_copied_in_and_limited_in_size_and_kind(space: Workspace, tmp_path: Path):
+    small = tmp_path / "small.csv"
+    small.write_text("text,label\na,b\n")
+    copy = space.save_upload(small)
+    assert copy == space.root / "uploads" / "small.csv" and copy.read_text() == small.read_text()
+    large = tmp_path / "large.csv"
+    large.write_text("x" * 2048)
+    with pytest.raises(WorkspaceError, match="uploads are limited to"):
+        space.save_upload(large)
+    with pytest.raises(WorkspaceError, match="upload one of .csv"):
+        space.save_upload(small, "data.exe")
+
+
+def test_a_model_is_a_bundled_name_or_a_folder_inside(space: Workspace, tmp_path: Path) -> None:
+    assert space.model("tiny-gpt2") == "tiny-gpt2"
+    (space.root / "my-model").mkdir()
+    assert space.model("my-model") == str(space.root / "my-model")
+    with pytest.raises(WorkspaceError, match="neither a bundled model"):
+        space.model("missing")
+    (tmp_path / "outside-model").mkdir()
+    with pytest.raises(WorkspaceError, match="is outside the workspace"):
+        space.model(str(tmp_path / "outside-model"))
+
+
+def test_every_method_form_reads_back_as_its_default_config(monkeypatch) -> None:
+    register(monkeypatch)  # a method only the test knows gets its form like any other
+    built = forms.method_forms()
+    assert list(built) == [method.name for method in METHODS] + ["norms_only"]
+    made_up = built["norms_only"]
+    assert [(s.name, s.kind, s.default) for s in made_up] == [("include_final", "checkbox", True)]
+    for method in [*METHODS]:
+        specs = built[method.name]
+        fields = [f.name for f in dataclasses.fields(method.config_cls) if f.init]
+        assert [spec.name for spec in specs] == fields
+        assert all(spec.help for spec in specs), method.name  # every option says what it is
+        defaults = [spec.default for spec in specs]
+        section = forms.section_values(specs, defaults, "method")
+        assert section == {}
+        assert config_for(method.name, **section) == method.config_cls()
+
+
+def test_a_changed_field_reaches_the_config_with_its_type() -> None:
+    specs = forms.field_specs(TrainConfig)
+    values = {spec.name: spec.default for spec in specs}
+    values |= {"max_steps": 7.0, "learning_rate": 0.02, "group_by_length": False,
+               "threads": "2", "report_to": "tensorboard"}  # fmt: skip
+    section = forms.section_values(specs, [values[s.name] for s in specs], "training")
+    assert section == {"max_steps": 7, "learning_rate": 0.02, "group_by_length": False,
+                       "threads": 2, "report_to": "tensorboard"}  # fmt: skip
+    assert isinstance(section["max_steps"], int)
+    values["threads"] = "[1,"
+    with pytest.raises(ConfigError, match=r"training\.threads is not valid YAML"):
+        forms.section_values(specs, [values[s.name] for s in specs], "training")
+
+
+def test_text_fields_show_values_as_a_recipe_writes_them() -> None:
+    assert forms.yaml_text(None) == ""
+    assert forms.yaml_text("all-linear") == "all-linear"
+    assert forms.yaml_text("8") == '"8"'  # text that YAML would read as a number stays text
+    assert forms.yaml_text(("q", "v")) == '["q", "v"]'
+
+
+def test_the_columns_a_task_type_reads_come_from_its_record() -> None:
+    assert columns_read("classification") == ["text_column", "label_column"]
+    assert columns_read("causal-lm") == ["prompt_column", "response_column"]
+    assert columns_read("seq2seq") == ["source_column", "target_column"]
+    assert columns_read("chat") == []  # each record's own format says where its turns are
+
+
+BAR_LOG = (
+    "Loading weights: 100%|##########| 37/37 [00:00<00:00, 900.1it/s]\n"
+    "trainable parameters: 1,090\n"
+    "\r  0%|          | 0/20 [00:00<?, ?it/s]"
+    "\r 20%|##        | 4/20 [00:03<00:12, 1.23it/s]\r{'loss': '0.6945', 'epoch': '0.5'}\n"
+    "\r 65%|######5   | 13/20 [00:10<00:06, 1.25it/s]"
+)
+
+
+def test_progress_is_the_training_bar_not_the_loading_one() -> None:
+    found = progress.training_progress(BAR_LOG)
+    assert (found.step, found.total, found.elapsed, found.remaining) == (13, 20, "00:10", "00:06")
+    assert str(found) == "step 13/20 (00:10 so far, about 00:06 left)"
+    assert progress.training_progress(BAR_LOG.split("\r")[0]) is None
+    start = progress.training_progress("\r  0%|          | 0/20 [00:00<?, ?it/s]")
+    assert str(start) == "step 0/20 (00:00 so far)"
+
+
+def test_the_loss_curve_is_read_from_the_runs_tensorboard_events(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    assert progress.loss_curve(tmp_path) == []
+    # Two processes' event files in one folder, as a run resumed from its step-4 checkpoint
+    # leaves them: the resumed one logs step 4 again.
+    for points in [[(2, 0.75), (4, 0.5)], [(4, 0.375), (6, 0.25)]]:
+        writer = SummaryWriter(str(tmp_path / "logs"))
+        for step, loss in points:
+            writer.add_scalar("train/loss", loss, step)
+        writer.close()
+    assert progress.loss_curve(tmp_path) == [(2, 0.75), (4, 0.375), (6, 0.25)]
+
+
+def test_available_memory_is_meminfos_mem_available(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 16384 kB\nMemFree: 1024 kB\nMemAvailable: 8192 kB\n")
+    assert available_memory(meminfo) == 8192 * 1024
+    assert available_memory(tmp_path / "missing") is None
+
+
+def test_the_fit_check_compares_the_estimators_peak_with_free_memory(space, monkeypatch):
+    from peftkit.memory.estimate import estimate
+
+    recipe = build_recipe(space, "tiny-llama", {"type": "causal-lm", "dataset": "copy-words",
+                          "max_length": 64}, {"name": "lora", "rank": 4},
+                          {"batch_size": 4}, "r")  # fmt: skip
+    expected = estimate("tiny-llama", {"name": "lora", "rank": 4}, 4, 64, "fp32",
+                        task="causal-lm")  # fmt: skip
+    monkeypatch.setattr("peftkit.ui.fit.free_device_memory", lambda: (10 * 2**30, "test"))
+    fit = check_fit(recipe)
+    assert fit.estimate.total == expected.total and fit.fits
+    small = Fit(fit.estimate, int(expected.total) - 1, "test")
+    assert small.fits is False and "does NOT fit" in small.markdown()
+
+
+def test_the_recipe_keeps_every_path_inside_the_workspace(space: Workspace, tmp_path: Path):
+    outside = tmp_path / "data.csv"
+    outside.write_text("text,label\na,b\nc,d\n")
+    task = {"type": "classification", "train_file": str(outside)}
+    with pytest.raises(WorkspaceError, match="is outside the workspace"):
+        build_recipe(space, "tiny-bert", task, {"name": "lora"}, {}, "run")
+    with pytest.raises(ConfigError, match="Unknown key 'rnak' in method.*Did you mean 'rank'"):
+        build_recipe(space, "tiny-bert", {"type": "classification", "dataset": "copy-words"},
+                     {"name": "lora", "rnak": 4}, {}, "run")  # fmt: skip
+
+
+def test_check_data_gives_the_clis_error_for_a_missing_column(space: Workspace) -> None:
+    data = space.root / "uploads" / "d.csv"
+    data.parent.mkdir(parents=True)
+    data.write_text("text,sentiment\n" + "".join(f"t{i},s{i % 2}\n" for i in range(20)))
+    task = {"type": "classification", "train_file": str(data)}
+    with pytest.raises(DataError, match=r"has no column 'label'\. Its columns are: sentiment, "):
+        check_data(task)
+    assert check_data({**task, "label_column": "sentiment"}) == "18 training rows, 2 held out"
+
+
+CHILD = (
+    "import signal, sys, time\n"
+    "print('child started', flush=True)\n"
+    "signal.signal(signal.SIGINT, lambda *a: (print('interrupted', flush=True), sys.exit(3)))\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_stop_interrupts_the_child_as_ctrl_c_would(tmp_path: Path) -> None:
+    slots = jobs.JobSlots()
+    job = slots.start("train", [sys.executable, "-c", CHILD], tmp_path / "child.log")
+    deadline = time.time() + 30
+    while "child started" not in job.text() and time.time() < deadline:
+        time.sleep(0.05)
+    assert job.state == "running"
+    with pytest.raises(WorkspaceError, match="still running"):
+        slots.start("train", [sys.executable, "-c", "pass"], tmp_path / "other.log")
+    job.stop()
+    assert job.wait(30) == 3 and job.state == "stopped"
+    assert "interrupted" in job.text()
+    # Its own process group: the signal reached the child, never this process.
+    assert os.getpgid(os.getpid()) != job.process.pid
+
+
+def test_a_child_ignoring_the_stop_is_killed_after_the_grace_period(tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs, "STOP_GRACE_SECONDS", 0.5)
+    stubborn = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); " \
+               "print('up', flush=True); time.sleep(60)"  # fmt: skip
+    job = jobs.start([sys.executable, "-c", stubborn], tmp_path / "child.log")
+    while "up" not in job.text():
+        time.sleep(0.05)
+    job.stop()
+    assert job.wait(30) == -signal.SIGKILL and job.state == "stopped"
+
+
+def test_a_job_describes_itself_as_the_command_to_type() -> None:
+    command = jobs.cli_command("train", "my recipe.yaml", "--resume")
+    job = jobs.Job(command, Path("x.log"), process=None)  # type: ignore[arg-type]
+    assert job.describe() == "peftkit train 'my recipe.yaml' --resume"
+
+
+def test_peftkit_ui_without_gradio_says_how_to_install_it(monkeypatch, capsys, tmp_path) -> None:
+    from peftkit.cli import main
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if it were not installed
+    assert main(["ui", "--workspace", str(tmp_path / "ws")]) == 2
+    assert "pip install 'peftkit[ui]'" in capsys.readouterr().err
+
+
+def test_serving_beyond_this_machine_is_warned_about(tmp_path: Path) -> None:
+    from peftkit.ui.app import host_warning
+
+    assert host_warning("127.0.0.1", 7860, tmp_path) is None
+    assert host_warning("localhost", 7860, tmp_path) is None
+    warning = host_warning("0.0.0.0", 8000, tmp_path)
+    assert "serving on 0.0.0.0" in warning and "port 8000" in warning and str(tmp_path) in warning
+
+
+def test_a_run_action_reading_outside_the_workspace_is_refused(space: Workspace, tmp_path):
+    from peftkit.recipe import recipe_from_dict, save_recipe
+    from peftkit.ui.runs_page import confine_run
+
+    outside = tmp_path / "elsewhere.csv"
+    outside.write_text("text,label\na,b\n")
+    run = space.root / "r"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "peftkit.json").write_text('{"base_model": "tiny-bert"}')
+    recipe = {"model": "tiny-bert", "task": {"type": "classification", "train_file": str(outside)}}
+    save_recipe(recipe_from_dict(recipe), run / "recipe.yaml")
+    confine_run(space, run, reads_data=False)  # merge and export read only the base model
+    with pytest.raises(WorkspaceError, match="elsewhere.csv is outside the workspace"):
+        confine_run(space, run, reads_data=True)
+    (run / "adapter" / "peftkit.json").write_text(f'{{"base_model": "{tmp_path}"}}')
+    with pytest.raises(WorkspaceError, match="is outside the workspace"):
+        confine_run(space, run, reads_data=False)
