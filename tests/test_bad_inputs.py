@@ -187,8 +187,11 @@ CASES = [
     ("pickle-only adapter", lambda t: peftkit.load(tiny("llama")[0], _pickle_only(saved_lora(t))),
      AdapterError, r"holds only a pickle file.*allow_pickle=True"),
     ("adapter of an unknown kind", lambda t: peftkit.load(
+        tiny("llama")[0], write(saved_lora(t) / "adapter_config.json", '{"peft_type": "POLY"}').parent),
+     AdapterError, r"peft_type='POLY'"),
+    ("adapter config missing a key", lambda t: peftkit.load(
         tiny("llama")[0], write(saved_lora(t) / "adapter_config.json", '{"peft_type": "VERA"}').parent),
-     AdapterError, r"peft_type='VERA'"),
+     AdapterError, r"vera adapter lacks the key 'r'"),
     ("adapter for another architecture",
      lambda t: peftkit.load(tiny("bert")[0], saved_lora(t, "llama")),
      TargetError, r"\['q_proj', 'v_proj'\] matched no linear layer of this bert model.*query"),

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peftkit.config import from_dict, to_dict
-from peftkit.errors import ConfigError
+from peftkit.errors import AdapterError, ConfigError
 from peftkit.io import CONFIG_NAME, WEIGHTS_NAME
 
 
@@ -122,7 +122,13 @@ class Method:
     def read_config(self, saved: dict[str, Any]) -> Any:
         """The config object described by a saved adapter_config.json."""
         reader = self.config_from_adapter or config_from_peftkit_adapter(self.config_cls)
-        return reader(saved)
+        try:
+            return reader(saved)
+        except KeyError as missing:  # a hand-edited or truncated adapter_config.json
+            raise AdapterError(
+                f"adapter_config.json of this {self.name} adapter lacks the key {missing}; "
+                "save the adapter again with peftkit or PEFT."
+            ) from None
 
 
 # The attribute peftkit.apply leaves on the model it returns: which method, with which config.
