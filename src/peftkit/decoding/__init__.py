@@ -12,9 +12,9 @@ _EXPORTS = {
     "proxy_generate_ids": "peftkit.decoding.proxy",
     "proxy_logits": "peftkit.decoding.proxy",
     "ProxyLogitsProcessor": "peftkit.decoding.proxy",
-    "ProxyDecodingConfig": "peftkit.decoding.proxy",
+    "ProxyDecodingConfig": "peftkit.decoding.proxy_options",
     "WithoutAdapter": "peftkit.decoding.proxy",
-    "VocabularyError": "peftkit.decoding.proxy",
+    "VocabularyError": "peftkit.decoding.proxy_options",
 }
 
 __all__ = sorted(_EXPORTS)

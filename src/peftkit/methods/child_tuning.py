@@ -87,10 +87,8 @@ class ChildState:
     config: ChildTuningConfig
     original_requires_grad: dict[str, bool]
     masking: MaskRecord  # F: this step's masks and the entries changed so far
-    # D: parameter name -> (owning module, attribute) of each patched tensor.
-    patched: dict[str, tuple[nn.Module, str]] = field(default_factory=dict)
-    # F while loading: the saved layout, until load_state_dict writes the patch.
-    pending: dict[str, int] = field(default_factory=dict)
+    patched: dict[str, tuple[nn.Module, str]] = field(default_factory=dict)  # D: name -> owner
+    pending: dict[str, int] = field(default_factory=dict)  # F, loading: the saved layout
 
 
 def _state(model: nn.Module) -> ChildState:
@@ -121,9 +119,9 @@ def apply(model: nn.Module, config: ChildTuningConfig) -> nn.Module:
             raise AdapterError(f"The saved Child-Tuning layout names '{name}', not in this model.")
     # Patch in the model's parameter order, as prepare does (the saved layout is sorted by name):
     # a resumed optimizer matches its saved state to the parameters by position.
-    for name in (name for name in parameters if name in saved):
-        placeholder = torch.zeros(saved[name], dtype=index_dtype(parameters[name].numel()))
-        state.patched[name] = install_values(model, name, placeholder)
+    ordered = [name for name in parameters if name in saved]
+    _install(state, model, {n: torch.zeros(saved[n], dtype=index_dtype(parameters[n].numel()))
+                            for n in ordered})  # fmt: skip
     return model
 
 
@@ -131,10 +129,13 @@ def choose_subnetwork(model: nn.Module, batches: Iterable[dict[str, Any]]) -> No
     """D's prepare hook: Fisher pass, keep the top p of the layers' weights, patch them in.
     A model that already has its subnetwork (loaded from an adapter, or resumed) keeps it."""
     state = _state(model)
-    if state.patched:
-        return
-    config = state.config
-    chosen = subnetwork_indices(model, batches, config.reserve_ratio, config.fisher_batches)
+    if not state.patched:
+        ratio, count = state.config.reserve_ratio, state.config.fisher_batches
+        _install(state, model, subnetwork_indices(model, batches, ratio, count))
+
+
+def _install(state: ChildState, model: nn.Module, chosen: dict[str, torch.Tensor]) -> None:
+    """Fold a trainable values tensor for each tensor's chosen entries into the model."""
     for name, indices in chosen.items():
         state.patched[name] = install_values(model, name, indices)
 
@@ -283,10 +284,8 @@ def planned_subnetwork(model: nn.Module, config: ChildTuningConfig) -> None:
     """D without its Fisher pass, for the memory estimator: a subnetwork of the size prepare
     keeps, on a meta-device model where only the shapes matter. F trains every weight: nothing."""
     state = _state(model)
-    if config.mode != "D" or state.patched:
-        return
-    for name, indices in planned_indices(model, config.reserve_ratio).items():
-        state.patched[name] = install_values(model, name, indices)
+    if config.mode == "D" and not state.patched:
+        _install(state, model, planned_indices(model, config.reserve_ratio))
 
 
 CHILD_TUNING = Method(

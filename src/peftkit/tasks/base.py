@@ -148,6 +148,33 @@ def require_training_features(features: Features, what: str, max_length: int) ->
         )
 
 
+def generative_data(
+    task: TaskConfig, tokenizer: Any, train: Features, held_out: Features, truncated: int,
+    dropped: int,
+) -> TaskData:  # fmt: skip
+    """The TaskData of a task type whose evaluation may generate (it keeps the tokenizer)."""
+    return TaskData(
+        train, held_out, truncated=truncated, dropped=dropped, tokenizer=tokenizer,
+        max_new_tokens=task.max_new_tokens,
+    )  # fmt: skip
+
+
+def prepare_pairs(
+    task: TaskConfig, task_type: TaskType, tokenizer: Any, train: Rows, held_out: Rows,
+    make: Callable[[Any, str, str, int], dict[str, Any] | None], what: str,
+) -> TaskData:  # fmt: skip
+    """Features from each row's (input, output) columns (the task type's two columns), with
+    truncations and drops counted; `what` names what a kept example must hold, for the error."""
+    task_type.check_columns(task, train, held_out)
+    names = task_type.columns(task)
+    train_features, truncated, dropped = pair_features(
+        train, names, make, tokenizer, task.max_length
+    )
+    require_training_features(train_features, what, task.max_length)
+    eval_features, _, _ = pair_features(held_out, names, make, tokenizer, task.max_length)
+    return generative_data(task, tokenizer, train_features, eval_features, truncated, dropped)
+
+
 def batches(features: Features, collator: Any, size: int) -> Iterator[dict[str, Any]]:
     """Collated batches of `size` features, in order."""
     for start in range(0, len(features), size):

@@ -5,14 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from peftkit.tasks.base import (
-    Rows,
-    TaskData,
-    TaskType,
-    pair_features,
-    require_training_features,
-    token_loss,
-)
+from peftkit.tasks.base import Rows, TaskData, TaskType, prepare_pairs, token_loss
 
 if TYPE_CHECKING:
     from peftkit.recipe import TaskConfig
@@ -48,18 +41,9 @@ def prompt_response_feature(
 
 def prepare(task: TaskConfig, tokenizer: Any, train: Rows, held_out: Rows) -> TaskData:
     """Prompt/response features for training and held-out rows."""
-    CAUSAL_LM.check_columns(task, train, held_out)
-    names = columns(task)
-    make = prompt_response_feature
-    train_features, truncated, dropped = pair_features(
-        train, names, make, tokenizer, task.max_length
+    return prepare_pairs(
+        task, CAUSAL_LM, tokenizer, train, held_out, prompt_response_feature, "a response token"
     )
-    require_training_features(train_features, "a response token", task.max_length)
-    eval_features, _, _ = pair_features(held_out, names, make, tokenizer, task.max_length)
-    return TaskData(
-        train_features, eval_features, truncated=truncated, dropped=dropped,
-        tokenizer=tokenizer, max_new_tokens=task.max_new_tokens,
-    )  # fmt: skip
 
 
 CAUSAL_LM = TaskType(

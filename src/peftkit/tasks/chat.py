@@ -24,7 +24,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from peftkit.errors import DataError
-from peftkit.tasks.base import Features, Rows, TaskData, TaskType, token_loss
+from peftkit.tasks.base import Features, Rows, TaskData, TaskType, generative_data, token_loss
 from peftkit.tasks.conversations import Message, to_messages, validate_messages
 
 if TYPE_CHECKING:
@@ -196,10 +196,7 @@ def prepare(task: TaskConfig, tokenizer: Any, train: Rows, held_out: Rows) -> Ta
                 f"No {what} conversation keeps an assistant token within "
                 f"max_length={task.max_length}; raise task.max_length."
             )
-    return TaskData(
-        train_features, eval_features, truncated=truncated, dropped=dropped,
-        tokenizer=tokenizer, max_new_tokens=task.max_new_tokens,
-    )  # fmt: skip
+    return generative_data(task, tokenizer, train_features, eval_features, truncated, dropped)
 
 
 CHAT = TaskType(

@@ -7,14 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from peftkit.tasks.base import (
-    Rows,
-    TaskData,
-    TaskType,
-    pair_features,
-    require_training_features,
-    token_loss,
-)
+from peftkit.tasks.base import Rows, TaskData, TaskType, prepare_pairs, token_loss
 
 if TYPE_CHECKING:
     from peftkit.recipe import TaskConfig
@@ -48,18 +41,8 @@ def seq2seq_feature(tokenizer: Any, source: str, target: str, max_length: int) -
 
 def prepare(task: TaskConfig, tokenizer: Any, train: Rows, held_out: Rows) -> TaskData:
     """Source/target features for training and held-out rows."""
-    SEQ2SEQ.check_columns(task, train, held_out)
-    names = columns(task)
-    train_features, truncated, dropped = pair_features(
-        train, names, seq2seq_feature, tokenizer, task.max_length
-    )
-    require_training_features(train_features, "a target token", task.max_length)
-    eval_features, _, _ = pair_features(held_out, names, seq2seq_feature, tokenizer,
-                                        task.max_length)  # fmt: skip
-    return TaskData(
-        train_features, eval_features, truncated=truncated, dropped=dropped,
-        tokenizer=tokenizer, max_new_tokens=task.max_new_tokens,
-    )  # fmt: skip
+    return prepare_pairs(task, SEQ2SEQ, tokenizer, train, held_out, seq2seq_feature,
+                         "a target token")  # fmt: skip
 
 
 def generation_scores(

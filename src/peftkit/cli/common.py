@@ -1,0 +1,35 @@
+"""Helpers the commands share: recipe overrides from flags, count checks, run folders."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """--set pairs plus the convenience flags, as override strings."""
+    overrides = list(args.set or [])
+    if getattr(args, "model", None):
+        overrides.append(f"model={args.model}")
+    if getattr(args, "method", None):
+        overrides.append(f"method.name={args.method}")
+    if getattr(args, "max_steps", None) is not None:
+        overrides.append(f"training.max_steps={args.max_steps}")
+    if getattr(args, "output_dir", None):
+        overrides.append(f"output_dir={args.output_dir}")
+    return overrides
+
+
+def check_positive(flag: str, value: int | None) -> None:
+    """Refuse a count below 1 given on the command line (None: the flag was not given)."""
+    from peftkit.errors import ConfigError
+
+    if value is not None and value < 1:
+        raise ConfigError(f"{flag} must be at least 1, got {value}.")
+
+
+def run_folder(path: Path) -> tuple[Path, Path]:
+    """(run folder, adapter folder) from either of the two."""
+    if (path / "adapter").is_dir():
+        return path, path / "adapter"
+    return path.parent, path
