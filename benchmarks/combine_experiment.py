@@ -11,10 +11,10 @@ rate (share of held-out prompts answered with <|im_end|> within 48 tokens, on th
 share = (row - base) / (source alone - base) on the source's own task; a row keeping less than
 1 - max_loss of any of the four gains is flagged.
 
-One row per process, so each locked call stays short; rows accumulate in the JSON:
+A few rows per process, so each locked call stays short; rows accumulate in the JSON:
 
-    flock /tmp/peftkit-heavy.lock .venv/bin/python benchmarks/combine_experiment.py --row base
-    ... --row sql, --row chat, --row task_arithmetic, ...   (--list prints the rows)
+    flock /tmp/peftkit-heavy.lock .venv/bin/python benchmarks/combine_experiment.py --row base sql
+    ... --row chat task_arithmetic, ...   (--list prints the rows)
     .venv/bin/python benchmarks/combine_experiment.py --table     # the table from the JSON
 """
 
@@ -129,7 +129,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sql", default="runs/combine/sql", help="the Text-to-SQL run folder")
     parser.add_argument("--chat", default="runs/combine/chat", help="the chat run folder")
-    parser.add_argument("--row", help="base, sql, chat, or a combination (--list)")
+    parser.add_argument(
+        "--row", nargs="+", help="base, sql, chat, or combinations (--list); each in turn"
+    )
     parser.add_argument("--list", action="store_true", help="print the rows")
     parser.add_argument("--table", action="store_true", help="print the table from the JSON")
     parser.add_argument("--chat-prompts", type=int, default=96, help="chat prompts generated")
@@ -143,16 +145,17 @@ def main() -> int:
         return 0
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.is_file() else {"rows": {}}
-    if args.row:
-        if args.row not in labels:
+    for label in args.row or []:
+        if label not in labels:
             parser.error(f"--row must be one of: {', '.join(labels)}")
-        results["rows"][args.row] = evaluate_row(args, args.row)
+    for label in args.row or []:  # written after each row, so a stopped call keeps what it did
+        results["rows"][label] = evaluate_row(args, label)
         results["settings"] = {
             "sql_run": args.sql, "chat_run": args.chat, "chat_prompts": args.chat_prompts,
             "threads": args.threads, "rows": {k: list(v) for k, v in ROWS.items()},
         }  # fmt: skip
-        order = [label for label in labels if label in results["rows"]]
-        results["rows"] = {label: results["rows"][label] for label in order}
+        order = [name for name in labels if name in results["rows"]]
+        results["rows"] = {name: results["rows"][name] for name in order}
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(results, indent=2) + "\n")
     if args.table or not args.row:

@@ -21,17 +21,17 @@ TASKS = {
 }
 
 
-def _train(folder, task, rank=4, model="tiny-llama", steps=12):
+def _train(folder, task, rank=4, model="tiny-llama", steps=12, targets="q_proj, v_proj"):
     rows = [dict(zip(("prompt", "response"), TASKS[task](i), strict=True)) for i in range(40)]
     data = folder / f"{task}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run = folder / f"{task}-r{rank}-{model}"
+    run = folder / f"{task}-r{rank}-{model}-{targets.replace(', ', '-')}"
     recipe = folder / f"{run.name}.yaml"
     recipe.write_text(
         f"model: {model}\n"
         f"task: {{type: causal-lm, train_file: {data}, max_length: 48}}\n"
         f"method: {{name: lora, rank: {rank}, alpha: {2 * rank}, dropout: 0.0, "
-        "target_modules: [q_proj, v_proj]}\n"
+        f"target_modules: [{targets}]}}\n"
         f"training: {{max_steps: {steps}, batch_size: 8, learning_rate: 0.02, threads: 1, "
         "logging_steps: 6, eval_batch_size: 8}\n"
         f"output_dir: {run}\n"
@@ -95,6 +95,7 @@ def test_bad_inputs_are_refused_before_anything_is_written(runs, tmp_path):
     folder.mkdir()
     wide = _train(folder, "echo", rank=8, steps=2)
     qwen = _train(folder, "echo", model="tiny-qwen2", steps=2)
+    narrow = _train(folder, "echo", steps=2, targets="q_proj")
     out = tmp_path / "out"
     count, echo = str(runs["count"]), str(runs["echo"])
     cases = [
@@ -106,6 +107,8 @@ def test_bad_inputs_are_refused_before_anything_is_written(runs, tmp_path):
         ([count, echo, "--how", "ties_svd"], r"density in \(0, 1\]"),
         ([count, str(wide), "--how", "linear"], "needs equal ranks"),
         ([count, echo, "--how", "average"], "Unknown combination 'average'"),
+        ([count, echo, "--how", "cat", "cat"], "named twice"),
+        ([count, str(narrow)], "adapt different modules"),
         ([count, str(tmp_path)], "not a finished peftkit run"),
         ([count, echo, "--max-loss", "2"], "--max-loss"),
     ]

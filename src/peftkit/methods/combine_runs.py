@@ -155,6 +155,9 @@ def plan(
             raise ConfigError(f"--svd-rank must be at least 1, got {svd_rank}.")
         rank = svd_rank if how.endswith("svd") else None
         combinations.append(Combination(how, tuple(weights), density if prunes else None, rank))
+    labels = [c.label for c in combinations]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"A combination is named twice in --how ({' '.join(hows)}): once each.")
     return combinations
 
 
