@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import peftkit
 from contract import FAMILIES, batch_for, logits, tiny, train_with_hooks
+from peftkit.cli import main
 from peftkit.config import from_dict
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.methods import lora_compose as compose
@@ -184,6 +185,24 @@ def test_compose_refuses_unconverted_and_converts_in_combine_path(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in base.named_parameters()), "base changed"
     loaded = compose.load_adapters(base, {"p": tmp_path / "plain"})
     torch.testing.assert_close(logits(loaded, batch), tuned, atol=1e-5, rtol=0)
+
+
+def test_convert_command_writes_an_adapter_peft_loads_on_the_original_base(tmp_path):
+    model, batch, _, _ = _trained("olora", "qwen2")
+    tuned = logits(model, batch)
+    peftkit.save(model, tmp_path / "run" / "adapter", info={"base_model": "tiny-qwen2"})
+    assert main(["convert", str(tmp_path / "run"), "--output", str(tmp_path / "plain")]) == 0
+    theirs = peft.PeftModel.from_pretrained(tiny("qwen2")[0], tmp_path / "plain")
+    # float32 rounding only: W - s B0 A0 + s B A against W + s (B A - B0 A0), summed differently.
+    torch.testing.assert_close(logits(theirs, batch), tuned, atol=1e-4, rtol=0)
+    # A plain adapter needs no conversion; an existing output is not replaced unasked.
+    plain = peftkit.apply(tiny("qwen2")[0], _config("kaiming"))
+    peftkit.save(plain, tmp_path / "kaiming", info={"base_model": "tiny-qwen2"})
+    assert main(["convert", str(tmp_path / "kaiming"), "--output", str(tmp_path / "k")]) == 2
+    assert not (tmp_path / "k").exists()
+    written = sorted(p.read_bytes() for p in (tmp_path / "plain").iterdir())
+    assert main(["convert", str(tmp_path / "run"), "--output", str(tmp_path / "plain")]) == 2
+    assert sorted(p.read_bytes() for p in (tmp_path / "plain").iterdir()) == written
 
 
 def test_bad_inits_are_refused_before_anything_changes(tmp_path):

@@ -1,5 +1,6 @@
 """`peftkit combine`: several trained LoRA-family runs combined each way, every combination
-scored on every source task's held-out data."""
+scored on every source task's held-out data. `peftkit convert`: a PiSSA/OLoRA adapter rewritten
+as a plain LoRA for the original base (PEFT's conversion), so it loads and combines anywhere."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from peftkit.cli.common import check_positive
+from peftkit.cli.common import check_positive, run_folder
 
 
 def cmd_combine(args: argparse.Namespace) -> int:
@@ -35,6 +36,28 @@ def cmd_combine(args: argparse.Namespace) -> int:
 
     write_text_atomically(report_path, json.dumps(report, indent=2) + "\n")
     print(f"wrote {report_path}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Rewrite a PiSSA/OLoRA-initialised adapter for the original base model."""
+    import peftkit.api as api
+    from peftkit.errors import ConfigError
+    from peftkit.methods.lora_convert import convert_folder
+    from peftkit.models import load_model
+
+    _, adapter_dir = run_folder(Path(args.adapter))
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise ConfigError(f"{output} is not empty: choose another --output, or --overwrite.")
+    info = api.read_info(adapter_dir)
+    base = args.model or info.get("base_model")
+    if not base:
+        raise ConfigError(f"{adapter_dir} does not name its base model: pass --model.")
+    labels = info.get("labels") or []
+    model, _ = load_model(base, info.get("task", "causal-lm"), num_labels=len(labels) or None)
+    convert_folder(model, adapter_dir, output)
+    print(f"wrote {output}: a plain LoRA adapter for the unchanged {base} (rank doubled)")
     return 0
 
 
@@ -69,3 +92,13 @@ def add_commands(commands: Any) -> None:
     )
     combine.add_argument("--overwrite", action="store_true", help="replace an earlier report")
     combine.set_defaults(handler=cmd_combine)
+
+    convert = commands.add_parser(
+        "convert",
+        help="rewrite a PiSSA/OLoRA-initialised adapter as a plain LoRA for the original base",
+    )
+    convert.add_argument("adapter", help="a run folder or an adapter folder")
+    convert.add_argument("--output", required=True, help="folder for the converted adapter")
+    convert.add_argument("--model", help="base model (default: the one the adapter names)")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    convert.set_defaults(handler=cmd_convert)
