@@ -47,6 +47,12 @@ ROWS: dict[str, tuple[str, list[float], float | None]] = {
     "dare_ties": ("dare_ties", [1.0, 1.0], 0.5),
 }
 TASKS = ("sql", "chat")
+# How the two source runs were trained (each its own locked call).
+SOURCE_COMMANDS = {
+    "sql": "peftkit train recipes/app-sql-smollm2-lora.yaml --output-dir runs/combine/sql",
+    "chat": "peftkit train recipes/app-chat-smollm2-lora.yaml --set method.rank=16 "
+    "--set method.alpha=32 --output-dir runs/combine/chat",
+}
 APP_METRIC = {"sql": "test_suite_accuracy", "chat": "eos_stop_rate"}
 
 
@@ -151,7 +157,8 @@ def main() -> int:
     for label in args.row or []:  # written after each row, so a stopped call keeps what it did
         results["rows"][label] = evaluate_row(args, label)
         results["settings"] = {
-            "sql_run": args.sql, "chat_run": args.chat, "chat_prompts": args.chat_prompts,
+            "sql_run": args.sql, "chat_run": args.chat, "source_commands": SOURCE_COMMANDS,
+            "chat_prompts": args.chat_prompts,
             "threads": args.threads, "rows": {k: list(v) for k, v in ROWS.items()},
         }  # fmt: skip
         order = [name for name in labels if name in results["rows"]]
