@@ -7,10 +7,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from peftkit.cli import applications, export, generation, memory, serve, training, ui
+from peftkit.cli import applications, combine, export, generation, memory, serve, training, ui
 
 # The order `peftkit --help` lists them in.
-GROUPS = (training, applications, export, generation, serve, memory, ui)
+GROUPS = (training, combine, applications, export, generation, serve, memory, ui)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,10 +11,11 @@ from typing import Any
 import peft
 from torch import nn
 
-from peftkit.errors import AdapterError
 from peftkit.method import Method
-from peftkit.methods import lora_fast
+from peftkit.methods import lora_fast, lora_options
+from peftkit.methods.lora_init import INITS, check_init_name, init_from_saved, peft_options
 from peftkit.methods.lora_rows import ROW_ADAPTERS
+from peftkit.methods.peft_tuner import load_state_dict, state_dict
 from peftkit.targeting import default_targets, resolve_targets, task_head_modules, task_type
 
 
@@ -32,6 +33,20 @@ class LoraConfig:
             "default: the architecture's query and value projections"
         },
     )
+    init: str = field(
+        default="kaiming",
+        metadata={
+            "help": "how A and B start: " + " | ".join(INITS) + " (docs/methods/lora.md); "
+            "pissa, olora and loftq rewrite the adapted base weights"
+        },
+    )
+    loftq_iterations: int = field(
+        default=1, metadata={"help": "init loftq: alternations of NF4 quantisation and SVD fit"}
+    )
+    loraplus_lr_ratio: float | None = field(
+        default=None,
+        metadata={"help": "LoRA+: B's learning rate as this multiple of A's (16 suggested)"},
+    )
     use_rslora: bool = field(default=False, metadata={"help": "scale by alpha / sqrt(r)"})
     use_dora: bool = field(default=False, metadata={"help": "DoRA magnitude/direction split"})
     fast_path: bool = field(
@@ -47,6 +62,11 @@ class LoraConfig:
             raise ValueError(f"rank must be at least 1, got {self.rank}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        check_init_name(self.init)
+        if self.loftq_iterations < 1:
+            raise ValueError(f"loftq_iterations must be at least 1, got {self.loftq_iterations}.")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            raise ValueError(f"loraplus_lr_ratio must be positive, got {self.loraplus_lr_ratio}.")
 
 
 def peft_config(model: nn.Module, config: LoraConfig) -> peft.LoraConfig:
@@ -62,6 +82,7 @@ def peft_config(model: nn.Module, config: LoraConfig) -> peft.LoraConfig:
         target_modules=spec,
         use_rslora=config.use_rslora,
         use_dora=config.use_dora,
+        **peft_options(config),
         task_type=task_type(model),
         modules_to_save=task_head_modules(model) or None,
         # GPT-2's Conv1D stores weights transposed; PEFT must know or its merge is wrong.
@@ -75,19 +96,6 @@ def apply(model: nn.Module, config: LoraConfig) -> peft.PeftModel:
     if config.fast_path:
         lora_fast.install(tuned)
     return tuned
-
-
-def state_dict(model: peft.PeftModel) -> dict[str, Any]:
-    """PEFT's own adapter tensors, under the key names PEFT writes to disk."""
-    return peft.get_peft_model_state_dict(model)
-
-
-def load_state_dict(model: peft.PeftModel, tensors: dict[str, Any]) -> None:
-    """Load adapter tensors written by state_dict (or by PEFT itself)."""
-    result = peft.set_peft_model_state_dict(model, tensors)
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    if unexpected:
-        raise AdapterError(f"Adapter tensors this model has no place for: {unexpected[:5]}.")
 
 
 def merge(model: peft.PeftModel) -> nn.Module:
@@ -117,6 +125,8 @@ def config_from_adapter(saved: dict[str, Any]) -> LoraConfig:
         target_modules=saved.get("target_modules"),
         use_rslora=saved.get("use_rslora", False),
         use_dora=saved.get("use_dora", False),
+        **init_from_saved(saved),
+        loraplus_lr_ratio=saved.get(lora_options.LORAPLUS_KEY),
     )
 
 
@@ -125,13 +135,14 @@ def lora_method(name: str, config_cls: type, description: str) -> Method:
     return Method(
         name=name,
         config_cls=config_cls,
-        apply=apply,
+        apply=lora_options.initialising(apply),
         state_dict=state_dict,
         load_state_dict=load_state_dict,
+        hooks=lora_options.hooks,
         merge=merge,
-        remove=remove,
+        remove=lora_options.restoring(remove),
         peft_type="LORA",
-        adapter_config=adapter_config,
+        adapter_config=lora_options.recording(adapter_config),
         config_from_adapter=config_from_adapter,
         description=description,
         row_adapters=ROW_ADAPTERS,

@@ -4,12 +4,21 @@ new adapter, merge any one into the base, save any one in PEFT's format.
 Combination reuses PEFT's `add_weighted_adapter`; what each method gives, per adapted matrix, with
 delta_i = s_i B_i A_i (s_i the adapter's scale) and weights w_i:
 - "cat": exactly sum_i w_i delta_i (A and B stacked; the rank is the sum of the ranks).
+- "task_arithmetic" (Ilharco et al., 2023): the weighted sum of the task vectors, which for LoRA
+  updates is exactly what "cat" builds; the name says which merge of the literature it is.
 - "svd": the best rank-k approximation of sum_i w_i delta_i (k = svd_rank, default the largest
   rank); exact when k reaches the sum of the ranks.
 - "linear": (sum_i sqrt(w_i s_i) B_i)(sum_i sign_i sqrt(w_i s_i) A_i): A and B are averaged
   separately, so cross terms B_i A_j appear; an approximation, exact only for one adapter.
-- "ties", "dare_linear", "dare_ties", "magnitude_prune" (and their "_svd" forms on the full
-  deltas): task-arithmetic merges that prune to `density` and resolve signs; approximations.
+- "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd": TIES (Yadav et al.,
+  2023: keep each delta's top `density` share of entries by magnitude, elect each entry's sign by
+  the sum of the kept values, average the kept values that agree with it), DARE (Yu et al.,
+  2024: keep each entry with probability `density`, divide by `density`, then sum or TIES) on
+  the full deltas, each weighted by w_i before the sum or the mean (signs are elected on the
+  unweighted deltas), then truncated to rank `svd_rank` by SVD (exact when it reaches the
+  merged delta's rank).
+- "ties", "dare_linear", "dare_ties", "magnitude_prune": the same operations on the A and the B
+  factors separately (PEFT's cheap forms; equal ranks needed); approximations.
 PEFT 0.21.2 gives the new adapter rsLoRA's scale sqrt(r) when the first source used rsLoRA, though
 every method above builds factors meant for scale 1 (measured: "cat" of rsLoRA adapters is off by
 that factor); `combine` sets the new adapter's scale to 1."""
@@ -31,6 +40,7 @@ from peftkit.errors import AdapterError, ConfigError
 BASE = "__base__"  # PEFT's name for "no adapter" in mixed batches
 COMBINATIONS = (
     "cat",
+    "task_arithmetic",
     "linear",
     "svd",
     "ties",
@@ -43,15 +53,33 @@ COMBINATIONS = (
     "magnitude_prune_svd",
 )
 _NEEDS_DENSITY = {c for c in COMBINATIONS if c.startswith(("ties", "dare", "magnitude"))}
+# Combinations of the A and B factors one by one: the factors must have the same shapes.
+NEEDS_EQUAL_RANKS = {"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"}
+# What PEFT's add_weighted_adapter calls each combination.
+_PEFT_NAME = {"task_arithmetic": "cat"}
 
 
 def _read_lora_config(folder: Path) -> dict[str, Any]:
-    """An adapter folder's config, refusing anything that is not a LoRA adapter."""
+    """An adapter folder's config, refusing anything that is not a LoRA adapter on the plain
+    base (PiSSA/OLoRA/LoftQ adapters belong to the base their init rewrote)."""
     saved = io.read_json(folder / io.CONFIG_NAME, io.CONFIG_NAME)
     if saved.get("peft_type") != "LORA":
         raise AdapterError(
             f"{folder} holds a {saved.get('peft_type') or saved.get('peftkit_method')!r} adapter; "
             "composition works on LoRA adapters (lora, rslora, dora) only."
+        )
+    init = saved.get("init_lora_weights")
+    if init in ("pissa", "olora"):
+        raise AdapterError(
+            f"{folder} was initialised with {init}: it trained on a rewritten base and would "
+            "change the base for every other adapter. Convert it first: "
+            "peftkit.methods.lora_convert.convert_folder(base, folder, output) (peftkit combine "
+            "does this itself)."
+        )
+    if init == "loftq":
+        raise AdapterError(
+            f"{folder} was initialised with LoftQ: it belongs to its quantised base and does not "
+            "combine with adapters of the full-precision base. Merge it on its own instead."
         )
     return saved
 
@@ -159,6 +187,12 @@ def _check_combinable(model: nn.Module, names: list[str], weights: list[float], 
             f"Give one weight per adapter: {len(names)} names, {len(weights)} weights."
         )
     check_loaded(model, names)
+    ranks = {name: model.peft_config[name].r for name in names}
+    if how in NEEDS_EQUAL_RANKS and len(set(ranks.values())) > 1:
+        raise AdapterError(
+            f"Combination '{how}' merges the A and B factors one by one and needs equal ranks; "
+            f"the ranks are {ranks}. Use cat, task_arithmetic, svd or an '_svd' form."
+        )
     dora = [name for name in names if model.peft_config[name].use_dora]
     if dora:
         raise AdapterError(
@@ -179,6 +213,21 @@ def _check_combinable(model: nn.Module, names: list[str], weights: list[float], 
         raise AdapterError(f"Adapters {names} come from different base models: {sorted(bases)}.")
 
 
+def check_density(how: str, density: float | None) -> None:
+    """A pruning combination needs a density in (0, 1]; the others take none."""
+    if how in _NEEDS_DENSITY:
+        if density is None or not 0.0 < density <= 1.0:
+            raise ConfigError(
+                f"Combination '{how}' prunes: set density in (0, 1] (the share of each delta's "
+                f"entries kept), got {density}."
+            )
+    elif density is not None:
+        raise ConfigError(
+            f"Combination '{how}' does not prune: density applies only to "
+            f"{', '.join(sorted(_NEEDS_DENSITY))}."
+        )
+
+
 def combine(
     model: peft.PeftModel,
     names: list[str],
@@ -192,13 +241,14 @@ def combine(
     _check_combinable(model, names, weights, how)
     if new_name in adapter_names(model):
         raise AdapterError(f"An adapter named '{new_name}' is already loaded; choose another name.")
-    if how in _NEEDS_DENSITY and density is None:
-        raise ConfigError(f"Combination '{how}' prunes: set density in (0, 1].")
+    check_density(how, density)
+    if svd_rank is not None and svd_rank < 1:
+        raise ConfigError(f"svd_rank must be at least 1, got {svd_rank}.")
     model.add_weighted_adapter(
         adapters=names,
         weights=list(weights),
         adapter_name=new_name,
-        combination_type=how,
+        combination_type=_PEFT_NAME.get(how, how),
         density=density,
         svd_rank=svd_rank,
     )

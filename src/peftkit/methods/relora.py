@@ -74,6 +74,11 @@ class ReLoraConfig(lora.LoraConfig):
             )
         if self.use_dora:
             raise ConfigError("ReLoRA merges B A into W; DoRA's magnitude split is not supported.")
+        if self.init != "kaiming" or self.loraplus_lr_ratio is not None:
+            raise ConfigError(
+                "ReLoRA re-initialises A and B at every restart and binds its own optimizer: "
+                "LoRA's init and loraplus_lr_ratio options are not supported with it."
+            )
 
 
 @dataclass
