@@ -122,3 +122,12 @@ def test_bf16_compute_merges_into_bf16():
     again, _ = tiny("llama", dtype="bf16", quantize="nf4")
     fp32 = peftkit.merge(peftkit.apply(again, peftkit.LoraConfig(dropout=0.0)), dtype="fp32")
     assert {p.dtype for p in fp32.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_summary_counts_the_weights_not_the_packed_bytes(kind):
+    """A packed NF4 tensor holds two weights a byte: the parameter count is the float model's."""
+    plain, _ = tiny("llama")
+    quantized, _ = tiny("llama", quantize=kind)
+    expected = sum(p.numel() for p in plain.parameters())
+    assert peftkit.summary(quantized).total == expected

@@ -21,6 +21,7 @@ from peftkit.models.precision import (
     keep_float32_masters,
     release_float32_masters,
     torch_dtype,
+    weight_count,
 )
 
 __all__ = [
@@ -127,7 +128,7 @@ def summary(model: nn.Module) -> Summary:
         if id(parameter) in seen:
             continue
         seen.add(id(parameter))
-        total += parameter.numel()
+        total += weight_count(parameter)
         if parameter.requires_grad:
             trainable += parameter.numel()
             group = parameter_group(name)

@@ -130,6 +130,7 @@ COLUMNS = [
     ("method", "method", "{}"),
     ("trainable", "trainable_parameters", "{:,}"),
     ("%", "trainable_percent", "{:.3f}"),
+    ("weights MiB", "weight_memory_mib", "{:.0f}"),
     ("train MiB", "training_memory_mib", "{:.0f}"),
     ("est. MiB", "estimated_training_memory_mib", "{:.0f}"),
     ("peak MiB", "peak_memory_mib", "{:.0f}"),

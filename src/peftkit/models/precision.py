@@ -87,6 +87,14 @@ def is_low_bit(storage: str | None) -> bool:
     return storage is not None and storage != "fp32"
 
 
+def weight_count(parameter: torch.Tensor) -> int:
+    """How many weights a parameter holds: a packed 4-bit tensor stores two per byte, its
+    original shape in its quant_state."""
+    state = getattr(parameter, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else parameter.numel()
+
+
 def stored_bytes(model: nn.Module) -> int:
     """Bytes the model's weights and buffers take, quantisation constants included (each
     shared tensor once)."""
