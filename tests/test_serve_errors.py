@@ -257,6 +257,11 @@ def test_run_time_loading_is_off_without_an_adapter_directory(folders):
     [
         ({"max_batch": 0}, "--max-batch must be above 0"),
         ({"proxy_expert": MODEL}, "needs both --proxy-expert"),
+        ({"proxy_expert_adapter": "runs/x"}, "--expert-adapter goes on the expert"),
+        (
+            {"proxy_adapter": "runs/x", "proxy_expert": MODEL, "proxy_anti_expert": MODEL},
+            "either --proxy-adapter .* not both",
+        ),
         (
             {"adapters": {"a": "/nonexistent"}},
             r"--adapter a=/nonexistent: .* holds no adapter_config",

@@ -33,3 +33,15 @@ def run_folder(path: Path) -> tuple[Path, Path]:
     if (path / "adapter").is_dir():
         return path, path / "adapter"
     return path.parent, path
+
+
+def add_proxy_flags(parser: argparse.ArgumentParser) -> None:
+    """The Proxy-Tuning flags `generate` and `serve` share (checked by check_proxy_flags)."""
+    parser.add_argument("--proxy-expert", help="Proxy-Tuning: the tuned small model")
+    parser.add_argument("--expert-adapter", help="Proxy-Tuning: an adapter on the expert")
+    parser.add_argument("--proxy-anti-expert", help="Proxy-Tuning: the untuned small model")
+    parser.add_argument(
+        "--proxy-adapter",
+        help="Proxy-Tuning with one set of weights: expert = --model + this adapter, "
+        "anti-expert = the same model with it disabled",
+    )

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from peftkit.cli.common import run_folder
+from peftkit.cli.common import add_proxy_flags, run_folder
 
 
 def _load_tuned(name: str, task: str, adapter: str | None) -> tuple[Any, Any]:
@@ -24,7 +24,7 @@ def _load_tuned(name: str, task: str, adapter: str | None) -> tuple[Any, Any]:
 def check_generate_args(args: argparse.Namespace) -> None:
     """Refuse bad `generate` numbers, prompts and flag combinations before any model loads."""
     from peftkit.decoding.generate import check_options
-    from peftkit.decoding.proxy_options import check_alpha
+    from peftkit.decoding.proxy_options import check_alpha, check_proxy_flags
     from peftkit.errors import ConfigError
 
     check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
@@ -33,21 +33,11 @@ def check_generate_args(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"--prompt number {empty[0] + 1} is empty: give every prompt some text to continue."
         )
-    proxy = [args.proxy_expert, args.proxy_anti_expert]
-    if any(proxy) and not all(proxy):
-        raise ConfigError(
-            "Proxy-Tuning needs both --proxy-expert (the tuned small model) and "
-            "--proxy-anti-expert (the same small model untuned)."
-        )
-    if args.proxy_adapter and any(proxy):
-        raise ConfigError(
-            "Give Proxy-Tuning either --proxy-adapter (one small model, adapter on and off) or "
-            "--proxy-expert with --proxy-anti-expert, not both."
-        )
-    if args.expert_adapter and not args.proxy_expert:
-        raise ConfigError("--expert-adapter goes on the expert: give --proxy-expert too.")
+    proxy = check_proxy_flags(
+        args.proxy_expert, args.proxy_anti_expert, args.proxy_adapter, args.expert_adapter
+    )
     if args.alpha is not None:
-        if not (all(proxy) or args.proxy_adapter):
+        if not proxy:
             raise ConfigError(
                 "--alpha sets Proxy-Tuning's strength: give --proxy-adapter, or --proxy-expert "
                 "and --proxy-anti-expert, with it."
@@ -74,13 +64,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"one of: {', '.join(_generative_tasks())}."
         )
     chat = args.chat or task_type.chat  # a chat-tuned adapter reads its prompts as it trained
-    proxy = [args.proxy_expert, args.proxy_anti_expert]
     model, tokenizer = _load_tuned(args.model, task_type.name, args.adapter)
     options = {
         "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
         "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
     }  # fmt: skip
-    if all(proxy) or args.proxy_adapter:
+    if args.proxy_adapter or args.proxy_expert:  # checked above: a whole setup or none
         from peftkit.decoding.proxy import WithoutAdapter, proxy_generate
 
         if args.proxy_adapter:  # one set of weights: expert = adapter on, anti-expert = off
@@ -135,14 +124,7 @@ def add_commands(commands: Any) -> None:
     generate.add_argument("--top-p", type=float, help="nucleus sampling mass")
     generate.add_argument("--seed", type=int, help="seed for sampling")
     generate.add_argument("--chat", action="store_true", help="use the chat template")
-    generate.add_argument("--proxy-expert", help="Proxy-Tuning: the tuned small model")
-    generate.add_argument("--expert-adapter", help="Proxy-Tuning: an adapter on the expert")
-    generate.add_argument("--proxy-anti-expert", help="Proxy-Tuning: the untuned small model")
-    generate.add_argument(
-        "--proxy-adapter",
-        help="Proxy-Tuning with one set of weights: expert = model + this adapter, "
-        "anti-expert = the same model with it disabled",
-    )
+    add_proxy_flags(generate)
     generate.add_argument(
         "--alpha", type=float, help="Proxy-Tuning strength (default 1.0, as in the paper)"
     )

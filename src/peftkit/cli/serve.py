@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from peftkit.cli.common import add_proxy_flags
+
 
 def named_folders(pairs: list[str] | None) -> dict[str, str]:
     """NAME=PATH pairs (--adapter) as a dict; an error for a pair without '=' or a repeated name."""
@@ -80,14 +82,7 @@ def add_commands(commands: Any) -> None:
     serve.add_argument(
         "--max-body-bytes", type=int, default=1_000_000, help="largest request body (then 413)"
     )
-    serve.add_argument("--proxy-expert", help="Proxy-Tuning: the tuned small model")
-    serve.add_argument("--expert-adapter", help="Proxy-Tuning: an adapter on the expert")
-    serve.add_argument("--proxy-anti-expert", help="Proxy-Tuning: the untuned small model")
-    serve.add_argument(
-        "--proxy-adapter",
-        help="Proxy-Tuning with one set of weights: expert = --model + this adapter, "
-        "anti-expert = the same with it disabled",
-    )
+    add_proxy_flags(serve)
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     serve.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     serve.set_defaults(handler=cmd_serve)

@@ -40,6 +40,27 @@ def check_pair(expert: Any, anti_expert: Any) -> None:
         )
 
 
+def check_proxy_flags(
+    expert: str | None, anti_expert: str | None, one_adapter: str | None, expert_adapter: str | None
+) -> bool:
+    """Refuse a half-given Proxy-Tuning setup (the command-line flags of `generate` and `serve`);
+    True when Proxy-Tuning is asked for."""
+    pair = [expert, anti_expert]
+    if any(pair) and not all(pair):
+        raise ConfigError(
+            "Proxy-Tuning needs both --proxy-expert (the tuned small model) and "
+            "--proxy-anti-expert (the same small model untuned), or --proxy-adapter alone."
+        )
+    if one_adapter and any(pair):
+        raise ConfigError(
+            "Give Proxy-Tuning either --proxy-adapter (one small model, adapter on and off) or "
+            "--proxy-expert with --proxy-anti-expert, not both."
+        )
+    if expert_adapter and not expert:
+        raise ConfigError("--expert-adapter goes on the expert: give --proxy-expert too.")
+    return all(pair) or bool(one_adapter)
+
+
 def same_vocabulary(first: Any, second: Any) -> bool:
     """Whether two tokenizers map every token to the same id."""
     return first is second or first.get_vocab() == second.get_vocab()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peftkit.decoding.proxy_options import check_proxy_flags
 from peftkit.errors import ConfigError
 from peftkit.serve.engine import Engine, Limits
 from peftkit.serve.handling import Service
@@ -50,14 +51,10 @@ class ServeOptions:
                 raise ConfigError(f"--{name.replace('_', '-')} must be above 0, got {value}.")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"--max-model-len must be at least 2, got {self.max_model_len}.")
-        pair = [self.proxy_expert, self.proxy_anti_expert]
-        if any(pair) and not all(pair):
-            raise ConfigError(
-                "Proxy-Tuning needs both --proxy-expert (the tuned small model) and "
-                "--proxy-anti-expert (the same small model untuned), or --proxy-adapter alone."
-            )
-        if all(pair) and self.proxy_adapter:
-            raise ConfigError("Give either --proxy-expert/--proxy-anti-expert or --proxy-adapter.")
+        check_proxy_flags(
+            self.proxy_expert, self.proxy_anti_expert, self.proxy_adapter,
+            self.proxy_expert_adapter,
+        )  # fmt: skip
 
 
 def load_proxy(options: ServeOptions, device: Any) -> ProxyPair | None:
