@@ -172,3 +172,27 @@ def read_yaml_file(path: str | Path, what: str, hint: str = "") -> Any:
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist{hint}.")
     return load_yaml_text(path.read_text(encoding="utf-8"), str(path))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`training.max_steps=10` -> (["training", "max_steps"], 10); values are read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"Override '{text}' must look like section.key=value.")
+    path, raw = text.split("=", 1)
+    return path.strip().split("."), load_yaml_text(raw, f"override '{text}'")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each `a.b=value` override in a recipe dict (before validation)."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for text in overrides:
+        keys, value = parse_override(text)
+        target = data
+        for key in keys[:-1]:
+            if key == "method" and isinstance(target.get(key), str):
+                target[key] = {"name": target[key]}
+            target = target.setdefault(key, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"Override '{text}': '{key}' is not a section.")
+        target[keys[-1]] = value
+    return data

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.config import (
+    apply_overrides,
     from_dict,
-    load_yaml_text,
     nearest,
     read_yaml_file,
     to_dict,
@@ -265,30 +265,6 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
         "training": to_dict(recipe.training),
         "output_dir": recipe.output_dir,
     }
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`training.max_steps=10` -> (["training", "max_steps"], 10); values are read as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"Override '{text}' must look like section.key=value.")
-    path, raw = text.split("=", 1)
-    return path.strip().split("."), load_yaml_text(raw, f"override '{text}'")
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set each `a.b=value` override in a recipe dict (before validation)."""
-    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-    for text in overrides:
-        keys, value = parse_override(text)
-        target = data
-        for key in keys[:-1]:
-            if key == "method" and isinstance(target.get(key), str):
-                target[key] = {"name": target[key]}
-            target = target.setdefault(key, {})
-            if not isinstance(target, dict):
-                raise ConfigError(f"Override '{text}': '{key}' is not a section.")
-        target[keys[-1]] = value
-    return data
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -14,7 +14,7 @@ def _method_sections(values: list[str] | None, sets: list[str]) -> list[dict[str
     import yaml
 
     from peftkit.errors import ConfigError
-    from peftkit.recipe import apply_overrides, parse_override
+    from peftkit.config import apply_overrides, parse_override
 
     for text in sets:
         if parse_override(text)[0][0] != "method":
