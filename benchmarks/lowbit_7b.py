@@ -8,9 +8,10 @@ The float32 weights (27 GB) are never held: the model is built on the meta devic
 linear layer is drawn and quantised one at a time (peftkit.models.quantize.quantize_layers);
 the embeddings, norms and output layer are then drawn in bf16 and the rotary tables rebuilt.
 
-Memory: the process's resident high-water mark (VmHWM: everything, Python and libraries
-included) and the resident level before the first step, both in GiB; the estimate counts
-tensors only.
+Memory: the tensor peak (the weights plus the running peak of every allocation and free during
+the steps, from the torch profiler: what the estimate counts), and the process's resident
+high-water mark (VmHWM: everything, Python, libraries and the allocator's slack included) and
+its level before the first step, all in GiB.
 
     flock /tmp/peftkit-heavy.lock .venv/bin/python benchmarks/lowbit_7b.py
     .venv/bin/python benchmarks/lowbit_7b.py --layers 2 --steps 1     # smoke: a 2-layer 7B slice
@@ -99,11 +100,13 @@ def main() -> None:
     args = parse_args()
     setup(args)
     import torch
+    from torch.profiler import ProfilerActivity, profile
 
     import peftkit
     from peftkit.memory import meta
-    from peftkit.models.precision import stored_bytes
+    from peftkit.models.precision import stored_bytes, weight_count
     from peftkit.training.gradient_checkpointing import enable_gradient_checkpointing
+    from peftkit.training.memory_probe import peak_of_allocations
 
     config = meta.resolve_config(args.model)[0]
     if args.layers is not None:
@@ -122,20 +125,28 @@ def main() -> None:
     before = resident_gib()
     model.train()
     seconds, losses = [], []
-    for _ in range(args.steps):
-        begin = clock()
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds.append(clock() - begin)
-        losses.append(float(loss.detach()))
-        print(f"step {len(seconds)}: {seconds[-1]:.1f} s, loss {losses[-1]:.3f}", flush=True)
+    # Every allocation and free of the steps, in time order: their running peak plus the weights
+    # is the tensor peak, what the estimate counts (the resident set adds the allocator's slack).
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        for _ in range(args.steps):
+            begin = clock()
+            loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds.append(clock() - begin)
+            losses.append(float(loss.detach()))
+            print(f"step {len(seconds)}: {seconds[-1]:.1f} s, loss {losses[-1]:.3f}", flush=True)
     peak = resident_gib("VmHWM")
+    events = sorted(
+        (e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
+    tensor_peak = (stored_bytes(model) + peak_of_allocations([e.nbytes() for e in events])) / GIB
     found = estimates(args, args.layers)
     results = {
         "layers": config.num_hidden_layers,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(weight_count(p) for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable),
         "trainable_dtypes": sorted({str(p.dtype) for p in trainable}),
         "weight_gib": stored_bytes(model) / GIB,
@@ -150,12 +161,15 @@ def main() -> None:
         "estimate_full_bf16_mixed_gib": found["full_bf16_mixed"]["gib"]["total"],
         "estimate_full_fp32_gib": found["full_fp32"]["gib"]["total"],
         "peak_less_libraries_over_estimate": (peak - libraries) / found["qlora"]["gib"]["total"],
+        "tensor_peak_gib": tensor_peak,
+        "tensor_peak_over_estimate": tensor_peak / found["qlora"]["gib"]["total"],
         "estimates": found,
     }
     for key in ("weight_gib", "resident_libraries_gib", "resident_before_training_gib",
                 "peak_resident_gib", "peak_less_libraries_gib", "estimate_qlora_gib",
                 "estimate_full_bf16_mixed_gib", "estimate_full_fp32_gib",
-                "peak_less_libraries_over_estimate"):  # fmt: skip
+                "peak_less_libraries_over_estimate", "tensor_peak_gib",
+                "tensor_peak_over_estimate"):  # fmt: skip
         print(f"{key:>30}: {results[key]:.2f}")
     name = "lowbit_7b" if args.layers is None else f"lowbit_7b_{args.layers}layers"
     print(f"wrote {write_json(name, args, results, args.output)}")

@@ -13,8 +13,8 @@ def _method_sections(values: list[str] | None, sets: list[str]) -> list[dict[str
     with the --set method.KEY=VALUE options applied to it."""
     import yaml
 
-    from peftkit.errors import ConfigError
     from peftkit.config import apply_overrides, parse_override
+    from peftkit.errors import ConfigError
 
     for text in sets:
         if parse_override(text)[0][0] != "method":

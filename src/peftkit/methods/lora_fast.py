@@ -16,7 +16,9 @@ DoRA takes the same path when no dropout is in effect: its output is `(m / ||W +
 + s h B^T) + bias`, PEFT's formula rearranged, with the norm detached as in PEFT and the paper.
 Everything else runs PEFT's own forward: merged or disabled adapters, several active adapters,
 per-row `adapter_names`, other LoRA variants, DoRA with dropout in training, a LoRA bias, base
-layers other than nn.Linear and GPT-2's Conv1D, dtypes that differ without autocast.
+layers other than nn.Linear and GPT-2's Conv1D, an input in another dtype than the base's without
+autocast. On a half-precision base the branch computes in float32 as PEFT's does (its adapters
+are float32), but keeps no float32 copy of each layer's input for backward: it recasts the input.
 
 Siblings are found on the model's first forward (layers under one parent module that received the
 very same tensor objects) and share from the second on; a member uses the shared result only when
@@ -99,8 +101,15 @@ def fast_adapter(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -
     if (variant is not None and not dora) or (dora and _dropout_p(layer, name) > 0):
         return None
     dtypes = {x.dtype, layer.base_layer.weight.dtype, layer.lora_A[name].weight.dtype}
-    if len(dtypes) > 1 and (dora or not lora_fast_down.autocast_on(x)):
+    if len(dtypes) > 1 and dora:
         return None
+    if len(dtypes) > 1 and not lora_fast_down.autocast_on(x):
+        # A half-precision base with float32 LoRA weights (PEFT keeps adapters in float32): the
+        # branch computes in float32 as PEFT's does, without keeping a float32 copy of the input
+        # (Down recasts it in backward). Any other mix (an input in another dtype than the
+        # base's) is PEFT's.
+        if x.dtype != layer.base_layer.weight.dtype:
+            return None
     return name
 
 
@@ -120,7 +129,7 @@ def _down(layer: nn.Module, name: str, x: torch.Tensor, flat: torch.Tensor) -> t
             if m is not layer and fast_adapter(m, x, (), {}) == name and _dropout_p(m, name) == p
         ]
     weights = [m.lora_A[name].weight for m in members]
-    if len(weights) == 1 and p == 0:
+    if len(weights) == 1 and p == 0 and weights[0].dtype == flat.dtype:
         h = F.linear(flat, weights[0])
     else:
         discovery = layer.__dict__.get(_DISCOVERY)
@@ -135,9 +144,12 @@ def _down(layer: nn.Module, name: str, x: torch.Tensor, flat: torch.Tensor) -> t
 
 def _accumulate(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """y + scale * h B^T in one addmm (in place when no autocast casts anything)."""
-    if y.dtype == h.dtype == b.dtype and not lora_fast_down.autocast_on(y):
+    if lora_fast_down.autocast_on(y):
+        return torch.addmm(y, h, b.t(), alpha=scale)
+    if y.dtype == h.dtype == b.dtype:
         return y.addmm_(h, b.t(), alpha=scale)
-    return torch.addmm(y, h, b.t(), alpha=scale)
+    # A half-precision base's output, a float32 branch: rounded once, as PEFT's result is.
+    return y.add_(h.mm(b.t()).to(y.dtype), alpha=scale)
 
 
 def forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

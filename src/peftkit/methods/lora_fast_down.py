@@ -54,6 +54,10 @@ class Down(torch.autograd.Function):
         x_grad, weight_grad = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
         ctx.save_for_backward(x if weight_grad else None, keep, *(weights if x_grad else ()))
         ctx.rows = [w.shape[0] for w in weights]
+        # A half input and float32 weights (a half base's adapters): compute in float32; the
+        # half x is what is saved (the base layer keeps it too), recast in backward.
+        ctx.compute_dtype = weight.dtype
+        x = x.to(weight.dtype)
         if keep is None:
             return x.mm(weight.t())
         return torch.where(keep, x, 0.0).mm(weight.t()).mul_(ctx.scale)
@@ -71,6 +75,7 @@ class Down(torch.autograd.Function):
             grad_x = grad_x if keep is None else torch.where(keep, grad_x, 0.0)
         grad_weights: tuple[torch.Tensor | None, ...] = (None,) * len(ctx.rows)
         if x is not None:
+            x = x.to(ctx.compute_dtype)
             dropped = x if keep is None else torch.where(keep, x, 0.0)
             grad_weights = grad.t().mm(dropped).split(ctx.rows)
         return grad_x, None, None, *grad_weights
