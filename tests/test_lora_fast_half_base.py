@@ -8,11 +8,12 @@ from __future__ import annotations
 import copy
 
 import peft
+import pytest
 import torch
 
 import peftkit
 from contract import batch_for, tiny
-from peftkit.methods import lora
+from peftkit.methods import lora, lora_fast
 
 CONFIG = peftkit.LoraConfig(rank=4, dropout=0.0, target_modules="all-linear")
 
@@ -106,3 +107,45 @@ def test_bf16_base_keeps_no_float32_copy_of_any_layer_input():
     # PEFT: a float32 copy of the input of each of the 7 adapted layers, in each of 2 layers; the
     # rest (RMSNorm computes in float32) both keep.
     assert float32_inputs_saved(theirs) - float32_inputs_saved(mine) == 7 * 2
+
+
+@pytest.mark.parametrize(("dtype", "kind"), [("fp32", "nf4"), ("bf16", "nf4"), ("fp32", "int8")])
+def test_quantized_base_takes_the_fast_path_and_equals_peft(dtype, kind, monkeypatch):
+    """On an NF4 or LLM.int8 base the base output is bitsandbytes' own, the branch float32 from the
+    same input as PEFT's: logits and every gradient agree with PEFT's bnb LoRA layers."""
+    config = peftkit.LoraConfig(rank=4, dropout=0.0, target_modules="all-linear")
+    base, tokenizer = tiny("llama", dtype=dtype, quantize=kind)
+    batch = batch_for("llama", tokenizer)
+    theirs = peft.get_peft_model(copy.deepcopy(base), lora.peft_config(base, config))
+    mine = peftkit.apply(copy.deepcopy(base), config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for (name, parameter), (_, value) in zip(
+            mine.named_parameters(), theirs.named_parameters(), strict=True
+        ):
+            if "lora_B" in name:
+                value.normal_(std=0.3)
+            if parameter.requires_grad:
+                parameter.copy_(value)
+    want = _step(theirs, batch)
+    for _ in range(2):  # the first forward finds the siblings, the second shares
+        got = _step(mine, batch)
+        if dtype == "fp32":
+            torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+            for name, grad in got[1].items():
+                torch.testing.assert_close(grad, want[1][name], atol=1e-5, rtol=1e-4)
+        else:
+            # bf16 activations: PEFT rounds each sibling's input gradient to bf16 before summing
+            # them, the fast path sums in float32 and rounds once; the two differ by bf16's
+            # rounding (2^-8 = 0.4% an element), so whole tensors agree to about 1%.
+            assert _relative_error(got[0], want[0]) < 1e-2
+            for name, grad in got[1].items():
+                assert _relative_error(grad, want[1][name]) < 2e-2, name
+    calls = []
+    for cls in lora_fast.QUANTIZED_LORA:
+        original = cls.forward
+        monkeypatch.setattr(
+            cls, "forward", lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k)
+        )
+    mine(**batch)
+    assert not calls  # PEFT's bnb forward never ran

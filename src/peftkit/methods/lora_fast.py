@@ -15,10 +15,12 @@ at a fifth of a SmolLM2 LoRA step on a CPU. This forward, for a layer in the pla
 DoRA takes the same path when no dropout is in effect: its output is `(m / ||W + s BA||_c) * (x W^T
 + s h B^T) + bias`, PEFT's formula rearranged, with the norm detached as in PEFT and the paper.
 Everything else runs PEFT's own forward: merged or disabled adapters, several active adapters,
-per-row `adapter_names`, other LoRA variants, DoRA with dropout in training, a LoRA bias, base
-layers other than nn.Linear and GPT-2's Conv1D, an input in another dtype than the base's without
-autocast. On a half-precision base the branch computes in float32 as PEFT's does (its adapters
-are float32), but keeps no float32 copy of each layer's input for backward: it recasts the input.
+per-row `adapter_names`, other LoRA variants, DoRA with dropout in training or on a quantised
+base, a LoRA bias, base layers other than nn.Linear, GPT-2's Conv1D and bitsandbytes' NF4 and
+LLM.int8 layers (which compute through their own forward), an input in another dtype than the
+base's without autocast. On a half-precision or quantised base the branch computes in float32 as
+PEFT's does (its adapters are float32), but keeps no float32 copy of each layer's input for
+backward: it recasts the input.
 
 Siblings are found on the model's first forward (layers under one parent module that received the
 very same tensor objects) and share from the second on; a member uses the shared result only when
@@ -34,11 +36,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import bnb as peft_bnb
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftkit.methods import lora_fast_down
+
+# PEFT's LoRA layers over bitsandbytes' NF4 and LLM.int8 layers (a quantised base, lowbit.md):
+# the base computes through its own forward, in the input's dtype.
+QUANTIZED_LORA = tuple(
+    getattr(peft_bnb, name) for name in ("Linear4bit", "Linear8bitLt") if hasattr(peft_bnb, name)
+)
 
 _SIBLINGS = "_peftkit_siblings"  # a layer's Siblings record (absent: it runs alone)
 _DISCOVERY = "_peftkit_discovery"  # the first-forward recorder, while it runs
@@ -100,7 +109,11 @@ def fast_adapter(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -
     dora = isinstance(variant, DoraLinearVariant)
     if (variant is not None and not dora) or (dora and _dropout_p(layer, name) > 0):
         return None
-    dtypes = {x.dtype, layer.base_layer.weight.dtype, layer.lora_A[name].weight.dtype}
+    quantized = isinstance(layer, QUANTIZED_LORA)
+    if quantized and variant is not None:
+        return None  # DoRA needs the dequantised weight's norms: PEFT's
+    base_dtype = x.dtype if quantized else layer.base_layer.weight.dtype
+    dtypes = {x.dtype, base_dtype, layer.lora_A[name].weight.dtype}
     if len(dtypes) > 1 and dora:
         return None
     if len(dtypes) > 1 and not lora_fast_down.autocast_on(x):
@@ -108,7 +121,7 @@ def fast_adapter(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -
         # branch computes in float32 as PEFT's does, without keeping a float32 copy of the input
         # (Down recasts it in backward). Any other mix (an input in another dtype than the
         # base's) is PEFT's.
-        if x.dtype != layer.base_layer.weight.dtype:
+        if x.dtype != base_dtype:
             return None
     return name
 
@@ -142,14 +155,20 @@ def _down(layer: nn.Module, name: str, x: torch.Tensor, flat: torch.Tensor) -> t
     return shares[0]
 
 
-def _accumulate(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """y + scale * h B^T in one addmm (in place when no autocast casts anything)."""
+def _accumulate(
+    y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float, in_place: bool = True
+) -> torch.Tensor:
+    """y + scale * h B^T in one addmm (in place when no autocast casts anything and the base
+    output is ours to change: a bitsandbytes layer's is not, as PEFT's clone of it says)."""
     if lora_fast_down.autocast_on(y):
         return torch.addmm(y, h, b.t(), alpha=scale)
     if y.dtype == h.dtype == b.dtype:
-        return y.addmm_(h, b.t(), alpha=scale)
+        return (
+            y.addmm_(h, b.t(), alpha=scale) if in_place else torch.addmm(y, h, b.t(), alpha=scale)
+        )
     # A half-precision base's output, a float32 branch: rounded once, as PEFT's result is.
-    return y.add_(h.mm(b.t()).to(y.dtype), alpha=scale)
+    update = h.mm(b.t()).to(y.dtype)
+    return y.add_(update, alpha=scale) if in_place else y.add(update, alpha=scale)
 
 
 def forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -162,8 +181,11 @@ def forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         return type(layer).forward(layer, x, *args, **kwargs)
     flat = x.reshape(-1, x.shape[-1])
     h = _down(layer, name, x, flat)
-    base, weight = layer.base_layer, _weight(layer)
     b, scale = layer.lora_B[name].weight, layer.scaling[name]
+    if isinstance(layer, QUANTIZED_LORA):
+        y = _accumulate(layer.base_layer(flat), h, b, scale, in_place=False)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    base, weight = layer.base_layer, _weight(layer)
     if name in layer.lora_variant:  # DoRA: W' = m (W + s BA) / ||W + s BA||_c, norm detached
         with torch.no_grad():
             norm = torch.linalg.norm(
@@ -240,7 +262,8 @@ def install(model: nn.Module) -> int:
     parents: dict[int, tuple[nn.Module, int]] = {}
     modules = dict(model.named_modules())
     for name, layer in modules.items():
-        if isinstance(layer, LoraLinear) and isinstance(layer.base_layer, nn.Linear | Conv1D):
+        plain = isinstance(layer, LoraLinear) and isinstance(layer.base_layer, nn.Linear | Conv1D)
+        if plain or isinstance(layer, QUANTIZED_LORA):
             layer.forward = types.MethodType(forward, layer)
             parents[id(layer)] = (layer, id(modules[name.rpartition(".")[0]]))
     if parents:
@@ -258,7 +281,7 @@ def install(model: nn.Module) -> int:
 def uninstall(model: nn.Module) -> None:
     """Give every LoRA layer PEFT's own forward back and forget the sibling groups."""
     for layer in model.modules():
-        if isinstance(layer, LoraLinear):
+        if isinstance(layer, (LoraLinear, *QUANTIZED_LORA)):
             discovery = layer.__dict__.get(_DISCOVERY)
             if discovery is not None:
                 discovery.stop()
