@@ -19,10 +19,10 @@ folder, so compile times are a first run's.
     done
     .venv/bin/python benchmarks/lora_compile.py --model tiny-llama --steps 2 --rounds 1  # smoke
 
-Time on 2 cores: the tiny-llama smoke takes ~2.5 minutes (each compile ~30 s for 2 layers);
-compiling SmolLM2-135M's PEFT forward took over 4 minutes (a probe stopped at 250 s), so budget
-5-10 minutes a compile. A timing job (one compile, 3 arms x 13 steps of ~2.5 s) ~8-13 minutes, a
-check job (one eager and one compiled step) ~6-11 minutes: ~35-50 minutes for the four jobs.
+Time on 2 cores: the tiny-llama smoke ~2.5 minutes (~30 s a compile); a 4-layer cut of SmolLM2
+compiled PEFT's forward in 39 s (backward 9 s), ~linear in layers, so ~5-7 minutes for all 30
+(a probe of the full model stopped at 250 s unfinished). A timing job (one compile, 3 arms x 13
+steps of ~2.5 s) ~8-10 minutes, a check job ~6-8 minutes: ~30-36 minutes for the four jobs.
 """
 
 from __future__ import annotations
