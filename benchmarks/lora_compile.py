@@ -236,7 +236,7 @@ def main() -> None:
         start["settle_seconds"] = timed(start["step"], 1)()[0]
     counters.clear()
     arms = {name: timed(s["step"], args.steps) for name, s in starts.items() if "step" in s}
-    seconds = interleaved(arms, args.rounds)
+    seconds = interleaved(arms, args.rounds) if arms else {}  # none with --check-only
     recompiled = counters["stats"]["unique_graphs"]  # compiles while timing: should be 0
     for start in starts.values():
         start.pop("step", None)  # free the timed models before the check builds its own
