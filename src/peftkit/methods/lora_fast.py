@@ -142,8 +142,9 @@ def _down(layer: nn.Module, name: str, x: torch.Tensor, flat: torch.Tensor) -> t
             if m is not layer and fast_adapter(m, x, (), {}) == name and _dropout_p(m, name) == p
         ]
     weights = [m.lora_A[name].weight for m in members]
-    if len(weights) == 1 and p == 0 and weights[0].dtype == flat.dtype:
-        h = F.linear(flat, weights[0])
+    if p == 0 and (weights[0].dtype == flat.dtype or lora_fast_down.autocast_on(flat)):
+        # Nothing to drop: torch's own linear (and cat) backward, no Python autograd node.
+        h = F.linear(flat, weights[0] if len(weights) == 1 else torch.cat(weights))
     else:
         discovery = layer.__dict__.get(_DISCOVERY)
         keep = discovery.mask(layer, x, flat, p) if siblings is None and discovery else None

@@ -55,7 +55,7 @@ class Down(torch.autograd.Function):
         ctx.save_for_backward(x if weight_grad else None, keep, *(weights if x_grad else ()))
         ctx.rows = [w.shape[0] for w in weights]
         # A half input and float32 weights (a half base's adapters): compute in float32; the
-        # half x is what is saved (the base layer keeps it too), recast in backward.
+        # half x is what is saved (a frozen base layer keeps none of its input), recast in backward.
         ctx.compute_dtype = weight.dtype
         x = x.to(weight.dtype)
         if keep is None:
