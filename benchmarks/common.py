@@ -85,6 +85,20 @@ def clock() -> float:
     return time.perf_counter()
 
 
+def timed(step: Any, count: int) -> Any:
+    """A function timing `count` calls of step."""
+
+    def run() -> list[float]:
+        seconds = []
+        for _ in range(count):
+            start = clock()
+            step()
+            seconds.append(clock() - start)
+        return seconds
+
+    return run
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table with aligned columns (peftkit's own writer; cells as text)."""
     from peftkit.tables import markdown_table as write

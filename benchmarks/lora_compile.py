@@ -41,6 +41,7 @@ from common import (
     median,
     packed_lm_features,
     setup,
+    timed,
     write_json,
 )
 
@@ -107,20 +108,6 @@ def make_step(model: Any, batches: list[dict]) -> Any:
         return float(loss.detach())
 
     return step
-
-
-def timed(step: Any, count: int) -> Any:
-    """A function timing `count` calls of step."""
-
-    def run() -> list[float]:
-        seconds = []
-        for _ in range(count):
-            start = clock()
-            step()
-            seconds.append(clock() - start)
-        return seconds
-
-    return run
 
 
 def dynamo_counts() -> dict[str, Any]:

@@ -21,12 +21,12 @@ from typing import Any
 
 from common import (
     base_parser,
-    clock,
     interleaved,
     markdown_table,
     median,
     packed_lm_features,
     setup,
+    timed,
     write_json,
 )
 
@@ -70,20 +70,6 @@ def make_step(model: Any, batches: list[dict]) -> Any:
 
     step()  # the first step allocates AdamW's state: not timed
     return step
-
-
-def timed(step: Any, count: int) -> Any:
-    """A function timing `count` calls of step."""
-
-    def run() -> list[float]:
-        seconds = []
-        for _ in range(count):
-            start = clock()
-            step()
-            seconds.append(clock() - start)
-        return seconds
-
-    return run
 
 
 def profile(step: Any, top: int) -> tuple[str, list[dict[str, Any]]]:
