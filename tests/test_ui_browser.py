@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from peftkit.cli import main
 from peftkit.run_folder import earlier_run
@@ -376,8 +376,13 @@ def test_the_compare_page_runs_a_plan_and_shows_its_table_and_chart(
     page.get_by_role("tab", name="Compare").click()
     page.click("#compare-refresh")
     pick(page, "compare-plan", "plans/tiny.yaml")
-    page.wait_for_selector("#compare-methods label:has-text('bitfit')")
+    # The page opens on another plan whose methods include these names too: wait until the
+    # checkboxes are this plan's three (all ticked), or a click could land before the server's
+    # reply re-ticks every box.
+    expect(page.locator("#compare-methods label")).to_have_count(3)
+    expect(page.locator("#compare-methods input:checked")).to_have_count(3)
     page.click("#compare-methods label:has-text('full')")  # two of the plan's three
+    expect(page.locator("#compare-methods input:checked")).to_have_count(2)
     type_in(page, "compare-output", "compare-tiny")
     page.click("#compare-run")
     page.wait_for_selector("#compare-status:has-text('finished')")
