@@ -34,6 +34,7 @@ import traceback
 from typing import Any
 
 from common import (
+    adamw_step,
     base_parser,
     clock,
     interleaved,
@@ -89,27 +90,6 @@ def compiled(model: Any, args: Any) -> Any:
     return torch.compile(model, mode=args.mode, dynamic=dynamic)
 
 
-def make_step(model: Any, batches: list[dict]) -> Any:
-    """One AdamW step over the trainable parameters on the next batch; returns the loss."""
-    import torch
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
-    model.train()
-    position = [0]
-
-    def step() -> float:
-        batch = batches[position[0] % len(batches)]
-        position[0] += 1
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    return step
-
-
 def dynamo_counts() -> dict[str, Any]:
     """Graph breaks (reason -> count) and compiled graphs since the counters were cleared."""
     from torch._dynamo.utils import counters
@@ -135,7 +115,7 @@ def start_arm(model: Any, batches: list[dict], args: Any, compile_it: bool) -> d
     # Counts per arm. No torch._dynamo.reset(): it would throw away the arms compiled before.
     counters.clear()
     try:
-        step = make_step(compiled(model, args) if compile_it else model, batches)
+        step = adamw_step(compiled(model, args) if compile_it else model, batches)
         start = clock()
         first_loss = step()
         first = clock() - start

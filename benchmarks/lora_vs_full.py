@@ -20,6 +20,7 @@ import copy
 from typing import Any
 
 from common import (
+    adamw_step,
     base_parser,
     interleaved,
     markdown_table,
@@ -54,20 +55,7 @@ def parse_args() -> Any:
 
 def make_step(model: Any, batches: list[dict]) -> Any:
     """One AdamW step over the model's trainable parameters, on the next batch."""
-    import torch
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
-    model.train()
-    position = [0]
-
-    def step() -> None:
-        batch = batches[position[0] % len(batches)]
-        position[0] += 1
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = adamw_step(model, batches)
     step()  # the first step allocates AdamW's state: not timed
     return step
 
