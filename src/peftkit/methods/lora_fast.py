@@ -167,9 +167,9 @@ def _accumulate(
         return (
             y.addmm_(h, b.t(), alpha=scale) if in_place else torch.addmm(y, h, b.t(), alpha=scale)
         )
-    # A half-precision base's output, a float32 branch: rounded once, as PEFT's result is.
-    update = h.mm(b.t()).to(y.dtype)
-    return y.add_(update, alpha=scale) if in_place else y.add(update, alpha=scale)
+    # A half-precision output, a float32 branch: scaled in float32, then rounded once, as PEFT's.
+    update = h.mm(b.t()).mul_(scale).to(y.dtype)
+    return y.add_(update) if in_place else y + update
 
 
 def forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
