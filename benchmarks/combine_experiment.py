@@ -61,8 +61,8 @@ def evaluate_row(args: argparse.Namespace, label: str) -> dict[str, Any]:
     import torch
 
     from peftkit.apps.evaluate import evaluate_instructions, evaluate_sql
-    from peftkit.methods import lora_compose as compose
-    from peftkit.methods.combine_runs import load_sources, read_sources, score, task_data
+    from peftkit.combine import load_sources, read_sources, score, task_data
+    from peftkit.methods.lora import compose
     from peftkit.tasks import split_rows
 
     torch.set_num_threads(args.threads)

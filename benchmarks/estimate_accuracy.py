@@ -73,7 +73,7 @@ def real_model(family: str, section: dict[str, Any], checkpointing: bool) -> Any
     options = dict(section)
     tuned = peftkit.apply(model, options.pop("name"), **options)
     state = applied(tuned)
-    prepare = state.method.hooks(tuned, state.config).prepare
+    prepare = state.method.training_hooks(tuned, state.config).prepare
     if prepare is not None:
         prepare(tuned, [causal_batch(2, 32)])
     return tuned

@@ -56,7 +56,7 @@ def peftkit_arm(model: Any, features: list, tokenizer: Any, args: Any, folder: P
 
     model = peftkit.apply(model, peftkit.config_for("lora"))
     config = peftkit.config_for("lora")
-    hooks = applied(model).method.hooks(model, config)
+    hooks = applied(model).method.training_hooks(model, config)
     recipe = Recipe(
         model=args.model,
         task=TaskConfig(type="causal-lm", dataset="amazon-reviews"),

@@ -2,7 +2,7 @@
 
 Several LoRA adapters are loaded on one base; the batch's rows are assigned round-robin to the
 adapters and to "none" (the base). Mixed: one forward (or generate) call with a name per row
-(peftkit.methods.lora_mixed_batch). Grouped: for each adapter, switch to it and run only its rows;
+(peftkit.methods.lora.mixed_batch). Grouped: for each adapter, switch to it and run only its rows;
 the base rows run with the adapters disabled. Rounds are interleaved; medians are reported. Before
 timing, the mixed logits are checked against the grouped ones. LoRA weights are random (B non-zero).
 
@@ -44,7 +44,7 @@ def parse_args() -> argparse.Namespace:
 def build(args: argparse.Namespace, folder: Path) -> tuple[Any, list[str | None], torch.Tensor]:
     """The multi-adapter model, each row's adapter name, and the input ids."""
     import peftkit
-    from peftkit.methods import lora_compose as compose
+    from peftkit.methods.lora import compose
     from peftkit.models import load_model
 
     name = "tiny-llama" if args.model == "tiny" else args.model
@@ -71,7 +71,7 @@ def build(args: argparse.Namespace, folder: Path) -> tuple[Any, list[str | None]
 
 def run_mixed(model: Any, rows: list[str | None], ids: torch.Tensor, new_tokens: int) -> Any:
     """One call for the whole batch: forward logits, or generated ids when new_tokens > 0."""
-    from peftkit.methods.lora_mixed_batch import mixed_forward, mixed_generate
+    from peftkit.methods.lora.mixed_batch import mixed_forward, mixed_generate
 
     if new_tokens:
         options = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
@@ -81,7 +81,7 @@ def run_mixed(model: Any, rows: list[str | None], ids: torch.Tensor, new_tokens:
 
 def run_grouped(model: Any, rows: list[str | None], ids: torch.Tensor, new_tokens: int) -> Any:
     """The same rows, one call per adapter group (switching adapters between calls)."""
-    from peftkit.methods import lora_compose as compose
+    from peftkit.methods.lora import compose
 
     outputs: list[Any] = [None] * len(rows)
     for name in dict.fromkeys(rows):

@@ -1,4 +1,4 @@
-"""peftkit's NF4 round trip (methods/lora_loftq.py) against bitsandbytes' own, value by value.
+"""peftkit's NF4 round trip (methods/lora/loftq.py) against bitsandbytes' own, value by value.
 
 LoftQ's point is that the adapter fits what the base's quantisation loses, so peftkit's quantiser
 must give the values the 4-bit base will hold. bitsandbytes is not a peftkit dependency; this
@@ -41,7 +41,7 @@ def main() -> int:
     import torch
     from safetensors import safe_open
 
-    from peftkit.methods.lora_loftq import nf4_round_trip
+    from peftkit.methods.lora.loftq import nf4_round_trip
 
     torch.manual_seed(0)
     matrices = {f"randn {r}x{c}": torch.randn(r, c) * 0.05

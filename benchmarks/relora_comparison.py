@@ -72,7 +72,8 @@ def cosine(total: int, warmup: int) -> Any:
 def prepare(method: str, model: Any, args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """The model to train, its optimizer, its LambdaLR multiplier, and the hooks (or None)."""
     import peftkit
-    from peftkit.methods import relora, relora_optimizer
+    from peftkit.methods import relora
+    from peftkit.methods.relora import optimizer as relora_optimizer
 
     warmup = max(1, args.steps // 20)
     if method == "full":

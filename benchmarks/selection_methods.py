@@ -95,7 +95,7 @@ def run_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
     fisher_seconds = None
     if config is not None:
         model = peftkit.apply(model, config)
-        hooks = applied(model).method.hooks(model, config)
+        hooks = applied(model).method.training_hooks(model, config)
         if hooks.prepare:
             fisher = batches(model.config.vocab_size, args, args.fisher_batches, seed=1)
             start = time.perf_counter()

@@ -103,8 +103,8 @@ def decode_step(args: argparse.Namespace, folders: dict[str, str]) -> dict[str, 
     """Seconds of one decode step, 16 rows with 16 distinct adapters, 64 cached tokens each."""
     import torch
 
-    from peftkit.methods import lora_compose as compose
-    from peftkit.methods.lora_rows import ROW_ADAPTERS
+    from peftkit.methods.lora import compose
+    from peftkit.methods.lora.rows import ROW_ADAPTERS
     from peftkit.models import load_model
 
     names = list(folders)[:16]

@@ -203,7 +203,7 @@ def switching_server(model_name: str, folder: Path, port: int) -> None:
     import uvicorn
     from fastapi import FastAPI
 
-    from peftkit.methods import lora_compose as compose
+    from peftkit.methods.lora import compose
     from peftkit.models import load_model
 
     base, tokenizer = load_model(model_name, "causal-lm", seed=0)

@@ -73,7 +73,7 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def prepare_method(model: torch.nn.Module, config: Any, batches: Sequence[Any]) -> TrainingHooks:
     """The applied method's hooks, after its prepare step (once, before any optimizer exists:
     Child-Tuning D chooses what trains here)."""
-    hooks = peftkit.api.applied(model).method.hooks(model, config)
+    hooks = peftkit.api.applied(model).method.training_hooks(model, config)
     if hooks.prepare is not None:
         hooks.prepare(model, batches)
     return hooks

@@ -132,7 +132,7 @@ def test_orthogonality_term_is_counted_once(tmp_path):
     shifted = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
     plain = torch.nn.functional.cross_entropy(shifted, batch["labels"][:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, plain)
-    hooks = peftkit.api.applied(model).method.hooks(model, config)
+    hooks = peftkit.api.applied(model).method.training_hooks(model, config)
     reference = 0.7 * _reference_orthogonality(model)
     assert reference > 0.1  # random P, Q are far from orthonormal at the start
     torch.testing.assert_close(hooks.extra_loss(model), reference)
@@ -143,7 +143,7 @@ def test_orthogonality_term_off_means_no_extra_loss():
     base, _ = tiny("llama")
     config = AdaLoraConfig(init_rank=4, target_rank=2, orth_reg_weight=0.0, total_steps=10)
     model = peftkit.apply(base, config)
-    assert peftkit.api.applied(model).method.hooks(model, config).extra_loss is None
+    assert peftkit.api.applied(model).method.training_hooks(model, config).extra_loss is None
 
 
 def test_bad_schedules_are_refused():
@@ -154,7 +154,7 @@ def test_bad_schedules_are_refused():
     base, _ = tiny("bert")
     config = AdaLoraConfig(init_rank=4, target_rank=2, warmup_steps=6, final_steps=6)
     model = peftkit.apply(base, config)
-    hooks = peftkit.api.applied(model).method.hooks(model, config)
+    hooks = peftkit.api.applied(model).method.training_hooks(model, config)
     with pytest.raises(ConfigError, match="Train longer"):
         hooks.begin_training(model, 10)
 

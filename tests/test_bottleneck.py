@@ -177,7 +177,7 @@ def test_remove_restores_the_base_model():
     reference = logits(base, batch)
     model = peftkit.apply(base, config_for("houlsby"))
     perturb_adapters(model)
-    restored = peftkit.api.applied(model).method.remove(model)
+    restored = peftkit.api.applied(model).method.take_out(model)
     assert not any("bottleneck" in n for n, _ in restored.named_parameters())
     assert all(p.requires_grad for p in restored.parameters())
     torch.testing.assert_close(logits(restored, batch), reference, atol=0, rtol=0)

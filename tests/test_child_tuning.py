@@ -11,9 +11,10 @@ import peftkit
 from contract import batch_for, logits, tiny
 from peftkit.errors import ConfigError, DataError
 from peftkit.io import read_tensors
-from peftkit.methods import child_tuning, child_tuning_subnetwork, sparse_patch
-from peftkit.methods.child_tuning import ChildTuningConfig
-from peftkit.methods.child_tuning_masks import effective_ratio, keep_mask, keep_threshold
+from peftkit.methods import child_tuning
+from peftkit.methods.child_tuning import ChildTuningConfig, sparse_patch
+from peftkit.methods.child_tuning import subnetwork as child_tuning_subnetwork
+from peftkit.methods.child_tuning.masks import effective_ratio, keep_mask, keep_threshold
 
 
 def optimizer_state_bytes(optimizer):

@@ -10,10 +10,11 @@ from transformers import TrainingArguments
 
 import peftkit
 from contract import batch_for, tiny
-from peftkit.methods import child_tuning, child_tuning_kernel
+from peftkit.methods import child_tuning
 from peftkit.methods.child_tuning import ChildTuningConfig, replace_optimizer
-from peftkit.methods.child_tuning_adamw import ChildTuningAdamW
-from peftkit.methods.child_tuning_masks import (
+from peftkit.methods.child_tuning import kernel as child_tuning_kernel
+from peftkit.methods.child_tuning.adamw import ChildTuningAdamW
+from peftkit.methods.child_tuning.masks import (
     effective_ratio,
     keep_mask,
     keep_threshold,

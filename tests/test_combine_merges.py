@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import peftkit
 from contract import tiny
 from peftkit.errors import AdapterError, ConfigError
-from peftkit.methods import lora_compose as compose
+from peftkit.methods.lora import compose
 
 
 def _adapter(folder, seed, rank=4, alpha=8.0, targets=("q_proj",)):

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import peftkit
 from contract import batch_for, logits, tiny
 from peftkit.errors import AdapterError, ConfigError
-from peftkit.methods import lora_compose as compose
+from peftkit.methods.lora import compose
 
 
 def _make_adapter(

@@ -58,7 +58,7 @@ def test_a_first_child_tuning_f_step_keeps_torchs_thread_count():
         model, tokenizer = tiny("bert")
         config = ChildTuningConfig(mode="F")
         model = peftkit.apply(model, config)
-        hooks = peftkit.api.applied(model).method.hooks(model, config)
+        hooks = peftkit.api.applied(model).method.training_hooks(model, config)
         optimizer = hooks.replace_optimizer(model, torch.optim.AdamW(model.parameters()))
         model(**batch_for("bert", tokenizer)).loss.backward()
         optimizer.step()

@@ -45,7 +45,7 @@ def prepared(model: torch.nn.Module, section: dict, batches: list[dict]) -> torc
     options = dict(section)
     tuned = peftkit.apply(model, options.pop("name"), **options)
     state = applied(tuned)
-    prepare = state.method.hooks(tuned, state.config).prepare
+    prepare = state.method.training_hooks(tuned, state.config).prepare
     if prepare is not None:
         prepare(tuned, batches)
     return tuned

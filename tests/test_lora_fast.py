@@ -10,7 +10,9 @@ import torch
 
 import peftkit
 from contract import FAMILIES, batch_for, tiny
-from peftkit.methods import lora, lora_fast, lora_fast_down
+from peftkit.methods import lora
+from peftkit.methods.lora import down as lora_fast_down
+from peftkit.methods.lora import fast as lora_fast
 
 CONFIGS = {
     "lora-all-linear": peftkit.LoraConfig(rank=4, dropout=0.0, target_modules="all-linear"),

@@ -13,7 +13,8 @@ import torch
 
 import peftkit
 from contract import batch_for, tiny
-from peftkit.methods import lora, lora_fast
+from peftkit.methods import lora
+from peftkit.methods.lora import fast as lora_fast
 
 CONFIG = peftkit.LoraConfig(rank=4, dropout=0.0, target_modules="all-linear")
 

@@ -15,12 +15,13 @@ from safetensors.torch import load_file
 
 import peftkit
 from contract import FAMILIES, batch_for, logits, tiny, train_with_hooks
+from peftkit.api import convert as convert_folder
 from peftkit.cli import main
 from peftkit.config import from_dict
 from peftkit.errors import AdapterError, ConfigError
-from peftkit.methods import lora_compose as compose
-from peftkit.methods.lora_convert import convert_folder, save_converted
-from peftkit.methods.lora_init import initial_factors, lora_layers
+from peftkit.methods.lora import compose
+from peftkit.methods.lora.convert import save_converted
+from peftkit.methods.lora.init import initial_factors, lora_layers
 
 # init -> families it runs on (OLoRA refuses GPT-2's Conv1D, EVA refuses encoder-decoders)
 INITS = {
@@ -44,7 +45,7 @@ def _trained(init, family, steps=2, **options):
     reference = logits(base, batch)
     config = _config(init, **options)
     model = peftkit.apply(base, config)
-    hooks = peftkit.api.applied(model).method.hooks(model, config)
+    hooks = peftkit.api.applied(model).method.training_hooks(model, config)
     if hooks.prepare is not None:
         hooks.prepare(model, [batch])
     at_init = logits(model, batch)
@@ -132,7 +133,7 @@ def test_eva_starts_from_the_principal_directions_of_the_inputs():
 
     config = peftkit.LoraConfig(rank=16, dropout=0.0, init="eva")
     model = peftkit.apply(base, config)
-    peftkit.api.applied(model).method.hooks(model, config).prepare(model, [batch])
+    peftkit.api.applied(model).method.training_hooks(model, config).prepare(model, [batch])
     a = lora_layers(model)["model.layers.0.self_attn.q_proj"].lora_A["default"].weight.double()
     torch.testing.assert_close(a.T @ a, expected, atol=1e-4, rtol=0)
     assert not any(layer.lora_B["default"].weight.any() for layer in lora_layers(model).values()), (
@@ -144,7 +145,7 @@ def test_eva_starts_from_the_principal_directions_of_the_inputs():
 def test_remove_gives_the_base_back(init):
     originals = _originals("llama")
     model = peftkit.apply(tiny("llama")[0], _config(init))
-    plain = peftkit.api.applied(model).method.remove(model)
+    plain = peftkit.api.applied(model).method.take_out(model)
     for name, module in plain.named_modules():
         if name in originals and hasattr(module, "weight"):
             torch.testing.assert_close(module.weight, originals[name], atol=1e-6, rtol=1e-5)

@@ -10,8 +10,8 @@ import torch
 import peftkit
 from contract import batch_for, logits, tiny
 from peftkit.errors import ConfigError
-from peftkit.methods.lora_init import lora_layers
-from peftkit.methods.lora_loftq import NF4_LEVELS, loftq_factors, nf4_round_trip
+from peftkit.methods.lora.init import lora_layers
+from peftkit.methods.lora.loftq import NF4_LEVELS, loftq_factors, nf4_round_trip
 
 
 def test_nf4_levels_are_the_normal_quantiles_of_qlora():

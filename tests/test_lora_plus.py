@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import peftkit
 from contract import batch_for, logits, tiny
 from peftkit.cli import main
-from peftkit.methods.lora_plus import is_lora_b
+from peftkit.methods.lora.plus import is_lora_b
 
 
 def _trainer_like_optimizer(model, lr):
@@ -29,7 +29,7 @@ def _trainer_like_optimizer(model, lr):
 
 def _hooks(model):
     state = peftkit.api.applied(model)
-    return state.method.hooks(model, state.config)
+    return state.method.training_hooks(model, state.config)
 
 
 def test_b_matrices_get_their_own_groups_at_ratio_times_lr():

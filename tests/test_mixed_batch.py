@@ -7,8 +7,8 @@ import torch
 import peftkit
 from contract import FAMILIES, batch_for, tiny
 from peftkit.errors import AdapterError, DataError
-from peftkit.methods import lora_compose as compose
-from peftkit.methods.lora_mixed_batch import mixed_forward, mixed_generate
+from peftkit.methods.lora import compose
+from peftkit.methods.lora.mixed_batch import mixed_forward, mixed_generate
 
 
 def _adapter(folder, family, seed, rank):

@@ -10,7 +10,7 @@ import transformers
 import peftkit
 from contract import FAMILIES, batch_for, tiny
 from peftkit.errors import AdapterError, ConfigError, DataError, TargetError
-from peftkit.methods.prefix_tuning import PrefixTuningConfig, fold
+from peftkit.methods.virtual_tokens.prefix import PrefixTuningConfig, fold
 from peftkit.models import tiny_config
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import peftkit
 from contract import batch_for, tiny
 from peftkit.errors import AdapterError, ConfigError, DataError
-from peftkit.methods.prompt_tuning import PromptTuningConfig
+from peftkit.methods.virtual_tokens.prompt import PromptTuningConfig
 
 
 def test_peftkit_loads_peft_files(tmp_path):

@@ -353,7 +353,7 @@ def test_other_bad_options_are_refused(trio):
     messages = [[{"role": "user", "content": "Hi"}]]
     with pytest.raises(ConfigError, match="chat template only where chat=True"):
         proxy_generate(*models, tokenizer, messages, chat=True)
-    with pytest.raises(ConfigError, match="needs a PEFT model"):
+    with pytest.raises(ConfigError, match="needs a model whose adapter can be switched off"):
         WithoutAdapter(models[1])
 
 

@@ -15,8 +15,10 @@ from transformers import AutoModelForCausalLM
 import peftkit
 from contract import batch_for, logits, tiny
 from peftkit.errors import ConfigError
-from peftkit.methods import relora, relora_export, relora_optimizer
+from peftkit.methods import relora
 from peftkit.methods.relora import ReLoraConfig
+from peftkit.methods.relora import export as relora_export
+from peftkit.methods.relora import optimizer as relora_optimizer
 from peftkit.recipe import recipe_from_dict
 from peftkit.training import run
 
@@ -49,7 +51,7 @@ def _train_loop(mode, fraction=0.99):
         prune_fraction=fraction,
     )
     model = peftkit.apply(base, config)
-    hooks = peftkit.api.applied(model).method.hooks(model, config)
+    hooks = peftkit.api.applied(model).method.training_hooks(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     schedule = relora_optimizer.jagged_cosine_schedule(8, 1, 3, 2, min_ratio=0.1)
@@ -253,7 +255,7 @@ def test_bad_input():
     base, _ = tiny("gpt2")
     config = ReLoraConfig(rank=2, restart_every=1, restart_warmup_steps=0)
     model = peftkit.apply(base, config)
-    hooks = peftkit.api.applied(model).method.hooks(model, config)
+    hooks = peftkit.api.applied(model).method.training_hooks(model, config)
     with pytest.raises(ConfigError, match="bind_optimizer"):
         hooks.after_optimizer_step(model, 0)  # a restart is due but no optimizer was bound
 

@@ -13,7 +13,7 @@ from serve_support import MODEL, make_adapter
 
 import peftkit.api as api
 from peftkit.decoding.generate import generate
-from peftkit.methods.lora_rows import ROW_ADAPTERS
+from peftkit.methods.lora.rows import ROW_ADAPTERS
 from peftkit.models import load_model
 from peftkit.serve.engine import Engine, Limits
 from peftkit.serve.rows import Row

@@ -1,4 +1,4 @@
-"""Per-row LoRA for serving (methods/lora_rows.py): the stacked, gathered update gives each row the
+"""Per-row LoRA for serving (methods/lora/rows.py): the stacked, gathered update gives each row the
 logits PEFT's own mixed batch gives it (an independent implementation), the serving model is the
 base outside a per-row forward, adapters come and go, and what the stack cannot hold goes
 through PEFT's path or is refused."""
@@ -12,9 +12,9 @@ from serve_support import MODEL, make_adapter
 
 import peftkit
 from peftkit.errors import AdapterError
-from peftkit.methods import lora_compose as compose
-from peftkit.methods.lora_mixed_batch import mixed_forward
-from peftkit.methods.lora_rows import STACK_ATTRIBUTE, add, forward, remove
+from peftkit.methods.lora import compose
+from peftkit.methods.lora.mixed_batch import mixed_forward
+from peftkit.methods.lora.rows import STACK_ATTRIBUTE, add, forward, remove
 from peftkit.models import load_model
 
 

@@ -14,8 +14,8 @@ import transformers
 
 import peftkit
 from contract import batch_for, tiny
-from peftkit.methods.prefix_tuning import PrefixTuningConfig
-from peftkit.methods.prompt_tuning import PromptTuningConfig
+from peftkit.methods.virtual_tokens.prefix import PrefixTuningConfig
+from peftkit.methods.virtual_tokens.prompt import PromptTuningConfig
 
 PROVEN_TRANSFORMERS = "5.24"
 DECODERS = ["gpt2", "llama", "qwen2"]
@@ -56,7 +56,7 @@ def test_transformers_takes_the_cache_as_peftkit_expects():
         assert "cache" in parameters, (
             f"{model_class.__name__}.forward has no `cache` argument in transformers "
             f"{transformers.__version__} (proven: {PROVEN_TRANSFORMERS}); peftkit's virtual-token "
-            "hooks (src/peftkit/methods/virtual_tokens.py) must follow the new name."
+            "hooks (src/peftkit/methods/virtual_tokens/shared.py) must follow the new name."
         )
 
 

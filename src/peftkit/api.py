@@ -74,7 +74,7 @@ def apply(model: nn.Module, config: Any, **options: Any) -> nn.Module:
         raise ConfigError("Pass options either inside the config object or with a method name.")
     method = registry.method_for_config(config)
     storage = check_base(method, model)
-    tuned = method.apply(model, config)
+    tuned = method.prepare(model, config)
     if is_low_bit(storage):
         keep_float32_masters(tuned)
     mark_applied(tuned, method, config)
@@ -177,7 +177,7 @@ def load(base_model: nn.Module, folder: str | Path, allow_pickle: bool = False) 
     config = method.read_config(saved)
     tensors = io.read_tensors(folder, allow_pickle=allow_pickle)
     storage = check_base(method, base_model)
-    model = method.apply(base_model, config)
+    model = method.prepare(base_model, config)
     # float32 masters before the saved tensors are copied in, so they are not rounded to half
     undo = keep_float32_masters(model) if is_low_bit(storage) else lambda: None
     try:
@@ -186,7 +186,7 @@ def load(base_model: nn.Module, folder: str | Path, allow_pickle: bool = False) 
     except Exception:
         undo()
         if method.remove is not None:
-            method.remove(model)
+            method.take_out(model)
         raise
     mark_applied(model, method, config)
     return model
@@ -224,9 +224,26 @@ def _merge_onto_dequantized(model: nn.Module, state: Applied, dtype: Any) -> nn.
             "an unquantised base (no base.quantize)."
         )
     tensors = {name: tensor.detach().clone() for name, tensor in method.state_dict(model).items()}
-    base = method.remove(model)
+    base = method.take_out(model)
     release_float32_masters(model)
     dequantize(base, dtype or float_dtype(base))
-    tuned = method.apply(base, state.config)
+    tuned = method.prepare(base, state.config)
     method.load_state_dict(tuned, tensors)
     return method.merge(tuned)
+
+
+def convert(base_model: nn.Module, folder: str | Path, output: str | Path) -> Path:
+    """Rewrite the adapter in `folder` for the unchanged `base_model` (left as it is) into
+    `output`, through its method's conversion (PiSSA/OLoRA: a plain LoRA of rank 2r)."""
+    import copy
+
+    folder = Path(folder)
+    saved = io.read_json(folder / io.CONFIG_NAME, io.CONFIG_NAME)
+    method = registry.method_for_saved(saved)
+    if method.conversion is None or not method.conversion.needed(saved):
+        raise AdapterError(
+            f"{folder} holds a {method.name} adapter that loads on its base as it is: only "
+            "PiSSA/OLoRA-initialised adapters need converting. Save or merge it instead."
+        )
+    loaded = load(copy.deepcopy(base_model), folder)  # records the initial factors
+    return method.conversion.write(loaded, output, read_info(folder) or None)

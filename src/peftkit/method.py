@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,40 @@ def no_hooks(model: Any, config: Any) -> TrainingHooks:
     return TrainingHooks()
 
 
+def combined_hooks(*hooks: TrainingHooks) -> TrainingHooks:
+    """One TrainingHooks from several whose set fields do not overlap (a method's and its
+    options'); two parts claiming the same moment is a bug in the method, said by name."""
+    merged: dict[str, Any] = {}
+    for part in hooks:
+        for item in dataclasses.fields(part):
+            value = getattr(part, item.name)
+            if value is None:
+                continue
+            if item.name in merged:
+                raise ConfigError(f"Two parts of one method both set the {item.name} hook.")
+            merged[item.name] = value
+    return TrainingHooks(**merged)
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """A named option of a method (LoRA's initialisation, LoRA+): what it adds around the
+    record's own functions, each part optional. The record runs them in its order: `check`
+    before apply changes anything, `after_apply` on the applied model, `after_remove(applied,
+    plain)` once the method is taken out again, `saved(config)` adds keys to
+    adapter_config.json, `from_saved(saved)` gives back the config fields those keys hold, and
+    `hooks` adds training hooks."""
+
+    name: str
+    description: str
+    check: Callable[[Any, Any], None] | None = None
+    after_apply: Callable[[Any, Any], None] | None = None
+    after_remove: Callable[[Any, Any], None] | None = None
+    saved: Callable[[Any], dict[str, Any]] | None = None
+    from_saved: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    hooks: Callable[[Any, Any], TrainingHooks] | None = None
+
+
 def peftkit_adapter_config(method_name: str) -> Callable[[Any, Any], dict[str, Any]]:
     """adapter_config.json for peftkit's own methods: no peft_type, so PEFT refuses the folder."""
 
@@ -76,6 +111,42 @@ class RowAdapters:
     add: Callable[[Any, str, Any], Any]
     remove: Callable[[Any, str], Any]
     forward: Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Composition:
+    """Several adapters of one method on one base, switched and combined: what `peftkit combine`
+    and the playground need from a method.
+
+    how: the combination rules it knows; equal_ranks: those that need equal ranks;
+    check_source(saved) refuses an adapter_config.json that cannot combine, saying why;
+    rank(saved): an adapter's rank once loaded; check_density(how, density) refuses a rule's
+    density; all of these before any model loads. load(base, {name: folder}) -> the model holding
+    them all (the first active); names(model); activate(model, name); combine(model, names,
+    weights, name, how=, density=, svd_rank=) adds a combination as a new adapter; delete(model,
+    name); save(model, name, folder) writes one in the method's files."""
+
+    how: tuple[str, ...]
+    equal_ranks: frozenset[str]
+    check_source: Callable[[dict[str, Any]], None]
+    rank: Callable[[dict[str, Any]], int]
+    check_density: Callable[[str, float | None], None]
+    load: Callable[[Any, dict[str, Any]], Any]
+    names: Callable[[Any], list[str]]
+    activate: Callable[[Any, str], None]
+    combine: Callable[..., Any]
+    delete: Callable[[Any, str], None]
+    save: Callable[[Any, str, Any], Any]
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """Rewriting a trained adapter so that it loads on the original base (PiSSA/OLoRA's adapters
+    trained on a base their init rewrote): needed(saved adapter_config) says whether one must;
+    write(loaded model, output folder, info) writes the converted adapter (api.convert loads)."""
+
+    needed: Callable[[dict[str, Any]], bool]
+    write: Callable[[Any, Any, dict[str, Any] | None], Any]
 
 
 @dataclass(frozen=True)
@@ -113,17 +184,64 @@ class Method:
     # Why the method cannot adapt a quantised base though it keeps the base frozen (PEFT's tuner
     # wraps plain Linear layers only). Empty: it can.
     no_quantized_base: str = ""
+    # Named options of the method, run around apply, remove, saving and training (MethodOption).
+    options: tuple[MethodOption, ...] = ()
+    # Switch the adapter off without removing it: switch_off(applied model) -> off, and inside
+    # `with off():` the model computes as the plain base (Proxy-Tuning's anti-expert, the
+    # playground's base column, a preference-tuning reference model). None: the method changes
+    # the base's own weights (or trains its norms), so there is no adapter to switch off.
+    switch_off: Callable[[Any], Callable[[], AbstractContextManager[Any]]] | None = None
+    # Several of its adapters on one base, switched and combined (peftkit combine, the playground).
+    composition: Composition | None = None
+    # Rewrite a trained adapter so that it loads on the original base (Conversion). None: the
+    # method's adapters always load on the base they name.
+    conversion: Conversion | None = None
+
+    def prepare(self, model: Any, config: Any) -> Any:
+        """apply with the method's options around it: their checks first, their work after."""
+        for option in self.options:
+            if option.check is not None:
+                option.check(model, config)
+        tuned = self.apply(model, config)
+        for option in self.options:
+            if option.after_apply is not None:
+                option.after_apply(tuned, config)
+        return tuned
+
+    def take_out(self, model: Any) -> Any:
+        """remove, then what each option must put back on the plain base."""
+        if self.remove is None:
+            raise ConfigError(f"Method '{self.name}' cannot be taken out of a model.")
+        plain = self.remove(model)
+        for option in self.options:
+            if option.after_remove is not None:
+                option.after_remove(model, plain)
+        return plain
+
+    def training_hooks(self, model: Any, config: Any) -> TrainingHooks:
+        """The method's own hooks and its options', as one record."""
+        parts = [self.hooks(model, config)]
+        parts += [option.hooks(model, config) for option in self.options if option.hooks]
+        return combined_hooks(*parts)
 
     def saved_config(self, model: Any, config: Any) -> dict[str, Any]:
         """What goes into adapter_config.json for this method."""
         writer = self.adapter_config or peftkit_adapter_config(self.name)
-        return writer(model, config)
+        saved = writer(model, config)
+        for option in self.options:
+            if option.saved is not None:
+                saved.update(option.saved(config))
+        return saved
 
     def read_config(self, saved: dict[str, Any]) -> Any:
         """The config object described by a saved adapter_config.json."""
         reader = self.config_from_adapter or config_from_peftkit_adapter(self.config_cls)
         try:
-            return reader(saved)
+            config = reader(saved)
+            for option in self.options:
+                if option.from_saved is not None:
+                    config = dataclasses.replace(config, **option.from_saved(saved))
+            return config
         except KeyError as missing:  # a hand-edited or truncated adapter_config.json
             raise AdapterError(
                 f"adapter_config.json of this {self.name} adapter lacks the key {missing}; "

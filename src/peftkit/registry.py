@@ -11,18 +11,11 @@ from peftkit.methods.adalora import ADALORA
 from peftkit.methods.bitfit import BITFIT
 from peftkit.methods.bottleneck import BOTTLENECK
 from peftkit.methods.child_tuning import CHILD_TUNING
-from peftkit.methods.dora import DORA
 from peftkit.methods.full import FULL
-from peftkit.methods.ia3 import IA3
-from peftkit.methods.loha import LOHA
-from peftkit.methods.lokr import LOKR
-from peftkit.methods.lora import LORA
-from peftkit.methods.oft import OFT
-from peftkit.methods.prefix_tuning import PREFIX_TUNING
-from peftkit.methods.prompt_tuning import PROMPT_TUNING
+from peftkit.methods.lora import DORA, LORA, RSLORA
+from peftkit.methods.peft_tuners import IA3, LOHA, LOKR, OFT, VERA
 from peftkit.methods.relora import RELORA
-from peftkit.methods.rslora import RSLORA
-from peftkit.methods.vera import VERA
+from peftkit.methods.virtual_tokens import PREFIX_TUNING, PROMPT_TUNING
 
 METHODS: list[Method] = [
     LORA,

@@ -14,8 +14,8 @@ from peftkit.cli.common import check_positive, run_folder
 
 def cmd_combine(args: argparse.Namespace) -> int:
     """Combine trained runs' adapters each way; score every combination on every source task."""
+    from peftkit.combine import plan, read_sources, run_combine
     from peftkit.errors import ConfigError
-    from peftkit.methods.combine_runs import plan, read_sources, run_combine
 
     check_positive("--max-eval-examples", args.max_eval_examples)
     if not 0.0 <= args.max_loss <= 1.0:
@@ -42,21 +42,28 @@ def cmd_combine(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     """Rewrite a PiSSA/OLoRA-initialised adapter for the original base model."""
     import peftkit.api as api
+    from peftkit import io, registry
     from peftkit.errors import ConfigError
-    from peftkit.methods.lora_convert import convert_folder
     from peftkit.models import load_model
 
     _, adapter_dir = run_folder(Path(args.adapter))
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise ConfigError(f"{output} is not empty: choose another --output, or --overwrite.")
+    saved = io.read_json(adapter_dir / io.CONFIG_NAME, io.CONFIG_NAME)
+    method = registry.method_for_saved(saved)
+    if method.conversion is None or not method.conversion.needed(saved):
+        raise ConfigError(
+            f"{adapter_dir} holds a {method.name} adapter that loads on its base as it is: only "
+            "PiSSA/OLoRA-initialised adapters need converting. Save or merge it instead."
+        )
     info = api.read_info(adapter_dir)
     base = args.model or info.get("base_model")
     if not base:
         raise ConfigError(f"{adapter_dir} does not name its base model: pass --model.")
     labels = info.get("labels") or []
     model, _ = load_model(base, info.get("task", "causal-lm"), num_labels=len(labels) or None)
-    convert_folder(model, adapter_dir, output)
+    api.convert(model, adapter_dir, output)
     print(f"wrote {output}: a plain LoRA adapter for the unchanged {base} (rank doubled)")
     return 0
 

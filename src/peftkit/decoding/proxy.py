@@ -49,39 +49,35 @@ def proxy_logits(
 
 
 class WithoutAdapter:
-    """A PEFT model with its adapter switched off: an anti-expert sharing the expert's weights."""
+    """A peftkit-adapted model with its adapter switched off: an anti-expert sharing the expert's
+    weights. The switch is the method record's own capability (Method.switch_off)."""
 
-    def __init__(self, peft_model: Any) -> None:
-        if not hasattr(peft_model, "disable_adapter"):
+    def __init__(self, adapted_model: Any, switch_off: Any = None) -> None:
+        """switch_off: the method's capability, where the model is not one peftkit.apply or
+        peftkit.load returned (several adapters loaded through a method's composition)."""
+        from peftkit.method import APPLIED_ATTRIBUTE
+
+        state = getattr(adapted_model, APPLIED_ATTRIBUTE, None)
+        if switch_off is not None:
+            self.peft_model = adapted_model
+            self.adapter_off = switch_off(adapted_model)
+            return
+        if state is None or state.method.switch_off is None:
+            what = type(adapted_model).__name__
+            if state is not None:
+                what = f"a {state.method.name} model (it changes the base's own weights)"
             raise ConfigError(
-                f"WithoutAdapter needs a PEFT model (one with disable_adapter()), got "
-                f"{type(peft_model).__name__}. Pass the untuned small model as anti_expert instead."
+                f"WithoutAdapter needs a model whose adapter can be switched off (applied or "
+                f"loaded by peftkit with LoRA, a PEFT tuner or virtual tokens), got {what}. "
+                "Pass the untuned small model as anti_expert instead."
             )
-        self.peft_model = peft_model
-        self.layers = switchable_layers(peft_model)
+        self.peft_model = adapted_model
+        self.adapter_off = state.method.switch_off(adapted_model)
 
     def __call__(self, **inputs: Any) -> Any:
-        """The PEFT model's forward with its adapter off."""
+        """The model's forward with its adapter off."""
         with self.adapter_off():
             return self.peft_model(**inputs)
-
-    @contextlib.contextmanager
-    def adapter_off(self) -> Iterator[None]:
-        """Switch the adapter off for the duration, then back on where it was on."""
-        if not self.layers:  # prompt learning and the like: PEFT's own context manager
-            with self.peft_model.disable_adapter():
-                yield
-            return
-        # Switching the adapter layers directly skips the whole-model status walk that
-        # disable_adapter() makes on entry, which costs milliseconds per step on deep models.
-        switched = [layer for layer in self.layers if not layer.disable_adapters]
-        try:
-            for layer in switched:
-                layer.enable_adapters(False)
-            yield
-        finally:
-            for layer in switched:
-                layer.enable_adapters(True)
 
     @property
     def config(self) -> Any:
@@ -89,23 +85,8 @@ class WithoutAdapter:
         return self.peft_model.config
 
     def get_base_model(self) -> Any:
-        """The PEFT model (so code that unwraps models finds the weights)."""
+        """The adapted model (so code that unwraps models finds the weights)."""
         return self.peft_model
-
-
-def switchable_layers(peft_model: Any) -> list[Any]:
-    """The PEFT layers that switch their adapter on and off (LoRA-like layers, saved modules)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    configs = getattr(peft_model, "peft_config", None)
-    if not isinstance(configs, dict):  # peftkit's own models (virtual tokens): their context
-        return []
-    config = configs[peft_model.active_adapter]
-    if config.is_prompt_learning or getattr(config, "is_adaption_prompt", False):
-        return []
-    kinds = (BaseTunerLayer, AuxiliaryTrainingWrapper)
-    return [module for module in peft_model.modules() if isinstance(module, kinds)]
 
 
 class ProxyLogitsProcessor(LogitsProcessor):

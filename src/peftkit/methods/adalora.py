@@ -269,6 +269,7 @@ ADALORA = Method(
     hooks=hooks,
     merge=lora.merge,
     remove=lora.remove,
+    switch_off=lora.switch_off,
     peft_type="ADALORA",
     adapter_config=adapter_config,
     config_from_adapter=config_from_adapter,

@@ -182,7 +182,7 @@ def run(
     # Resuming rebuilds the adapter from the checkpoint (including what prepare chose).
     model = api.apply(model, config) if checkpoint is None else api.load(model, checkpoint)
     method = api.applied(model)
-    hooks = method.method.hooks(model, method.config)
+    hooks = method.method.training_hooks(model, method.config)
     refuse_unsupported_sharding(method.method.name, hooks, recipe, resume)
     args = training_arguments(recipe, output)  # under torchrun this joins the process group
     prepare_seconds = 0.0

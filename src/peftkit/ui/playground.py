@@ -31,7 +31,10 @@ class Loaded:
     tokenizer: Any
     tuned: Any
     chat: bool  # the adapters were trained on chat: prompts go through the chat template
-    weighted: bool  # the adapters mix with weights (LoRA family); else one adapter as it is
+    # The method's composition capability where the adapters mix with weights (LoRA family);
+    # None: one adapter of another method, loaded as it is.
+    composition: Any
+    switch_off: Any  # the method's switch-off capability (None: the proxy column cannot run)
     weights: tuple[float, ...] | None = None  # the weights of the current mix
     notes: list[str] = field(default_factory=list)
 
@@ -77,38 +80,47 @@ class Playground:
     def _load(self, key: Any, model: str, folders: dict[str, Path]) -> Loaded:
         """Load base and tuned copy; mixable adapters through the composition tools."""
         import peftkit.api as api
-        from peftkit.methods.lora_compose import load_adapters
+        from peftkit import io, registry
         from peftkit.models import load_model
         from peftkit.tasks import get_task_type
 
         task = _task_of(folders)
+        methods = {
+            name: registry.method_for_saved(io.read_json(f / io.CONFIG_NAME, io.CONFIG_NAME))
+            for name, f in folders.items()
+        }
+        compositions = {id(m.composition) for m in methods.values()}
+        composition = next(iter(methods.values())).composition
+        if len(folders) > 1 and (composition is None or len(compositions) > 1):
+            raise AdapterError(
+                f"These adapters do not mix ({ {n: m.name for n, m in methods.items()} }): "
+                "choose adapters of one method family that combines (LoRA, rsLoRA, DoRA), or one."
+            )
         base, tokenizer = load_model(model, task)
         copy, _ = load_model(model, task)
         notes = []
-        try:
-            tuned, weighted = load_adapters(copy, {n: str(f) for n, f in folders.items()}), True
-        except AdapterError as error:
-            if len(folders) > 1:
-                raise
-            # One adapter of a method the composition tools do not mix: load it as it is.
-            copy, _ = load_model(model, task)  # the failed attempt may have touched the copy
-            tuned, weighted = api.load(copy, next(iter(folders.values()))), False
-            notes.append(f"weights do not apply: {error}")
+        if composition is not None:
+            tuned = composition.load(copy, {n: str(f) for n, f in folders.items()})
+        else:
+            tuned = api.load(copy, next(iter(folders.values())))
+            notes.append(f"weights do not apply: {methods[next(iter(folders))].name} adapters "
+                         "do not combine")  # fmt: skip
         chat = get_task_type(task).chat
-        return Loaded(key, base.eval(), tokenizer, tuned.eval(), chat, weighted, notes=notes)
+        switch_off = methods[next(iter(folders))].switch_off
+        return Loaded(key, base.eval(), tokenizer, tuned.eval(), chat, composition, switch_off,
+                      notes=notes)  # fmt: skip
 
     def _mix(self, loaded: Loaded, weights: list[float]) -> None:
         """Make the tuned copy's active adapter the weighted sum of the loaded ones."""
-        from peftkit.methods.lora_compose import adapter_names, combine, set_active
-
-        if not loaded.weighted or loaded.weights == tuple(weights):
+        composition = loaded.composition
+        if composition is None or loaded.weights == tuple(weights):
             return
-        names = [name for name in adapter_names(loaded.tuned) if name != MIX]
-        set_active(loaded.tuned, names[0])
-        if MIX in adapter_names(loaded.tuned):
-            loaded.tuned.delete_adapter(MIX)
-        combine(loaded.tuned, names, list(weights), MIX, how="cat")
-        set_active(loaded.tuned, MIX)
+        names = [name for name in composition.names(loaded.tuned) if name != MIX]
+        composition.activate(loaded.tuned, names[0])
+        if MIX in composition.names(loaded.tuned):
+            composition.delete(loaded.tuned, MIX)
+        composition.combine(loaded.tuned, names, list(weights), MIX, how="cat")
+        composition.activate(loaded.tuned, MIX)
         loaded.weights = tuple(weights)
 
     def generate(
@@ -138,7 +150,7 @@ class Playground:
             for role in which:
                 try:
                     if role == "proxy":
-                        anti_expert = WithoutAdapter(loaded.tuned)
+                        anti_expert = WithoutAdapter(loaded.tuned, loaded.switch_off)
                         texts[role] = proxy_generate(
                             loaded.base, loaded.tuned, anti_expert, loaded.tokenizer, [prompt],
                             alpha=alpha, **options,

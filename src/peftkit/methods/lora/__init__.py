@@ -1,7 +1,14 @@
-"""LoRA (Hu et al., 2021) through HF PEFT: W' = W + (alpha / r) * B A, with B zero at the start.
+"""The LoRA family through HF PEFT: LoRA, rsLoRA and DoRA, their records and what they share.
 
-rsLoRA and DoRA are the same machinery with one PEFT flag each (see rslora.py and dora.py);
-this file holds the shared functions and plain LoRA's record."""
+- LoRA (Hu et al., 2021): W' = W + (alpha / r) * B A, with B zero at the start.
+- rsLoRA (Kalajdzievski, 2023): scaled by alpha / sqrt(r), so higher ranks keep learning.
+- DoRA (Liu et al., 2024): W' = m * (W + BA) / ||W + BA||_c; LoRA moves the direction, m trains.
+
+The family's parts, each a file of this package: fast.py and down.py (peftkit's faster forward on
+PEFT's layers), init.py and loftq.py (how A and B start: the INIT option), plus.py (LoRA+: the
+LORA_PLUS option), rows.py and mixed_batch.py (a different adapter per batch row, for serving),
+compose.py (several adapters on one base, combined: the COMPOSITION capability), convert.py
+(PiSSA/OLoRA adapters rewritten for the original base)."""
 
 from __future__ import annotations
 
@@ -11,11 +18,15 @@ from typing import Any
 import peft
 from torch import nn
 
-from peftkit.method import Method
-from peftkit.methods import lora_fast, lora_options
-from peftkit.methods.lora_init import INITS, check_init_name, init_from_saved, peft_options
-from peftkit.methods.lora_rows import ROW_ADAPTERS
-from peftkit.methods.peft_tuner import load_state_dict, state_dict
+from peftkit.errors import AdapterError
+from peftkit.method import Composition, Method
+from peftkit.methods.lora import compose
+from peftkit.methods.lora import fast as lora_fast
+from peftkit.methods.lora.convert import CONVERSION, needs_conversion
+from peftkit.methods.lora.init import INIT, INITS, check_init_name, init_from_saved, peft_options
+from peftkit.methods.lora.plus import LORA_PLUS
+from peftkit.methods.lora.rows import ROW_ADAPTERS
+from peftkit.methods.peft_tuners.base import load_state_dict, state_dict, switch_off
 from peftkit.targeting import default_targets, resolve_targets, task_head_modules, task_type
 
 
@@ -126,27 +137,77 @@ def config_from_adapter(saved: dict[str, Any]) -> LoraConfig:
         use_rslora=saved.get("use_rslora", False),
         use_dora=saved.get("use_dora", False),
         **init_from_saved(saved),
-        loraplus_lr_ratio=saved.get(lora_options.LORAPLUS_KEY),
     )
 
 
+def check_combinable(saved: dict[str, Any]) -> None:
+    """Refuse an adapter that cannot share the plain base with others (LoftQ's belongs to its
+    quantised base); PiSSA/OLoRA ones need converting first (CONVERSION), as combine does."""
+    if saved.get("init_lora_weights") == "loftq":
+        raise AdapterError(
+            "an adapter initialised with LoftQ belongs to its quantised base and does not "
+            "combine with adapters of the full-precision base; merge it on its own instead."
+        )
+
+
+def rank_once_loaded(saved: dict[str, Any]) -> int:
+    """The rank an adapter has once loaded: PiSSA/OLoRA ones double when converted."""
+    rank = int(saved["r"])
+    return 2 * rank if needs_conversion(saved) else rank
+
+
+COMPOSITION = Composition(
+    how=compose.COMBINATIONS,
+    equal_ranks=frozenset(compose.NEEDS_EQUAL_RANKS),
+    check_source=check_combinable,
+    rank=rank_once_loaded,
+    check_density=compose.check_density,
+    load=compose.load_adapters,
+    names=compose.adapter_names,
+    activate=compose.set_active,
+    combine=compose.combine,
+    delete=lambda model, name: model.delete_adapter(name),
+    save=compose.save_adapter,
+)
+
+
+@dataclass(frozen=True)
+class RsLoraConfig(LoraConfig):
+    """LoRA with the rank-stabilised scale alpha / sqrt(r)."""
+
+    use_rslora: bool = field(default=True, metadata={"help": "scale by alpha / sqrt(r)"})
+
+
+@dataclass(frozen=True)
+class DoraConfig(LoraConfig):
+    """LoRA with weight decomposition into magnitude and direction."""
+
+    use_dora: bool = field(default=True, metadata={"help": "DoRA magnitude/direction split"})
+
+
 def lora_method(name: str, config_cls: type, description: str) -> Method:
-    """A Method record over the LoRA functions above (shared by LoRA, rsLoRA and DoRA)."""
+    """A Method record over the LoRA functions above (shared by LoRA, rsLoRA and DoRA), with
+    its two options: how A and B start (INIT) and B's learning rate (LORA_PLUS)."""
     return Method(
         name=name,
         config_cls=config_cls,
-        apply=lora_options.initialising(apply),
+        apply=apply,
         state_dict=state_dict,
         load_state_dict=load_state_dict,
-        hooks=lora_options.hooks,
         merge=merge,
-        remove=lora_options.restoring(remove),
+        remove=remove,
         peft_type="LORA",
-        adapter_config=lora_options.recording(adapter_config),
+        adapter_config=adapter_config,
         config_from_adapter=config_from_adapter,
         description=description,
         row_adapters=ROW_ADAPTERS,
+        options=(INIT, LORA_PLUS),
+        switch_off=switch_off,
+        composition=COMPOSITION,
+        conversion=CONVERSION,
     )
 
 
 LORA = lora_method("lora", LoraConfig, "low-rank update B A on chosen linear layers (HF PEFT)")
+RSLORA = lora_method("rslora", RsLoraConfig, "LoRA scaled by alpha / sqrt(r) (HF PEFT)")
+DORA = lora_method("dora", DoraConfig, "LoRA on the direction plus a trained magnitude (HF PEFT)")

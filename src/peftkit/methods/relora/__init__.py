@@ -29,7 +29,7 @@ from torch import nn
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.method import Method, TrainingHooks
 from peftkit.methods import lora
-from peftkit.methods.relora_optimizer import reset_optimizer_state, rewarm_factor
+from peftkit.methods.relora.optimizer import reset_optimizer_state, rewarm_factor
 
 RESET_MODES = ("full", "prune")
 DELTA_SUFFIX = ".relora_delta"  # on-disk key suffix of a module's accumulated merged update

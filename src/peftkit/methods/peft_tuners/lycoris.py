@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from peftkit.methods import peft_tuner
+from peftkit.methods.peft_tuners import base as peft_tuner
 
 
 @dataclass(frozen=True)

@@ -27,17 +27,17 @@ from torch.nn.utils import parametrize
 from peftkit.config import to_dict
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.method import Method, TrainingHooks
-from peftkit.methods import sparse_patch
-from peftkit.methods.child_tuning_adamw import ChildTuningAdamW, replaceable
-from peftkit.methods.child_tuning_config import ChildTuningConfig
-from peftkit.methods.child_tuning_masks import MaskRecord, mask_around, record_changes
-from peftkit.methods.child_tuning_subnetwork import (
+from peftkit.methods.child_tuning import sparse_patch
+from peftkit.methods.child_tuning.adamw import ChildTuningAdamW, replaceable
+from peftkit.methods.child_tuning.config import ChildTuningConfig
+from peftkit.methods.child_tuning.masks import MaskRecord, mask_around, record_changes
+from peftkit.methods.child_tuning.sparse_patch import index_dtype
+from peftkit.methods.child_tuning.subnetwork import (
     SubnetworkValues,
     install_values,
     planned_indices,
     subnetwork_indices,
 )
-from peftkit.methods.sparse_patch import index_dtype
 from peftkit.targeting import task_head_modules
 
 _STATE = "_peftkit_child_tuning"

@@ -41,7 +41,7 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit.methods import lora_fast_down
+from peftkit.methods.lora import down as lora_fast_down
 
 # PEFT's LoRA layers over bitsandbytes' NF4 and LLM.int8 layers (a quantised base, lowbit.md):
 # the base computes through its own forward, in the input's dtype.

@@ -23,7 +23,7 @@ import peft
 from torch import nn
 
 from peftkit.errors import TargetError
-from peftkit.methods import peft_tuner
+from peftkit.methods.peft_tuners import base as peft_tuner
 from peftkit.targeting import (
     feed_forward_down,
     key_value_targets,

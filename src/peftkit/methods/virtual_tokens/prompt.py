@@ -21,7 +21,7 @@ from torch import nn
 
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.method import Method
-from peftkit.methods import virtual_tokens as vt
+from peftkit.methods.virtual_tokens import shared as vt
 from peftkit.targeting import task_head_modules, task_type
 
 INIT_CHOICES = ("random", "text")

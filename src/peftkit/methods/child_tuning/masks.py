@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from peftkit.methods.sparse_patch import saved_count
+from peftkit.methods.child_tuning.sparse_patch import saved_count
 
 _LANES = 65536  # each keep decision reads 16 random bits: p is used in steps of 1/65536
 _LOW_32 = 0xFFFFFFFF

@@ -30,7 +30,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from peftkit import io
 from peftkit.errors import AdapterError
 from peftkit.method import RowAdapters
-from peftkit.methods.lora_compose import BASE, adapter_names, add_adapter, check_loaded
+from peftkit.methods.lora.compose import BASE, adapter_names, add_adapter, check_loaded
 
 STACK_ATTRIBUTE = "_peftkit_row_stack"
 

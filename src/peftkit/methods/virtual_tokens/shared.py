@@ -263,3 +263,8 @@ def text_config(model: nn.Module) -> Any:
             "transformers model (loaded with peftkit.load_model or from_pretrained)."
         )
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def switch_off(model: Any) -> Callable[[], Any]:
+    """The Method.switch_off capability: the wrapper's own disable_adapter (hooks gated off)."""
+    return model.disable_adapter

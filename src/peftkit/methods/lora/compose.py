@@ -73,7 +73,7 @@ def _read_lora_config(folder: Path) -> dict[str, Any]:
         raise AdapterError(
             f"{folder} was initialised with {init}: it trained on a rewritten base and would "
             "change the base for every other adapter. Convert it first: "
-            "peftkit.methods.lora_convert.convert_folder(base, folder, output) (peftkit combine "
+            "peftkit.api.convert(base, folder, output) (peftkit combine "
             "does this itself)."
         )
     if init == "loftq":
@@ -148,7 +148,7 @@ def check_loaded(model: nn.Module, names: list[str]) -> None:
     if missing:
         raise AdapterError(
             f"Adapter(s) {missing} not loaded; loaded adapters: {loaded or 'none'}. "
-            "Load them with peftkit.methods.lora_compose.add_adapter(model, name, folder)."
+            "Load them with peftkit.methods.lora.compose.add_adapter(model, name, folder)."
         )
 
 

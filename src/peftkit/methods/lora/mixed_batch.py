@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import AdapterError, DataError
-from peftkit.methods.lora_compose import BASE, check_loaded
+from peftkit.methods.lora.compose import BASE, check_loaded
 
 
 def row_adapter_names(model: nn.Module, adapters: Sequence[str | None], rows: int) -> list[str]:

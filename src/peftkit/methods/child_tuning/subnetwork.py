@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from peftkit.errors import DataError
-from peftkit.methods.sparse_patch import index_dtype
+from peftkit.methods.child_tuning.sparse_patch import index_dtype
 from peftkit.targeting import in_layer_stack
 
 

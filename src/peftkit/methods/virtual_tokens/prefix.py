@@ -24,8 +24,8 @@ from transformers import DynamicCache, EncoderDecoderCache
 
 from peftkit.errors import AdapterError, ConfigError, DataError
 from peftkit.method import Method
-from peftkit.methods import virtual_tokens as vt
-from peftkit.methods.prefix_layout import PrefixEncoder, layout
+from peftkit.methods.virtual_tokens import shared as vt
+from peftkit.methods.virtual_tokens.prefix_layout import PrefixEncoder, layout
 from peftkit.targeting import task_head_modules, task_type
 
 
@@ -254,6 +254,7 @@ PREFIX_TUNING = Method(
     load_state_dict=load_state_dict,
     merge=merge,
     remove=remove,
+    switch_off=vt.switch_off,
     peft_type="PREFIX_TUNING",
     adapter_config=adapter_config,
     config_from_adapter=config_from_adapter,

@@ -1,5 +1,6 @@
-"""`peftkit combine`: several trained LoRA-family runs on one base, combined each way
-(lora_compose.py), and every combination scored on each source task's held-out data.
+"""`peftkit combine`: several trained runs of one method family on one base, combined each way
+through the method record's composition capability (LoRA's: methods/lora/compose.py), and every
+combination scored on each source task's held-out data.
 
 Each source is a run folder (its `recipe.yaml` says the base, the task and the data; its
 `adapter/` the weights). Everything that can be refused is refused before a model loads or a file
@@ -19,14 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import peft
 from torch import nn
 
-from peftkit import io
+from peftkit import api, io, registry
 from peftkit.data.collate import Collator
 from peftkit.errors import AdapterError, ConfigError
-from peftkit.methods import lora_compose as compose
-from peftkit.methods.lora_convert import convert_folder
+from peftkit.method import Composition
 from peftkit.recipe import Recipe, load_recipe
 from peftkit.tables import markdown_table
 from peftkit.tasks import TaskData, get_task_type, headline_metric, higher_is_better, split_rows
@@ -90,19 +89,30 @@ def _targets(saved: dict[str, Any]) -> Any:
     return sorted(targets) if isinstance(targets, list) else targets
 
 
+def composition_of(source: Source) -> Composition:
+    """The composition capability of the method that wrote a source's adapter, or a refusal."""
+    method = registry.method_for_saved(source.saved)
+    if method.composition is None:
+        raise AdapterError(
+            f"Run '{source.name}' trained {method.name}, whose adapters do not combine; "
+            f"these do: {', '.join(m.name for m in registry.METHODS if m.composition)}."
+        )
+    return method.composition
+
+
 def check_sources(sources: list[Source]) -> None:
     """Refuse sources that cannot be combined, before anything loads."""
+    compositions = {source.name: composition_of(source) for source in sources}
+    if len(set(map(id, compositions.values()))) > 1:
+        raise AdapterError(
+            "The runs trained methods of different families "
+            f"({ {s.name: s.recipe.method.get('name') for s in sources} }): combine one family."
+        )
     for source in sources:
-        if source.saved.get("peft_type") != "LORA":
-            raise AdapterError(
-                f"Run '{source.name}' trained {source.recipe.method.get('name')!r}, not a LoRA-"
-                "family adapter (lora, rslora, dora): only those combine."
-            )
-        if source.saved.get("init_lora_weights") == "loftq":
-            raise AdapterError(
-                f"Run '{source.name}' used init loftq: its adapter belongs to its quantised base "
-                "and does not combine with adapters of the full-precision base."
-            )
+        try:
+            compositions[source.name].check_source(source.saved)
+        except AdapterError as error:
+            raise AdapterError(f"Run '{source.name}': {error}") from None
     bases = {s.name: s.recipe.model for s in sources}
     if len(set(bases.values())) > 1:
         raise AdapterError(f"The runs were trained on different base models: {bases}.")
@@ -122,12 +132,6 @@ def check_sources(sources: list[Source]) -> None:
             )
 
 
-def rank_of(source: Source) -> int:
-    """The rank a source's adapter has once loaded (PiSSA/OLoRA ones double when converted)."""
-    rank = int(source.saved["r"])
-    return 2 * rank if source.saved.get("init_lora_weights") in ("pissa", "olora") else rank
-
-
 def plan(
     sources: list[Source], hows: list[str], weights: list[float] | None,
     density: float | None = None, svd_rank: int | None = None,
@@ -136,21 +140,22 @@ def plan(
     weights = list(weights) if weights else [1.0 / len(sources)] * len(sources)
     if len(weights) != len(sources):
         raise ConfigError(f"Give one weight per run: {len(sources)} runs, {len(weights)} weights.")
-    ranks = {s.name: rank_of(s) for s in sources}
+    composition = composition_of(sources[0])
+    ranks = {s.name: composition.rank(s.saved) for s in sources}
     combinations = []
     for how in hows:
-        if how not in compose.COMBINATIONS:
+        if how not in composition.how:
             raise ConfigError(
-                f"Unknown combination '{how}'; use one of: {', '.join(compose.COMBINATIONS)}."
+                f"Unknown combination '{how}'; use one of: {', '.join(composition.how)}."
             )
-        if how in compose.NEEDS_EQUAL_RANKS and len(set(ranks.values())) > 1:
+        if how in composition.equal_ranks and len(set(ranks.values())) > 1:
             raise AdapterError(
                 f"Combination '{how}' merges the A and B factors one by one and needs equal "
                 f"ranks; the runs' ranks are {ranks}. Use cat, task_arithmetic, svd or an "
                 "'_svd' form."
             )
         prunes = how.startswith(("ties", "dare", "magnitude"))
-        compose.check_density(how, density if prunes else None)
+        composition.check_density(how, density if prunes else None)
         if svd_rank is not None and svd_rank < 1:
             raise ConfigError(f"--svd-rank must be at least 1, got {svd_rank}.")
         rank = svd_rank if how.endswith("svd") else None
@@ -161,9 +166,9 @@ def plan(
     return combinations
 
 
-def load_sources(sources: list[Source]) -> tuple[peft.PeftModel, Any]:
-    """The shared base with every source's adapter loaded under its name (PiSSA/OLoRA adapters
-    converted for the original base first, in a temporary folder)."""
+def load_sources(sources: list[Source]) -> tuple[Any, Any]:
+    """The shared base with every source's adapter loaded under its name (the method's own
+    composition loads them, converting any that trained on a rewritten base)."""
     from peftkit.models import load_model
 
     recipe = sources[0].recipe
@@ -172,13 +177,13 @@ def load_sources(sources: list[Source]) -> tuple[peft.PeftModel, Any]:
         folders = {}
         for source in sources:
             folder = source.adapter
-            if source.saved.get("init_lora_weights") in ("pissa", "olora"):
-                folder = convert_folder(base, folder, Path(scratch) / source.name)
-                print(f"converted '{source.name}' ({source.saved['init_lora_weights']}) to a "
-                      "plain LoRA for the original base (PEFT's conversion)")  # fmt: skip
+            conversion = registry.method_for_saved(source.saved).conversion
+            if conversion is not None and conversion.needed(source.saved):
+                folder = api.convert(base, folder, Path(scratch) / source.name)
+                print(f"converted '{source.name}' for the original base (its method's "
+                      "conversion)")  # fmt: skip
             folders[source.name] = folder
-        model = compose.load_adapters(base, folders)
-    return model, tokenizer
+        return composition_of(sources[0]).load(base, folders), tokenizer
 
 
 def task_data(source: Source, tokenizer: Any, max_eval_examples: int | None) -> TaskData:
@@ -246,22 +251,24 @@ def run_combine(
     max_eval_examples: int | None = None, save_adapters: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Build every combination, score every model on every source task; the report as data."""
+    composition = composition_of(sources[0])
     model, tokenizer = load_sources(sources)
     data = {s.name: task_data(s, tokenizer, max_eval_examples) for s in sources}
     metrics: dict[str, dict[str, dict[str, float]]] = {}
-    with model.disable_adapter():
+    method = registry.method_for_saved(sources[0].saved)
+    with method.switch_off(model)():  # the base column: every adapter switched off
         metrics["base"] = {s.name: score(model, s, data[s.name], tokenizer) for s in sources}
     names = [s.name for s in sources]
     for label in names + [c.label for c in combinations]:
         if label not in names:
             combination = next(c for c in combinations if c.label == label)
-            compose.combine(
+            composition.combine(
                 model, names, list(combination.weights), label, how=combination.how,
                 density=combination.density, svd_rank=combination.svd_rank,
             )  # fmt: skip
             if save_adapters is not None:
-                compose.save_adapter(model, label, save_adapters / label)
-        compose.set_active(model, label)
+                composition.save(model, label, save_adapters / label)
+        composition.activate(model, label)
         metrics[label] = {s.name: score(model, s, data[s.name], tokenizer) for s in sources}
     headline = {
         label: {s.name: values[s.name][headline_metric(s.recipe.task)] for s in sources}

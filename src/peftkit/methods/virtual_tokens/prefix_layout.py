@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import TargetError
-from peftkit.methods import virtual_tokens as vt
+from peftkit.methods.virtual_tokens import shared as vt
 
 
 @dataclass(frozen=True)

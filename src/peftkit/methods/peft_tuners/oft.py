@@ -20,7 +20,7 @@ import peft
 from torch import nn
 
 from peftkit.errors import AdapterError, TargetError
-from peftkit.methods import peft_tuner
+from peftkit.methods.peft_tuners import base as peft_tuner
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from typing import Any
 import peft
 from torch import nn
 
-from peftkit.methods import peft_tuner
-from peftkit.methods.lycoris_options import LycorisConfig, options_from_adapter, peft_options
+from peftkit.methods.peft_tuners import base as peft_tuner
+from peftkit.methods.peft_tuners.lycoris import LycorisConfig, options_from_adapter, peft_options
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,13 @@ built afterwards scale every group from its own starting rate, so the ratio hold
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+
+from peftkit.method import MethodOption, TrainingHooks
 
 
 def is_lora_b(parameter_name: str) -> bool:
@@ -41,3 +44,37 @@ def split_b_groups(model: nn.Module, optimizer: torch.optim.Optimizer, ratio: fl
                 {**options, "params": b_matrices, "lr": options["lr"] * ratio}
             )
     return optimizer
+
+
+# adapter_config.json key for the LoRA+ ratio: a training option PEFT has no field for, kept so
+# that a run resumed from a checkpoint rebuilds the same optimizer groups. PEFT ignores the key
+# (with a warning) when it loads the adapter.
+LORAPLUS_KEY = "loraplus_lr_ratio"
+
+
+def _saved(config: Any) -> dict[str, Any]:
+    """The ratio, where one is set."""
+    ratio = config.loraplus_lr_ratio
+    return {} if ratio is None else {LORAPLUS_KEY: ratio}
+
+
+def _from_saved(saved: dict[str, Any]) -> dict[str, Any]:
+    """The ratio a saved adapter_config.json records (None: plain LoRA's one learning rate)."""
+    return {"loraplus_lr_ratio": saved.get(LORAPLUS_KEY)}
+
+
+def _hooks(model: nn.Module, config: Any) -> TrainingHooks:
+    """B's parameter groups once the optimizer exists, where a ratio is set."""
+    ratio = config.loraplus_lr_ratio
+    if ratio is None:
+        return TrainingHooks()
+    return TrainingHooks(replace_optimizer=partial(split_b_groups, ratio=ratio))
+
+
+LORA_PLUS = MethodOption(
+    name="loraplus",
+    description="LoRA+: loraplus_lr_ratio sets B's learning rate as a multiple of A's",
+    saved=_saved,
+    from_saved=_from_saved,
+    hooks=_hooks,
+)

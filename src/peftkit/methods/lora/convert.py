@@ -19,7 +19,8 @@ from torch import nn
 
 from peftkit import io
 from peftkit.errors import AdapterError
-from peftkit.methods.lora_init import ADAPTER, initial_factors
+from peftkit.method import Conversion
+from peftkit.methods.lora.init import ADAPTER, initial_factors
 
 
 def check_convertible(model: nn.Module) -> None:
@@ -70,14 +71,10 @@ def save_converted(
     return io.write_folder_atomically(folder, files)
 
 
-def convert_folder(base_model: nn.Module, folder: str | Path, output: str | Path) -> Path:
-    """Convert a saved PiSSA/OLoRA adapter folder for `base_model` (left unchanged)."""
-    from peftkit import api  # the public API loads the adapter and records its initial factors
-
-    loaded = api.load(copy.deepcopy(base_model), folder)
-    return save_converted(loaded, output, info=api.read_info(folder) or None)
-
-
 def needs_conversion(saved: dict[str, Any]) -> bool:
-    """Whether a LoRA adapter_config.json describes a base-changing init."""
-    return saved.get("init_lora_weights") in ("pissa", "olora", "loftq")
+    """Whether a LoRA adapter_config.json describes an init whose adapter converts (PiSSA/OLoRA:
+    trained on a base the init rewrote)."""
+    return saved.get("init_lora_weights") in ("pissa", "olora")
+
+
+CONVERSION = Conversion(needed=needs_conversion, write=save_converted)

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from peftkit.methods import child_tuning_kernel as kernel
-from peftkit.methods.child_tuning_masks import (
+from peftkit.methods.child_tuning import kernel
+from peftkit.methods.child_tuning.masks import (
     MaskRecord,
     chunks,
     effective_ratio,

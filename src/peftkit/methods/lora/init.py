@@ -25,7 +25,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from peftkit.errors import AdapterError, ConfigError
-from peftkit.methods.lora_loftq import loftq_factors
+from peftkit.method import MethodOption, TrainingHooks
+from peftkit.methods.lora.loftq import loftq_factors
 from peftkit.targeting import resolve_targets
 
 INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq", "eva")
@@ -192,3 +193,18 @@ def eva_prepare(model: nn.Module, batches: Any) -> None:
         )  # fmt: skip
     finally:
         model.train(training)
+
+
+def _hooks(model: nn.Module, config: Any) -> TrainingHooks:
+    """EVA's data pass before training; the other inits need none."""
+    return TrainingHooks(prepare=eva_prepare if config.init == "eva" else None)
+
+
+INIT = MethodOption(
+    name="init",
+    description="how A and B start: " + " | ".join(INITS) + " (and loftq_iterations)",
+    check=check_init_fits,
+    after_apply=initialise,
+    after_remove=restore_base,
+    hooks=_hooks,
+)
