@@ -92,7 +92,9 @@ def main() -> None:
         f"training.seed={args.seed}", "training.logging_steps=1000",
     ])  # fmt: skip
     model, tokenizer, data = load_for_recipe(recipe)
-    model = peftkit.apply(model, recipe.method_config())
+    from peftkit.plan import resolve
+
+    model = peftkit.apply(model, resolve(recipe).method_config)
     pad = tokenizer.pad_token_id
     arms = {
         "static (pad to max_length)": arm(

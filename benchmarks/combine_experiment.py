@@ -63,7 +63,7 @@ def evaluate_row(args: argparse.Namespace, label: str) -> dict[str, Any]:
     from peftkit.apps.evaluate import evaluate_instructions, evaluate_sql
     from peftkit.combine import load_sources, read_sources, score, task_data
     from peftkit.methods.lora import compose
-    from peftkit.tasks import split_rows
+    from peftkit.tasks.types import split_rows
 
     torch.set_num_threads(args.threads)
     sources = read_sources([f"sql={args.sql}", f"chat={args.chat}"])

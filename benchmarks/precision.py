@@ -75,7 +75,9 @@ def train_one(recipe: Any, bf16: bool, steps: int) -> dict[str, Any]:
     set_seed(recipe.training.seed)
     model, tokenizer, data = load_for_recipe(recipe)
     set_seed(recipe.training.seed)
-    model = peftkit.apply(model, recipe.method_config())
+    from peftkit.plan import resolve
+
+    model = peftkit.apply(model, resolve(recipe).method_config)
     timer = StepTimer()
     trainer = trainer_for(model, tokenizer, data, recipe, bf16, steps, timer)
     mixed = trainer.accelerator.mixed_precision  # "bf16" proves autocast is on, "no" fp32

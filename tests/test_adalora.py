@@ -15,6 +15,7 @@ import peftkit
 from contract import batch_for, logits, tiny
 from peftkit.errors import ConfigError
 from peftkit.methods.adalora import AdaLoraConfig, current_ranks, orthogonality_loss
+from peftkit.plan import resolve
 from peftkit.recipe import recipe_from_dict, recipe_to_dict
 from peftkit.training import run
 
@@ -78,7 +79,9 @@ def test_budget_falls_on_schedule_in_a_plain_training_run(tmp_path, monkeypatch)
         "warmup_steps": warmup,
         "final_steps": final,
     }
-    summary = run(_recipe(tmp_path, method, steps))  # nobody calls update_and_allocate here
+    summary = run(
+        resolve(_recipe(tmp_path, method, steps))
+    )  # nobody calls update_and_allocate here
     assert summary["steps"] == steps
 
     initial, target = 6 * matrices, 2 * matrices
@@ -168,7 +171,7 @@ def test_resume_mid_pruning_matches_an_uninterrupted_run(tmp_path):
             "training": {**recipe_to_dict(recipe)["training"], "save_steps": 10},
         }
     )
-    run(recipe)
+    run(resolve(recipe))
     run_dir = tmp_path / "run"
     uninterrupted = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     checkpoint = run_dir / "checkpoints" / "checkpoint-10"  # mid-way through the pruning phase
@@ -176,7 +179,7 @@ def test_resume_mid_pruning_matches_an_uninterrupted_run(tmp_path):
     assert all(t.shape[0] == 6 for k, t in mid.items() if "lora_A" in k)  # not cut mid-run
     assert json.loads((checkpoint / "adapter_config.json").read_text())["rank_pattern"] is None
 
-    run(recipe, resume=str(checkpoint))
+    run(resolve(recipe), resume=str(checkpoint))
     resumed = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert resumed.keys() == uninterrupted.keys()
     for key, tensor in uninterrupted.items():

@@ -21,9 +21,9 @@ from peftkit.decoding.generate import generate
 from peftkit.errors import DataError
 from peftkit.models import load_model, tiny_tokenizer
 from peftkit.recipe import TaskConfig, load_recipe
-from peftkit.tasks import TASK_TYPES, prepare_task
 from peftkit.tasks.chat import chat_feature, end_of_turn_token_id
 from peftkit.tasks.conversations import to_messages
+from peftkit.tasks.types import TASK_TYPES, prepare_task
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 APP_RECIPES = {

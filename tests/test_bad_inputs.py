@@ -20,9 +20,10 @@ from peftkit.compare import Entry, load_plan, refuse_earlier_results
 from peftkit.data.files import read_rows, require_columns
 from peftkit.errors import AdapterError, ConfigError, DataError, ModelNotFoundError, TargetError
 from peftkit.models import load_model, tiny_config
+from peftkit.plan import resolve
 from peftkit.recipe import TaskConfig, apply_overrides, load_recipe, recipe_from_dict, reporters
 from peftkit.run_folder import check_output_dir
-from peftkit.tasks import prepare_task
+from peftkit.tasks.types import prepare_task
 from peftkit.training.checkpoints import find_checkpoint
 from peftkit.training.run import check_reporter_installed
 
@@ -47,9 +48,9 @@ def saved_lora(tmp_path: Path, family: str = "llama", **options) -> Path:
 CASES = [
     ("misspelt top-level key", lambda t: recipe_from_dict({**GOOD_RECIPE, "modle": "x"}),
      ConfigError, r"Unknown key 'modle' in the recipe\. Did you mean 'model'"),
-    ("misspelt method option", lambda t: recipe_from_dict({**GOOD_RECIPE, "method": {"name": "lora", "alpah": 2}}),
+    ("misspelt method option", lambda t: resolve(recipe_from_dict({**GOOD_RECIPE, "method": {"name": "lora", "alpah": 2}})),
      ConfigError, r"'alpah' in method 'lora'\. Did you mean 'alpha'"),
-    ("unknown method", lambda t: recipe_from_dict({**GOOD_RECIPE, "method": "lorra"}),
+    ("unknown method", lambda t: resolve(recipe_from_dict({**GOOD_RECIPE, "method": "lorra"})),
      ConfigError, r"Unknown method 'lorra'\. Did you mean 'lora'"),
     ("method section without name", lambda t: recipe_from_dict({**GOOD_RECIPE, "method": {"rank": 4}}),
      ConfigError, r"needs a 'name'"),
@@ -63,7 +64,7 @@ CASES = [
      ConfigError, r"batch_size and gradient_accumulation_steps must be >= 1"),
     ("fractional step count", lambda t: recipe_from_dict({**GOOD_RECIPE, "training": {"max_steps": 2.5}}),
      ConfigError, r"'max_steps' in training must be a whole number"),
-    ("list where a number belongs", lambda t: recipe_from_dict({**GOOD_RECIPE, "method": {"name": "lora", "rank": [4]}}),
+    ("list where a number belongs", lambda t: resolve(recipe_from_dict({**GOOD_RECIPE, "method": {"name": "lora", "rank": [4]}})),
      ConfigError, r"'rank' in method 'lora' must be a number"),
     ("unknown precision", lambda t: recipe_from_dict({**GOOD_RECIPE, "training": {"precision": "fp8"}}),
      ConfigError, r"training\.precision must be fp32 or bf16, got 'fp8'"),

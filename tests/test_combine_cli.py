@@ -13,7 +13,7 @@ from peftkit.cli import main
 from peftkit.data.collate import Collator
 from peftkit.models import load_model
 from peftkit.recipe import load_recipe
-from peftkit.tasks import get_task_type, split_rows
+from peftkit.tasks.types import get_task_type, split_rows
 
 TASKS = {
     "count": lambda i: (f"count from {i}:", " " + " ".join(str(i + k) for k in range(4))),

@@ -8,6 +8,7 @@ import pytest
 from peftkit.cli import main
 from peftkit.compare import load_plan
 from peftkit.errors import ConfigError
+from peftkit.plan import resolve
 
 
 def test_compare_two_methods_writes_table_json_csv_and_chart(tmp_path, capsys):
@@ -80,7 +81,7 @@ def test_shipped_plan_entries_build_recipes(request, name):
     for entry in plan.entries:  # what run_entry hands `peftkit train`, options checked
         overrides = [f"method={json.dumps(entry.method)}", *plan.quick, *entry.overrides]
         recipe = load_recipe(plan.recipe, overrides)
-        assert method_for_config(recipe.method_config()).name == entry.method["name"]
+        assert method_for_config(resolve(recipe).method_config).name == entry.method["name"]
 
 
 def test_compare_all_extends_the_default_plan(request):

@@ -107,10 +107,11 @@ def test_full_fine_tuning_on_a_4bit_base_is_refused_before_anything_moves(tmp_pa
     before = digest(tmp_path / "run" / "adapter")
     refused = write_recipe(tmp_path, "{quantize: nf4}", method="full")
     with pytest.raises(ConfigError, match="Method 'full' cannot train on a base stored in nf4"):
+        from peftkit.plan import resolve
         from peftkit.recipe import load_recipe
         from peftkit.training.run import run
 
-        run(load_recipe(refused), overwrite=True)
+        run(resolve(load_recipe(refused)), overwrite=True)
     assert digest(tmp_path / "run" / "adapter") == before
     assert not (tmp_path / "run.previous").exists()
 

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from peftkit.errors import ConfigError
+from peftkit.plan import resolve
 from peftkit.recipe import load_recipe, recipe_from_dict, recipe_to_dict, save_recipe
 
 
@@ -21,7 +22,7 @@ def test_shipped_recipes_load(request):
         # The method config equals the one built by hand from the file's own method section.
         section = dict(yaml.safe_load(path.read_text())["method"])
         by_hand = get_method(section.pop("name")).config_cls(**section)
-        assert recipe.method_config() == by_hand, path.name
+        assert resolve(recipe).method_config == by_hand, path.name
 
 
 def test_recipe_round_trip_is_exact(tmp_path, request):
@@ -31,7 +32,7 @@ def test_recipe_round_trip_is_exact(tmp_path, request):
     assert again == recipe
     assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
     # Every method option written is a field of the method's config class.
-    assert recipe.method_config().rank == 8
+    assert resolve(recipe).method_config.rank == 8
     assert recipe.training.learning_rate == pytest.approx(1e-3)
 
 
@@ -43,7 +44,8 @@ def test_overrides_change_exactly_the_named_keys(tmp_path, request):
     )
     assert changed.training.max_steps == 7 and changed.model == "tiny-bert"
     assert (
-        changed.method_config().rank == 4 and type(changed.method_config()).__name__ == "DoraConfig"
+        resolve(changed).method_config.rank == 4
+        and type(resolve(changed).method_config).__name__ == "DoraConfig"
     )
     assert changed.task == base.task
 
@@ -76,8 +78,9 @@ def test_yaml_reads_scientific_notation_as_number(tmp_path):
     ],
 )
 def test_bad_recipe_keys_name_the_problem(data, message):
+    """Reading refuses the sections' keys; resolving the plan refuses the method section."""
     with pytest.raises(ConfigError, match=message):
-        recipe_from_dict(data)
+        resolve(recipe_from_dict(data))
 
 
 def test_help_does_not_import_torch():
@@ -102,3 +105,29 @@ def test_bf16_precision_reaches_the_trainer(tmp_path, request):
     assert training_arguments(recipe, tmp_path).bf16 is True
     default = load_recipe(request.config.rootpath / "recipes" / "minilm-lora.yaml")
     assert training_arguments(default, tmp_path).bf16 is False
+
+
+def test_a_recipe_without_a_method_trains_the_registry_default():
+    """recipe.py names the default without importing the registry; the two agree."""
+    from peftkit.recipe import Recipe
+    from peftkit.registry import DEFAULT_METHOD
+
+    assert Recipe().method == {}
+    assert resolve(Recipe()).method.name == DEFAULT_METHOD
+    assert recipe_from_dict(recipe_to_dict(Recipe())) == Recipe()
+
+
+def test_reading_a_recipe_imports_neither_torch_nor_a_method(request):
+    """The cheap checks run before torch: reading, overriding and checking a recipe's folder and
+    data files import neither torch nor any peftkit method (run in a fresh interpreter)."""
+    path = request.config.rootpath / "recipes" / "minilm-lora.yaml"
+    code = (
+        "import sys\n"
+        "from peftkit.recipe import check_data_files, load_recipe\n"
+        f"check_data_files(load_recipe({str(path)!r}, ['method.rank=4']))\n"
+        "heavy = [m for m in sys.modules if m in ('torch', 'transformers', 'peft')"
+        " or m.startswith('peftkit.methods')]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

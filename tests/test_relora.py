@@ -19,6 +19,7 @@ from peftkit.methods import relora
 from peftkit.methods.relora import ReLoraConfig
 from peftkit.methods.relora import export as relora_export
 from peftkit.methods.relora import optimizer as relora_optimizer
+from peftkit.plan import resolve
 from peftkit.recipe import recipe_from_dict
 from peftkit.training import run
 
@@ -166,7 +167,7 @@ def test_pipeline_binds_optimizer_and_rewarms(tmp_path, monkeypatch):
         return original_restart(model, optimizer)
 
     monkeypatch.setattr(relora, "restart", spy_restart)
-    run(_tiny_recipe(tmp_path, max_steps=10, lr_scheduler="constant", warmup_ratio=0.0))
+    run(resolve(_tiny_recipe(tmp_path, max_steps=10, lr_scheduler="constant", warmup_ratio=0)))
     assert len(restarts) == 2 and all(isinstance(o, torch.optim.Optimizer) for o in restarts)
     expected = [0.01 * relora.rewarm_factor(step, 4, 2) for step in range(10)]
     assert seen == pytest.approx(expected)
@@ -196,7 +197,9 @@ def test_pipeline_through_two_restarts_ends_at_base_plus_the_merged_updates(tmp_
 
     monkeypatch.setattr(relora, "bind_optimizer", spy_bind)
     monkeypatch.setattr(relora, "merge_and_reinit", spy_merge)
-    summary = run(_tiny_recipe(tmp_path, max_steps=10, lr_scheduler="constant", warmup_ratio=0.0))
+    summary = run(
+        resolve(_tiny_recipe(tmp_path, max_steps=10, lr_scheduler="constant", warmup_ratio=0.0))
+    )
     model = bound["model"]
     assert summary["steps"] == 10
     assert relora.state(model).restarts == 2 and len(merges) == 2
@@ -262,11 +265,11 @@ def test_bad_input():
 
 def test_resume_between_restarts_matches_an_uninterrupted_run(tmp_path):
     recipe = _tiny_recipe(tmp_path, max_steps=12, save_steps=5)
-    run(recipe)
+    run(resolve(recipe))
     adapter = tmp_path / "run" / "adapter" / "adapter_model.safetensors"
     uninterrupted = load_file(adapter)
     # Step 5 is after the first restart and inside its re-warm: both must carry over.
-    run(recipe, resume=str(tmp_path / "run" / "checkpoints" / "checkpoint-5"))
+    run(resolve(recipe), resume=str(tmp_path / "run" / "checkpoints" / "checkpoint-5"))
     resumed = load_file(adapter)
     assert resumed.keys() == uninterrupted.keys()
     assert any(k.endswith(relora.DELTA_SUFFIX) for k in resumed)

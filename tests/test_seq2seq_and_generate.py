@@ -10,7 +10,7 @@ from peftkit.errors import ConfigError
 from peftkit.metrics import exact_match, rouge_l, score_texts, token_f1
 from peftkit.models import load_model
 from peftkit.recipe import TaskConfig
-from peftkit.tasks import headline_metric, prepare_task
+from peftkit.tasks.types import headline_metric, prepare_task
 
 
 def test_text_metrics_match_hand_computed_values():

@@ -28,7 +28,13 @@ from peftkit.errors import AdapterError, ConfigError
 from peftkit.method import Composition
 from peftkit.recipe import Recipe, load_recipe
 from peftkit.tables import markdown_table
-from peftkit.tasks import TaskData, get_task_type, headline_metric, higher_is_better, split_rows
+from peftkit.tasks.types import (
+    TaskData,
+    get_task_type,
+    headline_metric,
+    higher_is_better,
+    split_rows,
+)
 
 
 @dataclass

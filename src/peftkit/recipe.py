@@ -3,7 +3,6 @@ onto a config dataclass, and `--set section.key=value` overrides any key from th
 
 from __future__ import annotations
 
-import codecs
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,68 +15,8 @@ from peftkit.config import (
     to_dict,
     unknown_key_message,
 )
-from peftkit.errors import ConfigError
-from peftkit.tasks import get_task_type, task_names
-
-
-@dataclass(frozen=True)
-class TaskConfig:
-    """What to learn: the task type and where its examples come from."""
-
-    type: str = field(default="classification", metadata={"help": " | ".join(task_names())})
-    dataset: str | None = field(
-        default=None, metadata={"help": "a bundled dataset name (e.g. amazon-reviews)"}
-    )
-    train_file: str | None = field(
-        default=None, metadata={"help": "your training data: CSV, JSON, JSONL or Parquet"}
-    )
-    eval_file: str | None = field(
-        default=None, metadata={"help": "held-out data; default: 10% split off train_file"}
-    )
-    encoding: str = field(
-        default="utf-8",
-        metadata={"help": "text encoding of CSV/JSON/JSONL files (e.g. latin-1, cp1252)"},
-    )
-    text_column: str = field(default="text", metadata={"help": "classification input column"})
-    label_column: str = field(default="label", metadata={"help": "classification label column"})
-    prompt_column: str = field(default="prompt", metadata={"help": "causal-LM prompt column"})
-    response_column: str = field(
-        default="response", metadata={"help": "causal-LM response column (the loss is on it)"}
-    )
-    source_column: str = field(default="source", metadata={"help": "seq2seq input column"})
-    target_column: str = field(default="target", metadata={"help": "seq2seq output column"})
-    max_length: int = field(default=128, metadata={"help": "tokens per example, after truncation"})
-    metric: str | None = field(
-        default=None,
-        metadata={
-            "help": "the headline metric; seq2seq: exact_match | token_f1 | rouge_l "
-            "(default: accuracy, eval_loss, exact_match by task type)"
-        },
-    )
-    max_new_tokens: int = field(
-        default=32, metadata={"help": "seq2seq evaluation: most tokens generated per example"}
-    )
-    max_train_examples: int | None = field(
-        default=None, metadata={"help": "use only the first N training examples"}
-    )
-    max_eval_examples: int | None = field(
-        default=None, metadata={"help": "evaluate on only the first N held-out examples"}
-    )
-
-    def __post_init__(self) -> None:
-        get_task_type(self.type)  # an unknown name raises, naming the nearest and the valid ones
-        if self.dataset is None and self.train_file is None:
-            raise ConfigError("The task needs a data source: set task.dataset or task.train_file.")
-        if self.max_length < 8:
-            raise ConfigError(f"task.max_length must be at least 8, got {self.max_length}.")
-        try:
-            codecs.lookup(self.encoding)
-        except LookupError:
-            raise ConfigError(
-                f"task.encoding {self.encoding!r} is not a text encoding Python knows; use a name "
-                "such as utf-8, latin-1 or cp1252."
-            ) from None
-
+from peftkit.errors import ConfigError, DataError
+from peftkit.tasks.config import TaskConfig
 
 # The base's storage choices (peftkit.models.precision and .quantize map them onto torch and
 # bitsandbytes; kept here as names so reading a recipe imports neither).
@@ -200,32 +139,15 @@ class Recipe:
 
     model: str = field(default="minilm", metadata={"help": "bundled name, local folder, or hub id"})
     task: TaskConfig = field(default_factory=lambda: TaskConfig(dataset="amazon-reviews"))
+    # Empty: the registry's DEFAULT_METHOD, chosen when the plan is resolved (plan.py), so that
+    # reading a recipe imports no method.
     method: dict[str, Any] = field(
-        default_factory=lambda: {"name": _default_method()},
+        default_factory=dict,
         metadata={"help": "name: the method; other keys: its config options"},
     )
     training: TrainConfig = field(default_factory=TrainConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     output_dir: str = field(default="runs/latest", metadata={"help": "where results are written"})
-
-    def method_config(self) -> Any:
-        """The method's config object, validated (unknown keys suggest the nearest)."""
-        from peftkit.api import config_for
-
-        options = dict(self.method)
-        name = options.pop("name", None)
-        if not name:
-            raise ConfigError(
-                f"The recipe's method section needs a 'name' (for example: {_default_method()})."
-            )
-        return config_for(name, **options)
-
-
-def _default_method() -> str:
-    """The method a recipe without a method section trains (the registry decides)."""
-    from peftkit.registry import DEFAULT_METHOD
-
-    return DEFAULT_METHOD
 
 
 SECTIONS = {"task": TaskConfig, "training": TrainConfig, "base": BaseConfig}
@@ -250,14 +172,17 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     if "method" in data:
         method = data["method"]
         values["method"] = {"name": method} if isinstance(method, str) else dict(method)
-    recipe = Recipe(**values)
-    recipe.method_config()  # validate the method section now, not after the model loads
-    return recipe
+    if "method" in data and not values["method"].get("name"):
+        raise ConfigError(
+            "The recipe's method section needs a 'name': a registered method (peftkit methods "
+            "lists them)."
+        )
+    return Recipe(**values)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """The recipe as plain data: what `recipe_from_dict` reads back to an equal Recipe."""
-    return {
+    data = {
         "model": recipe.model,
         "base": to_dict(recipe.base),
         "task": to_dict(recipe.task),
@@ -265,6 +190,9 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
         "training": to_dict(recipe.training),
         "output_dir": recipe.output_dir,
     }
+    if not recipe.method:  # the registry's default, as a recipe without a method section says
+        del data["method"]
+    return data
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -289,3 +217,15 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
 def with_output_dir(recipe: Recipe, output_dir: str) -> Recipe:
     """The same recipe writing elsewhere."""
     return replace(recipe, output_dir=output_dir)
+
+
+def check_data_files(recipe: Recipe) -> None:
+    """Refuse a task data file that is not there, naming it (cheap: before anything loads)."""
+    for key in ("train_file", "eval_file"):
+        name = getattr(recipe.task, key)
+        path = Path(name).expanduser() if name is not None else None
+        if path is not None and not path.is_file():
+            raise DataError(
+                f"Data file {path} does not exist (task.{key}, looked for {path.absolute()}): "
+                f"fix the path in the recipe, or pass --set task.{key}=PATH."
+            )

@@ -16,7 +16,7 @@ def cmd_app_eval(args: argparse.Namespace) -> int:
     from peftkit.apps.evaluate import HEADLINE, evaluate_app
     from peftkit.models import load_model
     from peftkit.recipe import load_recipe
-    from peftkit.tasks import split_rows
+    from peftkit.tasks.types import split_rows
 
     # The numbers first: a bad one should not cost a model load.
     check_positive("--max-new-tokens", args.max_new_tokens)

@@ -50,7 +50,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import peftkit.api as api
     from peftkit.decoding.generate import generate
     from peftkit.errors import ConfigError
-    from peftkit.tasks import get_task_type
+    from peftkit.tasks.types import get_task_type
 
     # Numbers, prompts and flags first: a bad one should not cost a model load.
     check_generate_args(args)
@@ -100,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generative_tasks() -> list[str]:
     """The task types whose tuned models generate text."""
-    from peftkit.tasks import TASK_TYPES
+    from peftkit.tasks.types import TASK_TYPES
 
     return [name for name, task in TASK_TYPES.items() if task.generates]
 

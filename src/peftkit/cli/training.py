@@ -12,15 +12,18 @@ from peftkit.cli.common import overrides, run_folder
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a recipe and print its summary table."""
-    from peftkit.recipe import load_recipe
+    from peftkit.recipe import check_data_files, load_recipe
     from peftkit.run_folder import check_output_dir
 
     recipe = load_recipe(args.recipe, overrides(args))
-    # Before the training stack loads: an earlier run in the folder is refused untouched.
+    # Before torch or any method loads: an earlier run in the folder is refused untouched, and
+    # so is a data file that is not there.
     check_output_dir(recipe.output_dir, args.resume, args.overwrite)
+    check_data_files(recipe)
+    from peftkit.plan import resolve
     from peftkit.training import finish_distributed, run
 
-    run(recipe, resume=args.resume, overwrite=args.overwrite)
+    run(resolve(recipe), resume=args.resume, overwrite=args.overwrite)
     finish_distributed()  # under torchrun: every process ends together, cleanly
     return 0
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
+from peftkit.chat_template import render_prompt
 from peftkit.data.collate import pad_batch
 from peftkit.errors import ConfigError
-from peftkit.tasks.chat import render_prompt
 
 Prompt = str | Sequence[Any]
 

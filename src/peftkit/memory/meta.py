@@ -79,7 +79,7 @@ def task_model(config: Any, task: str, dtype: torch.dtype, name: str) -> nn.Modu
     import transformers
 
     from peftkit.models import build
-    from peftkit.tasks import get_task_type
+    from peftkit.tasks.types import get_task_type
 
     task_type = get_task_type(task)  # the task type's record picks its transformers class
     config = copy.deepcopy(config)
@@ -98,20 +98,10 @@ def task_model(config: Any, task: str, dtype: torch.dtype, name: str) -> nn.Modu
 
 def method_config(method: Any) -> Any:
     """A registered method's config from a config object, a method name (default options), or a
-    recipe's method section ({"name": ..., **options})."""
-    from peftkit import registry
-    from peftkit.api import config_for
+    recipe's method section ({"name": ..., **options}): the plan's one reader of a section."""
+    from peftkit.plan import method_from_section
 
-    if isinstance(method, str):
-        return config_for(method)
-    if isinstance(method, dict):
-        options = dict(method)
-        name = options.pop("name", None)
-        if not name:
-            raise ConfigError(f"A method section needs a 'name' (a registered method): {method}.")
-        return config_for(str(name), **options)
-    registry.method_for_config(method)  # a config of no registered method raises
-    return method
+    return method_from_section(method)[1]
 
 
 def apply_on_meta(model: nn.Module, config: Any) -> tuple[nn.Module, list[str]]:

@@ -20,7 +20,7 @@ from typing import Any
 from peftkit.errors import ConfigError, PeftkitError
 from peftkit.memory import measured as measured_results
 from peftkit.tables import markdown_table
-from peftkit.tasks import higher_is_better
+from peftkit.tasks.types import higher_is_better
 
 DEFAULT_COMPARE = Path("runs/compare/compare.json")
 GIB = 2**30

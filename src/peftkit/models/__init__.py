@@ -18,7 +18,7 @@ from peftkit.errors import ConfigError, ModelNotFoundError
 from peftkit.models.bundled import SMOLLM2_GGUF, cache_dir, minilm_folder, smollm2_folder
 from peftkit.models.precision import torch_dtype
 from peftkit.models.tiny import TINY_FAMILIES, tiny_config, tiny_tokenizer
-from peftkit.tasks import TaskType, get_task_type
+from peftkit.tasks.types import TaskType, get_task_type
 
 __all__ = [
     "SMOLLM2_GGUF", "TINY_FAMILIES", "Storage", "bundled_names", "cache_dir", "load_model",

@@ -20,7 +20,7 @@ from peftkit.data.files import read_rows, require_columns
 from peftkit.errors import DataError
 
 if TYPE_CHECKING:  # the recipe's section; recipe.py imports this package, not the other way
-    from peftkit.recipe import TaskConfig
+    from peftkit.tasks.config import TaskConfig
 
 Rows = list[dict[str, Any]]
 Features = list[dict[str, Any]]

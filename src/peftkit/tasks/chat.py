@@ -7,60 +7,29 @@ map that text to tokens, so any template works without `{% generation %}` marker
 each assistant turn end with the template's end-of-turn token, so the tuned model learns to stop;
 a template that does not close assistant turns with a special token is refused.
 
-Tokenizers without a chat template (peftkit's tiny byte-level test tokenizer, base models) get
-FALLBACK_CHAT_TEMPLATE:
-
-    <|system|>
-    {system}
-    <|user|>
-    {user}
-    <|assistant|>
-    {assistant}{eos_token}
-"""
+Rendering itself (the tokenizer's template, or peftkit's fallback for tokenizers without one)
+is in chat_template.py, which decoding uses too."""
 
 from __future__ import annotations
 
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from peftkit.chat_template import render_chat
 from peftkit.errors import DataError
 from peftkit.tasks.base import Features, Rows, TaskData, TaskType, generative_data, token_loss
 from peftkit.tasks.conversations import Message, to_messages, validate_messages
 
 if TYPE_CHECKING:
-    from peftkit.recipe import TaskConfig
+    from peftkit.tasks.config import TaskConfig
 
 Feature = dict[str, list[int]]
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
-)
 
 
 def _auto_class() -> Any:
     import transformers
 
     return transformers.AutoModelForCausalLM
-
-
-def chat_template(tokenizer: Any) -> str:
-    """The tokenizer's own chat template, or FALLBACK_CHAT_TEMPLATE when it has none."""
-    return getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
-
-
-def render_chat(
-    messages: list[Message], tokenizer: Any, add_generation_prompt: bool = False
-) -> str:
-    """The conversation as text, through the chat template."""
-    return tokenizer.apply_chat_template(
-        messages,
-        chat_template=chat_template(tokenizer),
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-    )
 
 
 def assistant_spans(messages: list[Message], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
@@ -172,13 +141,6 @@ def prompt_and_answer(messages: list[Message], tokenizer: Any) -> tuple[str, str
     messages = validate_messages(messages)
     prompt = render_chat(messages[:-1], tokenizer, add_generation_prompt=True)
     return prompt, messages[-1]["content"]
-
-
-def render_prompt(tokenizer: Any, prompt: str | list[Message]) -> str:
-    """A user message (or a message list ending with a user turn) as the text a chat model
-    reads before answering: through the template, generation prompt added."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return render_chat(messages, tokenizer, add_generation_prompt=True)
 
 
 def prepare(task: TaskConfig, tokenizer: Any, train: Rows, held_out: Rows) -> TaskData:

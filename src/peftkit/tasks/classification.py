@@ -13,7 +13,7 @@ from peftkit.errors import DataError
 from peftkit.tasks.base import Features, Rows, TaskData, TaskType, batches
 
 if TYPE_CHECKING:
-    from peftkit.recipe import TaskConfig
+    from peftkit.tasks.config import TaskConfig
 
 
 def _auto_class() -> Any:

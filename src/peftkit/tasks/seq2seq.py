@@ -10,7 +10,7 @@ from torch import nn
 from peftkit.tasks.base import Rows, TaskData, TaskType, prepare_pairs, token_loss
 
 if TYPE_CHECKING:
-    from peftkit.recipe import TaskConfig
+    from peftkit.tasks.config import TaskConfig
 
 
 def _auto_class() -> Any:

@@ -1,6 +1,6 @@
-"""One training run from a recipe: load, evaluate before, apply the method, train with
-transformers.Trainer, evaluate after, save; every run ends with a summary table and summary.json
-in the output folder. Generic: never asks which method or task type it holds.
+"""One training run from a resolved plan (plan.py): load, evaluate before, apply the method,
+train with transformers.Trainer, evaluate after, save; every run ends with a summary table and
+summary.json in the output folder. Generic: never asks which method or task type it holds.
 
 Under `torchrun` or `accelerate launch` every process trains its share of each global batch (DDP)
 and the main process alone evaluates, saves and reports (training/distributed.py). Checkpoints
@@ -22,15 +22,15 @@ from torch.utils.data import DataLoader
 from transformers import TrainingArguments, set_seed
 
 import peftkit.api as api
-from peftkit import registry
 from peftkit.data.collate import Collator
 from peftkit.errors import ConfigError
 from peftkit.io import write_text_atomically
 from peftkit.models import load_model, storage_for
 from peftkit.models.precision import stored_bytes
+from peftkit.plan import Plan
 from peftkit.recipe import Recipe, save_recipe
 from peftkit.run_folder import check_output_dir, discard_previous, set_aside_earlier_run
-from peftkit.tasks import TaskData, get_task_type, headline_metric, split_rows
+from peftkit.tasks.types import TaskData, get_task_type, split_rows
 from peftkit.training.checkpoints import (
     CheckpointCallback,
     find_checkpoint,
@@ -144,22 +144,17 @@ def check_reporter_installed(name: str) -> None:
         )
 
 
-def run(
-    recipe: Recipe, resume: str | bool | None = None, overwrite: bool = False
-) -> dict[str, Any]:
-    """Train the recipe's method on its task; write adapter, recipe and summary.json. `resume`:
+def run(plan: Plan, resume: str | bool | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train the plan's method on its task; write adapter, recipe and summary.json. `resume`:
     True or "latest" for the run's newest checkpoint, or a checkpoint folder. A folder holding
     an earlier run is refused unless resumed, or replaced with `overwrite` (run_folder.py)."""
-    output = Path(recipe.output_dir)
+    recipe = plan.recipe
+    output = plan.output
     main_process = is_main_process()
     check_output_dir(output, resume, overwrite)
     check_reporter_installed(recipe.training.report_to)
-    # A base the method cannot train on, or a quantisation bitsandbytes cannot run here, is
-    # refused before an earlier run is set aside or anything loads.
-    api.refuse_low_bit_base(
-        registry.method_for_config(recipe.method_config()),
-        recipe.base.quantize or recipe.base.dtype,
-    )
+    # A base the method cannot train on was refused when the plan was resolved; a quantisation
+    # bitsandbytes cannot run here is refused before an earlier run is set aside.
     storage_for(recipe.base.dtype, recipe.base.quantize)
     checkpoint = find_checkpoint(output, resume) if resume else None
     previous = set_aside_earlier_run(output) if overwrite and main_process else None
@@ -169,9 +164,9 @@ def run(
     if recipe.training.threads:
         torch.set_num_threads(recipe.training.threads)
     set_seed(recipe.training.seed)
-    config = recipe.method_config()
-    task_type = get_task_type(recipe.task.type)
-    metric = headline_metric(recipe.task)
+    config = plan.method_config
+    task_type = plan.task_type
+    metric = plan.metric
     model, tokenizer, data = load_for_recipe(recipe)
     collator = Collator(tokenizer.pad_token_id)
     before = evaluate(model, recipe, data, collator) if main_process else {}
@@ -233,7 +228,7 @@ def run(
     api.save(model, adapter_dir, info=info)
     save_recipe(recipe, output / "recipe.yaml")
     summary = {
-        "method": recipe.method["name"],
+        "method": plan.method.name,
         "model": recipe.model,
         "task": recipe.task.type,
         **counts.as_dict(),

@@ -42,7 +42,7 @@ class Loaded:
 def _task_of(folders: dict[str, Path]) -> str:
     """The task the adapters were trained for (they must agree, and it must generate text)."""
     import peftkit.api as api
-    from peftkit.tasks import get_task_type
+    from peftkit.tasks.types import get_task_type
 
     tasks = {api.read_info(folder).get("task") or "causal-lm" for folder in folders.values()}
     if len(tasks) > 1:
@@ -82,7 +82,7 @@ class Playground:
         import peftkit.api as api
         from peftkit import io, registry
         from peftkit.models import load_model
-        from peftkit.tasks import get_task_type
+        from peftkit.tasks.types import get_task_type
 
         task = _task_of(folders)
         methods = {

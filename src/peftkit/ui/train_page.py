@@ -36,7 +36,7 @@ def _settings(workspace: Workspace, w: Widgets) -> None:
     from peftkit.models import bundled_names
     from peftkit.recipe import Recipe
     from peftkit.registry import DEFAULT_METHOD
-    from peftkit.tasks import task_names
+    from peftkit.tasks.types import task_names
 
     defaults = Recipe()
     with gr.Row():

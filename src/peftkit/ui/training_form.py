@@ -34,7 +34,7 @@ def other_task_fields() -> list[str]:
 def columns_read(task_type: str) -> list[str]:
     """Which column-name fields a task type reads: its record asked with each field set to its
     own name (so the page need not know which type reads which columns)."""
-    from peftkit.tasks import get_task_type
+    from peftkit.tasks.types import get_task_type
 
     named = TaskConfig(type=task_type, train_file="-", **{f: f for f in column_fields()})
     return [name for name in get_task_type(task_type).columns(named) if name in column_fields()]
@@ -51,7 +51,7 @@ def check_data(task: dict[str, Any]) -> str:
     """Read the task's data as training would (each file checked by its task type) and say how
     many rows it holds; a problem raises the CLI's own error."""
     from peftkit.config import from_dict
-    from peftkit.tasks import split_rows
+    from peftkit.tasks.types import split_rows
 
     train, held_out = split_rows(from_dict(TaskConfig, task, where="task"))
     return f"{len(train)} training rows, {len(held_out)} held out"
@@ -77,7 +77,11 @@ def build_recipe(
         "training": training,
         "output_dir": str(workspace.run_folder(run_name)),
     }
-    return recipe_from_dict(data)
+    recipe = recipe_from_dict(data)
+    from peftkit.plan import resolve
+
+    resolve(recipe)  # the method section and the base storage, refused before Start writes
+    return recipe
 
 
 def start_training(slots: JobSlots, recipe: Recipe) -> Job:

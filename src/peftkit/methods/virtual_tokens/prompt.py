@@ -77,11 +77,12 @@ class SoftPrompt(nn.Module):
 
 def load_tokenizer(name: str) -> Any:
     """A tokenizer by bundled model name, local folder or hub id."""
-    from peftkit import models
+    from peftkit.models.bundled import minilm_folder, smollm2_folder
+    from peftkit.models.tiny import tiny_tokenizer
 
     if name.startswith("tiny-"):
-        return models.tiny_tokenizer()
-    folders = {"minilm": models.minilm_folder, "smollm2-135m": models.smollm2_folder}
+        return tiny_tokenizer()
+    folders = {"minilm": minilm_folder, "smollm2-135m": smollm2_folder}
     import transformers
 
     source = folders[name]() if name in folders else name
