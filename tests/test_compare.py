@@ -71,6 +71,24 @@ def test_plan_errors_name_the_problem(tmp_path):
         load_plan(plan)
 
 
+def test_a_bad_entry_is_refused_before_any_entry_trains(tmp_path, capsys):
+    """Every entry is resolved into its plan first: the misspelt option of the second entry
+    stops the comparison before the first one trains (no run folder, no log)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "a b", "label": i % 2}) for i in range(20)))
+    (tmp_path / "base.yaml").write_text(
+        f"model: tiny-bert\ntask: {{train_file: {data}, max_length: 16}}\nmethod: lora\n"
+    )
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("recipe: base.yaml\nmethods:\n  - lora\n  - method: {name: lora, rnak: 2}\n"
+                    "    label: typo\n")  # fmt: skip
+    out = tmp_path / "out"
+    assert main(["compare", str(plan), "--output-dir", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "entry 'typo'" in error and "Did you mean 'rank'" in error
+    assert not out.exists() or not any(out.iterdir())
+
+
 @pytest.mark.parametrize("name", ["compare-minilm.yaml", "compare-all.yaml"])
 def test_shipped_plan_entries_build_recipes(request, name):
     from peftkit.recipe import load_recipe

@@ -11,7 +11,7 @@ import torch
 from peftkit.apps import instructions as ins
 from peftkit.errors import DataError
 from peftkit.models import load_model, smollm2_folder, tiny_tokenizer
-from peftkit.tasks.types import chat, conversations
+from peftkit.tasks import chat, conversations
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

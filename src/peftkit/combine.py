@@ -26,12 +26,12 @@ from peftkit import api, io, registry
 from peftkit.data.collate import Collator
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.method import Composition
+from peftkit.plan import Plan, resolve
 from peftkit.recipe import Recipe, load_recipe
 from peftkit.tables import markdown_table
 from peftkit.tasks.types import (
     TaskData,
     get_task_type,
-    headline_metric,
     higher_is_better,
     split_rows,
 )
@@ -39,12 +39,17 @@ from peftkit.tasks.types import (
 
 @dataclass
 class Source:
-    """One trained run: its name in the table, its recipe and its adapter folder."""
+    """One trained run: its name in the table, its resolved plan and its adapter folder."""
 
     name: str
-    recipe: Recipe
+    plan: Plan
     adapter: Path
     saved: dict[str, Any] = field(default_factory=dict)  # its adapter_config.json
+
+    @property
+    def recipe(self) -> Recipe:
+        """The recipe the run trained with."""
+        return self.plan.recipe
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,8 @@ def read_sources(specs: list[str]) -> list[Source]:
                 "recipe.yaml (the task to score on) and adapter/."
             )
         saved = io.read_json(run / "adapter" / io.CONFIG_NAME, io.CONFIG_NAME)
-        source = Source(name or run.name, load_recipe(run / "recipe.yaml"), run / "adapter", saved)
+        plan = resolve(load_recipe(run / "recipe.yaml"))
+        source = Source(name or run.name, plan, run / "adapter", saved)
         sources.append(source)
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
@@ -112,7 +118,7 @@ def check_sources(sources: list[Source]) -> None:
     if len(set(map(id, compositions.values()))) > 1:
         raise AdapterError(
             "The runs trained methods of different families "
-            f"({ {s.name: s.recipe.method.get('name') for s in sources} }): combine one family."
+            f"({ {s.name: s.plan.method.name for s in sources} }): combine one family."
         )
     for source in sources:
         try:
@@ -122,7 +128,7 @@ def check_sources(sources: list[Source]) -> None:
     bases = {s.name: s.recipe.model for s in sources}
     if len(set(bases.values())) > 1:
         raise AdapterError(f"The runs were trained on different base models: {bases}.")
-    auto = {s.name: get_task_type(s.recipe.task.type).auto_class().__name__ for s in sources}
+    auto = {s.name: s.plan.task_type.auto_class().__name__ for s in sources}
     if len(set(auto.values())) > 1 or any(s.recipe.task.type == "classification" for s in sources):
         raise AdapterError(
             f"The runs need one model class and no task head of their own to share one base "
@@ -203,7 +209,7 @@ def task_data(source: Source, tokenizer: Any, max_eval_examples: int | None) -> 
 
 def score(model: nn.Module, source: Source, data: TaskData, tokenizer: Any) -> dict[str, float]:
     """The source task's metrics for the model's active adapter (or the base when disabled)."""
-    task_type = get_task_type(source.recipe.task.type)
+    task_type = source.plan.task_type
     batch = source.recipe.training.eval_batch_size
     return task_type.evaluate(model, data, Collator(tokenizer.pad_token_id), batch)
 
@@ -224,7 +230,7 @@ def flags(rows: dict[str, dict[str, float]], sources: list[Source], max_loss: fl
         lost = []
         for source in sources:
             base, own = rows["base"][source.name], rows[source.name][source.name]
-            improves = (own < base) != higher_is_better(headline_metric(source.recipe.task))
+            improves = (own < base) != higher_is_better(source.plan.metric)
             share = kept_share(metrics[source.name], base, own)
             if improves and share is not None and share < 1.0 - max_loss:
                 lost.append(source.name)
@@ -237,7 +243,7 @@ def table(rows: dict[str, dict[str, float]], sources: list[Source], flagged: dic
     """One row per model: each task's headline metric and kept share, and the flag."""
     header = ["model"]
     for source in sources:
-        metric = headline_metric(source.recipe.task)
+        metric = source.plan.metric
         header += [f"{source.name} {metric}", f"{source.name} kept"]
     header.append("flag")
     body = []
@@ -277,7 +283,7 @@ def run_combine(
         composition.activate(model, label)
         metrics[label] = {s.name: score(model, s, data[s.name], tokenizer) for s in sources}
     headline = {
-        label: {s.name: values[s.name][headline_metric(s.recipe.task)] for s in sources}
+        label: {s.name: values[s.name][s.plan.metric] for s in sources}
         for label, values in metrics.items()
     }
     flagged = flags(headline, sources, max_loss)

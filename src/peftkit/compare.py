@@ -215,6 +215,21 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def resolve_entries(plan: Plan, entries: list[Entry], quick: bool) -> None:
+    """Resolve every entry's run (the base recipe, the quick budget, the entry's overrides and
+    method) into its plan before the first one trains: a misspelt option or a method that cannot
+    train on the base is refused now, not after the earlier entries have run for minutes."""
+    from peftkit.plan import resolve
+    from peftkit.recipe import load_recipe
+
+    for entry in entries:
+        overrides = [*(plan.quick if quick else []), *entry.overrides]
+        try:
+            resolve(load_recipe(plan.recipe, [*overrides, f"method={json.dumps(entry.method)}"]))
+        except ConfigError as error:
+            raise ConfigError(f"Compare plan entry '{entry.label}': {error}") from None
+
+
 def compare(
     plan_path: str | Path,
     output: str | Path,
@@ -234,6 +249,7 @@ def compare(
         entries = [e for e in entries if e.label in only]
     output = Path(output)
     refuse_earlier_results(entries, output, overwrite)
+    resolve_entries(plan, entries, quick)
     output.mkdir(parents=True, exist_ok=True)
     results = []
     started = time.perf_counter()
