@@ -131,3 +131,31 @@ def test_reading_a_recipe_imports_neither_torch_nor_a_method(request):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("case", ["earlier run", "missing data file", "unknown key"])
+def test_cheap_refusals_of_train_import_no_torch(tmp_path, case):
+    """`peftkit train` refuses an earlier run's folder, a missing data file and an unknown
+    recipe key before torch is imported, leaving the folder as it was."""
+    recipe = tmp_path / "r.yaml"
+    data = "train_file: nothere.csv" if case == "missing data file" else "dataset: copy-words"
+    extra = "\ntrainig: {}" if case == "unknown key" else ""
+    recipe.write_text(
+        f"model: tiny-bert\ntask: {{{data}}}\noutput_dir: {tmp_path / 'run'}{extra}\n"
+    )
+    if case == "earlier run":
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "summary.json").write_text("{}")
+    code = (
+        "import sys\n"
+        "from peftkit.cli import main\n"
+        f"status = main(['train', {str(recipe)!r}])\n"
+        "print(status, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["2", "False"], out.stderr
+    expected = {"earlier run": "already holds a finished run", "unknown key": "Unknown key",
+                "missing data file": "nothere.csv does not exist"}[case]  # fmt: skip
+    assert expected in out.stderr
+    if case == "earlier run":
+        assert (tmp_path / "run" / "summary.json").read_text() == "{}"
