@@ -23,7 +23,7 @@ import torch
 
 import peftkit
 from contract import FAMILIES, Case, Run, logits, logits_and_loss, run_case, tiny
-from peftkit.errors import AdapterError, TargetError
+from peftkit.errors import AdapterError, ConfigError, TargetError
 from peftkit.methods import relora
 from peftkit.registry import method_for_config, method_names
 
@@ -281,6 +281,41 @@ def test_unmergeable_method_refuses_merge(case, family, runs):
     fresh, _ = tiny(family)
     with pytest.raises(AdapterError, match="cannot"):
         peftkit.merge(peftkit.load(fresh, run.adapter))
+
+
+def _switches_off(case: Case, family: str) -> bool:
+    """Whether the case's method has the switch-off capability; checked on the generative
+    families (a classifier head a run trains is the model's own, with nothing to switch back to)."""
+    return method_for_config(case.config(family)).switch_off is not None and family != "bert"
+
+
+@pytest.mark.parametrize(("case", "family"), rows(_switches_off))
+def test_switched_off_adapter_computes_the_base(case, family, runs):
+    """Inside the record's switch-off the trained adapter computes the base's logits, and the
+    tuned ones again after it: Proxy-Tuning's anti-expert and a preference-tuning reference."""
+    run = runs(case, family)
+    assert (run.tuned - run.reference).abs().max() > 1e-4, "the adapter barely matters"
+    loaded = peftkit.load(tiny(family)[0], run.adapter)
+    off = peftkit.api.applied(loaded).method.switch_off(loaded)
+    with off():
+        torch.testing.assert_close(logits(loaded, run.batch), run.reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(loaded, run.batch), run.tuned, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("case", "family"),
+    rows(lambda case, family: method_for_config(case.config(family)).switch_off is None),
+)
+def test_a_method_that_cannot_switch_off_is_refused_as_anti_expert(case, family, runs):
+    """Methods that change the base's own weights have nothing to switch off: WithoutAdapter
+    refuses them by name instead of returning the tuned model as the 'untuned' one."""
+    from peftkit.decoding.proxy import WithoutAdapter
+
+    run = runs(case, family)
+    loaded = peftkit.load(tiny(family)[0], run.adapter)
+    name = method_for_config(case.config(family)).name
+    with pytest.raises(ConfigError, match=f"a {name} model"):
+        WithoutAdapter(loaded)
 
 
 def _saved_config(adapter: Path) -> dict:
