@@ -84,17 +84,18 @@ def main() -> None:
     import peftkit
     from peftkit.data.collate import Collator
     from peftkit.recipe import load_recipe
-    from peftkit.training import load_for_recipe
+    from peftkit.training import load_for_plan
 
     recipe = load_recipe(RECIPE, [
         f"model={args.model}", f"task.max_length={args.max_length}",
         f"task.max_train_examples={args.examples}", f"training.batch_size={args.batch_size}",
         f"training.seed={args.seed}", "training.logging_steps=1000",
     ])  # fmt: skip
-    model, tokenizer, data = load_for_recipe(recipe)
     from peftkit.plan import resolve
 
-    model = peftkit.apply(model, resolve(recipe).method_config)
+    plan = resolve(recipe)
+    model, tokenizer, data = load_for_plan(plan)
+    model = peftkit.apply(model, plan.method_config)
     pad = tokenizer.pad_token_id
     arms = {
         "static (pad to max_length)": arm(

@@ -70,19 +70,20 @@ def train_one(recipe: Any, bf16: bool, steps: int) -> dict[str, Any]:
 
     import peftkit
     from peftkit.data.collate import Collator
-    from peftkit.training import evaluate, load_for_recipe
+    from peftkit.training import evaluate, load_for_plan
 
-    set_seed(recipe.training.seed)
-    model, tokenizer, data = load_for_recipe(recipe)
     set_seed(recipe.training.seed)
     from peftkit.plan import resolve
 
-    model = peftkit.apply(model, resolve(recipe).method_config)
+    plan = resolve(recipe)
+    model, tokenizer, data = load_for_plan(plan)
+    set_seed(recipe.training.seed)
+    model = peftkit.apply(model, plan.method_config)
     timer = StepTimer()
     trainer = trainer_for(model, tokenizer, data, recipe, bf16, steps, timer)
     mixed = trainer.accelerator.mixed_precision  # "bf16" proves autocast is on, "no" fp32
     result = trainer.train()
-    metrics = evaluate(model, recipe, data, Collator(tokenizer.pad_token_id))
+    metrics = evaluate(model, plan, data, Collator(tokenizer.pad_token_id))
     tokens = [b - a for a, b in zip([0, *timer.counts], timer.counts, strict=False)]
     rates = [t / s for t, s in zip(tokens[1:], timer.seconds[1:], strict=True)]
     return {

@@ -32,15 +32,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a trained adapter on its recipe's held-out data."""
     import peftkit.api as api
     from peftkit.data.collate import Collator
+    from peftkit.plan import resolve
     from peftkit.recipe import load_recipe
-    from peftkit.training import evaluate, load_for_recipe
+    from peftkit.training import evaluate, load_for_plan
 
     run_dir, adapter_dir = run_folder(Path(args.run))
     recipe_path = Path(args.recipe) if args.recipe else run_dir / "recipe.yaml"
-    recipe = load_recipe(recipe_path, list(args.set or []))
-    model, tokenizer, data = load_for_recipe(recipe)
+    plan = resolve(load_recipe(recipe_path, list(args.set or [])))
+    model, tokenizer, data = load_for_plan(plan)
     tuned = api.load(model, adapter_dir)
-    metrics = evaluate(tuned, recipe, data, Collator(tokenizer.pad_token_id))
+    metrics = evaluate(tuned, plan, data, Collator(tokenizer.pad_token_id))
     for name, value in metrics.items():
         print(f"{name:>20}: {value:.4f}")
     (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")

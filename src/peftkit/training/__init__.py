@@ -3,6 +3,6 @@
 (checkpoints.py), and what a run cost (measure.py)."""
 
 from peftkit.training.distributed import finish_distributed
-from peftkit.training.run import evaluate, load_for_recipe, run
+from peftkit.training.run import evaluate, load_for_plan, run
 
-__all__ = ["evaluate", "finish_distributed", "load_for_recipe", "run"]
+__all__ = ["evaluate", "finish_distributed", "load_for_plan", "run"]

@@ -30,7 +30,7 @@ from peftkit.models.precision import stored_bytes
 from peftkit.plan import Plan
 from peftkit.recipe import Recipe, save_recipe
 from peftkit.run_folder import check_output_dir, discard_previous, set_aside_earlier_run
-from peftkit.tasks.types import TaskData, get_task_type, split_rows
+from peftkit.tasks.base import TaskData, read_split
 from peftkit.training.checkpoints import (
     CheckpointCallback,
     find_checkpoint,
@@ -85,16 +85,16 @@ def training_arguments(recipe: Recipe, output: Path) -> TrainingArguments:
     )
 
 
-def evaluate(model: Any, recipe: Recipe, data: TaskData, collator: Collator) -> dict[str, float]:
+def evaluate(model: Any, plan: Plan, data: TaskData, collator: Collator) -> dict[str, float]:
     """The task's metrics on the held-out features."""
-    task_type = get_task_type(recipe.task.type)
-    return task_type.evaluate(model, data, collator, recipe.training.eval_batch_size)
+    return plan.task_type.evaluate(model, data, collator, plan.recipe.training.eval_batch_size)
 
 
-def load_for_recipe(recipe: Recipe) -> tuple[Any, Any, TaskData]:
+def load_for_plan(plan: Plan) -> tuple[Any, Any, TaskData]:
     """The base model, its tokenizer, and the task's tokenised data."""
-    task_type = get_task_type(recipe.task.type)
-    train_rows, eval_rows = split_rows(recipe.task)  # each file's rows checked by the task type
+    recipe, task_type = plan.recipe, plan.task_type
+    # each file's rows checked by the task type
+    train_rows, eval_rows = read_split(recipe.task, task_type)
     labels = None
     if task_type.labels is not None:
         labels = task_type.labels(recipe.task, train_rows)
@@ -167,9 +167,9 @@ def run(plan: Plan, resume: str | bool | None = None, overwrite: bool = False) -
     config = plan.method_config
     task_type = plan.task_type
     metric = plan.metric
-    model, tokenizer, data = load_for_recipe(recipe)
+    model, tokenizer, data = load_for_plan(plan)
     collator = Collator(tokenizer.pad_token_id)
-    before = evaluate(model, recipe, data, collator) if main_process else {}
+    before = evaluate(model, plan, data, collator) if main_process else {}
 
     if recipe.training.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -220,7 +220,7 @@ def run(plan: Plan, resume: str | bool | None = None, overwrite: bool = False) -
         return {}
     train_seconds = float(result.metrics["train_runtime"])
     state_bytes = optimizer_state_bytes(trainer.optimizer)
-    after = evaluate(model, recipe, data, collator)
+    after = evaluate(model, plan, data, collator)
 
     adapter_dir = output / "adapter"
     info = {"base_model": recipe.model, "task": recipe.task.type, "labels": data.labels,
