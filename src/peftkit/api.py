@@ -232,18 +232,24 @@ def _merge_onto_dequantized(model: nn.Module, state: Applied, dtype: Any) -> nn.
     return method.merge(tuned)
 
 
-def convert(base_model: nn.Module, folder: str | Path, output: str | Path) -> Path:
-    """Rewrite the adapter in `folder` for the unchanged `base_model` (left as it is) into
-    `output`, through its method's conversion (PiSSA/OLoRA: a plain LoRA of rank 2r)."""
-    import copy
-
-    folder = Path(folder)
-    saved = io.read_json(folder / io.CONFIG_NAME, io.CONFIG_NAME)
+def check_convertible(folder: str | Path) -> Method:
+    """The method of the adapter in `folder`, refusing one that needs no conversion (before any
+    model loads)."""
+    saved = io.read_json(Path(folder) / io.CONFIG_NAME, io.CONFIG_NAME)
     method = registry.method_for_saved(saved)
     if method.conversion is None or not method.conversion.needed(saved):
         raise AdapterError(
             f"{folder} holds a {method.name} adapter that loads on its base as it is: only "
             "PiSSA/OLoRA-initialised adapters need converting. Save or merge it instead."
         )
+    return method
+
+
+def convert(base_model: nn.Module, folder: str | Path, output: str | Path) -> Path:
+    """Rewrite the adapter in `folder` for the unchanged `base_model` (left as it is) into
+    `output`, through its method's conversion (PiSSA/OLoRA: a plain LoRA of rank 2r)."""
+    import copy
+
+    method = check_convertible(folder)
     loaded = load(copy.deepcopy(base_model), folder)  # records the initial factors
     return method.conversion.write(loaded, output, read_info(folder) or None)

@@ -42,7 +42,6 @@ def cmd_combine(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     """Rewrite a PiSSA/OLoRA-initialised adapter for the original base model."""
     import peftkit.api as api
-    from peftkit import io, registry
     from peftkit.errors import ConfigError
     from peftkit.models import load_model
 
@@ -50,13 +49,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise ConfigError(f"{output} is not empty: choose another --output, or --overwrite.")
-    saved = io.read_json(adapter_dir / io.CONFIG_NAME, io.CONFIG_NAME)
-    method = registry.method_for_saved(saved)
-    if method.conversion is None or not method.conversion.needed(saved):
-        raise ConfigError(
-            f"{adapter_dir} holds a {method.name} adapter that loads on its base as it is: only "
-            "PiSSA/OLoRA-initialised adapters need converting. Save or merge it instead."
-        )
+    api.check_convertible(adapter_dir)  # before the base model loads
     info = api.read_info(adapter_dir)
     base = args.model or info.get("base_model")
     if not base:
