@@ -1,8 +1,10 @@
 """Choosing each row's next token with that request's own settings, and turning its tokens into
 text that can be sent as it grows (stop strings honoured, never half a character).
 
-Temperature 0 is greedy (the arg max, as `generate` without sampling); otherwise the logits are
-divided by the temperature, cut to the smallest set of tokens whose probability reaches top_p
+Temperature 0 is greedy (the arg max, as `generate` without sampling), and so is any temperature
+below GREEDY_BELOW (vLLM's rule: dividing by 1e-37 overflows the logits to infinity, and the
+distribution it stands for is the arg max anyway); otherwise the logits are divided by the
+temperature, cut to the smallest set of tokens whose probability reaches top_p
 (nucleus sampling), and sampled with the request's own generator, so a request's seed fixes its
 text whatever else shares the batch."""
 
@@ -12,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (vLLM's _SAMPLING_EPS)
 
 
 @dataclass(frozen=True)
@@ -26,9 +30,14 @@ class Sampling:
     ignore_eos: bool = False  # decode max_tokens whatever comes (load tests, as in vLLM)
     proxy_alpha: float | None = None  # Proxy-Tuning strength; None: no Proxy-Tuning
 
+    @property
+    def greedy(self) -> bool:
+        """Whether the row takes the arg max (temperature 0 or too small to divide by)."""
+        return self.temperature < GREEDY_BELOW
+
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The request's own random stream (None when decoding greedily)."""
-        if self.temperature == 0:
+        if self.greedy:
             return None
         generator = torch.Generator(device=device)
         if self.seed is None:
@@ -52,10 +61,15 @@ def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: Any) -> int:
     """One row's next token from its (vocab,) float logits."""
-    if sampling.temperature == 0:
+    if sampling.greedy:
         return int(logits.argmax())
     scaled = nucleus(logits / sampling.temperature, sampling.top_p)
-    return int(torch.multinomial(scaled.softmax(-1), 1, generator=generator))
+    probabilities = scaled.softmax(-1)
+    if not torch.isfinite(probabilities).all():
+        if torch.isnan(logits).any():
+            raise ValueError("the model's logits for this row hold NaN")
+        return int(logits.argmax())  # logits that overflowed when divided: the limit is the arg max
+    return int(torch.multinomial(probabilities, 1, generator=generator))
 
 
 @dataclass
