@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from serve_support import MODEL, client, engine_held, make_adapter
+from serve_support import MODEL, call, client, engine_held, make_adapter
 
 from peftkit.serve import engine as engine_module
 from peftkit.serve.server import ServeOptions, running
@@ -122,3 +122,45 @@ def test_a_row_whose_sampling_fails_fails_alone(folders, monkeypatch):
                     bad.result()
                 assert [future.result() for future in good] == solo
             assert calls["n"] == fail_at  # it failed there, and took no further token
+
+
+def test_a_failed_load_leaves_the_server_exactly_as_it_was(folders):
+    # On a server with no adapter yet (the load would wrap the bare base), then with one.
+    for start in ({}, {"a": str(folders / "a")}):
+        options = ServeOptions(model=MODEL, adapters=start, adapter_dir=str(folders), port=0)
+        with running(options) as served:
+            url = served.url
+            models = [MODEL, *(f"{MODEL}:{name}" for name in start)]
+            before = answers(url, models)
+            for name in ("misfit", "misfit_noinit"):
+                status, body = call(url, "POST", "/adapters", {"name": name, "path": name})
+                assert status == 400 and "does not fit" in body["error"]["message"], body
+                assert [m.id for m in client(url).models.list().data] == models
+                assert answers(url, models) == before
+            # And the server still loads a good adapter afterwards, which changes the text.
+            assert call(url, "POST", "/adapters", {"name": "good", "path": "good"})[0] == 200
+            assert answers(url, models) == before
+            assert complete(url, f"{MODEL}:good", PROMPTS[0]) != before[(MODEL, PROMPTS[0])]
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_2", "pissa", "olora", "corda", "loftq", "lora_ga"])
+def test_a_base_changing_adapter_is_refused_before_it_touches_the_base(folders, init):
+    options = ServeOptions(
+        model=MODEL, adapters={"a": str(folders / "a")}, adapter_dir=str(folders), port=0
+    )
+    with running(options) as served:
+        models = [MODEL, f"{MODEL}:a"]
+        before = answers(served.url, models)
+        status, body = call(served.url, "POST", "/adapters", {"name": "x", "path": init})
+        assert status == 400 and body["error"]["param"] == "path", body
+        assert "rewrote" in body["error"]["message"] and init in body["error"]["message"]
+        assert answers(served.url, models) == before
+
+
+def test_a_base_changing_adapter_named_at_start_is_refused(folders):
+    from peftkit.errors import ConfigError
+
+    options = ServeOptions(model=MODEL, adapters={"p": str(folders / "pissa_niter_2")}, port=0)
+    with pytest.raises(ConfigError, match="pissa_niter_2"):
+        with running(options):
+            pass

@@ -27,6 +27,7 @@ from peftkit.data.collate import Collator
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.methods import lora_compose as compose
 from peftkit.methods.lora_convert import convert_folder
+from peftkit.methods.lora_init import changes_base
 from peftkit.recipe import Recipe, load_recipe
 from peftkit.tables import markdown_table
 from peftkit.tasks import TaskData, get_task_type, headline_metric, higher_is_better, split_rows
@@ -125,7 +126,7 @@ def check_sources(sources: list[Source]) -> None:
 def rank_of(source: Source) -> int:
     """The rank a source's adapter has once loaded (PiSSA/OLoRA ones double when converted)."""
     rank = int(source.saved["r"])
-    return 2 * rank if source.saved.get("init_lora_weights") in ("pissa", "olora") else rank
+    return 2 * rank if changes_base(source.saved.get("init_lora_weights")) else rank
 
 
 def plan(
@@ -172,7 +173,7 @@ def load_sources(sources: list[Source]) -> tuple[peft.PeftModel, Any]:
         folders = {}
         for source in sources:
             folder = source.adapter
-            if source.saved.get("init_lora_weights") in ("pissa", "olora"):
+            if changes_base(source.saved.get("init_lora_weights")):  # convert, or say why not
                 folder = convert_folder(base, folder, Path(scratch) / source.name)
                 print(f"converted '{source.name}' ({source.saved['init_lora_weights']}) to a "
                       "plain LoRA for the original base (PEFT's conversion)")  # fmt: skip

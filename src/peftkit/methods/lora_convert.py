@@ -19,7 +19,7 @@ from torch import nn
 
 from peftkit import io
 from peftkit.errors import AdapterError
-from peftkit.methods.lora_init import ADAPTER, initial_factors
+from peftkit.methods.lora_init import ADAPTER, changes_base, initial_factors
 
 
 def check_convertible(model: nn.Module) -> None:
@@ -80,4 +80,4 @@ def convert_folder(base_model: nn.Module, folder: str | Path, output: str | Path
 
 def needs_conversion(saved: dict[str, Any]) -> bool:
     """Whether a LoRA adapter_config.json describes a base-changing init."""
-    return saved.get("init_lora_weights") in ("pissa", "olora", "loftq")
+    return changes_base(saved.get("init_lora_weights"))

@@ -42,6 +42,17 @@ _FACTORS = "_peftkit_initial_factors"  # module name -> (A0, B0, scale, fan_in_f
 _ORIGINALS = "_peftkit_original_weights"  # loftq: module name -> the full-precision weight
 
 
+def changes_base(init_lora_weights: Any) -> bool:
+    """Whether a saved `init_lora_weights` (any form PEFT writes) rewrote the base weights."""
+    # PEFT 0.21 (tuners/lora/layer.py): "pissa" and "pissa_niter_<n>", "corda" (prefix, as PEFT
+    # matches it), "olora", "loftq" and "lora_ga" all subtract their initial factors from the
+    # base weight; True, False, "gaussian", "eva", "orthogonal" and "mica" leave it alone.
+    if not isinstance(init_lora_weights, str):
+        return False
+    init = init_lora_weights.lower()
+    return init.startswith(("pissa", "corda")) or init in ("olora", "loftq", "lora_ga")
+
+
 def check_init_name(init: str) -> None:
     """Refuse an init peftkit does not know, naming the ones it does."""
     if init not in INITS:
