@@ -88,7 +88,16 @@ class Engine:
 
     # --- called from other threads -------------------------------------------------------
     def submit(self, rows: list[Row]) -> None:
-        """Queue a request's rows; 429 when the queue cannot take them all."""
+        """Queue a request's rows; 429 when the queue cannot take them all now, 400 when it
+        never could (more prompts in one request than --max-queue)."""
+        if len(rows) > self.limits.max_queue:
+            raise ServeError(
+                f"This request holds {len(rows)} prompts, more than this server queues at once "
+                f"({self.limits.max_queue}, --max-queue): it can never be taken. Send at most "
+                f"{self.limits.max_queue} prompts per request.",
+                param="prompt",
+                code="too_many_prompts",
+            )
         with self.wake:
             if len(self.waiting) + len(rows) > self.limits.max_queue:
                 raise ServeError(
