@@ -122,6 +122,8 @@ BAD_REQUESTS = [
     ),
     ("five stop strings", "POST", "/completions", {**OK, "stop": list("abcde")}, 400, "stop"),
     ("empty stop string", "POST", "/completions", {**OK, "stop": [""]}, 400, "stop"),
+    ("stop string of 1001 characters", "POST", "/completions", {**OK, "stop": "s" * 1001}, 400,
+     "stop"),  # fmt: skip
     ("n = 2", "POST", "/completions", {**OK, "n": 2}, 400, "n"),
     ("logprobs", "POST", "/completions", {**OK, "logprobs": 2}, 400, "logprobs"),
     (

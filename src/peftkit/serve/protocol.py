@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from peftkit.serve.errors import ServeError
 
+MAX_STOP_CHARS = 1000  # characters of one stop string
+
 
 class Strict(BaseModel):
     """Strict types, finite numbers, unknown fields ignored; `null` for an optional field means
@@ -85,10 +87,14 @@ class Decoding(Strict):
     proxy_alpha: float | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
-        """`stop` as a tuple (at most 4 non-empty strings, as OpenAI allows)."""
+        """`stop` as a tuple (at most 4 non-empty strings, as OpenAI allows, each at most
+        MAX_STOP_CHARS characters)."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > 4 or any(not s for s in stop):
-            raise ServeError("stop takes up to 4 non-empty strings.", param="stop")
+        if len(stop) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+            raise ServeError(
+                f"stop takes up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters.",
+                param="stop",
+            )
         return tuple(stop)
 
 
