@@ -7,6 +7,8 @@ server answering exactly as before."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -164,3 +166,35 @@ def test_a_base_changing_adapter_named_at_start_is_refused(folders):
     with pytest.raises(ConfigError, match="pissa_niter_2"):
         with running(options):
             pass
+
+
+def test_a_request_whose_client_left_is_cancelled_not_decoded(folders):
+    options = ServeOptions(model=MODEL, port=0, max_tokens=256)
+    with running(options) as served:
+        url, engine = served.url, served.service.engine
+        impatient = openai.OpenAI(base_url=url, api_key="unused", max_retries=2, timeout=0.5)
+        release = threading.Event()
+        engine.call(release.wait)  # the engine is busy: the client gives up and retries twice
+        before = engine.stats.tokens
+        try:
+            with pytest.raises(openai.APITimeoutError):
+                impatient.completions.create(
+                    model=MODEL, prompt="hello", max_tokens=200, temperature=0,
+                    extra_body={"ignore_eos": True},
+                )  # fmt: skip
+            queued = list(engine.waiting)
+            assert len(queued) == 3  # the first try and the two retries
+            deadline = time.monotonic() + 10
+            while not all(row.cancelled for row in queued):
+                assert time.monotonic() < deadline, "the rows were not cancelled"
+                time.sleep(0.01)
+        finally:
+            release.set()
+        assert complete(url, MODEL, "hello", max_tokens=3) is not None
+        # The three abandoned rows produced nothing; only the last request's 3 tokens were made
+        # (the count is taken just after the tokens are sent: wait for it).
+        deadline = time.monotonic() + 10
+        while engine.stats.tokens < before + 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats.tokens == before + 3
+        assert all(row.generated == 0 for row in queued)
