@@ -124,3 +124,45 @@ def test_text_is_released_whole_and_stops_at_a_stop_string():
         if stopping.stopped:
             break
     assert "".join(pieces) == "hél" and stopping.finish() == ""
+
+
+def test_stop_strings_cut_at_the_first_found_whatever_the_token_boundaries():
+    _, tokenizer = load_model(MODEL, "causal-lm")
+    generator = torch.Generator().manual_seed(0)
+    for case in range(60):
+        ids = torch.randint(3, 300, (40,), generator=generator).tolist()
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        start = int(torch.randint(0, max(1, len(text) - 6), (1,), generator=generator))
+        width = int(torch.randint(1, 6, (1,), generator=generator))
+        # A piece of the text, one with a repeated start (KMP's fallback), one that never occurs.
+        stops = (text[start : start + width] or "x", text[start] * 3 + "~", "never-there")
+        stops = stops[: 1 + case % 3]
+        stream, pieces = TextStream(tokenizer, stop=stops), []
+        for token in ids:
+            pieces.append(stream.add(token))
+            if stream.stopped:
+                break
+        pieces.append(stream.finish())
+        found = [i for i in (text.find(s) for s in stops) if i >= 0]
+        assert "".join(pieces) == (text[: min(found)] if found else text), (ids, stops)
+        assert stream.stopped == bool(found)
+
+
+def test_a_long_stop_string_costs_each_token_its_new_characters_only():
+    import time
+
+    class OneLetter:  # decodes n tokens to n letters 'a', at C speed
+        def decode(self, ids, skip_special_tokens=True):
+            return "a" * len(ids)
+
+    # Longer than requests may send (MAX_STOP_CHARS): the matching itself must be linear.
+    stop = "a" * 49_999 + "b"
+    stream = TextStream(OneLetter(), stop=(stop,))
+    started = time.perf_counter()
+    for _ in range(2000):  # the text is always a prefix of the stop string: all held back
+        assert stream.add(0) == ""
+    elapsed = time.perf_counter() - started
+    # Matching every suffix of the text against every prefix of the stop (the old check) took
+    # about 25 ms a token here, about 50 s in all.
+    assert elapsed < 1.0, elapsed
+    assert stream.finish() == "a" * 2000

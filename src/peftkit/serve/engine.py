@@ -88,7 +88,16 @@ class Engine:
 
     # --- called from other threads -------------------------------------------------------
     def submit(self, rows: list[Row]) -> None:
-        """Queue a request's rows; 429 when the queue cannot take them all."""
+        """Queue a request's rows; 429 when the queue cannot take them all now, 400 when it
+        never could (more prompts in one request than --max-queue)."""
+        if len(rows) > self.limits.max_queue:
+            raise ServeError(
+                f"This request holds {len(rows)} prompts, more than this server queues at once "
+                f"({self.limits.max_queue}, --max-queue): it can never be taken. Send at most "
+                f"{self.limits.max_queue} prompts per request.",
+                param="prompt",
+                code="too_many_prompts",
+            )
         with self.wake:
             if len(self.waiting) + len(rows) > self.limits.max_queue:
                 raise ServeError(
@@ -196,19 +205,14 @@ class Engine:
             )
             kv.check_plain(output.cache)
             logits = output.logits[:, -1].float()
-            for index, row in enumerate(new):
-                row.text = TextStream(self.tokenizer, row.sampling.stop)
-                row.generator = row.sampling.generator(self.device)
-                if row.sampling.proxy_alpha is not None:
-                    row.proxy = ProxyRow(self.proxy, row.prompt, row.sampling.proxy_alpha)
-                    logits[index] = row.proxy.first(logits[index])
-            tokens = [
-                next_token(logits[i], row.sampling, row.generator) for i, row in enumerate(new)
-            ]
         except Exception as error:  # noqa: BLE001 - these rows fail; the running batch is intact
             for row in new:
                 row.fail(failure(error))
             return
+        for row in new:
+            row.text = TextStream(self.tokenizer, row.sampling.stop)
+            row.generator = row.sampling.generator(self.device)
+        tokens = self._choose(new, logits, first=True)
         self.stats.prefills += 1
         next_positions = positions[:, -1] + 1
         if self.rows:
@@ -237,21 +241,41 @@ class Engine:
         )
         self.cache, self.mask = output.cache, mask
         self.positions = self.positions + 1
-        logits = output.logits[:, -1].float()
-        for index, row in enumerate(rows):
-            if row.proxy is not None:
-                logits[index] = row.proxy.next(logits[index], row.last_token)
-        chosen = [next_token(logits[i], row.sampling, row.generator) for i, row in enumerate(rows)]
+        chosen = self._choose(rows, output.logits[:, -1].float(), first=False)
         self.stats.steps += 1
         self.stats.peak_rows = max(self.stats.peak_rows, len(rows))
         self.stats.mixed_steps += len({row.adapter for row in rows}) > 1
         self._take(rows, chosen)
 
-    def _take(self, rows: list[Row], tokens: list[int]) -> None:
-        """Give each row its token, then let the finished rows leave."""
+    def _choose(self, rows: list[Row], logits: torch.Tensor, first: bool) -> list[int | None]:
+        """Each row's next token from its logits (Proxy-Tuning applied); a row whose own part
+        fails (its sampler, its expert) fails alone with a 500 and gets None; the others go on."""
+        tokens: list[int | None] = []
+        for index, row in enumerate(rows):
+            try:
+                row_logits = logits[index]
+                if first and row.sampling.proxy_alpha is not None:
+                    row.proxy = ProxyRow(self.proxy, row.prompt, row.sampling.proxy_alpha)
+                    row_logits = row.proxy.first(row_logits)
+                elif row.proxy is not None:
+                    row_logits = row.proxy.next(row_logits, row.last_token)
+                tokens.append(next_token(row_logits, row.sampling, row.generator))
+            except Exception as error:  # noqa: BLE001 - this row fails; the batch goes on
+                row.fail(failure(error))
+                tokens.append(None)
+        return tokens
+
+    def _take(self, rows: list[Row], tokens: list[int | None]) -> None:
+        """Give each row its token (None: the row failed choosing it), then let the finished
+        rows leave."""
         for row, token in zip(rows, tokens, strict=True):
-            row.take(token, self.stops)
-        self.stats.tokens += len(tokens)
+            if token is None or row.finished:
+                continue
+            try:
+                row.take(token, self.stops)
+            except Exception as error:  # noqa: BLE001 - e.g. its text cannot be decoded
+                row.fail(failure(error))
+        self.stats.tokens += sum(token is not None for token in tokens)
         self._retire()
 
     def _retire(self) -> None:

@@ -14,15 +14,51 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from peftkit.serve.errors import ServeError
 
+MAX_STOP_CHARS = 1000  # characters of one stop string
+
 
 class Strict(BaseModel):
-    """Strict types, finite numbers, unknown fields ignored."""
+    """Strict types, finite numbers, unknown fields ignored; `null` for an optional field means
+    its default (as OpenAI takes it); text must be valid Unicode (no lone surrogates)."""
 
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_the_default(cls, data: Any) -> Any:
+        """Drop explicit nulls of fields that have a default (a required field stays refused)."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {key: value for key, value in data.items()
+                if value is not None or key not in fields or fields[key].is_required()}  # fmt: skip
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def valid_unicode(cls, value: Any) -> Any:
+        """Refuse text holding a lone surrogate (JSON's "\\ud800"): it has no UTF-8 form."""
+        if lone_surrogate(value):
+            raise ValueError("text holds a lone surrogate (an unpaired \\ud800-\\udfff escape)")
+        return value
+
+
+def lone_surrogate(value: Any) -> bool:
+    """Whether a string (or one inside lists and dicts) cannot be encoded as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, list | tuple):
+        return any(lone_surrogate(item) for item in value)
+    if isinstance(value, dict):
+        return any(lone_surrogate(k) or lone_surrogate(v) for k, v in value.items())
+    return False
 
 
 class StreamOptions(Strict):
@@ -51,10 +87,14 @@ class Decoding(Strict):
     proxy_alpha: float | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
-        """`stop` as a tuple (at most 4 non-empty strings, as OpenAI allows)."""
+        """`stop` as a tuple (at most 4 non-empty strings, as OpenAI allows, each at most
+        MAX_STOP_CHARS characters)."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > 4 or any(not s for s in stop):
-            raise ServeError("stop takes up to 4 non-empty strings.", param="stop")
+        if len(stop) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+            raise ServeError(
+                f"stop takes up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters.",
+                param="stop",
+            )
         return tuple(stop)
 
 
@@ -120,7 +160,7 @@ def refuse_unsupported(request: Decoding) -> None:
     if isinstance(request, CompletionRequest):
         checks += [
             ("echo", not request.echo, "no echo"),
-            ("logprobs", not request.logprobs, "no logprobs"),
+            ("logprobs", request.logprobs is None, "no logprobs (not even logprobs=0)"),
             ("best_of", request.best_of in (None, 1), "best_of=1"),
             ("suffix", request.suffix is None, "no suffix"),
         ]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.decoding.proxy_options import check_proxy_flags
-from peftkit.errors import ConfigError
+from peftkit.errors import ConfigError, PeftkitError
 from peftkit.serve.engine import Engine, Limits
 from peftkit.serve.handling import Service
 from peftkit.serve.proxy_rows import ProxyPair
@@ -97,9 +97,9 @@ def build(options: ServeOptions) -> Service:
     try:
         for name, folder in options.adapters.items():
             adapters.load(name, folder).result()
-    except ServeError as error:
+    except (ServeError, PeftkitError) as error:  # the adapter's fault: said as a flag's error
         engine.stop()
-        raise ConfigError(f"--adapter {name}={folder}: {error.message}") from None
+        raise ConfigError(f"--adapter {name}={folder}: {error}") from None
     except Exception:
         engine.stop()
         raise
