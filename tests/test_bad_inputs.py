@@ -59,6 +59,31 @@ CASES = [
      ConfigError, r"max_length must be at least 8"),
     ("negative learning rate", lambda t: recipe_from_dict({**GOOD_RECIPE, "training": {"learning_rate": -1}}),
      ConfigError, r"learning_rate must be > 0"),
+    # non-finite numbers and out-of-range training numbers: refused when the recipe is read
+    *[(f"training.{key}: {value}", lambda t, key=key, value=value: load_recipe(write(t / "r.yaml", _recipe_text(f"training: {{{key}: {value}}}"))),
+       ConfigError, rf"'{key}' in training must be a finite number, got {pattern}")
+      for key, value, pattern in [("learning_rate", ".inf", "inf"), ("learning_rate", ".nan", "nan"),
+                                  ("max_steps", ".inf", "inf"), ("epochs", ".nan", "nan"),
+                                  ("weight_decay", "-.inf", "-inf"), ("max_grad_norm", ".nan", "nan"),
+                                  ("warmup_ratio", ".nan", "nan")]],
+    ("a non-finite method option", lambda t: recipe_from_dict({**GOOD_RECIPE, "method": {"name": "lora", "alpha": float("inf")}}),
+     ConfigError, r"'alpha' in method 'lora' must be a finite number, got inf"),
+    ("a non-finite task number", lambda t: recipe_from_dict({**GOOD_RECIPE, "task": {"dataset": "amazon-reviews", "max_length": float("nan")}}),
+     ConfigError, r"'max_length' in task must be a finite number"),
+    ("a number too large for a float", lambda t: recipe_from_dict({**GOOD_RECIPE, "training": {"max_steps": 10**400}}),
+     ConfigError, r"'max_steps' in training must be a number"),
+    *[(f"training.{key}: {value}", lambda t, key=key, value=value: recipe_from_dict({**GOOD_RECIPE, "training": {key: value}}),
+       ConfigError, rf"training\.{key} must be {allowed}, got {value}")
+      for key, value, allowed in [("eval_batch_size", 0, "at least 1"), ("seed", -1, r"in \[0, 4294967295\]"),
+                                  ("seed", 2**32, r"in \[0, 4294967295\]"),
+                                  ("threads", -1, "at least 1"), ("threads", 0, "at least 1"),
+                                  ("warmup_ratio", -0.5, r"in \[0, 1\)"), ("warmup_ratio", 1.5, r"in \[0, 1\)"),
+                                  ("logging_steps", 0, "at least 1"), ("weight_decay", -0.1, "at least 0"),
+                                  ("max_grad_norm", -1.0, "at least 0"), ("save_steps", -5, "at least 0"),
+                                  ("epochs", -1.0, "at least 0")]],
+    *[(f"task.{key}: {value}", lambda t, key=key, value=value: recipe_from_dict({**GOOD_RECIPE, "task": {"dataset": "amazon-reviews", key: value}}),
+       ConfigError, rf"task\.{key} must be at least 1, got {value}")
+      for key, value in [("max_new_tokens", 0), ("max_train_examples", 0), ("max_eval_examples", -3)]],
     ("zero batch size", lambda t: recipe_from_dict({**GOOD_RECIPE, "training": {"batch_size": 0}}),
      ConfigError, r"batch_size and gradient_accumulation_steps must be >= 1"),
     ("fractional step count", lambda t: recipe_from_dict({**GOOD_RECIPE, "training": {"max_steps": 2.5}}),
@@ -223,6 +248,10 @@ def main_raising(argv: list[str]) -> int:
 
 def _recipe(folder: Path) -> str:
     return str(write(folder / "r.yaml", "model: tiny-bert\ntask: {dataset: amazon-reviews}\n"))
+
+
+def _recipe_text(extra: str) -> str:
+    return f"model: tiny-bert\ntask: {{dataset: amazon-reviews}}\nmethod: lora\n{extra}\n"
 
 
 def _finished_run(folder: Path, name: str = "done") -> Path:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from peftkit import io, registry
@@ -139,9 +140,29 @@ def summary(model: nn.Module) -> Summary:
 def save(model: nn.Module, folder: str | Path, info: dict[str, Any] | None = None) -> Path:
     """Write the adapter (only what the method trained) to `folder`, atomically."""
     files = adapter_files(model)
+    refuse_non_finite(files[io.WEIGHTS_NAME], folder)
     if info is not None:
         files[io.PEFTKIT_INFO_NAME] = info
     return io.write_folder_atomically(folder, files)
+
+
+def refuse_non_finite(tensors: dict[str, Any], folder: str | Path) -> None:
+    """Refuse to save weights holding nan or inf, naming the first such tensor (nothing is
+    written): an adapter that computes nothing but nan must not look like a result."""
+    bad = {}
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            count = int((~torch.isfinite(tensor.detach())).sum())
+            if count:
+                bad[name] = (count, tensor.numel())
+    if bad:
+        name, (count, total) = next(iter(bad.items()))
+        others = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise AdapterError(
+            f"Not saving the adapter to {folder}: tensor '{name}' holds {count} non-finite "
+            f"values (nan or inf) of {total}{others}. Training diverged: lower "
+            "training.learning_rate or max_grad_norm, or use fp32. Nothing was written."
+        )
 
 
 def read_info(folder: str | Path) -> dict[str, Any]:
