@@ -101,3 +101,25 @@ def test_home_in_output_dir_is_expanded_once_for_every_file_of_the_run(
     # from the command line too: --output-dir=~/... (no shell expands it) and --set
     assert main(["train", str(recipe), "--output-dir=~/runs/y", "--max-steps", "1"]) == 0
     assert (home / "runs" / "y" / "summary.json").is_file() and list(work.iterdir()) == []
+
+
+def test_merge_into_an_existing_file_is_refused_before_a_model_loads(tmp_path, capsys):
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"mine")
+    with no_model_loads():
+        assert main(["merge", str(tmp_path / "any-adapter"), "--output", str(target)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"peftkit: error: merge --output {target} is an existing file")
+    assert target.read_bytes() == b"mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]
+
+
+def test_merge_expands_home_in_its_paths(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    model, _ = tiny("llama")
+    peftkit.save(peftkit.apply(model, peftkit.LoraConfig(rank=4)), tmp_path / "adapter")
+    argv = ["merge", "~/adapter", "--model", "tiny-llama", "--output", "~/merged"]
+    assert main(argv) == 0
+    assert f"wrote the merged model to {tmp_path / 'merged'}" in capsys.readouterr().out
+    assert (tmp_path / "merged" / "config.json").is_file() and not (tmp_path / "~").exists()

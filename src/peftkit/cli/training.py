@@ -53,7 +53,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from peftkit.models.pooling import uses_mean_pooling, write_pooling_config
     from peftkit.models.precision import torch_dtype
 
-    _, adapter_dir = run_folder(Path(args.adapter))
+    output = Path(args.output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise ConfigError(
+            f"merge --output {output} is an existing file; the merged model is a folder of "
+            "files (config.json, model.safetensors, the tokenizer). Give a folder's path."
+        )
+    _, adapter_dir = run_folder(Path(args.adapter).expanduser())
     info = api.read_info(adapter_dir)
     base = args.model or info.get("base_model")
     if not base:
@@ -70,15 +76,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if labels:
         merged.config.id2label = dict(enumerate(labels))
         merged.config.label2id = {name: i for i, name in enumerate(labels)}
-    merged.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
+    merged.save_pretrained(output)
+    tokenizer.save_pretrained(output)
     if uses_mean_pooling(merged):
-        write_pooling_config(args.output, merged.config.hidden_size)
-        print(f"wrote the merged model to {args.output}; it classifies from the mean of its token "
+        write_pooling_config(output, merged.config.hidden_size)
+        print(f"wrote the merged model to {output}; it classifies from the mean of its token "
               "states (1_Pooling/config.json): load it with peftkit.models.load_model, which "
               "pools the same way (plain transformers pools the first token)")  # fmt: skip
         return 0
-    print(f"wrote the merged model to {args.output} (loads with plain transformers)")
+    print(f"wrote the merged model to {output} (loads with plain transformers)")
     return 0
 
 
