@@ -3,6 +3,7 @@ bad input through the command line or the API and checks the files it must not t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from unittest import mock
 
@@ -123,3 +124,73 @@ def test_merge_expands_home_in_its_paths(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     assert f"wrote the merged model to {tmp_path / 'merged'}" in capsys.readouterr().out
     assert (tmp_path / "merged" / "config.json").is_file() and not (tmp_path / "~").exists()
+
+
+def test_overwrite_moves_only_what_the_run_recorded_never_the_users_files(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)  # the user's own, under names a run may also use
+    (run / "logs" / "mine.txt").write_text("my notes")
+    (run / "eval.json").write_text('{"mine": 1}')
+    (run / "app_eval_sql.json").write_text('{"mine": 2}')
+    own = snapshot(run)
+    recipe = write_recipe(tmp_path, "lora", run, max_steps=2)
+    assert main(["train", str(recipe)]) == 0
+    # checkpoints/ holds the staging folder Trainer writes to; logs/ is the user's, not claimed
+    recorded = json.loads((run / "peftkit-run.json").read_text())["entries"]
+    assert recorded == ["adapter", "summary.json", "recipe.yaml", "checkpoints"]
+    assert {name: snapshot(run)[name] for name in own} == own
+    second = write_recipe(tmp_path, "lora", run, max_steps=3)
+    assert main(["train", str(second), "--overwrite"]) == 0
+    assert {name: snapshot(run)[name] for name in own} == own  # kept, unchanged
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    assert not (tmp_path / "run.previous").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_overwrite_moves_the_reports_the_run_wrote(tmp_path, capsys):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path, "lora", run, max_steps=2)
+    assert main(["train", str(recipe)]) == 0
+    assert main(["eval", str(run)]) == 0  # eval.json: the run's, recorded
+    assert "eval.json" in json.loads((run / "peftkit-run.json").read_text())["entries"]
+    (run / "notes.txt").write_text("mine")
+    assert main(["train", str(recipe), "--overwrite", "--model", "no-such-model"]) == 2
+    moved = sorted(p.name for p in (tmp_path / "run.previous").iterdir())
+    assert moved == [
+        "PEFTKIT_PREVIOUS_RUN.txt", "adapter", "checkpoints", "eval.json", "peftkit-run.json",
+        "recipe.yaml", "summary.json",
+    ]  # fmt: skip
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
+def test_a_run_folder_without_a_record_is_replaced_by_its_fixed_names(tmp_path):
+    from peftkit.run_folder import record_entries, set_aside_earlier_run
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    for name in ("summary.json", "recipe.yaml", "eval.json", "notes.txt"):
+        (run / name).write_text(name)
+    # an eval on such a run records the run's fixed names first, then its own report
+    assert record_entries(run, ["app_eval_sql.json"]) == [
+        "adapter", "summary.json", "recipe.yaml", "eval.json", "app_eval_sql.json"
+    ]  # fmt: skip
+    previous = set_aside_earlier_run(run)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in previous.iterdir()) == [
+        "PEFTKIT_PREVIOUS_RUN.txt", "adapter", "eval.json", "peftkit-run.json", "recipe.yaml",
+        "summary.json",
+    ]  # fmt: skip
+
+
+def test_a_doctored_record_moves_nothing_outside_the_folder(tmp_path):
+    from peftkit.run_folder import set_aside_earlier_run
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (tmp_path / "precious.txt").write_text("keep")
+    (run / "peftkit-run.json").write_text('{"entries": ["adapter", "../precious.txt", "/etc"]}')
+    previous = set_aside_earlier_run(run)
+    assert (tmp_path / "precious.txt").read_text() == "keep"
+    assert sorted(p.name for p in previous.iterdir()) == [
+        "PEFTKIT_PREVIOUS_RUN.txt", "adapter", "peftkit-run.json"
+    ]  # fmt: skip

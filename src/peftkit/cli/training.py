@@ -40,6 +40,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate(tuned, recipe, data, Collator(tokenizer.pad_token_id))
     for name, value in metrics.items():
         print(f"{name:>20}: {value:.4f}")
+    from peftkit.run_folder import record_entries
+
+    record_entries(run_dir, ["eval.json"])  # the run's own from now on (unless the user's)
     (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"wrote {run_dir / 'eval.json'}")
     return 0

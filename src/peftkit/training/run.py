@@ -29,7 +29,14 @@ from peftkit.io import write_text_atomically
 from peftkit.models import load_model, storage_for
 from peftkit.models.precision import stored_bytes
 from peftkit.recipe import Recipe, save_recipe
-from peftkit.run_folder import check_output_dir, discard_previous, set_aside_earlier_run
+from peftkit.run_folder import (
+    TRAINING_ENTRIES,
+    check_output_dir,
+    discard_previous,
+    record_entries,
+    set_aside_earlier_run,
+    settle_entries,
+)
 from peftkit.tasks import TaskData, get_task_type, headline_metric, split_rows
 from peftkit.training.checkpoints import (
     CheckpointCallback,
@@ -184,6 +191,8 @@ def run(
     method = api.applied(model)
     hooks = method.method.hooks(model, method.config)
     refuse_unsupported_sharding(method.method.name, hooks, recipe, resume)
+    if main_process:  # what this run writes is recorded first: --overwrite moves only that
+        record_entries(output, TRAINING_ENTRIES)
     args = training_arguments(recipe, output)  # under torchrun this joins the process group
     prepare_seconds = 0.0
     if hooks.prepare is not None and checkpoint is None:
@@ -268,6 +277,7 @@ def run(
         "adapter_dir": str(adapter_dir),
     }
     write_text_atomically(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    settle_entries(output)
     discard_previous(previous)  # the new run is complete: the one it replaces can go
     print(format_summary(summary))
     print(f"wrote {output / 'summary.json'} and the adapter in {adapter_dir}")
