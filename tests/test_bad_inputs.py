@@ -176,6 +176,12 @@ CASES = [
      ConfigError, r"task\.encoding 'latin-9000' is not a text encoding Python knows"),
     ("data path that is a folder", lambda t: read_rows(t),
      DataError, r"Data file .* is a folder; give the path of a file inside it"),
+    ("a CSV header naming a column twice", lambda t: read_rows(write(t / "twice.csv", "text,label,label\na,pos,neg\n")),
+     DataError, r"twice\.csv: the header names column 'label' twice \(columns 2 and 3\)"),
+    ("a CSV row with an unquoted comma", lambda t: read_rows(write(t / "comma.csv", "text,label\ngood,pos\nfine, really,pos\n")),
+     DataError, r"comma\.csv is not well-formed CSV \(Error tokenizing data\. C error: Expected 2 fields in line 3, saw 3\)\. A text cell holding a comma"),
+    ("a .parquet file that is really CSV", lambda t: read_rows(write(t / "d.parquet", "text,label\na,pos\n")),
+     DataError, r"d\.parquet is not a readable Parquet file \(it does not start with Parquet's PAR1 mark\).*give it the matching suffix"),
     ("broken JSONL line", lambda t: read_rows(write(t / "j.jsonl", '{"a": 1}\n{"a": \n')),
      DataError, r"j\.jsonl line 2 is not valid JSON"),
     ("JSON that is not a list", lambda t: read_rows(write(t / "o.json", '{"a": 1}')),
@@ -354,6 +360,21 @@ def test_latin_1_file_reads_with_task_encoding(tmp_path):
     # UTF-8 with a byte-order mark (Excel's "CSV UTF-8") reads under the default encoding.
     bom = write(tmp_path / "bom.csv", "\ufefftext,label\ncafé,good\n".encode())
     assert read_rows(bom) == [{"text": "café", "label": "good"}]
+
+
+def test_labels_differing_only_by_spaces_or_number_type_are_one_class(tmp_path, capsys):
+    train = write(tmp_path / "t.csv", "text,label\na,pos\nb, pos\nc,pos \nd,neg\ne, neg\n")
+    data = prepare_task(TaskConfig(train_file=str(train), eval_file=str(train)), tiny("bert")[1])
+    assert data.labels == ["neg", "pos"]
+    assert [f["labels"] for f in data.train] == [1, 1, 1, 0, 0]
+    note = capsys.readouterr().err
+    assert "peftkit: note: labels are read with surrounding spaces stripped" in note
+    assert "' neg' as 'neg'; ' pos', 'pos ' as 'pos'" in note
+    rows = ['{"text": "a", "label": 1}', '{"text": "b", "label": "1"}', '{"text": "c", "label": " 1"}',
+            '{"text": "d", "label": 1.0}', '{"text": "e", "label": 0}', '{"text": "f", "label": "0"}']  # fmt: skip
+    jsonl = write(tmp_path / "t.jsonl", "\n".join(rows) + "\n")
+    data = prepare_task(TaskConfig(train_file=str(jsonl), eval_file=str(jsonl)), tiny("bert")[1])
+    assert data.labels == ["0", "1"] and [f["labels"] for f in data.train] == [1, 1, 1, 1, 0, 0]
 
 
 def test_rows_with_empty_text_are_dropped_and_counted(tmp_path):
