@@ -4,6 +4,7 @@ bad input through the command line or the API and checks the files it must not t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from unittest import mock
 
@@ -194,3 +195,55 @@ def test_a_doctored_record_moves_nothing_outside_the_folder(tmp_path):
     assert sorted(p.name for p in previous.iterdir()) == [
         "PEFTKIT_PREVIOUS_RUN.txt", "adapter", "peftkit-run.json"
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["recipe file", "training data file"])
+def test_an_output_folder_that_is_an_input_file_is_refused_before_a_model_loads(
+    tmp_path, capsys, which
+):
+    recipe = write_recipe(tmp_path, "lora", tmp_path / "run", max_steps=2)
+    target = recipe if which == "recipe file" else tmp_path / "train.jsonl"
+    before = snapshot(tmp_path)
+    with no_model_loads():
+        assert main(["train", str(recipe), "--output-dir", str(target)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"peftkit: error: The output folder {target} is an existing file (it is the {which})"
+    )
+    assert snapshot(tmp_path) == before and sorted(tmp_path.iterdir()) == sorted(
+        tmp_path / name for name in before
+    )
+
+
+def test_an_empty_output_folder_is_refused_before_a_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, "lora", tmp_path / "run", max_steps=2)
+    before = snapshot(tmp_path)
+    with no_model_loads():
+        assert main(["train", str(recipe), "--set", 'output_dir=""']) == 2
+    assert capsys.readouterr().err.startswith("peftkit: error: output_dir is empty")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_read_only_output_folder_is_refused_before_a_model_loads(tmp_path, capsys):
+    # As root a chmod does not stop writes, so the file system's refusal is simulated at the
+    # one call that probes it.
+    recipe = write_recipe(tmp_path, "lora", tmp_path / "ro" / "run", max_steps=2)
+    (tmp_path / "ro").mkdir()
+    refusal = PermissionError(13, "Permission denied")
+    with no_model_loads(), mock.patch("tempfile.mkdtemp", side_effect=refusal):
+        assert main(["train", str(recipe)]) == 2
+    assert capsys.readouterr().err == (
+        f"peftkit: error: Cannot write into the output folder {tmp_path / 'ro' / 'run'}: "
+        f"{tmp_path / 'ro'} refuses new files (Permission denied). Give a folder you can write "
+        "to (--output-dir).\n"
+    )
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_a_read_only_output_folder_is_refused_for_real(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, "lora", tmp_path / "ro" / "run", max_steps=2)
+    (tmp_path / "ro").mkdir(mode=0o555)
+    with no_model_loads():
+        assert main(["train", str(recipe)]) == 2
+    assert "refuses new files (Permission denied)" in capsys.readouterr().err

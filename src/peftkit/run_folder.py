@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from peftkit.errors import ConfigError
@@ -56,6 +57,7 @@ def check_output_dir(folder: str | Path, resume: object = None, overwrite: bool 
     """Refuse to start a run in a folder that holds an earlier one, unless it is resumed or
     overwritten; says which way out fits. Touches nothing."""
     folder = Path(folder)
+    check_writable_folder(folder)
     if resume and overwrite:
         raise ConfigError(
             "--resume continues the run in the output folder and --overwrite replaces it: "
@@ -88,6 +90,41 @@ def check_output_dir(folder: str | Path, resume: object = None, overwrite: bool 
                 f"holds a finished run too; --overwrite would drop one of them. Move or delete "
                 f"{previous} first."
             )
+
+
+def check_writable_folder(folder: str | Path, inputs: dict[str, str | Path] | None = None) -> None:
+    """Refuse an output folder that is an existing file (`inputs` names files the run reads, such
+    as the recipe and the data, to say which one it is), or where nothing can be written: a
+    read-only folder or file system. Probes by creating and removing a temporary folder in the
+    folder, or in its nearest existing parent; leaves nothing behind."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        which = next(
+            (what for what, path in (inputs or {}).items()
+             if path and Path(path).exists() and folder.samefile(path)),
+            None,
+        )  # fmt: skip
+        named = f" (it is the {which})" if which else ""
+        raise ConfigError(
+            f"The output folder {folder} is an existing file{named}, not a folder: the run "
+            "writes its adapter, recipe.yaml and summary.json into a folder. Give another "
+            "output_dir (--output-dir)."
+        )
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(
+            f"The output folder {folder} cannot be made: {parent} is a file, not a folder."
+        )
+    try:
+        probe = tempfile.mkdtemp(prefix=".peftkit-write-probe-", dir=parent)
+    except OSError as error:
+        raise ConfigError(
+            f"Cannot write into the output folder {folder}: {parent} refuses new files "
+            f"({error.strerror or error}). Give a folder you can write to (--output-dir)."
+        ) from None
+    os.rmdir(probe)
 
 
 def recorded_entries(folder: str | Path) -> list[str] | None:

@@ -13,10 +13,14 @@ from peftkit.cli.common import overrides, run_folder
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a recipe and print its summary table."""
     from peftkit.recipe import load_recipe
-    from peftkit.run_folder import check_output_dir
+    from peftkit.run_folder import check_output_dir, check_writable_folder
 
     recipe = load_recipe(args.recipe, overrides(args))
-    # Before the training stack loads: an earlier run in the folder is refused untouched.
+    # Before the training stack loads: an output folder that is one of the run's own input
+    # files, or cannot be written, is refused; an earlier run in it is refused untouched.
+    inputs = {"recipe file": args.recipe, "training data file": recipe.task.train_file,
+              "held-out data file": recipe.task.eval_file}  # fmt: skip
+    check_writable_folder(recipe.output_dir, inputs)
     check_output_dir(recipe.output_dir, args.resume, args.overwrite)
     from peftkit.training import finish_distributed, run
 
