@@ -247,3 +247,59 @@ def test_a_read_only_output_folder_is_refused_for_real(tmp_path, capsys):
     with no_model_loads():
         assert main(["train", str(recipe)]) == 2
     assert "refuses new files (Permission denied)" in capsys.readouterr().err
+
+
+def _damaged_model(folder: Path, damage: str) -> Path:
+    """A saved tiny Llama (model and tokenizer) with one part damaged."""
+    model, tokenizer = tiny("llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    config = folder / "config.json"
+    if damage == "no tokenizer":
+        for path in folder.glob("tokenizer*"):
+            path.unlink()
+    elif damage == "unknown model_type":
+        config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "nosuch"}))
+    elif damage == "empty config.json":
+        config.write_text("")
+    elif damage == "truncated weights":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    return folder
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("no tokenizer", "holds no usable tokenizer (Couldn't instantiate the backend tokenizer"),
+        ("unknown model_type", "has a config.json transformers cannot use (The checkpoint you "
+         "are trying to load has model type `nosuch`"),
+        ("empty config.json", "has a config.json transformers cannot use (It looks like the "
+         "config file at"),
+        ("truncated weights", "has weights that cannot be loaded (missing, truncated or "
+         "damaged) (Error while deserializing header"),
+    ],
+)  # fmt: skip
+def test_a_damaged_model_folder_gets_one_error_line(tmp_path, capsys, damage, message):
+    folder = _damaged_model(tmp_path / "model", damage)
+    recipe = write_recipe(tmp_path, "lora", tmp_path / "run", model=str(folder), max_steps=2)
+    before = snapshot(folder)
+    capsys.readouterr()
+    assert main(["train", str(recipe)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"peftkit: error: The model folder {folder} {message}")
+    assert error.count("\n") == 1  # one line, no traceback
+    assert snapshot(folder) == before and not (tmp_path / "run").exists()
+
+
+def test_max_length_beyond_the_position_table_is_refused_before_training(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, "lora", tmp_path / "run", max_steps=2)
+    with mock.patch("peftkit.training.run.PeftkitTrainer", side_effect=AssertionError("trains")):
+        assert main(["train", str(recipe), "--set", "task.max_length=300"]) == 2
+    assert capsys.readouterr().err == (
+        "peftkit: error: task.max_length is 300, but model tiny-bert has learned positions for "
+        "only 256 tokens. Set task.max_length to 256 or less.\n"
+    )
+    assert not (tmp_path / "run").exists()
+    # at the limit it trains (BERT's table is exactly max_position_embeddings long)
+    assert main(["train", str(recipe), "--set", "task.max_length=256"]) == 0
