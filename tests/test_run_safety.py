@@ -303,3 +303,28 @@ def test_max_length_beyond_the_position_table_is_refused_before_training(tmp_pat
     assert not (tmp_path / "run").exists()
     # at the limit it trains (BERT's table is exactly max_position_embeddings long)
     assert main(["train", str(recipe), "--set", "task.max_length=256"]) == 0
+
+
+@pytest.mark.parametrize(
+    "rank, message",
+    [
+        (0, r"adapter_config\.json does not describe a valid lora adapter: rank must be at "
+         r"least 1"),
+        (1_000_000_000, r"does not fit this base model \(8 problems\): '.*q_proj\.lora_A\.weight': "
+         r"adapter \(4, 32\) vs model \(1000000000, 32\)"),
+    ],
+)  # fmt: skip
+def test_a_doctored_adapter_rank_is_refused_before_anything_is_built(tmp_path, rank, message):
+    model, _ = tiny("llama")
+    folder = tmp_path / "adapter"
+    peftkit.save(peftkit.apply(model, peftkit.LoraConfig(rank=4)), folder)
+    config = folder / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "r": rank}))
+    before = snapshot(folder)
+    base, _ = tiny("llama")
+    modules = [name for name, _ in base.named_modules()]
+    # r: 1e9 built for real would ask for 128 GB for its first matrix (a RuntimeError)
+    with pytest.raises(AdapterError, match=message):
+        peftkit.load(base, folder)
+    assert [name for name, _ in base.named_modules()] == modules  # nothing built into the base
+    assert snapshot(folder) == before

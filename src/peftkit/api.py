@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,9 +172,17 @@ def read_info(folder: str | Path) -> dict[str, Any]:
     return io.read_json(path, io.PEFTKIT_INFO_NAME) if path.is_file() else {}
 
 
-def _check_fits(method: Method, model: nn.Module, tensors: dict[str, Any], folder: Path) -> None:
-    """Refuse tensors whose names or shapes do not fit the model, naming the first mismatches."""
-    expected = {k: tuple(v.shape) for k, v in method.state_dict(model).items()}
+def _check_fits(
+    method: Method,
+    model: nn.Module,
+    tensors: dict[str, Any],
+    folder: Path,
+    expected: dict[str, tuple[int, ...]] | None = None,
+) -> None:
+    """Refuse tensors whose names or shapes do not fit the model (or the `expected` shapes),
+    naming the first mismatches."""
+    if expected is None:
+        expected = {k: tuple(v.shape) for k, v in method.state_dict(model).items()}
     found = {k: tuple(v.shape) for k, v in tensors.items()}
     problems = [
         f"'{k}': adapter {found[k]} vs model {expected[k]}"
@@ -190,14 +199,45 @@ def _check_fits(method: Method, model: nn.Module, tensors: dict[str, Any], folde
         )
 
 
+def _check_fits_on_meta(
+    method: Method, config: Any, base_model: nn.Module, tensors: dict[str, Any], folder: Path
+) -> None:
+    """Compare the weight file with the shapes the config asks for before anything real is
+    built: the method is applied to a copy of the base's module tree on the meta device (no
+    memory), so a doctored config (r: 1000000000) is refused instead of allocated. Where the
+    method cannot be built on the meta device, the check after the real build still applies."""
+    memo: dict[int, Any] = {}
+    for tensor in [*base_model.parameters(), *base_model.buffers()]:
+        empty = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, nn.Parameter):
+            empty = nn.Parameter(empty, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = empty
+    try:
+        with torch.device("meta"):  # what the method creates is shapes only, too
+            skeleton = method.apply(copy.deepcopy(base_model, memo), config)
+            shapes = {k: tuple(v.shape) for k, v in method.state_dict(skeleton).items()}
+    except Exception:  # noqa: BLE001 - a method that needs real data: checked after the build
+        return
+    _check_fits(method, skeleton, tensors, folder, shapes)
+
+
 def load(base_model: nn.Module, folder: str | Path, allow_pickle: bool = False) -> nn.Module:
     """Apply the adapter saved in `folder` to `base_model`; on any error the base is unchanged."""
     folder = Path(folder)
     saved = io.read_json(folder / io.CONFIG_NAME, io.CONFIG_NAME)
     method = registry.method_for_saved(saved)
-    config = method.read_config(saved)
+    try:
+        config = method.read_config(saved)
+    except AdapterError:
+        raise
+    except (TypeError, ValueError) as error:  # a doctored value: r: 0, a negative dropout
+        raise AdapterError(
+            f"{folder / io.CONFIG_NAME} does not describe a valid {method.name} adapter: {error}"
+        ) from None
     tensors = io.read_tensors(folder, allow_pickle=allow_pickle)
     storage = check_base(method, base_model)
+    if not is_low_bit(storage):
+        _check_fits_on_meta(method, config, base_model, tensors, folder)
     model = method.apply(base_model, config)
     # float32 masters before the saved tensors are copied in, so they are not rounded to half
     undo = keep_float32_masters(model) if is_low_bit(storage) else lambda: None
