@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from peftkit import io, registry
@@ -139,9 +141,29 @@ def summary(model: nn.Module) -> Summary:
 def save(model: nn.Module, folder: str | Path, info: dict[str, Any] | None = None) -> Path:
     """Write the adapter (only what the method trained) to `folder`, atomically."""
     files = adapter_files(model)
+    refuse_non_finite(files[io.WEIGHTS_NAME], folder)
     if info is not None:
         files[io.PEFTKIT_INFO_NAME] = info
     return io.write_folder_atomically(folder, files)
+
+
+def refuse_non_finite(tensors: dict[str, Any], folder: str | Path) -> None:
+    """Refuse to save weights holding nan or inf, naming the first such tensor (nothing is
+    written): an adapter that computes nothing but nan must not look like a result."""
+    bad = {}
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            count = int((~torch.isfinite(tensor.detach())).sum())
+            if count:
+                bad[name] = (count, tensor.numel())
+    if bad:
+        name, (count, total) = next(iter(bad.items()))
+        others = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise AdapterError(
+            f"Not saving the adapter to {folder}: tensor '{name}' holds {count} non-finite "
+            f"values (nan or inf) of {total}{others}. Training diverged: lower "
+            "training.learning_rate or max_grad_norm, or use fp32. Nothing was written."
+        )
 
 
 def read_info(folder: str | Path) -> dict[str, Any]:
@@ -150,9 +172,17 @@ def read_info(folder: str | Path) -> dict[str, Any]:
     return io.read_json(path, io.PEFTKIT_INFO_NAME) if path.is_file() else {}
 
 
-def _check_fits(method: Method, model: nn.Module, tensors: dict[str, Any], folder: Path) -> None:
-    """Refuse tensors whose names or shapes do not fit the model, naming the first mismatches."""
-    expected = {k: tuple(v.shape) for k, v in method.state_dict(model).items()}
+def _check_fits(
+    method: Method,
+    model: nn.Module,
+    tensors: dict[str, Any],
+    folder: Path,
+    expected: dict[str, tuple[int, ...]] | None = None,
+) -> None:
+    """Refuse tensors whose names or shapes do not fit the model (or the `expected` shapes),
+    naming the first mismatches."""
+    if expected is None:
+        expected = {k: tuple(v.shape) for k, v in method.state_dict(model).items()}
     found = {k: tuple(v.shape) for k, v in tensors.items()}
     problems = [
         f"'{k}': adapter {found[k]} vs model {expected[k]}"
@@ -169,14 +199,45 @@ def _check_fits(method: Method, model: nn.Module, tensors: dict[str, Any], folde
         )
 
 
+def _check_fits_on_meta(
+    method: Method, config: Any, base_model: nn.Module, tensors: dict[str, Any], folder: Path
+) -> None:
+    """Compare the weight file with the shapes the config asks for before anything real is
+    built: the method is applied to a copy of the base's module tree on the meta device (no
+    memory), so a doctored config (r: 1000000000) is refused instead of allocated. Where the
+    method cannot be built on the meta device, the check after the real build still applies."""
+    memo: dict[int, Any] = {}
+    for tensor in [*base_model.parameters(), *base_model.buffers()]:
+        empty = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, nn.Parameter):
+            empty = nn.Parameter(empty, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = empty
+    try:
+        with torch.device("meta"):  # what the method creates is shapes only, too
+            skeleton = method.apply(copy.deepcopy(base_model, memo), config)
+            shapes = {k: tuple(v.shape) for k, v in method.state_dict(skeleton).items()}
+    except Exception:  # noqa: BLE001 - a method that needs real data: checked after the build
+        return
+    _check_fits(method, skeleton, tensors, folder, shapes)
+
+
 def load(base_model: nn.Module, folder: str | Path, allow_pickle: bool = False) -> nn.Module:
     """Apply the adapter saved in `folder` to `base_model`; on any error the base is unchanged."""
     folder = Path(folder)
     saved = io.read_json(folder / io.CONFIG_NAME, io.CONFIG_NAME)
     method = registry.method_for_saved(saved)
-    config = method.read_config(saved)
+    try:
+        config = method.read_config(saved)
+    except AdapterError:
+        raise
+    except (TypeError, ValueError) as error:  # a doctored value: r: 0, a negative dropout
+        raise AdapterError(
+            f"{folder / io.CONFIG_NAME} does not describe a valid {method.name} adapter: {error}"
+        ) from None
     tensors = io.read_tensors(folder, allow_pickle=allow_pickle)
     storage = check_base(method, base_model)
+    if not is_low_bit(storage):
+        _check_fits_on_meta(method, config, base_model, tensors, folder)
     model = method.prepare(base_model, config)
     # float32 masters before the saved tensors are copied in, so they are not rounded to half
     undo = keep_float32_masters(model) if is_low_bit(storage) else lambda: None

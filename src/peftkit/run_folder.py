@@ -6,13 +6,20 @@ folder that holds one is refused unless it continues that run (`--resume`) or as
 (`--overwrite`). Replacing is safe: the earlier run is moved, whole, to `<folder>.previous` and
 deleted only once the new run has finished, so a new run that fails loses nothing.
 
+Each run records, in `peftkit-run.json`, the names it created in the folder (and `eval` and
+`app-eval` add their reports there): `--overwrite` moves only those, so a file of the user's own
+stays put even under a name a run would use (`logs/`, `eval.json`). A folder written before the
+record existed falls back to the fixed list of names a run writes.
+
 Light on purpose (no torch): `peftkit train` and `peftkit compare` ask here before anything heavy
 loads."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from peftkit.errors import ConfigError
@@ -25,6 +32,8 @@ PREVIOUS_SUFFIX = ".previous"
 RUN_ENTRIES = ("adapter", "summary.json", "recipe.yaml", CHECKPOINTS, "logs", "eval.json")
 REPORTS = "app_eval_*.json"
 PREVIOUS_MARK = "PEFTKIT_PREVIOUS_RUN.txt"  # in a folder --overwrite made (only those are deleted)
+MANIFEST = "peftkit-run.json"  # the names a run created in its folder (record_entries)
+TRAINING_ENTRIES = ("adapter", "summary.json", "recipe.yaml", CHECKPOINTS, "logs")
 
 
 def earlier_run(folder: str | Path) -> str | None:
@@ -48,6 +57,7 @@ def check_output_dir(folder: str | Path, resume: object = None, overwrite: bool 
     """Refuse to start a run in a folder that holds an earlier one, unless it is resumed or
     overwritten; says which way out fits. Touches nothing."""
     folder = Path(folder)
+    check_writable_folder(folder)
     if resume and overwrite:
         raise ConfigError(
             "--resume continues the run in the output folder and --overwrite replaces it: "
@@ -82,8 +92,95 @@ def check_output_dir(folder: str | Path, resume: object = None, overwrite: bool 
             )
 
 
+def check_writable_folder(folder: str | Path, inputs: dict[str, str | Path] | None = None) -> None:
+    """Refuse an output folder that is an existing file (`inputs` names files the run reads, such
+    as the recipe and the data, to say which one it is), or where nothing can be written: a
+    read-only folder or file system. Probes by creating and removing a temporary folder in the
+    folder, or in its nearest existing parent; leaves nothing behind."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        which = next(
+            (what for what, path in (inputs or {}).items()
+             if path and Path(path).exists() and folder.samefile(path)),
+            None,
+        )  # fmt: skip
+        named = f" (it is the {which})" if which else ""
+        raise ConfigError(
+            f"The output folder {folder} is an existing file{named}, not a folder: the run "
+            "writes its adapter, recipe.yaml and summary.json into a folder. Give another "
+            "output_dir (--output-dir)."
+        )
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(
+            f"The output folder {folder} cannot be made: {parent} is a file, not a folder."
+        )
+    try:
+        probe = tempfile.mkdtemp(prefix=".peftkit-write-probe-", dir=parent)
+    except OSError as error:
+        raise ConfigError(
+            f"Cannot write into the output folder {folder}: {parent} refuses new files "
+            f"({error.strerror or error}). Give a folder you can write to (--output-dir)."
+        ) from None
+    os.rmdir(probe)
+
+
+def recorded_entries(folder: str | Path) -> list[str] | None:
+    """The names the run in `folder` recorded as its own, or None when it kept no record."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        names = json.loads(path.read_text(encoding="utf-8")).get("entries", [])
+    except (ValueError, AttributeError, OSError):
+        return None  # a damaged record: treated as none (the fixed list of names applies)
+    # Names only: a doctored record naming ../ or an absolute path moves nothing outside.
+    return [n for n in names if isinstance(n, str) and n and Path(n).name == n and n != ".."]
+
+
+def record_entries(folder: str | Path, names: tuple[str, ...] | list[str]) -> list[str]:
+    """Claim for the run in `folder` those of `names` that do not exist yet (or that it already
+    claimed), before it writes them; a name the user's own file holds is never claimed.
+    Returns the run's whole record."""
+    folder = Path(folder)
+    recorded = recorded_entries(folder)
+    if recorded is None:  # a run written before records were kept owns the fixed names
+        recorded = [p.name for p in _fixed_entries(folder)] if earlier_run(folder) else []
+    new = [n for n in names if n not in recorded and not (folder / n).exists()]
+    if new or not (folder / MANIFEST).is_file():
+        _write_record(folder, recorded + new)
+    return recorded + new
+
+
+def settle_entries(folder: str | Path) -> None:
+    """The run has finished: keep in its record only the names it really wrote."""
+    folder = Path(folder)
+    recorded = recorded_entries(folder)
+    if recorded is not None:
+        _write_record(folder, [n for n in recorded if (folder / n).exists()])
+
+
+def _write_record(folder: Path, names: list[str]) -> None:
+    """Write the record of a run's own names (atomically: it decides what --overwrite moves)."""
+    from peftkit.io import write_text_atomically
+
+    text = json.dumps({"written_by": "peftkit", "entries": names}, indent=2) + "\n"
+    write_text_atomically(folder / MANIFEST, text)
+
+
 def run_entries(folder: Path) -> list[Path]:
-    """The files and folders of the run in `folder` (not whatever else the folder holds)."""
+    """The files and folders of the run in `folder` (not whatever else the folder holds): those
+    its record names, with the record itself; without a record, the names a run writes."""
+    recorded = recorded_entries(folder)
+    if recorded is not None:
+        return [folder / n for n in [*recorded, MANIFEST] if os.path.lexists(folder / n)]
+    return _fixed_entries(folder)
+
+
+def _fixed_entries(folder: Path) -> list[Path]:
+    """What a run written before records were kept may have written: the fixed list of names."""
     named = [folder / name for name in RUN_ENTRIES if (folder / name).exists()]
     return named + sorted(folder.glob(REPORTS))
 

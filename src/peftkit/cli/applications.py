@@ -48,6 +48,9 @@ def cmd_app_eval(args: argparse.Namespace) -> int:
         print(f"{name:>6} ({result['count']} examples): {values}{failures}")
     output = run_dir / f"app_eval_{args.app}.json"
     report = {"app": args.app, "run": str(run_dir), **results}
+    from peftkit.run_folder import record_entries
+
+    record_entries(run_dir, [output.name])  # the run's own from now on (unless the user's)
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {output}")
     return 0

@@ -13,11 +13,15 @@ from peftkit.cli.common import overrides, run_folder
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a recipe and print its summary table."""
     from peftkit.recipe import check_data_files, load_recipe
-    from peftkit.run_folder import check_output_dir
+    from peftkit.run_folder import check_output_dir, check_writable_folder
 
     recipe = load_recipe(args.recipe, overrides(args))
-    # Before torch or any method loads: an earlier run in the folder is refused untouched, and
-    # so is a data file that is not there.
+    # Before torch or any method loads: an output folder that is one of the run's own input
+    # files, or cannot be written, is refused; an earlier run in it is refused untouched; and so
+    # is a data file that is not there.
+    inputs = {"recipe file": args.recipe, "training data file": recipe.task.train_file,
+              "held-out data file": recipe.task.eval_file}  # fmt: skip
+    check_writable_folder(recipe.output_dir, inputs)
     check_output_dir(recipe.output_dir, args.resume, args.overwrite)
     check_data_files(recipe)
     from peftkit.plan import resolve
@@ -44,6 +48,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate(tuned, plan, data, Collator(tokenizer.pad_token_id))
     for name, value in metrics.items():
         print(f"{name:>20}: {value:.4f}")
+    from peftkit.run_folder import record_entries
+
+    record_entries(run_dir, ["eval.json"])  # the run's own from now on (unless the user's)
     (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"wrote {run_dir / 'eval.json'}")
     return 0
@@ -57,7 +64,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from peftkit.models.pooling import uses_mean_pooling, write_pooling_config
     from peftkit.models.precision import torch_dtype
 
-    _, adapter_dir = run_folder(Path(args.adapter))
+    output = Path(args.output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise ConfigError(
+            f"merge --output {output} is an existing file; the merged model is a folder of "
+            "files (config.json, model.safetensors, the tokenizer). Give a folder's path."
+        )
+    _, adapter_dir = run_folder(Path(args.adapter).expanduser())
     info = api.read_info(adapter_dir)
     base = args.model or info.get("base_model")
     if not base:
@@ -74,15 +87,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if labels:
         merged.config.id2label = dict(enumerate(labels))
         merged.config.label2id = {name: i for i, name in enumerate(labels)}
-    merged.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
+    merged.save_pretrained(output)
+    tokenizer.save_pretrained(output)
     if uses_mean_pooling(merged):
-        write_pooling_config(args.output, merged.config.hidden_size)
-        print(f"wrote the merged model to {args.output}; it classifies from the mean of its token "
+        write_pooling_config(output, merged.config.hidden_size)
+        print(f"wrote the merged model to {output}; it classifies from the mean of its token "
               "states (1_Pooling/config.json): load it with peftkit.models.load_model, which "
               "pools the same way (plain transformers pools the first token)")  # fmt: skip
         return 0
-    print(f"wrote the merged model to {args.output} (loads with plain transformers)")
+    print(f"wrote the merged model to {output} (loads with plain transformers)")
     return 0
 
 

@@ -29,7 +29,14 @@ from peftkit.models import load_model, storage_for
 from peftkit.models.precision import stored_bytes
 from peftkit.plan import Plan
 from peftkit.recipe import Recipe, save_recipe
-from peftkit.run_folder import check_output_dir, discard_previous, set_aside_earlier_run
+from peftkit.run_folder import (
+    TRAINING_ENTRIES,
+    check_output_dir,
+    discard_previous,
+    record_entries,
+    set_aside_earlier_run,
+    settle_entries,
+)
 from peftkit.tasks.base import TaskData, read_split
 from peftkit.training.checkpoints import (
     CheckpointCallback,
@@ -102,12 +109,37 @@ def load_for_plan(plan: Plan) -> tuple[Any, Any, TaskData]:
         recipe.model, recipe.task.type, num_labels=len(labels) if labels else None,
         seed=recipe.training.seed, dtype=recipe.base.dtype, quantize=recipe.base.quantize,
     )  # fmt: skip
+    check_max_length(recipe.task.max_length, model, recipe.model)
     data = task_type.prepare(recipe.task, tokenizer, train_rows, eval_rows)
     if data.labels:
         # Name the classes in the model config, so a merged model's predictions are readable.
         model.config.id2label = dict(enumerate(data.labels))
         model.config.label2id = {name: i for i, name in enumerate(data.labels)}
     return model, tokenizer, data
+
+
+def check_max_length(max_length: int, model: Any, model_name: str) -> None:
+    """Refuse a task.max_length beyond the model's table of learned positions (BERT, GPT-2:
+    the first forward pass would fail); rotary or relative positions (Llama, T5) take any."""
+    config = model.config
+    size = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    words = model.get_input_embeddings()
+    tables = [
+        module
+        for module in model.modules()
+        if isinstance(module, torch.nn.Embedding)
+        and module is not words
+        and module.num_embeddings == size
+    ]
+    if not tables:
+        return
+    offset = tables[0].padding_idx  # RoBERTa's positions start after its padding index
+    positions = size - (offset + 1 if offset is not None else 0)
+    if max_length > positions:
+        raise ConfigError(
+            f"task.max_length is {max_length}, but model {model_name} has learned positions for "
+            f"only {positions} tokens. Set task.max_length to {positions} or less."
+        )
 
 
 def logs_folder(output: Path) -> Path:
@@ -179,6 +211,8 @@ def run(plan: Plan, resume: str | bool | None = None, overwrite: bool = False) -
     method = api.applied(model)
     hooks = method.method.training_hooks(model, method.config)
     refuse_unsupported_sharding(method.method.name, hooks, recipe, resume)
+    if main_process:  # what this run writes is recorded first: --overwrite moves only that
+        record_entries(output, TRAINING_ENTRIES)
     args = training_arguments(recipe, output)  # under torchrun this joins the process group
     prepare_seconds = 0.0
     if hooks.prepare is not None and checkpoint is None:
@@ -263,6 +297,7 @@ def run(plan: Plan, resume: str | bool | None = None, overwrite: bool = False) -
         "adapter_dir": str(adapter_dir),
     }
     write_text_atomically(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    settle_entries(output)
     discard_previous(previous)  # the new run is complete: the one it replaces can go
     print(format_summary(summary))
     print(f"wrote {output / 'summary.json'} and the adapter in {adapter_dir}")
