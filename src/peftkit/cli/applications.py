@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from peftkit.cli.common import check_positive, run_folder
+from peftkit.io import write_json_atomically
 
 
 def cmd_app_eval(args: argparse.Namespace) -> int:
@@ -48,7 +48,7 @@ def cmd_app_eval(args: argparse.Namespace) -> int:
         print(f"{name:>6} ({result['count']} examples): {values}{failures}")
     output = run_dir / f"app_eval_{args.app}.json"
     report = {"app": args.app, "run": str(run_dir), **results}
-    output.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomically(output, report)
     print(f"wrote {output}")
     return 0
 

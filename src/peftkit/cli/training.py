@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate(tuned, recipe, data, Collator(tokenizer.pad_token_id))
     for name, value in metrics.items():
         print(f"{name:>20}: {value:.4f}")
-    (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    from peftkit.io import write_json_atomically
+
+    write_json_atomically(run_dir / "eval.json", metrics)
     print(f"wrote {run_dir / 'eval.json'}")
     return 0
 
@@ -49,6 +50,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Fold an adapter into its base model and save a plain transformers model."""
     import peftkit.api as api
     from peftkit.errors import ConfigError
+    from peftkit.io import atomic_folder
     from peftkit.models import load_model
     from peftkit.models.pooling import uses_mean_pooling, write_pooling_config
     from peftkit.models.precision import torch_dtype
@@ -70,10 +72,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if labels:
         merged.config.id2label = dict(enumerate(labels))
         merged.config.label2id = {name: i for i, name in enumerate(labels)}
-    merged.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
+    with atomic_folder(args.output) as staging:  # a killed merge leaves no half model
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if uses_mean_pooling(merged):
+            write_pooling_config(staging, merged.config.hidden_size)
     if uses_mean_pooling(merged):
-        write_pooling_config(args.output, merged.config.hidden_size)
         print(f"wrote the merged model to {args.output}; it classifies from the mean of its token "
               "states (1_Pooling/config.json): load it with peftkit.models.load_model, which "
               "pools the same way (plain transformers pools the first token)")  # fmt: skip
