@@ -1,4 +1,8 @@
-"""`peftkit app-eval`: an application's held-out set scored by generation, base vs tuned."""
+"""`peftkit app-eval`: an application's held-out set scored by generation, base vs tuned; and
+the applications' data sets made known to every command (`register_apps`).
+
+The one module outside `peftkit.apps` that imports it (tests/test_layers.py holds the rest of the
+core to that)."""
 
 from __future__ import annotations
 
@@ -51,6 +55,13 @@ def cmd_app_eval(args: argparse.Namespace) -> int:
     write_json_atomically(output, report)
     print(f"wrote {output}")
     return 0
+
+
+def register_apps() -> None:
+    """Add the applications' bundled data sets to the core's, so recipes can name them."""
+    import peftkit.apps
+
+    peftkit.apps.register()
 
 
 def add_commands(commands: Any) -> None:
