@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import peftkit.apps
 from peftkit.apps import evaluate as app_eval
 from peftkit.apps import tabular_evaluation
 from peftkit.apps.text_to_sql import database, suite, templates
 from peftkit.apps.text_to_sql.examples import compact_sql_schema
 from peftkit.cli import main
-from peftkit.data.bundled import BUNDLED, load_bundled
+from peftkit.data.bundled import dataset_names, load_bundled, register_dataset
 from peftkit.decoding.generate import generate
 from peftkit.errors import DataError
 from peftkit.models import load_model, tiny_tokenizer
@@ -25,6 +26,8 @@ from peftkit.tasks.chat import chat_feature, end_of_turn_token_id
 from peftkit.tasks.conversations import to_messages
 from peftkit.tasks.types import TASK_TYPES, prepare_task
 
+# The applications' data sets join the bundled ones, as the command line has them do.
+peftkit.apps.register()
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 APP_RECIPES = {
     "app-sql-smollm2-lora.yaml": "sql",
@@ -60,7 +63,18 @@ def test_bundled_application_sets() -> None:
     assert sorted(r["label"] for r in train) == ["benign"] * 8 + ["malignant"] * 8
     assert {r["row"] for r in train}.isdisjoint(r["row"] for r in test)
     assert len(load_bundled("breast-cancer-tabllm-kall")[0]) == 456
-    assert {f"breast-cancer-tabllm-k{k}" for k in (4, 16, 64, "all")} <= set(BUNDLED)
+    assert {f"breast-cancer-tabllm-k{k}" for k in (4, 16, 64, "all")} <= set(dataset_names())
+
+
+def test_the_applications_register_their_sets_once() -> None:
+    peftkit.apps.register()  # again: the same loaders, nothing changes
+    names = dataset_names()
+    assert names[:3] == ["amazon-reviews", "copy-words", "reverse-words"]  # the core's own
+    assert set(names[3:]) == set(peftkit.apps.DATASETS)
+    with pytest.raises(DataError, match="'bank-sql' is already registered"):
+        register_dataset("bank-sql", lambda: ([], []))
+    with pytest.raises(DataError, match="Did you mean 'bank-sql'"):
+        load_bundled("bank-sq")
 
 
 def test_compact_schema_lists_every_column() -> None:
@@ -226,7 +240,7 @@ def test_instruction_evaluation_uses_end_of_turn() -> None:
 def test_app_recipes_train_and_evaluate(recipe_name: str, tmp_path: Path) -> None:
     """Each application recipe runs through `peftkit train` and `peftkit app-eval` (tiny Llama)."""
     recipe = load_recipe(RECIPES / recipe_name)
-    assert recipe.model == "smollm2-135m" and recipe.task.dataset in BUNDLED
+    assert recipe.model == "smollm2-135m" and recipe.task.dataset in dataset_names()
     output = tmp_path / "run"
     settings = [
         "--model", "tiny-llama", "--max-steps", "2", "--output-dir", str(output),

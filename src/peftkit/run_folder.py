@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from peftkit.errors import ConfigError
+from peftkit.io import write_text_atomically
 
 FINISHED_MARKS = ("summary.json", "adapter")  # what a finished run leaves
 CHECKPOINTS = "checkpoints"
@@ -200,9 +201,10 @@ def set_aside_earlier_run(folder: str | Path) -> Path | None:
         return None
     staging = folder.with_name(f".{folder.name}.previous-{os.getpid()}")
     staging.mkdir()
-    (staging / PREVIOUS_MARK).write_text(
+    write_text_atomically(
+        staging / PREVIOUS_MARK,
         f"peftkit train --overwrite moved the earlier run of {folder} here; it is deleted when "
-        "the new run finishes.\n"
+        "the new run finishes.\n",
     )
     for entry in run_entries(folder):
         os.replace(entry, staging / entry.name)

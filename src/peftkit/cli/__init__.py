@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, run the command, turn peftkit errors into one clear line."""
     args = build_parser().parse_args(argv)
+    applications.register_apps()  # their data sets, for any command that reads a recipe
     import warnings
 
     # transformers' own deprecation notices about its internals say nothing to a peftkit user.

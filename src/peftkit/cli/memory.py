@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
+
+from peftkit.io import write_json_atomically
 
 
 def _method_sections(values: list[str] | None, sets: list[str]) -> list[dict[str, Any]]:
@@ -95,7 +96,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         text, data = str(result), result.as_dict()
     print(text)
     if args.output:
-        Path(args.output).write_text(json.dumps(data, indent=2) + "\n")
+        write_json_atomically(args.output, data)
         print(f"wrote {args.output}")
     return 0
 
@@ -118,7 +119,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     print(f"basis: {result.basis}")
     print(result.table)
     if args.output:
-        Path(args.output).write_text(json.dumps(result.as_dict(), indent=2, default=str) + "\n")
+        write_json_atomically(args.output, result.as_dict(), default=str)
         print(f"wrote {args.output}")
     return 0
 

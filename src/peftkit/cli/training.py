@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +47,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate(tuned, plan, data, Collator(tokenizer.pad_token_id))
     for name, value in metrics.items():
         print(f"{name:>20}: {value:.4f}")
+    from peftkit.io import write_json_atomically
     from peftkit.run_folder import record_entries
 
     record_entries(run_dir, ["eval.json"])  # the run's own from now on (unless the user's)
-    (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json_atomically(run_dir / "eval.json", metrics)
     print(f"wrote {run_dir / 'eval.json'}")
     return 0
 
@@ -60,6 +60,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Fold an adapter into its base model and save a plain transformers model."""
     import peftkit.api as api
     from peftkit.errors import ConfigError
+    from peftkit.io import atomic_folder
     from peftkit.models import load_model
     from peftkit.models.pooling import uses_mean_pooling, write_pooling_config
     from peftkit.models.precision import torch_dtype
@@ -87,10 +88,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if labels:
         merged.config.id2label = dict(enumerate(labels))
         merged.config.label2id = {name: i for i, name in enumerate(labels)}
-    merged.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    with atomic_folder(output) as staging:  # a killed merge leaves no half model
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if uses_mean_pooling(merged):
+            write_pooling_config(staging, merged.config.hidden_size)
     if uses_mean_pooling(merged):
-        write_pooling_config(output, merged.config.hidden_size)
         print(f"wrote the merged model to {output}; it classifies from the mean of its token "
               "states (1_Pooling/config.json): load it with peftkit.models.load_model, which "
               "pools the same way (plain transformers pools the first token)")  # fmt: skip

@@ -32,7 +32,7 @@ class Widgets:
 
 def _settings(workspace: Workspace, w: Widgets) -> None:
     """The left column: model, data, method and budget."""
-    from peftkit.data.bundled import BUNDLED
+    from peftkit.data.bundled import dataset_names
     from peftkit.models import bundled_names
     from peftkit.recipe import Recipe
     from peftkit.registry import DEFAULT_METHOD
@@ -51,7 +51,7 @@ def _settings(workspace: Workspace, w: Widgets) -> None:
                                   elem_id="train-task-type")  # fmt: skip
         w.source = gr.Radio(list(SOURCES), value=SOURCES[0], label="data",
                             elem_id="train-source")  # fmt: skip
-        w.dataset = gr.Dropdown(list(BUNDLED), value=defaults.task.dataset, label="data set",
+        w.dataset = gr.Dropdown(dataset_names(), value=defaults.task.dataset, label="data set",
                                 elem_id="train-dataset")  # fmt: skip
     w.upload = gr.File(label="data file (CSV, JSON, JSONL or Parquet)", file_types=[
         ".csv", ".json", ".jsonl", ".parquet"], type="filepath", visible=False,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError
+from peftkit.io import atomic_file
 from peftkit.run_folder import CHECKPOINTS, earlier_run
 
 UPLOADS = "uploads"  # where uploaded data files are kept
@@ -109,8 +110,8 @@ class Workspace:
                 "larger file into the workspace folder and choose it by name."
             )
         target = self.resolve(Path(UPLOADS) / name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+        with atomic_file(target) as staging:
+            shutil.copyfile(source, staging)
         return target
 
     def runs(self) -> list[RunInfo]:
