@@ -67,7 +67,7 @@ CASES = [
                                   ("max_steps", ".inf", "inf"), ("epochs", ".nan", "nan"),
                                   ("weight_decay", "-.inf", "-inf"), ("max_grad_norm", ".nan", "nan"),
                                   ("warmup_ratio", ".nan", "nan")]],
-    ("a non-finite method option", lambda t: recipe_from_dict({**GOOD_RECIPE, "method": {"name": "lora", "alpha": float("inf")}}),
+    ("a non-finite method option", lambda t: resolve(recipe_from_dict({**GOOD_RECIPE, "method": {"name": "lora", "alpha": float("inf")}})),
      ConfigError, r"'alpha' in method 'lora' must be a finite number, got inf"),
     ("a non-finite task number", lambda t: recipe_from_dict({**GOOD_RECIPE, "task": {"dataset": "amazon-reviews", "max_length": float("nan")}}),
      ConfigError, r"'max_length' in task must be a finite number"),
