@@ -114,7 +114,10 @@ def build_app(service: handling.Service, max_body_bytes: int) -> FastAPI:
         return {"object": "list", "data": cards}
 
     async def answer(request: CompletionRequest | ChatRequest, http: Request) -> Any:
-        accepted = handling.Request(service, request)
+        # Tokenising runs on a worker thread: the event loop keeps answering (health checks,
+        # other streams) while a long prompt is tokenised.
+        prepared = await asyncio.to_thread(handling.prepare, service, request)
+        accepted = handling.Request(service, request, prepared)
         if accepted.stream:
             return StreamingResponse(accepted.event_stream(), media_type="text/event-stream")
         return await unless_disconnected(accepted, http)
