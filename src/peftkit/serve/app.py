@@ -109,8 +109,10 @@ def build_app(service: handling.Service, max_body_bytes: int) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        ids = service.adapters.model_ids()
-        cards = [model_card(ids[0], None)] + [model_card(i, ids[0]) for i in ids[1:]]
+        ids, tasks = service.adapters.model_ids(), service.adapters.tasks
+        cards = [model_card(ids[0], None)] + [
+            model_card(i, ids[0], tasks.get(i.partition(":")[2])) for i in ids[1:]
+        ]
         return {"object": "list", "data": cards}
 
     async def answer(request: CompletionRequest | ChatRequest, http: Request) -> Any:
@@ -135,7 +137,9 @@ def build_app(service: handling.Service, max_body_bytes: int) -> FastAPI:
         folder = service.adapters.confined(request.path)
         await settled(service.adapters.load(request.name, folder))
         return model_card(
-            f"{service.adapters.base_name}:{request.name}", service.adapters.base_name
+            f"{service.adapters.base_name}:{request.name}",
+            service.adapters.base_name,
+            service.adapters.tasks.get(request.name),
         )
 
     @app.delete("/v1/adapters/{name}")
