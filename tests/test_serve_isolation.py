@@ -198,3 +198,30 @@ def test_a_request_whose_client_left_is_cancelled_not_decoded(folders):
             time.sleep(0.01)
         assert engine.stats.tokens == before + 3
         assert all(row.generated == 0 for row in queued)
+
+
+def test_health_answers_while_a_long_prompt_is_tokenised():
+    options = ServeOptions(model=MODEL, port=0, max_body_bytes=3_000_000)
+    with running(options) as served:
+        root = served.url.removesuffix("/v1")
+        text = ("the quick brown fox jumps over the lazy dog " * 25_000)[:1_000_000]
+        finished, took = threading.Event(), {}
+
+        def long_prompt():
+            started = time.monotonic()
+            took["status"] = call(
+                served.url, "POST", "/completions", {"model": MODEL, "prompt": text}
+            )[0]
+            took["seconds"] = time.monotonic() - started
+            finished.set()
+
+        threading.Thread(target=long_prompt).start()
+        gaps = []
+        while not finished.is_set():
+            started = time.monotonic()
+            assert call(root, "GET", "/health")[0] == 200
+            gaps.append(time.monotonic() - started)
+            time.sleep(0.02)
+        assert took["status"] == 400  # about 200,000 tokens: past the context, once tokenised
+        # Tokenising on the event loop held every health check for the whole of it (1.6 s here).
+        assert len(gaps) >= 3 and max(gaps) < took["seconds"] / 3, (gaps, took)

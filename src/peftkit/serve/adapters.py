@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit import io, registry
+from peftkit.api import read_info
 from peftkit.errors import PeftkitError
 from peftkit.serve.engine import Engine
 from peftkit.serve.errors import ServeError, unknown_model
@@ -36,6 +37,7 @@ class AdapterSet:
         self.engine, self.base_name = engine, base_name
         self.root = Path(root).resolve() if root is not None else None
         self.loaded: dict[str, Path] = {}
+        self.tasks: dict[str, str | None] = {}  # the task each adapter was tuned for (peftkit.json)
         self.busy: set[str] = set()  # names being loaded or unloaded
         self.lock = threading.Lock()
 
@@ -115,6 +117,10 @@ class AdapterSet:
             )
         folder = adapter_folder(Path(folder))
         record = self._record(folder)
+        try:
+            task = read_info(folder).get("task")
+        except PeftkitError:  # an unreadable peftkit.json: the task is unknown, nothing worse
+            task = None
         with self.lock:
             if name in self.loaded or name in self.busy:
                 raise ServeError(f"An adapter named '{name}' is already loaded.", 409, "exists")
@@ -131,6 +137,7 @@ class AdapterSet:
                 self.busy.discard(name)
                 if future.exception() is None:
                     self.loaded[name] = folder
+                    self.tasks[name] = task
 
         future = engine.call(run)
         future.add_done_callback(settle)
@@ -153,6 +160,7 @@ class AdapterSet:
                 self.busy.discard(name)
                 if future.exception() is None:
                     del self.loaded[name]
+                    self.tasks.pop(name, None)
 
         future = engine.call(run, ready=lambda: not engine.uses(name))
         future.add_done_callback(settle)

@@ -109,12 +109,17 @@ def build_app(service: handling.Service, max_body_bytes: int) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        ids = service.adapters.model_ids()
-        cards = [model_card(ids[0], None)] + [model_card(i, ids[0]) for i in ids[1:]]
+        ids, tasks = service.adapters.model_ids(), service.adapters.tasks
+        cards = [model_card(ids[0], None)] + [
+            model_card(i, ids[0], tasks.get(i.partition(":")[2])) for i in ids[1:]
+        ]
         return {"object": "list", "data": cards}
 
     async def answer(request: CompletionRequest | ChatRequest, http: Request) -> Any:
-        accepted = handling.Request(service, request)
+        # Tokenising runs on a worker thread: the event loop keeps answering (health checks,
+        # other streams) while a long prompt is tokenised.
+        prepared = await asyncio.to_thread(handling.prepare, service, request)
+        accepted = handling.Request(service, request, prepared)
         if accepted.stream:
             return StreamingResponse(accepted.event_stream(), media_type="text/event-stream")
         return await unless_disconnected(accepted, http)
@@ -132,7 +137,9 @@ def build_app(service: handling.Service, max_body_bytes: int) -> FastAPI:
         folder = service.adapters.confined(request.path)
         await settled(service.adapters.load(request.name, folder))
         return model_card(
-            f"{service.adapters.base_name}:{request.name}", service.adapters.base_name
+            f"{service.adapters.base_name}:{request.name}",
+            service.adapters.base_name,
+            service.adapters.tasks.get(request.name),
         )
 
     @app.delete("/v1/adapters/{name}")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from peftkit.decoding.prompts import to_token_ids
@@ -46,6 +47,8 @@ class Service:
     max_tokens: int  # the most tokens one request may ask for
     context: int  # prompt + completion tokens a row may hold
     default_tokens: int = 16  # max_tokens of a completion that names none (OpenAI's default)
+    # One tokenisation at a time: fast tokenizers refuse concurrent use ("Already borrowed").
+    tokenizing: threading.Lock = field(default_factory=threading.Lock)
 
     def prompts(self, request: CompletionRequest | ChatRequest) -> list[list[int]]:
         """The request's prompts as token ids (a completion may hold several)."""
@@ -115,15 +118,36 @@ class Service:
         )
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What a request becomes before it is queued: its adapter, prompt ids and settings."""
+
+    adapter: str | None
+    prompts: list[list[int]]
+    sampling: Sampling
+
+
+def prepare(service: Service, request: CompletionRequest | ChatRequest) -> Prepared:
+    """Every check and the tokenisation (run on a worker thread: a 1 MB prompt takes seconds)."""
+    adapter = service.adapters.resolve(request.model)
+    with service.tokenizing:
+        prompts = service.prompts(request)
+    return Prepared(adapter, prompts, service.sampling(request, prompts))
+
+
 class Request:
     """One accepted request: its rows in the engine and the queue their events arrive on."""
 
-    def __init__(self, service: Service, request: CompletionRequest | ChatRequest) -> None:
+    def __init__(
+        self,
+        service: Service,
+        request: CompletionRequest | ChatRequest,
+        prepared: Prepared | None = None,
+    ) -> None:
         self.chat = isinstance(request, ChatRequest)
         self.model = request.model
-        adapter = service.adapters.resolve(request.model)
-        prompts = service.prompts(request)
-        sampling = service.sampling(request, prompts)
+        prepared = prepared or prepare(service, request)
+        adapter, prompts, sampling = prepared.adapter, prepared.prompts, prepared.sampling
         self.stream = request.stream
         self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
         self.id = new_id("chatcmpl" if self.chat else "cmpl")

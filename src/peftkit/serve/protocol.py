@@ -210,7 +210,11 @@ def envelope(chat: bool, stream: bool, rid: str, model: str, created: int) -> di
     return {"id": rid, "object": kind, "created": created, "model": model}
 
 
-def model_card(model_id: str, parent: str | None) -> dict[str, Any]:
-    """One entry of GET /v1/models."""
-    return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "peftkit",
+def model_card(model_id: str, parent: str | None, task: str | None = None) -> dict[str, Any]:
+    """One entry of GET /v1/models; an adapter's card names the task it was tuned for (a chat
+    adapter's prompts go through /v1/chat/completions, as `peftkit generate` renders them)."""
+    card = {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "peftkit",
             "parent": parent}  # fmt: skip
+    if parent is not None:
+        card["task"] = task
+    return card
