@@ -328,3 +328,57 @@ def test_a_doctored_adapter_rank_is_refused_before_anything_is_built(tmp_path, r
         peftkit.load(base, folder)
     assert [name for name, _ in base.named_modules()] == modules  # nothing built into the base
     assert snapshot(folder) == before
+
+
+def _interrupt_at_step(step: int) -> mock._patch:
+    """Ctrl-C during the given optimizer step (a KeyboardInterrupt from its training_step)."""
+    from peftkit.training.trainer import PeftkitTrainer
+
+    original = PeftkitTrainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        if self.state.global_step + 1 == step:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    return mock.patch.object(PeftkitTrainer, "training_step", training_step)
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path, "lora", run, max_steps=4, save_steps=1)
+    with _interrupt_at_step(3):
+        assert main(["train", str(recipe), "--set", "training.seed=1"]) == 130
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and "KeyboardInterrupt" not in error
+    command = f"peftkit train {recipe} --set training.seed=1 --resume"
+    assert error.endswith(
+        f"peftkit: interrupted. Kept: the checkpoint of step 2 in {run / 'checkpoints'} "
+        f"(checkpoints are written whole or not at all). Continue from it with: {command}\n"
+    )
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        ".incomplete", "checkpoint-1", "checkpoint-2"
+    ]  # fmt: skip
+    assert not (run / "adapter").exists() and not (run / "summary.json").exists()
+    assert main(command.split()[1:]) == 0  # the command it gave continues the run
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+
+def test_ctrl_c_without_a_checkpoint_says_nothing_was_kept_and_where_the_earlier_run_is(
+    tmp_path, capsys
+):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path, "lora", run, max_steps=2)
+    assert main(["train", str(recipe)]) == 0
+    earlier = snapshot(run)
+    capsys.readouterr()
+    with _interrupt_at_step(1):
+        assert main(["train", str(recipe), "--overwrite"]) == 130
+    error = capsys.readouterr().err
+    assert error.endswith(
+        f"peftkit: interrupted. No checkpoint was written yet (every training.save_steps steps), "
+        f"so this run kept nothing to continue from in {run}; start it again to train. The "
+        f"earlier run that --overwrite replaces is kept, whole, in {tmp_path / 'run.previous'}.\n"
+    )
+    kept = snapshot(tmp_path / "run.previous")
+    assert {name: kept[name] for name in earlier} == earlier

@@ -215,3 +215,31 @@ def discard_previous(previous: Path | None) -> None:
     """The new run has finished: the earlier run it replaces can go."""
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def interrupted_message(folder: str | Path, command: str) -> str:
+    """What an interrupted `peftkit train` kept in `folder` and how to go on: its newest
+    complete checkpoint and the --resume command, or that no checkpoint was kept; and where an
+    earlier run that --overwrite set aside is. `command` is the train command that ran,
+    without --resume or --overwrite."""
+    folder = Path(folder)
+    steps = sorted(
+        int(path.name.removeprefix("checkpoint-"))
+        for path in (folder / CHECKPOINTS).glob("checkpoint-*")
+        if path.is_dir() and path.name.removeprefix("checkpoint-").isdigit()
+    )
+    resume = f"{command} --resume"
+    if steps:
+        said = (
+            f"Kept: the checkpoint of step {steps[-1]} in {folder / CHECKPOINTS} (checkpoints "
+            f"are written whole or not at all). Continue from it with: {resume}"
+        )
+    else:
+        said = (
+            f"No checkpoint was written yet (every training.save_steps steps), so this run kept "
+            f"nothing to continue from in {folder}; start it again to train."
+        )
+    previous = previous_folder(folder)
+    if (previous / PREVIOUS_MARK).is_file():
+        said += f" The earlier run that --overwrite replaces is kept, whole, in {previous}."
+    return said
