@@ -3,8 +3,11 @@ bad input through the command line or the API and checks the files it must not t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from unittest import mock
 
@@ -328,3 +331,183 @@ def test_a_doctored_adapter_rank_is_refused_before_anything_is_built(tmp_path, r
         peftkit.load(base, folder)
     assert [name for name, _ in base.named_modules()] == modules  # nothing built into the base
     assert snapshot(folder) == before
+
+
+def _interrupt_at_step(step: int) -> mock._patch:
+    """Ctrl-C during the given optimizer step (a KeyboardInterrupt from its training_step)."""
+    from peftkit.training.trainer import PeftkitTrainer
+
+    original = PeftkitTrainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        if self.state.global_step + 1 == step:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    return mock.patch.object(PeftkitTrainer, "training_step", training_step)
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path, "lora", run, max_steps=4, save_steps=1)
+    with _interrupt_at_step(3):
+        assert main(["train", str(recipe), "--set", "training.seed=1"]) == 130
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and "KeyboardInterrupt" not in error
+    command = f"peftkit train {recipe} --set training.seed=1 --resume"
+    assert error.endswith(
+        f"peftkit: interrupted. Kept: the checkpoint of step 2 in {run / 'checkpoints'} "
+        f"(checkpoints are written whole or not at all). Continue from it with: {command}\n"
+    )
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        ".incomplete", "checkpoint-1", "checkpoint-2"
+    ]  # fmt: skip
+    assert not (run / "adapter").exists() and not (run / "summary.json").exists()
+    assert main(command.split()[1:]) == 0  # the command it gave continues the run
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+
+def test_ctrl_c_without_a_checkpoint_says_nothing_was_kept_and_where_the_earlier_run_is(
+    tmp_path, capsys
+):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path, "lora", run, max_steps=2)
+    assert main(["train", str(recipe)]) == 0
+    earlier = snapshot(run)
+    capsys.readouterr()
+    with _interrupt_at_step(1):
+        assert main(["train", str(recipe), "--overwrite"]) == 130
+    error = capsys.readouterr().err
+    assert error.endswith(
+        f"peftkit: interrupted. No checkpoint was written yet (every training.save_steps steps), "
+        f"so this run kept nothing to continue from in {run}; start it again to train. The "
+        f"earlier run that --overwrite replaces is kept, whole, in {tmp_path / 'run.previous'}.\n"
+    )
+    kept = snapshot(tmp_path / "run.previous")
+    assert {name: kept[name] for name in earlier} == earlier
+
+
+def _other_file_system() -> Path | None:
+    """A writable folder on a file system other than the temporary folder's (/dev/shm), or None."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        return None
+    if os.stat(shm).st_dev == os.stat(tempfile.gettempdir()).st_dev:
+        return None
+    return shm
+
+
+@pytest.mark.skipif(_other_file_system() is None, reason="needs /dev/shm on another file system")
+def test_overwrite_through_a_symlink_to_another_file_system(tmp_path, capsys):
+    target = Path(tempfile.mkdtemp(dir=_other_file_system())) / "run"
+    try:
+        target.mkdir()
+        run = tmp_path / "run"
+        run.symlink_to(target)
+        recipe = write_recipe(tmp_path, "lora", run, max_steps=2)
+        assert main(["train", str(recipe)]) == 0
+        (target / "notes.txt").write_text("mine")
+        second = write_recipe(tmp_path, "lora", run, max_steps=3)
+        assert main(["train", str(second), "--overwrite"]) == 0
+        assert json.loads((target / "summary.json").read_text())["steps"] == 3
+        assert (target / "notes.txt").read_text() == "mine"
+        assert sorted(p.name for p in target.parent.iterdir()) == ["run"]  # no .previous left
+        assert sorted(p.name for p in tmp_path.iterdir() if "previous" in p.name) == []
+    finally:
+        shutil.rmtree(target.parent, ignore_errors=True)
+
+
+def _finished(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    (run / "summary.json").write_text("{}")
+    (run / "recipe.yaml").write_text("model: x\n")
+    return run
+
+
+def test_overwrite_on_a_full_disk_changes_nothing_and_leaves_no_staging(tmp_path):
+    from peftkit.errors import OutputError
+    from peftkit.run_folder import set_aside_earlier_run
+
+    run = _finished(tmp_path)
+    before = snapshot(run)
+    full = OSError(errno.ENOSPC, "No space left on device")
+    with mock.patch.object(Path, "write_text", side_effect=full), pytest.raises(OutputError) as e:
+        set_aside_earlier_run(run)
+    assert str(e.value) == (
+        f"--overwrite could not set the earlier run in {run} aside in {run}.previous: the disk "
+        "is full (No space left on device). Nothing was changed: the earlier run is where it was."
+    )
+    assert snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_overwrite_failing_midway_puts_the_earlier_run_back(tmp_path):
+    from peftkit.errors import OutputError
+    from peftkit.run_folder import set_aside_earlier_run
+
+    run = _finished(tmp_path)
+    before = snapshot(run)
+    rename = os.replace
+    calls = []
+
+    def replace(source, destination):
+        calls.append(source)
+        if len(calls) == 2:  # the second entry: as a rename across file systems fails
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(source))
+        return rename(source, destination)
+
+    with mock.patch("os.replace", replace), pytest.raises(OutputError, match="different file"):
+        set_aside_earlier_run(run)
+    assert snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_full_disk_at_the_final_save_is_named_and_leaves_nothing_half_written(tmp_path, capsys):
+    from safetensors import SafetensorError
+
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path, "lora", run, max_steps=2)
+    full = SafetensorError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+        'left on device" })'
+    )
+    with mock.patch("peftkit.io.save_file", side_effect=full):
+        assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    error = err[err.index("peftkit: error: ") :]  # after the progress bar
+    assert error.startswith(
+        f"peftkit: error: Saving the adapter into {run / 'adapter'} failed: the disk is full "
+        "(Error while serializing"
+    ) and error.endswith("No half-written adapter was left.\n")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "peftkit-run.json"]
+
+
+def test_a_full_disk_while_checkpointing_is_named_and_keeps_the_complete_checkpoints(
+    tmp_path, capsys
+):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path, "lora", run, max_steps=4, save_steps=1)
+    save = torch.save
+
+    def full_at_step_3(obj, path, *args, **kwargs):
+        if "checkpoint-3" in str(path):
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
+                "file data/0: file write failed"
+            )
+        return save(obj, path, *args, **kwargs)
+
+    with mock.patch("torch.save", full_at_step_3):
+        assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    error = err[err.index("peftkit: error: ") :]  # after the progress bar
+    assert error.startswith(
+        f"peftkit: error: Writing a checkpoint into {run / 'checkpoints'} failed: a file could "
+        "not be written (is the disk full?) ("
+    )
+    assert error.endswith("once the cause is fixed, --resume continues from the newest.\n")
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        ".incomplete", "checkpoint-1", "checkpoint-2"
+    ]  # fmt: skip
+    assert list((checkpoints / ".incomplete").iterdir()) == []  # the partial one is gone

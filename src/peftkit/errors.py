@@ -27,3 +27,7 @@ class AdapterError(PeftkitError, ValueError):
 
 class ExportError(PeftkitError, ValueError):
     """A model cannot be exported as asked (its architecture, tokenizer, method or output path)."""
+
+
+class OutputError(PeftkitError, OSError):
+    """A run's files could not be written: the disk is full, read-only, or another file system."""

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from peftkit.errors import ConfigError
+from peftkit.errors import ConfigError, OutputError
 from peftkit.io import write_text_atomically
 
 FINISHED_MARKS = ("summary.json", "adapter")  # what a finished run leaves
@@ -49,8 +49,12 @@ def earlier_run(folder: str | Path) -> str | None:
 
 
 def previous_folder(folder: str | Path) -> Path:
-    """Where --overwrite keeps the earlier run until the new one finishes."""
+    """Where --overwrite keeps the earlier run until the new one finishes: beside the folder, or
+    for a symlinked folder beside its target, so that setting a run aside is renames within one
+    file system (never EXDEV)."""
     folder = Path(folder)
+    if folder.is_symlink():
+        folder = folder.resolve()
     return folder.with_name(folder.name + PREVIOUS_SUFFIX)
 
 
@@ -199,21 +203,94 @@ def set_aside_earlier_run(folder: str | Path) -> Path | None:
         return previous
     if earlier_run(folder) is None:
         return None
-    staging = folder.with_name(f".{folder.name}.previous-{os.getpid()}")
-    staging.mkdir()
-    write_text_atomically(
-        staging / PREVIOUS_MARK,
-        f"peftkit train --overwrite moved the earlier run of {folder} here; it is deleted when "
-        "the new run finishes.\n",
-    )
-    for entry in run_entries(folder):
-        os.replace(entry, staging / entry.name)
-    # Renames only (nothing copied or deleted); <folder>.previous appears once it holds it all.
-    os.replace(staging, previous)
+    staging = previous.with_name(f".{previous.name}-{os.getpid()}")
+    moved: list[Path] = []
+    try:
+        staging.mkdir()
+        write_text_atomically(
+            staging / PREVIOUS_MARK,
+            f"peftkit train --overwrite moved the earlier run of {folder} here; it is deleted "
+            "when the new run finishes.\n",
+        )
+        for entry in run_entries(folder):
+            os.replace(entry, staging / entry.name)
+            moved.append(entry)
+        # Renames only (nothing copied or deleted); <folder>.previous appears once it holds all.
+        os.replace(staging, previous)
+    except OSError as error:
+        for entry in reversed(moved):  # put the earlier run back as it was
+            os.replace(staging / entry.name, entry)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OutputError(
+            f"--overwrite could not set the earlier run in {folder} aside in {previous}: "
+            f"{write_failure(error) or error}. Nothing was changed: the earlier run is where it "
+            "was."
+        ) from None
     return previous
+
+
+def write_failure(error: BaseException) -> str | None:
+    """The cause in words when `error` is a failed write (disk full, read-only file system,
+    permission, another file system), from the OS error or the text torch and safetensors
+    wrap it in; None for any other error."""
+    import errno
+
+    words = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is used up",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission is denied",
+        errno.EPERM: "permission is denied",
+        errno.EXDEV: "the folders are on different file systems",
+        errno.EIO: "the disk reported an input/output error",
+    }
+    code = getattr(error, "errno", None)
+    if isinstance(error, OSError) and code in words:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{words[code]} ({error.strerror or error}{where})"
+    text = " ".join(str(error).split())
+    markers = {
+        "No space left on device": "the disk is full",
+        "StorageFull": "the disk is full",
+        "Disk quota exceeded": "the disk quota is used up",
+        "Read-only file system": "the file system is read-only",
+        "file write failed": "a file could not be written (is the disk full?)",
+    }
+    for marker, cause in markers.items():
+        if marker in text:
+            return f"{cause} ({text[:200]})"
+    return None
 
 
 def discard_previous(previous: Path | None) -> None:
     """The new run has finished: the earlier run it replaces can go."""
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def interrupted_message(folder: str | Path, command: str) -> str:
+    """What an interrupted `peftkit train` kept in `folder` and how to go on: its newest
+    complete checkpoint and the --resume command, or that no checkpoint was kept; and where an
+    earlier run that --overwrite set aside is. `command` is the train command that ran,
+    without --resume or --overwrite."""
+    folder = Path(folder)
+    steps = sorted(
+        int(path.name.removeprefix("checkpoint-"))
+        for path in (folder / CHECKPOINTS).glob("checkpoint-*")
+        if path.is_dir() and path.name.removeprefix("checkpoint-").isdigit()
+    )
+    resume = f"{command} --resume"
+    if steps:
+        said = (
+            f"Kept: the checkpoint of step {steps[-1]} in {folder / CHECKPOINTS} (checkpoints "
+            f"are written whole or not at all). Continue from it with: {resume}"
+        )
+    else:
+        said = (
+            f"No checkpoint was written yet (every training.save_steps steps), so this run kept "
+            f"nothing to continue from in {folder}; start it again to train."
+        )
+    previous = previous_folder(folder)
+    if (previous / PREVIOUS_MARK).is_file():
+        said += f" The earlier run that --overwrite replaces is kept, whole, in {previous}."
+    return said

@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     try:
         return args.handler(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (train says what it kept)
+        print("\npeftkit: interrupted.", file=sys.stderr)
+        return 130
     except Exception as error:  # noqa: BLE001 - only peftkit's own errors are reported briefly
         from peftkit.errors import PeftkitError
 

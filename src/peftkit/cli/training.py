@@ -26,7 +26,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from peftkit.plan import resolve
     from peftkit.training import finish_distributed, run
 
-    run(resolve(recipe), resume=args.resume, overwrite=args.overwrite)
+    try:
+        run(resolve(recipe), resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        import shlex
+        import sys
+
+        from peftkit.run_folder import interrupted_message
+
+        sets = [word for pair in overrides(args) for word in ("--set", pair)]
+        command = shlex.join(["peftkit", "train", args.recipe, *sets])
+        print(f"\npeftkit: interrupted. {interrupted_message(recipe.output_dir, command)}",
+              file=sys.stderr)  # fmt: skip
+        return 130  # the shell's status for a command ended by Ctrl-C
     finish_distributed()  # under torchrun: every process ends together, cleanly
     return 0
 

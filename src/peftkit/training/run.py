@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from transformers import TrainingArguments, set_seed
 
 import peftkit.api as api
 from peftkit.data.collate import Collator
-from peftkit.errors import ConfigError
+from peftkit.errors import ConfigError, OutputError, PeftkitError
 from peftkit.io import write_text_atomically
 from peftkit.models import load_model, storage_for
 from peftkit.models.precision import stored_bytes
@@ -36,6 +37,7 @@ from peftkit.run_folder import (
     record_entries,
     set_aside_earlier_run,
     settle_entries,
+    write_failure,
 )
 from peftkit.tasks.base import TaskData, read_split
 from peftkit.training.checkpoints import (
@@ -140,6 +142,30 @@ def check_max_length(max_length: int, model: Any, model_name: str) -> None:
             f"task.max_length is {max_length}, but model {model_name} has learned positions for "
             f"only {positions} tokens. Set task.max_length to {positions} or less."
         )
+
+
+@contextlib.contextmanager
+def naming_write_failures(what: str, after: str, output: Path | None = None) -> Iterator[None]:
+    """Turn a failed write in the block (disk full, read-only, ...: torch's, safetensors' or the
+    OS's error) into one OutputError naming what was being written, the cause and what is kept;
+    with `output`, checkpoints left half-built in its staging folder are removed first."""
+    try:
+        yield
+    except PeftkitError:
+        raise
+    except Exception as error:
+        cause = write_failure(error)
+        if cause is None:
+            raise
+        if output is not None:
+            for partial in staging_root(output).glob("checkpoint-*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        raise OutputError(f"{what} failed: {cause}. {after}") from None
+
+
+def _previous_note(previous: Path | None) -> str:
+    """Where --overwrite's earlier run waits, for an error message ('' without one)."""
+    return f" The earlier run is kept, whole, in {previous}." if previous else ""
 
 
 def logs_folder(output: Path) -> Path:
@@ -247,7 +273,14 @@ def run(plan: Plan, resume: str | bool | None = None, overwrite: bool = False) -
             loss_uses_token_count=None if task_type.loss_per_token else False,
         )
     peak_before = peak_memory_bytes()  # TrainingMemory resets the kernel's high-water mark
-    with TrainingMemory() as training_memory:  # the loop alone: not loading, not evaluation
+    kept = (
+        "Complete checkpoints written before it are kept; once the cause is fixed, --resume "
+        "continues from the newest." + _previous_note(previous)
+    )
+    with (
+        naming_write_failures(f"Writing a checkpoint into {output / 'checkpoints'}", kept, output),
+        TrainingMemory() as training_memory,  # the loop alone: not loading, not evaluation
+    ):
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     model = gathered_model(trainer, recipe, method.config)
     if model is None:  # not the main process: it trained its share; the main one reports
@@ -259,8 +292,12 @@ def run(plan: Plan, resume: str | bool | None = None, overwrite: bool = False) -
     adapter_dir = output / "adapter"
     info = {"base_model": recipe.model, "task": recipe.task.type, "labels": data.labels,
             "base_dtype": recipe.base.dtype, "quantize": recipe.base.quantize}  # fmt: skip
-    api.save(model, adapter_dir, info=info)
-    save_recipe(recipe, output / "recipe.yaml")
+    with naming_write_failures(
+        f"Saving the adapter into {adapter_dir}",
+        "No half-written adapter was left." + _previous_note(previous),
+    ):
+        api.save(model, adapter_dir, info=info)
+        save_recipe(recipe, output / "recipe.yaml")
     summary = {
         "method": plan.method.name,
         "model": recipe.model,
@@ -296,7 +333,11 @@ def run(plan: Plan, resume: str | bool | None = None, overwrite: bool = False) -
         "adapter_bytes": folder_bytes(adapter_dir),
         "adapter_dir": str(adapter_dir),
     }
-    write_text_atomically(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    with naming_write_failures(
+        f"Writing {output / 'summary.json'}",
+        f"The adapter in {adapter_dir} is complete." + _previous_note(previous),
+    ):
+        write_text_atomically(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     settle_entries(output)
     discard_previous(previous)  # the new run is complete: the one it replaces can go
     print(format_summary(summary))
