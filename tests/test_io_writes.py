@@ -15,6 +15,7 @@ import peftkit
 from peftkit import io
 from peftkit.models import load_model
 from peftkit.models.pooling import write_pooling_config
+from peftkit.training.checkpoints import publish
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "peftkit"
 
@@ -65,6 +66,17 @@ def test_files_and_folders_get_the_umask_modes(umask: int, tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "a.txt", "adapter", "c.png", "folder", "nested",
     ]  # fmt: skip
+
+
+def test_a_published_checkpoint_gets_the_umask_modes(umask: int, tmp_path: Path) -> None:
+    staging = tmp_path / ".incomplete" / "checkpoint-2"
+    staging.mkdir(parents=True)
+    (staging / "model.safetensors").write_bytes(b"x")
+    (staging / "model.safetensors").chmod(0o600)
+    publish(staging, tmp_path / "checkpoint-2")
+    published = tmp_path / "checkpoint-2"
+    assert mode(published / "model.safetensors") == 0o666 & ~umask
+    assert mode(published) == 0o777 & ~umask
 
 
 def test_a_replaced_file_gets_the_umask_modes_too(umask: int, tmp_path: Path) -> None:

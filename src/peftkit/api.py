@@ -42,10 +42,14 @@ def refuse_low_bit_base(method: Method, storage: str | None) -> None:
     """Refuse a half-precision or quantised base (storage: bf16, fp16, nf4, int8) for a method
     that changes the base's own weights; its record says why."""
     if is_quantized(storage) and method.no_quantized_base:
+        adapting = [
+            m.name for m in registry.METHODS if not m.no_quantized_base and not m.needs_float32_base
+        ]
         raise ConfigError(
             f"Method '{method.name}' cannot train on a base quantised to {storage}: "
             f"{method.no_quantized_base}. Load the base unquantised (no base.quantize; "
-            "base.dtype: bf16 halves it), or use LoRA, which adapts quantised layers (QLoRA)."
+            "base.dtype: bf16 halves it), or use a method that adapts quantised layers: "
+            f"{', '.join(adapting)}."
         )
     if not is_low_bit(storage) or not method.needs_float32_base:
         return

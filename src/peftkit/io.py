@@ -61,7 +61,9 @@ def give_umask_modes(path: str | Path) -> None:
 def replace_folder(staging: Path, final: Path, keep_extra: bool = True) -> None:
     """Put a complete folder in place of `final` by renames: a reader sees the old folder or the
     new one, never a mix. With keep_extra, files of the old folder the new one lacks are carried
-    over (a README, a tokenizer saved beside an adapter)."""
+    over (a README, a tokenizer saved beside an adapter). What the new folder holds gets the
+    umask's modes first (give_umask_modes): a Trainer checkpoint is published this way too."""
+    give_umask_modes(staging)
     if final.exists():
         for extra in final.iterdir() if keep_extra else ():
             if not (staging / extra.name).exists():
@@ -84,7 +86,6 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         yield staging
-        give_umask_modes(staging)
         replace_folder(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -57,7 +57,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     labels = info.get("labels") or []
     model, _ = load_model(base, info.get("task", "causal-lm"), num_labels=len(labels) or None)
     api.convert(model, adapter_dir, output)
-    print(f"wrote {output}: a plain LoRA adapter for the unchanged {base} (rank doubled)")
+    print(f"wrote {output}: the {method.name} adapter converted for the unchanged {base}")
     return 0
 
 
@@ -65,8 +65,8 @@ def add_commands(commands: Any) -> None:
     """Add this module's subcommands to the parser."""
     combine = commands.add_parser(
         "combine",
-        help="combine trained LoRA-family runs (cat, task_arithmetic, svd, ties, dare, ...) and "
-        "score each combination on every source task",
+        help="combine trained runs of one method family that composes (cat, task_arithmetic, "
+        "svd, ties, dare, ...) and score each combination on every source task",
     )
     combine.add_argument("runs", nargs="+", help="run folders, or name=folder (two or more)")
     combine.add_argument(
@@ -95,7 +95,8 @@ def add_commands(commands: Any) -> None:
 
     convert = commands.add_parser(
         "convert",
-        help="rewrite a PiSSA/OLoRA-initialised adapter as a plain LoRA for the original base",
+        help="rewrite an adapter trained on a base its init rewrote (PiSSA, OLoRA) for the "
+        "original base",
     )
     convert.add_argument("adapter", help="a run folder or an adapter folder")
     convert.add_argument("--output", required=True, help="folder for the converted adapter")

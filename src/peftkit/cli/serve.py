@@ -16,7 +16,9 @@ def named_folders(pairs: list[str] | None) -> dict[str, str]:
     for pair in pairs or []:
         name, equals, path = pair.partition("=")
         if not (equals and name and path):
-            raise ConfigError(f"--adapter takes NAME=PATH (e.g. sql=runs/app-sql), got '{pair}'.")
+            raise ConfigError(
+                f"--adapter takes NAME=PATH (e.g. reviews=runs/reviews), got '{pair}'."
+            )
         if name in named:
             raise ConfigError(f"--adapter names '{name}' twice; give each adapter its own name.")
         named[name] = path
