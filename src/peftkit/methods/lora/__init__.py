@@ -24,7 +24,7 @@ from peftkit.methods.lora import compose
 from peftkit.methods.lora import fast as lora_fast
 from peftkit.methods.lora.convert import CONVERSION, needs_conversion
 from peftkit.methods.lora.init import INIT, INITS, check_init_name, init_from_saved, peft_options
-from peftkit.methods.lora.plus import LORA_PLUS, LORAPLUS_KEY
+from peftkit.methods.lora.plus import EMBEDDING_KEY, EMBEDDING_LR, LORA_PLUS, LORAPLUS_KEY
 from peftkit.methods.lora.rows import ROW_ADAPTERS
 from peftkit.methods.peft_tuners.base import (
     PEFT_FIELDS_HELP,
@@ -64,7 +64,14 @@ class LoraConfig:
     )
     loraplus_lr_ratio: float | None = field(
         default=None,
-        metadata={"help": "LoRA+: B's learning rate as this multiple of A's (16 suggested)"},
+        metadata={
+            "help": "LoRA+: B's (and 1-D tensors', DoRA's magnitudes included) learning rate as "
+            "this multiple of A's (16 suggested)"
+        },
+    )
+    loraplus_lr_embedding: float = field(
+        default=EMBEDDING_LR,
+        metadata={"help": "LoRA+: the learning rate of LoRA on embedding layers (A and B)"},
     )
     use_rslora: bool = field(default=False, metadata={"help": "scale by alpha / sqrt(r)"})
     use_dora: bool = field(default=False, metadata={"help": "DoRA magnitude/direction split"})
@@ -89,6 +96,10 @@ class LoraConfig:
             raise ValueError(f"loftq_iterations must be at least 1, got {self.loftq_iterations}.")
         if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
             raise ValueError(f"loraplus_lr_ratio must be positive, got {self.loraplus_lr_ratio}.")
+        if not self.loraplus_lr_embedding > 0:
+            raise ValueError(
+                f"loraplus_lr_embedding must be positive, got {self.loraplus_lr_embedding}."
+            )
 
 
 def peft_config(model: nn.Module, config: LoraConfig) -> peft.LoraConfig:
@@ -143,7 +154,7 @@ def adapter_config(model: peft.PeftModel, config: LoraConfig) -> dict[str, Any]:
 # travel in peft_fields.
 NAMED_KEYS = frozenset(
     {"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora",
-     "init_lora_weights", "loftq_config", "eva_config", LORAPLUS_KEY}
+     "init_lora_weights", "loftq_config", "eva_config", LORAPLUS_KEY, EMBEDDING_KEY}
 )  # fmt: skip
 
 
@@ -164,7 +175,7 @@ def config_from_adapter(saved: dict[str, Any]) -> LoraConfig:
 
 def check_loaded(model: peft.PeftModel, saved: dict[str, Any]) -> None:
     """Refuse, by name, a saved field the loaded model's PEFT config does not carry."""
-    check_saved_fields(model, saved, own=frozenset({LORAPLUS_KEY}))
+    check_saved_fields(model, saved, own=frozenset({LORAPLUS_KEY, EMBEDDING_KEY}))
 
 
 def check_combinable(saved: dict[str, Any]) -> None:
