@@ -400,3 +400,19 @@ def test_estimate_command_errors(capsys):
     assert "method options only" in capsys.readouterr().err
     assert main(["estimate", "--method", "lora", "--method", "full"]) == 2
     assert "--table" in capsys.readouterr().err
+
+
+def test_nf4_estimate_prints_no_bitsandbytes_kernel_warning():
+    # bitsandbytes warns at its first import (by PEFT, before peftkit's quantize module runs)
+    # about an optional CPU kernel peftkit does not use; a fresh process, as a user runs it.
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "peftkit.cli", "estimate", "--model", "tiny-llama",
+               "--method", "lora", "--quantization", "nf4"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "nf4 base layers" in done.stdout
+    assert "gemm_4bit" not in done.stderr and "kernels" not in done.stderr, done.stderr
