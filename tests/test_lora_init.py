@@ -257,3 +257,26 @@ def test_bad_inits_are_refused_before_anything_changes(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     with pytest.raises(ConfigError, match="ReLoRA re-initialises"):
         peftkit.ReLoraConfig(init="pissa")
+
+
+def test_convert_needs_no_tokenizer_files_in_the_base_folder(tmp_path):
+    # A base folder of weights and config.json alone: convert rewrites weights, so it loads no
+    # tokenizer (it once ended in a traceback from AutoTokenizer).
+    base, _ = tiny("llama")
+    base.save_pretrained(tmp_path / "base")
+    assert not [p for p in (tmp_path / "base").iterdir() if "token" in p.name]
+    model, batch, _, _ = _trained("pissa", "llama")
+    tuned = logits(model, batch)
+    peftkit.save(model, tmp_path / "run" / "adapter", info={"base_model": "tiny-llama"})
+    out = tmp_path / "plain"
+    args = [
+        "convert",
+        str(tmp_path / "run"),
+        "--model",
+        str(tmp_path / "base"),
+        "--output",
+        str(out),
+    ]
+    assert main(args) == 0
+    theirs = peft.PeftModel.from_pretrained(tiny("llama")[0], out)
+    torch.testing.assert_close(logits(theirs, batch), tuned, atol=1e-4, rtol=0)

@@ -246,6 +246,8 @@ def load(base_model: nn.Module, folder: str | Path, allow_pickle: bool = False) 
     # float32 masters before the saved tensors are copied in, so they are not rounded to half
     undo = keep_float32_masters(model) if is_low_bit(storage) else lambda: None
     try:
+        if method.check_loaded is not None:
+            method.check_loaded(model, saved)
         _check_fits(method, model, tensors, folder)
         method.load_state_dict(model, tensors)
     except Exception:

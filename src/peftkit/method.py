@@ -196,6 +196,10 @@ class Method:
     # Rewrite a trained adapter so that it loads on the original base (Conversion). None: the
     # method's adapters always load on the base they name.
     conversion: Conversion | None = None
+    # After load's apply, before the tensors: check_loaded(model, saved adapter_config.json)
+    # refuses, naming it, any saved field the applied model does not honour (PEFT-backed
+    # methods: every field of PEFT's config). None: read_config alone decides.
+    check_loaded: Callable[[Any, dict[str, Any]], None] | None = None
 
     def prepare(self, model: Any, config: Any) -> Any:
         """apply with the method's options around it: their checks first, their work after."""

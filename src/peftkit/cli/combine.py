@@ -55,7 +55,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if not base:
         raise ConfigError(f"{adapter_dir} does not name its base model: pass --model.")
     labels = info.get("labels") or []
-    model, _ = load_model(base, info.get("task", "causal-lm"), num_labels=len(labels) or None)
+    # Only weights are rewritten: no tokenizer, so a base folder without tokenizer files serves.
+    model, _ = load_model(
+        base, info.get("task", "causal-lm"), num_labels=len(labels) or None, with_tokenizer=False
+    )
     api.convert(model, adapter_dir, output)
     print(f"wrote {output}: the {method.name} adapter converted for the unchanged {base}")
     return 0

@@ -135,7 +135,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"{method.name}: {method.description}")
         if args.verbose:
             for f in dataclasses.fields(method.config_cls):
-                print(f"    {f.name} = {f.default!r}  {f.metadata.get('help', '')}")
+                # a list default is a default_factory (BitFit's bias_groups): call it
+                made = f.default_factory is not dataclasses.MISSING
+                default = f.default_factory() if made else f.default
+                print(f"    {f.name} = {default!r}  {f.metadata.get('help', '')}")
     return 0
 
 

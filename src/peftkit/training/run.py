@@ -202,10 +202,37 @@ def check_reporter_installed(name: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def process_settings_kept() -> Iterator[None]:
+    """Put torch's thread count and the random generators (Python's, NumPy's, torch's CPU one)
+    back as they were: a run sets them for itself (training.threads, training.seed), and a
+    caller in the same process (a notebook, the test suite) must not inherit them."""
+    import random
+
+    import numpy
+
+    threads = torch.get_num_threads()
+    states = random.getstate(), numpy.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        random.setstate(states[0])
+        numpy.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
 def run(plan: Plan, resume: str | bool | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train the plan's method on its task; write adapter, recipe and summary.json. `resume`:
     True or "latest" for the run's newest checkpoint, or a checkpoint folder. A folder holding
-    an earlier run is refused unless resumed, or replaced with `overwrite` (run_folder.py)."""
+    an earlier run is refused unless resumed, or replaced with `overwrite` (run_folder.py).
+    The process's thread count and random states are as before once it returns or raises."""
+    with process_settings_kept():
+        return _run(plan, resume, overwrite)
+
+
+def _run(plan: Plan, resume: str | bool | None, overwrite: bool) -> dict[str, Any]:
+    """run()'s work, with the process settings it changes put back by run()."""
     recipe = plan.recipe
     output = plan.output
     main_process = is_main_process()
