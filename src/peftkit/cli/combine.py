@@ -49,7 +49,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise ConfigError(f"{output} is not empty: choose another --output, or --overwrite.")
-    api.check_convertible(adapter_dir)  # before the base model loads
+    method = api.check_convertible(adapter_dir)  # before the base model loads
     info = api.read_info(adapter_dir)
     base = args.model or info.get("base_model")
     if not base:

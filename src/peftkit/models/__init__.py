@@ -207,7 +207,9 @@ def load_model(
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise ModelNotFoundError(f"{name} is a folder but holds no config.json.")
-        return _finish(*_from_folder(name, task_type, num_labels, storage, with_tokenizer))
+        return _finish(
+            *_from_folder(name, task_type, num_labels, storage, with_tokenizer=with_tokenizer)
+        )
     try:
         return _finish(
             *_from_folder(name, task_type, num_labels, storage, local=False,
