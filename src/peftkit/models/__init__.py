@@ -203,7 +203,9 @@ def load_model(
         return _finish(_tiny(name, task_type, num_labels, seed, storage), tokenizer)
     if name in BUNDLED_FOLDERS:
         folder = BUNDLED_FOLDERS[name]()
-        return _finish(*_from_folder(folder, task_type, num_labels, storage, with_tokenizer))
+        return _finish(
+            *_from_folder(folder, task_type, num_labels, storage, with_tokenizer=with_tokenizer)
+        )
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise ModelNotFoundError(f"{name} is a folder but holds no config.json.")
