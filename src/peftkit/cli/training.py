@@ -139,7 +139,24 @@ def cmd_methods(args: argparse.Namespace) -> int:
                 made = f.default_factory is not dataclasses.MISSING
                 default = f.default_factory() if made else f.default
                 print(f"    {f.name} = {default!r}  {f.metadata.get('help', '')}")
+            for option in method.options:
+                print(f"    option {option.name}: {option.description}")
+            print(f"    can: {', '.join(capabilities(method)) or 'train, save and load'}")
     return 0
+
+
+def capabilities(method: Any) -> list[str]:
+    """What a method's record says it can do beyond training, saving and loading, in words."""
+    can = {
+        "merge into the base": method.merge is not None,
+        "switch off (proxy anti-expert, preference reference)": method.switch_off is not None,
+        "combine adapters (peftkit combine)": method.composition is not None,
+        "convert for the original base (peftkit convert)": method.conversion is not None,
+        "serve several adapters in one batch": method.row_adapters is not None,
+        "train on a half-precision base": not method.needs_float32_base,
+        "train on a quantised base": not (method.needs_float32_base or method.no_quantized_base),
+    }
+    return [what for what, yes in can.items() if yes]
 
 
 def add_commands(commands: Any) -> None:
