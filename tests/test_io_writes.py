@@ -125,6 +125,7 @@ ALLOWED = {
     ("training/checkpoints.py", "on_save"): "into the staging checkpoint publish() renames in",
     ("methods/lora/convert.py", "save_converted"): "scratch input for PEFT, deleted after",
     ("apps/text_to_sql/sandbox.py", "read_only"): "opens the database read-only (mode=ro)",
+    ("run_folder.py", "check_writable_folder"): "an empty probe folder, removed at once",
 }
 
 

@@ -471,7 +471,7 @@ def test_a_full_disk_at_the_final_save_is_named_and_leaves_nothing_half_written(
         'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
         'left on device" })'
     )
-    with mock.patch("peftkit.io.save_file", side_effect=full):
+    with mock.patch("safetensors.torch.save_file", side_effect=full):
         assert main(["train", str(recipe)]) == 2
     err = capsys.readouterr().err
     error = err[err.index("peftkit: error: ") :]  # after the progress bar
