@@ -3,8 +3,9 @@ whatever adapter each uses; requests join and leave the batch between steps.
 
 Each turn of the loop: run queued commands (adapter loads and unloads: the model is only ever
 touched by this thread), fail rows whose time is up and drop those whose client left, admit
-waiting rows up to the batch limit (their prompts run together in one left-padded forward, each
-row through its own adapter, and their caches join the batch's: kv.py), then run one decode step:
+waiting rows up to the batch limit (their prompts run together, left-padded, each row through
+its own adapter, in chunks of at most max_prefill_tokens tokens, one chunk a turn; once done
+their caches join the batch's: kv.py), then run one decode step:
 the last token of every row in one forward (row i through its adapter, with its own attention
 mask and position), one sample per row with that request's settings (sampling.py), and finished
 rows leave. A request therefore never waits for another to finish, only for a free row.
@@ -41,6 +42,7 @@ class Limits:
     max_batch: int = 16  # rows decoded together
     max_queue: int = 64  # rows waiting for a place in the batch; more: 429
     timeout: float = 300.0  # seconds a request may take from arrival to its last token
+    max_prefill_tokens: int = 512  # prompt tokens (padding included) run per turn; the rest wait
 
 
 @dataclass
@@ -48,10 +50,25 @@ class Stats:
     """What the loop has done (for tests, the benchmark and /health)."""
 
     steps: int = 0  # decode steps
-    prefills: int = 0  # admission forwards
+    prefills: int = 0  # admissions (rows whose prompts finished together)
+    prefill_chunks: int = 0  # prompt forwards (an admission takes one or more)
     tokens: int = 0  # tokens sampled
     peak_rows: int = 0  # most rows in one decode step
     mixed_steps: int = 0  # decode steps whose rows used two or more adapters (or base + one)
+
+
+@dataclass
+class Prefill:
+    """Rows admitted together whose prompts run in chunks, one chunk a turn, between the running
+    batch's decode steps (chunked prefill, as vLLM and SGLang do): a long prompt delays each
+    running stream by one chunk's forward a step, not by its whole prompt."""
+
+    rows: list[Row]
+    input_ids: torch.Tensor  # (rows, length), left-padded
+    mask: torch.Tensor
+    positions: torch.Tensor
+    done: int = 0  # columns already run
+    cache: Any = None
 
 
 @dataclass
@@ -81,6 +98,7 @@ class Engine:
         self.commands: list[Command] = []
         self.wake = threading.Condition()
         self.rows: list[Row] = []  # the running batch, in cache order
+        self.prefill: Prefill | None = None  # rows whose prompts are part-way through
         self.cache: Any = None
         self.mask = self.positions = self.tokens = torch.empty(0)
         self.thread: threading.Thread | None = None
@@ -120,7 +138,8 @@ class Engine:
         """Whether a waiting or running row asks for `adapter`."""
         with self.wake:
             waiting = list(self.waiting)
-        return any(row.adapter == adapter for row in [*waiting, *self.rows])
+        prefilling = self.prefill.rows if self.prefill else []
+        return any(row.adapter == adapter for row in [*waiting, *prefilling, *self.rows])
 
     def start(self) -> None:
         """Start the loop thread."""
@@ -140,7 +159,9 @@ class Engine:
         """Wait for work; run commands, then one turn of admission and decoding."""
         while True:
             with self.wake:
-                while not (self.stopping or self.waiting or self.rows or self._runnable()):
+                while not (
+                    self.stopping or self.waiting or self.rows or self.prefill or self._runnable()
+                ):
                     self.wake.wait()
                 if self.stopping:
                     return
@@ -170,7 +191,7 @@ class Engine:
         now = time.monotonic()
         with self.wake:
             self.waiting = deque(row for row in self.waiting if not row.expire(now))
-        for row in self.rows:
+        for row in [*(self.prefill.rows if self.prefill else []), *self.rows]:
             row.expire(now)
         self._retire()
         self._admit()
@@ -185,7 +206,16 @@ class Engine:
             return self.row_adapters.forward(self.model, [row.adapter for row in rows], **inputs)
 
     def _admit(self) -> None:
-        """Prefill waiting rows (as many as the batch has room for) and join them to the batch."""
+        """Take waiting rows (as many as the batch has room for) into a prefill, run its next
+        chunk of at most max_prefill_tokens tokens, and join the rows to the batch once their
+        prompts are done."""
+        if self.prefill is None:
+            self.prefill = self._start_prefill()
+        if self.prefill is not None:
+            self._prefill_chunk(self.prefill)
+
+    def _start_prefill(self) -> Prefill | None:
+        """A prefill of the waiting rows that fit (None: no row to admit)."""
         with self.wake:
             room = min(self.limits.max_batch - len(self.rows), len(self.waiting))
             new = [self.waiting.popleft() for _ in range(room)]
@@ -196,32 +226,55 @@ class Engine:
                 )
         new = [row for row in new if not row.finished]
         if not new:
-            return
+            return None
         try:
             inputs = left_padded([row.prompt for row in new], self.pad, self.device)
-            positions = positions_from_mask(inputs["attention_mask"])
+        except Exception as error:  # noqa: BLE001 - these rows fail; the running batch is intact
+            for row in new:
+                row.fail(failure(error))
+            return None
+        mask = inputs["attention_mask"]
+        return Prefill(new, inputs["input_ids"], mask, positions_from_mask(mask))
+
+    def _prefill_chunk(self, prefill: Prefill) -> None:
+        """Run the prefill's next chunk; after the last, sample each row's first token and join
+        the rows to the running batch."""
+        new, length = prefill.rows, prefill.input_ids.shape[1]
+        if all(row.finished or row.cancelled for row in new):  # all failed, timed out or left
+            self.prefill = None
+            return
+        end = min(length, prefill.done + max(1, self.limits.max_prefill_tokens // len(new)))
+        cache = {} if prefill.cache is None else {"cache": prefill.cache}
+        try:
             output = self._forward(
-                new, **inputs, position_ids=positions, use_cache=True, **self.prefill_options
-            )
+                new, input_ids=prefill.input_ids[:, prefill.done : end],
+                attention_mask=prefill.mask[:, :end],
+                position_ids=prefill.positions[:, prefill.done : end], use_cache=True,
+                **cache, **self.prefill_options,
+            )  # fmt: skip
             kv.check_plain(output.cache)
             logits = output.logits[:, -1].float()
         except Exception as error:  # noqa: BLE001 - these rows fail; the running batch is intact
             for row in new:
                 row.fail(failure(error))
+            self.prefill = None
             return
+        prefill.cache, prefill.done = output.cache, end
+        self.stats.prefill_chunks += 1
+        if end < length:
+            return
+        self.prefill = None
         for row in new:
             row.text = TextStream(self.tokenizer, row.sampling.stop)
             row.generator = row.sampling.generator(self.device)
         tokens = self._choose(new, logits, first=True)
         self.stats.prefills += 1
-        next_positions = positions[:, -1] + 1
+        next_positions = prefill.positions[:, -1] + 1
         if self.rows:
-            self.cache, self.mask = kv.join(
-                self.cache, self.mask, output.cache, inputs["attention_mask"]
-            )
+            self.cache, self.mask = kv.join(self.cache, self.mask, output.cache, prefill.mask)
             self.positions = torch.cat([self.positions, next_positions])
         else:
-            self.cache, self.mask = output.cache, inputs["attention_mask"]
+            self.cache, self.mask = output.cache, prefill.mask
             self.positions = next_positions
         self.rows += new
         self._take(new, tokens)

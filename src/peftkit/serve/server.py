@@ -35,6 +35,7 @@ class ServeOptions:
     max_tokens: int = 512
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     timeout: float = 300.0
+    max_prefill_tokens: int = 512  # prompt tokens run per engine turn (chunked prefill)
     max_body_bytes: int = 1_000_000
     proxy_expert: str | None = None
     proxy_expert_adapter: str | None = None
@@ -45,7 +46,8 @@ class ServeOptions:
     def __post_init__(self) -> None:
         positive = {"max_batch": self.max_batch, "max_queue": self.max_queue,
                     "max_tokens": self.max_tokens, "timeout": self.timeout,
-                    "max_body_bytes": self.max_body_bytes}  # fmt: skip
+                    "max_body_bytes": self.max_body_bytes,
+                    "max_prefill_tokens": self.max_prefill_tokens}  # fmt: skip
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be above 0, got {value}.")
@@ -90,7 +92,9 @@ def build(options: ServeOptions) -> Service:
     proxy = load_proxy(options, options.device)
     if proxy is not None:
         proxy.check(model, tokenizer)
-    limits = Limits(options.max_batch, options.max_queue, options.timeout)
+    limits = Limits(
+        options.max_batch, options.max_queue, options.timeout, options.max_prefill_tokens
+    )
     engine = Engine(model, tokenizer, limits, proxy)
     engine.start()
     adapters = AdapterSet(engine, options.served_name or options.model, options.adapter_dir)
