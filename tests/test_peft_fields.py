@@ -172,3 +172,24 @@ def test_peft_fields_from_a_config_reach_peft():
     layer = tuned.base_model.model.model.layers[0].self_attn
     assert layer.k_proj.scaling["default"] == 32 / 4
     assert layer.q_proj.scaling["default"] == 16 / 4
+
+
+def test_adalora_field_it_cannot_honour_is_refused_by_name(tmp_path):
+    # AdaLoRA keeps its own config (no peft_fields): a PEFT field it would drop is named.
+    config = peft.AdaLoraConfig(init_r=4, target_r=2, target_modules=TARGETS, total_step=10,
+                                exclude_modules=["model.layers.0.self_attn.k_proj"])  # fmt: skip
+    _peft_adapter(tmp_path / "adalora", config)
+    base, _ = tiny("qwen2")
+    with pytest.raises(AdapterError, match=r"'exclude_modules' = \['model.layers.0.self_attn"):
+        peftkit.load(base, tmp_path / "adalora")
+    assert not any(type(m).__module__.startswith("peft.") for m in base.modules())
+
+
+def test_adalora_written_by_peft_loads_to_its_logits(tmp_path):
+    config = peft.AdaLoraConfig(init_r=4, target_r=2, target_modules=TARGETS, total_step=10)
+    _peft_adapter(tmp_path / "adalora", config)
+    _, tokenizer = tiny("qwen2")
+    batch = batch_for("qwen2", tokenizer)
+    expected = _peft_logits(tmp_path / "adalora", batch)
+    loaded = peftkit.load(tiny("qwen2")[0], tmp_path / "adalora")
+    torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-5, rtol=0)
