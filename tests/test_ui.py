@@ -268,3 +268,15 @@ def test_a_run_action_reading_outside_the_workspace_is_refused(space: Workspace,
     (run / "adapter" / "peftkit.json").write_text(f'{{"base_model": "{tmp_path}"}}')
     with pytest.raises(WorkspaceError, match="is outside the workspace"):
         confine_run(space, run, reads_data=False)
+
+
+def test_eval_of_a_stopped_run_says_it_is_unfinished_and_how_to_resume(tmp_path, capsys):
+    from peftkit.cli import main
+
+    run = tmp_path / "ws" / "stopped"
+    (run / "checkpoints" / "checkpoint-20").mkdir(parents=True)
+    (run / "ui-recipe.yaml").write_text("model: tiny-bert\n")
+    assert main(["eval", str(run)]) == 2
+    error = capsys.readouterr().err
+    assert "holds an unfinished run" in error and "does not exist" not in error
+    assert f"peftkit train {run / 'ui-recipe.yaml'} --resume" in error

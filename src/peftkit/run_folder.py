@@ -118,3 +118,18 @@ def discard_previous(previous: Path | None) -> None:
     """The new run has finished: the earlier run it replaces can go."""
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def refuse_unfinished_run(folder: str | Path) -> None:
+    """Refuse to use a run that stopped before it finished (checkpoints, no adapter) as a
+    finished one, saying how to continue it."""
+    folder = Path(folder)
+    if (folder / "adapter").is_dir() or earlier_run(folder) != "an unfinished run":
+        return
+    recipes = [folder / name for name in ("ui-recipe.yaml", "recipe.yaml")]
+    recipe = next((str(path) for path in recipes if path.is_file()), "RECIPE")
+    raise ConfigError(
+        f"{folder} holds an unfinished run (checkpoints, no adapter yet): it stopped before "
+        f"the end. Continue it with `peftkit train {recipe} --resume` (or Resume on the Runs "
+        "page of peftkit ui); it can be evaluated once it has finished."
+    )
