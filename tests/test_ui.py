@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -217,15 +218,96 @@ def test_stop_interrupts_the_child_as_ctrl_c_would(tmp_path: Path) -> None:
     assert os.getpgid(os.getpid()) != job.process.pid
 
 
-def test_a_child_ignoring_the_stop_is_killed_after_the_grace_period(tmp_path, monkeypatch):
+def wait_for_output(job: jobs.Job, text: str) -> None:
+    deadline = time.time() + 30
+    while text not in job.text():
+        assert time.time() < deadline, job.text()
+        time.sleep(0.05)
+
+
+SLEEPER = "import time; print('up', flush=True); time.sleep(120)"
+
+
+@pytest.mark.parametrize(
+    ("ignores", "ended_by"),
+    [("signal.SIGINT", signal.SIGTERM), ("signal.SIGINT, signal.SIGTERM", signal.SIGKILL)],
+)
+def test_a_child_ignoring_the_stop_gets_sigterm_then_sigkill(tmp_path, monkeypatch, ignores,
+                                                              ended_by):  # fmt: skip
     monkeypatch.setattr(jobs, "STOP_GRACE_SECONDS", 0.5)
-    stubborn = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); " \
+    monkeypatch.setattr(jobs, "KILL_GRACE_SECONDS", 0.5)
+    stubborn = f"import signal, time\nfor s in ({ignores},): signal.signal(s, signal.SIG_IGN)\n" \
                "print('up', flush=True); time.sleep(60)"  # fmt: skip
     job = jobs.start([sys.executable, "-c", stubborn], tmp_path / "child.log")
-    while "up" not in job.text():
-        time.sleep(0.05)
+    wait_for_output(job, "up")
     job.stop()
-    assert job.wait(30) == -signal.SIGKILL and job.state == "stopped"
+    assert job.wait(30) == -ended_by and job.state == "stopped"
+
+
+def test_stop_works_at_once_when_the_ui_itself_ignores_sigint(tmp_path, monkeypatch) -> None:
+    # A UI started in the background by a script runs with SIGINT ignored, and children inherit
+    # an ignored signal: the child is started with it back at its default.
+    monkeypatch.setattr(jobs, "STOP_GRACE_SECONDS", 60.0)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        job = jobs.start([sys.executable, "-c", SLEEPER], tmp_path / "child.log")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    wait_for_output(job, "up")
+    started = time.time()
+    job.stop()
+    assert job.wait(30) == -signal.SIGINT and job.state == "stopped"
+    assert time.time() - started < 10  # SIGINT did it, not the escalation a minute later
+    assert "KeyboardInterrupt" in job.text()
+
+
+def test_a_ui_started_again_finds_the_child_an_earlier_one_left_running(tmp_path) -> None:
+    folder = tmp_path / "ws" / ".ui" / "jobs"
+    earlier = jobs.JobSlots(folder)
+    child = earlier.start("train", [sys.executable, "-c", SLEEPER], tmp_path / "train.log")
+    wait_for_output(child, "up")
+    later = jobs.JobSlots(folder)  # what a restarted UI reads from the workspace
+    found = later.get("train")
+    assert found is not child and found.adopted and found.process.pid == child.process.pid
+    assert found.state == "running" and found.text().startswith("up")
+    assert found.describe() == child.describe()
+    with pytest.raises(WorkspaceError, match="still running .started by an earlier peftkit ui"):
+        later.start("train", [sys.executable, "-c", "pass"], tmp_path / "second.log")
+    assert not (tmp_path / "second.log").exists()
+    found.stop()  # the later UI stops it through its process group
+    assert child.wait(30) == -signal.SIGINT
+    assert found.wait(30) == -1 and found.state == "stopped"
+    assert jobs.JobSlots(folder).get("train") is None  # an ended child is not found again
+
+
+UI_STAND_IN = """
+import sys, time
+from pathlib import Path
+from peftkit.ui.jobs import JobSlots, children_stopped_on_exit
+slots = JobSlots(Path(sys.argv[1]))
+job = slots.start("train", [sys.executable, "-c", sys.argv[2]], Path(sys.argv[1]) / "child.log")
+print(job.process.pid, flush=True)
+with children_stopped_on_exit(slots):
+    time.sleep(120)  # the server
+print("stopped its child:", job.wait(0), flush=True)
+"""
+
+
+def test_sigterm_to_the_ui_stops_its_child(tmp_path: Path) -> None:
+    # The UI serves inside children_stopped_on_exit (app.launch): SIGTERM ends the server, the
+    # children with it, before the UI exits.
+    ui = subprocess.Popen([sys.executable, "-c", UI_STAND_IN, str(tmp_path), SLEEPER],
+                          stdout=subprocess.PIPE, text=True)  # fmt: skip
+    child = int(ui.stdout.readline())
+    deadline = time.time() + 30
+    while "up" not in ((tmp_path / "child.log").read_text() if (tmp_path / "child.log").exists()
+                       else ""):  # fmt: skip
+        assert time.time() < deadline
+        time.sleep(0.05)
+    ui.terminate()
+    assert ui.wait(30) == 0
+    assert ui.stdout.read().strip() == f"stopped its child: {-signal.SIGINT}"
+    assert jobs.process_start_time(child) is None  # gone, not orphaned
 
 
 def test_a_job_describes_itself_as_the_command_to_type() -> None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from peftkit.ui.jobs import children_stopped_on_exit
 from peftkit.ui.workspace import UI_FILES, Workspace
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -19,9 +20,11 @@ def build_app(workspace: Workspace, plans_folder: Path | None = None) -> Any:
     import gradio as gr
 
     from peftkit.ui import compare_page, playground_page, runs_page, train_page
-    from peftkit.ui.jobs import JobSlots
+    from peftkit.ui.jobs import JOBS, JobSlots
 
-    slots = JobSlots()
+    # One set of jobs per workspace, on the server: every page and tab attaches to them, and a
+    # UI started again on the workspace finds the children an earlier one left running.
+    slots = JobSlots(workspace.root / UI_FILES / JOBS)
     with gr.Blocks(title="peftkit") as app:
         gr.Markdown(f"## peftkit · workspace `{workspace.root}`")
         with gr.Tab("Train", elem_id="tab-train"):
@@ -67,10 +70,9 @@ def launch(
         print(warning, file=sys.stderr)
     app = build_app(space, Path(plans_folder) if plans_folder else None)
     print(f"peftkit ui: workspace {space.root}; open http://{host}:{port}/", flush=True)
-    try:
+    # Ctrl-C or SIGTERM ends the server, and its children with it (no training left orphaned).
+    with children_stopped_on_exit(app.peftkit_slots):
         app.queue().launch(
             server_name=host, server_port=port, max_file_size=space.max_upload_bytes,
             quiet=True, footer_links=[], allowed_paths=[str(space.root)],
         )  # fmt: skip
-    finally:
-        app.peftkit_slots.stop_all()
