@@ -46,8 +46,18 @@ def test_a_link_pointing_out_of_the_workspace_is_refused(space: Workspace, tmp_p
 
 @pytest.mark.parametrize("name", ["", "a/b", "..", ".hidden", "x y", "a" * 101])
 def test_a_run_name_must_be_a_plain_folder_name(space: Workspace, name: str) -> None:
-    with pytest.raises(WorkspaceError):
+    with pytest.raises(WorkspaceError, match="Run name .* must be a plain folder name"):
         space.run_folder(name)
+
+
+def test_a_bad_compare_folder_is_named_as_the_field_it_came_from(space: Workspace) -> None:
+    from peftkit.ui.compare_page import start_compare
+
+    plan = space.root / "plan.yaml"
+    plan.write_text("recipe: r.yaml\nmethods:\n  - method: {name: lora}\n")
+    (space.root / "r.yaml").write_text("model: tiny-bert\n")
+    with pytest.raises(WorkspaceError, match="^Results folder 'a/b' must be a plain folder"):
+        start_compare(space, jobs.JobSlots(), plan, ["lora"], "a/b", True, False)
 
 
 def test_uploads_are_copied_in_and_limited_in_size_and_kind(space: Workspace, tmp_path: Path):
@@ -362,3 +372,106 @@ def test_eval_of_a_stopped_run_says_it_is_unfinished_and_how_to_resume(tmp_path,
     error = capsys.readouterr().err
     assert "holds an unfinished run" in error and "does not exist" not in error
     assert f"peftkit train {run / 'ui-recipe.yaml'} --resume" in error
+
+
+def test_an_upload_never_replaces_an_earlier_one_of_the_same_name(space, tmp_path) -> None:
+    first, second = tmp_path / "a" / "d.csv", tmp_path / "b" / "d.csv"
+    for path, text in ((first, "text,label\na,b\n"), (second, "text,label\nc,d\n")):
+        path.parent.mkdir()
+        path.write_text(text)
+    kept = space.save_upload(first)
+    assert space.save_upload(first) == kept  # the same file again: the same copy
+    replaced = space.save_upload(second)
+    assert replaced != kept and replaced.parent == kept.parent and replaced.suffix == ".csv"
+    assert kept.read_text() == first.read_text() and replaced.read_text() == second.read_text()
+
+
+def test_a_run_trains_on_its_own_copy_of_the_data(space: Workspace, monkeypatch) -> None:
+    from peftkit.recipe import load_recipe
+    from peftkit.ui import training_form
+
+    data = space.root / "uploads" / "d.csv"
+    data.parent.mkdir(parents=True)
+    data.write_text("text,label\n" + "".join(f"t{i},l{i % 2}\n" for i in range(20)))
+    recipe = build_recipe(space, "tiny-bert", {"type": "classification", "train_file": str(data)},
+                          {"name": "lora"}, {}, "run")  # fmt: skip
+    slots = jobs.JobSlots()
+    started = []
+    monkeypatch.setattr(slots, "start", lambda *args, **kw: started.append(args))
+    training_form.start_training(slots, recipe)
+    written = load_recipe(space.root / "run" / "ui-recipe.yaml")
+    copy = space.root / "run" / "data" / "d.csv"
+    assert written.task.train_file == str(copy) and copy.read_text() == data.read_text()
+    data.write_text("text,label\nchanged,x\n")  # what a later upload or edit does
+    assert copy.read_text().count("\n") == 21
+    assert started[0][1][-1] == str(space.root / "run" / "ui-recipe.yaml")
+
+
+def test_a_refused_start_writes_no_run_folder(space: Workspace, tmp_path: Path) -> None:
+    from peftkit.ui import training_form
+
+    slots = jobs.JobSlots()
+    busy = slots.start("train", [sys.executable, "-c", SLEEPER], tmp_path / "busy.log")
+    recipe = build_recipe(space, "tiny-bert", {"type": "classification", "dataset": "copy-words"},
+                          {"name": "lora"}, {}, "second")  # fmt: skip
+    try:
+        with pytest.raises(WorkspaceError, match="A train job is still running"):
+            training_form.start_training(slots, recipe)
+    finally:
+        busy.stop()
+        busy.wait(30)
+    assert not (space.root / "second").exists()
+
+
+def test_output_panes_show_no_terminal_codes_and_a_failure_its_whole_error_line() -> None:
+    from peftkit.ui.widgets import error_line
+
+    coloured = (
+        "\x1b[1m\x1b[31mwarning\x1b[0m: newly initialized\x1b]8;;http://x\x07link\x1b]8;;\x07"
+    )
+    assert progress.clean_output(coloured) == "warning: newly initialized" + "link"
+    line = "peftkit: error: Recipe /a/very/long/path/" + "x" * 300 + "/recipe.yaml does not exist."
+    assert error_line(f"loading\n{line}\n\n") == line
+    assert error_line("Traceback\n  File x\nValueError: bad\n") == "ValueError: bad"
+    assert error_line("") == "(no output)"
+
+
+def test_an_ended_run_shows_no_time_left() -> None:
+    from peftkit.ui.training_form import RunStatus
+
+    bar = progress.training_progress(BAR_LOG)
+    running = RunStatus("running", bar, [], None, "", "training").headline()
+    assert running == "running · step 13/20 (00:10 so far, about 00:06 left)"
+    stopped = RunStatus("stopped", bar, [(12, 0.5)], None, "").headline()
+    assert stopped == "stopped · step 13/20 (00:10 so far) · loss 0.5000 at step 12"
+
+
+def test_checkpoints_are_listed_by_step_and_gguf_export_only_for_causal_lms(space) -> None:
+    from peftkit.ui.runs_page import gguf_exportable, run_details
+
+    run = space.root / "r"
+    for step in (5, 10, 40):
+        (run / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+    assert "checkpoints: checkpoint-5, checkpoint-10, checkpoint-40" in run_details(run)
+    assert not gguf_exportable(run)  # no adapter yet
+    (run / "adapter").mkdir()
+    for task, offered in (("classification", False), ("seq2seq", False), ("causal-lm", True),
+                          ("chat", True)):  # fmt: skip
+        (run / "adapter" / "peftkit.json").write_text(f'{{"task": "{task}"}}')
+        assert gguf_exportable(run) is offered, task
+
+
+def test_the_quiet_phases_before_and_after_training_are_named() -> None:
+    from peftkit.ui.training_form import RunStatus
+
+    loading = "Loading weights: 100%|##########| 37/37 [00:00<00:00, 900.1it/s]\n"
+    assert "loading the model" in progress.training_phase(loading, None)
+    started = progress.training_phase(loading + "trainable parameters: 1,090\n", None)
+    assert started == "starting to train"
+    assert progress.training_phase(BAR_LOG, progress.training_progress(BAR_LOG)) == "training"
+    done = BAR_LOG + "\r100%|##########| 20/20 [00:16<00:00, 1.25it/s]"
+    bar = progress.training_progress(done)
+    phase = progress.training_phase(done, bar)
+    assert phase == "trained: scoring the tuned model on the held-out rows"
+    headline = RunStatus("running", bar, [], None, "", phase).headline()
+    assert headline == f"running · {phase} · step 20/20 (00:16 so far)"  # no "00:00 left"

@@ -27,14 +27,16 @@ def build_app(workspace: Workspace, plans_folder: Path | None = None) -> Any:
     slots = JobSlots(workspace.root / UI_FILES / JOBS)
     with gr.Blocks(title="peftkit") as app:
         gr.Markdown(f"## peftkit · workspace `{workspace.root}`")
+        # Each page reads its lists of the workspace when shown: on load, and when its tab is
+        # chosen (a run finished since appears without a Refresh).
         with gr.Tab("Train", elem_id="tab-train"):
             train_page.build(workspace, slots)
-        with gr.Tab("Compare", elem_id="tab-compare"):
-            compare_page.build(workspace, slots, plans_folder)
-        with gr.Tab("Runs", elem_id="tab-runs"):
-            runs_page.build(workspace, slots)
-        with gr.Tab("Playground", elem_id="tab-playground"):
-            playground_page.build(workspace)
+        with gr.Tab("Compare", elem_id="tab-compare") as tab:
+            compare_page.build(workspace, slots, plans_folder, [app.load, tab.select])
+        with gr.Tab("Runs", elem_id="tab-runs") as tab:
+            runs_page.build(workspace, slots, [app.load, tab.select])
+        with gr.Tab("Playground", elem_id="tab-playground") as tab:
+            playground_page.build(workspace, [app.load, tab.select])
     app.peftkit_slots = slots  # so the server stops the children it started when it ends
     return app
 
@@ -62,7 +64,8 @@ def launch(
     max_upload_mib: int = 100,
     plans_folder: str | Path | None = "recipes",
 ) -> None:
-    """Serve the UI until interrupted; a host other than the local one gets a warning."""
+    """Serve the UI until interrupted (Ctrl-C or SIGTERM); a host other than the local one gets
+    a warning."""
     space = Workspace(workspace, max_upload_bytes=max_upload_mib * 2**20)
     prepare_environment(space)
     warning = host_warning(host, port, space.root)
