@@ -341,6 +341,77 @@ def test_serving_beyond_this_machine_is_warned_about(tmp_path: Path) -> None:
     assert host_warning("localhost", 7860, tmp_path) is None
     warning = host_warning("0.0.0.0", 8000, tmp_path)
     assert "serving on 0.0.0.0" in warning and "port 8000" in warning and str(tmp_path) in warning
+    assert "whoever logs in" in host_warning("0.0.0.0", 8000, tmp_path, login=True)
+
+
+def test_a_non_local_address_needs_a_login_unless_insisted(monkeypatch, capsys, tmp_path):
+    from peftkit.cli import main
+    from peftkit.ui import app
+
+    launched = []
+    monkeypatch.setattr(app, "launch", lambda *args, **kw: launched.append(kw["auth"]))
+    monkeypatch.delenv("PEFTKIT_UI_AUTH", raising=False)
+    workspace = ["ui", "--workspace", str(tmp_path / "ws")]
+    assert main([*workspace, "--host", "0.0.0.0"]) == 2
+    assert "Give a login: set PEFTKIT_UI_AUTH=USER:PASSWORD" in capsys.readouterr().err
+    assert launched == []
+    assert main([*workspace, "--host", "0.0.0.0", "--no-login"]) == 0
+    assert main([*workspace, "--host", "0.0.0.0", "--auth", "ann:se:cret"]) == 0
+    monkeypatch.setenv("PEFTKIT_UI_AUTH", "bob:pw")
+    assert main([*workspace, "--host", "0.0.0.0"]) == 0
+    assert main(workspace) == 0  # a local address may have one too
+    assert launched == [None, ("ann", "se:cret"), ("bob", "pw"), ("bob", "pw")]
+    for bad in ("nopassword", ":pw", "ann:"):
+        with pytest.raises(ConfigError, match="A login is USER:PASSWORD"):
+            app.login_for("0.0.0.0", bad)
+
+
+def test_with_a_login_the_server_answers_nothing_before_it(tmp_path: Path) -> None:
+    import http.cookiejar
+    import socket
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    workspace = tmp_path / "ws"
+    (workspace / "secret.txt").parent.mkdir()
+    (workspace / "secret.txt").write_text("workspace file")
+    command = [sys.executable, "-m", "peftkit.cli", "ui", "--workspace", str(workspace),
+               "--port", str(port)]  # fmt: skip
+    environment = {**os.environ, "PEFTKIT_UI_AUTH": "ann:open sesame"}
+    log = tmp_path / "ui.log"
+    with log.open("wb") as handle:
+        server = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
+                                  env=environment)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/", timeout=2)  # the login page
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, log.read_text()
+                time.sleep(0.25)
+        guarded = [f"{url}/config", f"{url}/gradio_api/file={workspace / 'secret.txt'}"]
+        for address in guarded:
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(address, timeout=10)
+            assert refused.value.code == 401, address
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        wrong = urllib.parse.urlencode({"username": "ann", "password": "guess"}).encode()
+        with pytest.raises(urllib.error.HTTPError):
+            opener.open(f"{url}/login", wrong, timeout=10)
+        right = urllib.parse.urlencode({"username": "ann", "password": "open sesame"}).encode()
+        assert opener.open(f"{url}/login", right, timeout=10).status == 200
+        assert opener.open(f"{url}/config", timeout=10).status == 200
+    finally:
+        server.terminate()
+        server.wait(60)
 
 
 def test_a_run_action_reading_outside_the_workspace_is_refused(space: Workspace, tmp_path):
