@@ -509,3 +509,19 @@ def test_a_failed_runs_action_shows_its_whole_error_line(
     page.click("#runs-re-evaluate")
     page.wait_for_selector("#runs-status:has-text('failed: peftkit eval')")
     assert cli_line in page.inner_text("#runs-status")
+
+
+def test_causal_lm_trains_on_a_bundled_pairs_set_by_picking_its_columns(page: Page) -> None:
+    from peftkit.ui.training_form import check_data
+
+    pick(page, "train-model", "tiny-gpt2")
+    pick(page, "train-task-type", "causal-lm")
+    pick(page, "train-dataset", "copy-words")  # source and target, not prompt and response
+    page.wait_for_selector("#train-data-status:has-text(\"has no column 'prompt'\")")
+    for name, column in (("prompt", "source"), ("response", "target")):
+        pick(page, f"train-{name}-column", column)  # the pickers offer the set's own columns
+    rows = check_data({"type": "causal-lm", "dataset": "copy-words", "prompt_column": "source",
+                       "response_column": "target"})  # fmt: skip
+    page.wait_for_selector(f"#train-data-status:has-text('data: {rows}')")
+    page.click("#train-estimate")  # the recipe the form makes is a valid one
+    page.wait_for_selector("#train-estimate-result:has-text('estimated peak')")

@@ -58,9 +58,10 @@ def _settings(workspace: Workspace, w: Widgets) -> None:
         ".csv", ".json", ".jsonl", ".parquet"], type="filepath", visible=False,
         elem_id="train-upload")  # fmt: skip
     w.uploaded = gr.Textbox(visible=False, elem_id="train-uploaded")  # its path in the workspace
+    read = tf.columns_read(defaults.task.type)
     with gr.Row():
         w.columns = {name: gr.Dropdown([], value=getattr(defaults.task, name), label=name,
-                                       allow_custom_value=True, visible=False,
+                                       allow_custom_value=True, visible=name in read,
                                        elem_id=widget_id("train", name))
                      for name in tf.column_fields()}  # fmt: skip
     w.data_status = gr.Markdown(elem_id="train-data-status")
@@ -133,6 +134,11 @@ def _events(workspace: Workspace, slots: JobSlots, w: Widgets) -> None:
         section["type"] = data[w.task_type]
         if data[w.source] == SOURCES[0]:
             section["dataset"] = data[w.dataset]
+            # A bundled set's columns as the task type names them by default go unsaid; others
+            # (copy-words' source and target as a causal-lm's prompt and response) are set.
+            for name in tf.columns_read(data[w.task_type]):
+                if data[columns[name]] != getattr(TaskConfig, name):
+                    section[name] = data[columns[name]]
             return section
         if not data[w.uploaded]:
             raise DataError("Upload a data file first (CSV, JSON, JSONL or Parquet).")
@@ -152,17 +158,26 @@ def _events(workspace: Workspace, slots: JobSlots, w: Widgets) -> None:
         return tf.build_recipe(workspace, data[w.model], task_section(data), section, training,
                                name)  # fmt: skip
 
-    def show_columns(kind: str, where: str) -> list[Any]:
-        read = tf.columns_read(kind) if where == SOURCES[1] else []
-        return [gr.update(visible=name in read) for name in columns]
+    def show_columns(kind: str, where: str, dataset: str, uploaded: str) -> list[Any]:
+        # The pickers the task type reads, offering the columns the data has (a bundled set's
+        # too: its columns need not be the ones the task type reads by default).
+        read = tf.columns_read(kind)
+        if where == SOURCES[0]:
+            found = tf.bundled_columns(dataset) if dataset else []
+        else:
+            found = tf.file_columns(workspace.resolve(uploaded)) if uploaded else []
+        return [gr.update(visible=name in read, choices=found) for name in columns]
 
-    def on_source(where: str, kind: str) -> list[Any]:
+    def on_source(where: str, kind: str, dataset: str, uploaded: str) -> list[Any]:
         bundled = where == SOURCES[0]
         return [gr.update(visible=bundled), gr.update(visible=not bundled),
-                *show_columns(kind, where)]  # fmt: skip
+                *show_columns(kind, where, dataset, uploaded)]  # fmt: skip
 
-    w.source.change(on_source, [w.source, w.task_type], [w.dataset, w.upload, *columns.values()])
-    w.task_type.change(show_columns, [w.task_type, w.source], list(columns.values()))
+    picked = [w.task_type, w.source, w.dataset, w.uploaded]
+    w.source.change(on_source, [w.source, w.task_type, w.dataset, w.uploaded],
+                    [w.dataset, w.upload, *columns.values()])  # fmt: skip
+    for trigger in (w.task_type, w.dataset):
+        trigger.change(show_columns, picked, list(columns.values()))
 
     def on_upload(path: str | None) -> list[Any]:
         if not path:

@@ -5,6 +5,7 @@ and reading back how the run is going. The page (train_page.py) only wires these
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,15 @@ def file_columns(path: Path, encoding: str = "utf-8") -> list[str]:
     from peftkit.data.files import read_rows
 
     return sorted({key for row in read_rows(path, encoding) for key in row})
+
+
+@functools.cache
+def bundled_columns(name: str) -> list[str]:
+    """The columns of a bundled data set's rows (read once)."""
+    from peftkit.data.bundled import load_bundled
+
+    train, _ = load_bundled(name)
+    return sorted({key for row in train for key in row})
 
 
 def check_data(task: dict[str, Any]) -> str:
