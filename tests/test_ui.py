@@ -546,3 +546,13 @@ def test_the_quiet_phases_before_and_after_training_are_named() -> None:
     assert phase == "trained: scoring the tuned model on the held-out rows"
     headline = RunStatus("running", bar, [], None, "", phase).headline()
     assert headline == f"running · {phase} · step 20/20 (00:16 so far)"  # no "00:00 left"
+
+
+def test_the_traceback_of_stops_interrupt_is_cut_to_one_line() -> None:
+    output = (
+        'step 3\nTraceback (most recent call last):\n  File "x.py", line 1, in <module>\n'
+        '    train()\n\n  File "y.py", line 2, in train\n    step()\nKeyboardInterrupt\n'
+    )
+    assert progress.without_interrupt_traceback(output) == "step 3\nKeyboardInterrupt (stopped)\n"
+    failure = 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: bad\n'
+    assert progress.without_interrupt_traceback(failure) == failure  # a real error stays whole

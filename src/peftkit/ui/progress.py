@@ -23,6 +23,17 @@ def clean_output(text: str) -> str:
     return _ESCAPES.sub("", text)
 
 
+_INTERRUPTED = re.compile(
+    r"Traceback \(most recent call last\):\n(?:[ \t].*\n|\n)*KeyboardInterrupt[^\n]*"
+)
+
+
+def without_interrupt_traceback(text: str) -> str:
+    """Output with the traceback that Stop's interrupt prints (KeyboardInterrupt) cut to one
+    line: it is how the run was asked to end, not an error."""
+    return _INTERRUPTED.sub("KeyboardInterrupt (stopped)", text)
+
+
 @dataclass(frozen=True)
 class Progress:
     """Steps done of the total, and the time spent and left by the bar's own account."""

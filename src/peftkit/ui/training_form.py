@@ -19,6 +19,7 @@ from peftkit.ui.progress import (
     loss_curve,
     training_phase,
     training_progress,
+    without_interrupt_traceback,
 )
 from peftkit.ui.workspace import LOG_NAME, RECIPE_NAME, Workspace
 
@@ -184,6 +185,8 @@ class RunStatus:
 def run_status(job: Job, run: Path) -> RunStatus:
     """The run's state now, from its process, its log, its TensorBoard events and summary."""
     text = clean_output(job.text())
+    if job.stop_requested:
+        text = without_interrupt_traceback(text)
     summary_path = run / "summary.json"
     summary = None
     if not job.running and summary_path.is_file():
