@@ -556,3 +556,17 @@ def test_the_traceback_of_stops_interrupt_is_cut_to_one_line() -> None:
     assert progress.without_interrupt_traceback(output) == "step 3\nKeyboardInterrupt (stopped)\n"
     failure = 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: bad\n'
     assert progress.without_interrupt_traceback(failure) == failure  # a real error stays whole
+
+
+def test_with_no_compare_plan_the_page_says_how_to_add_one(space: Workspace, tmp_path) -> None:
+    from peftkit.ui.compare_page import plan_choice
+
+    names = list(space.plans(tmp_path / "no-recipes-here"))  # outside the repository
+    assert names == []
+    chosen, hint = plan_choice(names, None)
+    assert chosen is None and "`recipe`" in hint and "`methods`" in hint and "plans/" in hint
+    (space.root / "plans").mkdir()
+    (space.root / "plans" / "p.yaml").write_text(
+        "recipe: r.yaml\nmethods: [{method: {name: lora}}]\n"
+    )
+    assert plan_choice(list(space.plans(None)), "gone.yaml") == ("plans/p.yaml", "")

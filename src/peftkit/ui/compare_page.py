@@ -54,6 +54,14 @@ def start_compare(
     return slots.start("compare", command, output / LOG_NAME)
 
 
+def plan_choice(names: list[str], current: str | None) -> tuple[str | None, str]:
+    """The plan to show (the current one while it is there, else the first) and, with none found,
+    what a plan is and where to put one."""
+    if not names:
+        return None, NO_PLANS_HINT
+    return (current if current in names else names[0]), ""
+
+
 def result_view(folder: Path) -> tuple[str, str | None]:
     """A comparison's table (Markdown) and chart path, from its compare.json and compare.png."""
     from peftkit.compare import format_table
@@ -106,8 +114,7 @@ def build(
 
     def on_refresh(current: str | None, previous: list[str] | None) -> list[Any]:
         found = plans()
-        kept = current if current in found else next(iter(found), None)
-        hint = "" if found else NO_PLANS_HINT
+        kept, hint = plan_choice(list(found), current)
         results = workspace.compare_results()
         earlier_choice = previous if previous in results else None
         return [gr.update(choices=list(found), value=kept), gr.update(choices=results,
