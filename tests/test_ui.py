@@ -570,3 +570,13 @@ def test_with_no_compare_plan_the_page_says_how_to_add_one(space: Workspace, tmp
         "recipe: r.yaml\nmethods: [{method: {name: lora}}]\n"
     )
     assert plan_choice(list(space.plans(None)), "gone.yaml") == ("plans/p.yaml", "")
+
+
+def test_children_leave_out_transformers_warnings_unless_asked(tmp_path, monkeypatch) -> None:
+    show = "import os; print(os.environ['TRANSFORMERS_VERBOSITY'], flush=True)"
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    job = jobs.start([sys.executable, "-c", show], tmp_path / "quiet.log")
+    assert job.wait(30) == 0 and job.text() == "error\n"
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")  # the user's own choice wins
+    job = jobs.start([sys.executable, "-c", show], tmp_path / "chosen.log")
+    assert job.wait(30) == 0 and job.text() == "info\n"

@@ -193,6 +193,9 @@ def start(command: list[str], log: Path, cwd: Path | None = None, append: bool =
     signals the child only)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     environment = {**os.environ, "PYTHONUNBUFFERED": "1"}  # progress reaches the log at once
+    # transformers' warnings (a "newly initialized" classifier head on every load of a
+    # classification run, which the adapter then fills) are not the command's; its errors are.
+    environment.setdefault("TRANSFORMERS_VERBOSITY", "error")
     ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     with log.open("ab" if append else "wb") as handle:
         process = subprocess.Popen(
