@@ -294,3 +294,18 @@ def interrupted_message(folder: str | Path, command: str) -> str:
     if (previous / PREVIOUS_MARK).is_file():
         said += f" The earlier run that --overwrite replaces is kept, whole, in {previous}."
     return said
+
+
+def refuse_unfinished_run(folder: str | Path) -> None:
+    """Refuse to use a run that stopped before it finished (checkpoints, no adapter) as a
+    finished one, saying how to continue it."""
+    folder = Path(folder)
+    if (folder / "adapter").is_dir() or earlier_run(folder) != "an unfinished run":
+        return
+    recipes = [folder / name for name in ("ui-recipe.yaml", "recipe.yaml")]
+    recipe = next((str(path) for path in recipes if path.is_file()), "RECIPE")
+    raise ConfigError(
+        f"{folder} holds an unfinished run (checkpoints, no adapter yet): it stopped before "
+        f"the end. Continue it with `peftkit train {recipe} --resume` (or Resume on the Runs "
+        "page of peftkit ui); it can be evaluated once it has finished."
+    )

@@ -49,8 +49,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from peftkit.data.collate import Collator
     from peftkit.plan import resolve
     from peftkit.recipe import load_recipe
+    from peftkit.run_folder import refuse_unfinished_run
     from peftkit.training import evaluate, load_for_plan
 
+    refuse_unfinished_run(Path(args.run))
     run_dir, adapter_dir = run_folder(Path(args.run))
     recipe_path = Path(args.recipe) if args.recipe else run_dir / "recipe.yaml"
     plan = resolve(load_recipe(recipe_path, list(args.set or [])))
