@@ -113,6 +113,8 @@ def keep_data(recipe: Recipe, run: Path) -> Recipe:
     re-evaluating the run reads. A bundled data set is left as it is."""
     import shutil
 
+    from peftkit.io import atomic_file
+
     task, copies = recipe.task, {}
     for key in ("train_file", "eval_file"):
         source = getattr(task, key)
@@ -122,7 +124,8 @@ def keep_data(recipe: Recipe, run: Path) -> Recipe:
         if key == "eval_file" and target.exists():  # the two files share a name
             target = target.with_name(f"eval-{target.name}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+        with atomic_file(target) as staging:
+            shutil.copyfile(source, staging)
         copies[key] = str(target)
     return dataclasses.replace(recipe, task=dataclasses.replace(task, **copies))
 
