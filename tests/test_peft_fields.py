@@ -193,3 +193,26 @@ def test_adalora_written_by_peft_loads_to_its_logits(tmp_path):
     expected = _peft_logits(tmp_path / "adalora", batch)
     loaded = peftkit.load(tiny("qwen2")[0], tmp_path / "adalora")
     torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                modules_to_save=["lm_head"]),
+        peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                modules_to_save=["lm_head"]),
+    ],
+    ids=["prompt_tuning", "prefix_tuning"],
+)  # fmt: skip
+def test_virtual_tokens_refuse_a_module_to_save_they_do_not_load(tmp_path, config):
+    # peftkit's own prompt/prefix tuning trains the task head only: PEFT's lm_head copy is named,
+    # not reported as "does not fit this base model".
+    _peft_adapter(tmp_path / "virtual", config)
+    saved = json.loads((tmp_path / "virtual/adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["lm_head"]
+    base, _ = tiny("qwen2")
+    with pytest.raises(AdapterError, match=r"modules_to_save \['lm_head'\] trains \['lm_head'\]"):
+        peftkit.load(base, tmp_path / "virtual")
+    batch = batch_for("qwen2", tiny("qwen2")[1])  # the base computes as before: no hooks left
+    torch.testing.assert_close(logits(base, batch), logits(tiny("qwen2")[0], batch))
