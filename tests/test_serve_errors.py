@@ -124,8 +124,18 @@ BAD_REQUESTS = [
     ("empty stop string", "POST", "/completions", {**OK, "stop": [""]}, 400, "stop"),
     ("stop string of 1001 characters", "POST", "/completions", {**OK, "stop": "s" * 1001}, 400,
      "stop"),  # fmt: skip
-    ("n = 2", "POST", "/completions", {**OK, "n": 2}, 400, "n"),
-    ("logprobs", "POST", "/completions", {**OK, "logprobs": 2}, 400, "logprobs"),
+    ("n = 0", "POST", "/completions", {**OK, "n": 0}, 400, "n"),
+    ("logprobs above 20", "POST", "/completions", {**OK, "logprobs": 21}, 400, "logprobs"),
+    ("echo on a stream", "POST", "/completions", {**OK, "echo": True, "stream": True}, 400, "echo"),
+    (
+        "top_logprobs without logprobs",
+        "POST",
+        "/chat/completions",
+        {**CHAT, "top_logprobs": 2},
+        400,
+        "top_logprobs",
+    ),
+    ("best_of = 2", "POST", "/completions", {**OK, "best_of": 2}, 400, "best_of"),
     (
         "Proxy-Tuning without a pair",
         "POST",
@@ -239,8 +249,6 @@ BAD_REQUESTS = [
      {"name": "x", "path": "run_out"}, 400, "path"),
     ("adapter file linking outside", "POST", "/adapters", {"name": "x", "path": "file_out"}, 400,
      "path"),
-    # logprobs: 0 (item 11) is refused by name, not answered with null.
-    ("logprobs = 0", "POST", "/completions", {**OK, "logprobs": 0}, 400, "logprobs"),
 ]  # fmt: skip
 
 

@@ -32,7 +32,7 @@ from peftkit.serve import kv
 from peftkit.serve.errors import ServeError
 from peftkit.serve.proxy_rows import ProxyPair, ProxyRow
 from peftkit.serve.rows import Row
-from peftkit.serve.sampling import TextStream, next_token
+from peftkit.serve.sampling import TextStream, logprob_entries, next_token
 
 
 @dataclass(frozen=True)
@@ -245,15 +245,18 @@ class Engine:
             return
         end = min(length, prefill.done + max(1, self.limits.max_prefill_tokens // len(new)))
         cache = {} if prefill.cache is None else {"cache": prefill.cache}
+        echo = [row.sampling.echo and row.sampling.logprobs is not None for row in new]
         try:
             output = self._forward(
                 new, input_ids=prefill.input_ids[:, prefill.done : end],
                 attention_mask=prefill.mask[:, :end],
                 position_ids=prefill.positions[:, prefill.done : end], use_cache=True,
-                **cache, **self.prefill_options,
+                **cache, **({} if any(echo) else self.prefill_options),
             )  # fmt: skip
             kv.check_plain(output.cache)
             logits = output.logits[:, -1].float()
+            if any(echo):
+                self._prompt_logprobs(prefill, output.logits, end, echo)
         except Exception as error:  # noqa: BLE001 - these rows fail; the running batch is intact
             for row in new:
                 row.fail(failure(error))
@@ -300,6 +303,25 @@ class Engine:
         self.stats.mixed_steps += len({row.adapter for row in rows}) > 1
         self._take(rows, chosen)
 
+    def _prompt_logprobs(
+        self, prefill: Prefill, logits: torch.Tensor, end: int, echo: list[bool]
+    ) -> None:
+        """Log-probs of the prompt tokens this chunk predicts, for the rows that echo them (the
+        logits at column j score the token at column j + 1; a prompt's first token has none)."""
+        start, length = prefill.done, prefill.input_ids.shape[1]
+        for index, row in enumerate(prefill.rows):
+            if not echo[index]:
+                continue
+            first = length - len(row.prompt)  # left padding before it
+            if start <= first < end:
+                row.prompt_logprobs.append((row.prompt[0], None, []))
+            low, high = max(start, first), min(end, length - 1)
+            if low < high:
+                targets = prefill.input_ids[index, low + 1 : high + 1]
+                row.prompt_logprobs += logprob_entries(
+                    logits[index, low - start : high - start], targets, row.sampling.logprobs
+                )
+
     def _choose(self, rows: list[Row], logits: torch.Tensor, first: bool) -> list[int | None]:
         """Each row's next token from its logits (Proxy-Tuning applied); a row whose own part
         fails (its sampler, its expert) fails alone with a 500 and gets None; the others go on."""
@@ -312,7 +334,12 @@ class Engine:
                     row_logits = row.proxy.first(row_logits)
                 elif row.proxy is not None:
                     row_logits = row.proxy.next(row_logits, row.last_token)
-                tokens.append(next_token(row_logits, row.sampling, row.generator))
+                token = next_token(row_logits, row.sampling, row.generator)
+                if row.sampling.logprobs is not None:
+                    row.logprobs += logprob_entries(
+                        row_logits[None], torch.tensor([token]), row.sampling.logprobs
+                    )
+                tokens.append(token)
             except Exception as error:  # noqa: BLE001 - this row fails; the batch goes on
                 row.fail(failure(error))
                 tokens.append(None)

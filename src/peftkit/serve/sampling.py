@@ -29,6 +29,8 @@ class Sampling:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # decode max_tokens whatever comes (load tests, as in vLLM)
     proxy_alpha: float | None = None  # Proxy-Tuning strength; None: no Proxy-Tuning
+    logprobs: int | None = None  # top alternatives to report per token; None: no log-probs
+    echo: bool = False  # also report the prompt's tokens' log-probs (with logprobs)
 
     @property
     def greedy(self) -> bool:
@@ -70,6 +72,26 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: Any) -> int:
             raise ValueError("the model's logits for this row hold NaN")
         return int(logits.argmax())  # logits that overflowed when divided: the limit is the arg max
     return int(torch.multinomial(probabilities, 1, generator=generator))
+
+
+Logprob = tuple[int, float | None, list[tuple[int, float]]]  # token, its log-prob, top others
+
+
+def logprob_entries(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[Logprob]:
+    """Each position's token with its log-probability under `logits` (positions, vocab) and the
+    `top` most likely tokens (the model's own distribution: no temperature or top_p)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+    best = logprobs.topk(top, dim=-1) if top > 0 else None
+    entries = []
+    for index, token in enumerate(tokens.tolist()):
+        others = []
+        if best is not None:
+            others = list(
+                zip(best.indices[index].tolist(), best.values[index].tolist(), strict=True)
+            )
+        entries.append((token, chosen[index], others))
+    return entries
 
 
 def prefix_table(stop: str) -> list[int]:
