@@ -1,0 +1,120 @@
+"""`training.sharding: fsdp`: FSDP2 under torchrun on two CPU processes (gloo). Each process holds
+half of every parameter, both report the same losses, and the adapter gathered at the end equals
+the one a single process writes at the same global batch. Methods that cannot be sharded are
+refused through their record, before a model loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_runs import adapter_tensors, max_difference
+
+from peftkit.cli import main
+from peftkit.errors import ConfigError
+from peftkit.plan import resolve
+from peftkit.recipe import load_recipe
+from peftkit.training.sharding import refuse_unsupported
+
+WORKER = Path(__file__).with_name("sharded_worker.py")
+
+
+def write_recipe(folder: Path, method: str = "{name: lora, rank: 4, dropout: 0.0}") -> Path:
+    """A causal-LM recipe on tiny-llama whose 32 training rows make whole global batches of 8."""
+    rows = [{"prompt": f"say {'abc'[i % 3]} twice:", "response": f" {'abc'[i % 3]} {'abc'[i % 3]}"}
+            for i in range(32)]  # fmt: skip
+    train, held_out = folder / "train.jsonl", folder / "eval.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    held_out.write_text("".join(json.dumps(row) + "\n" for row in rows[:8]))
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(
+        "model: tiny-llama\n"
+        f"task: {{type: causal-lm, train_file: {train}, eval_file: {held_out}, max_length: 32}}\n"
+        f"method: {method}\n"
+        "training: {max_steps: 6, batch_size: 4, learning_rate: 0.02, threads: 1, "
+        "logging_steps: 1, eval_batch_size: 8, sharding: fsdp}\n"
+        f"output_dir: {folder / 'two'}\n"
+    )
+    return recipe
+
+
+def run_worker(folder: Path, processes: int, *arguments: str) -> subprocess.CompletedProcess:
+    """sharded_worker.py (peftkit train, losses recorded) on one process or under torchrun."""
+    python = Path(sys.executable)
+    launcher = [str(python)]
+    if processes > 1:
+        torchrun = shutil.which("torchrun", path=str(python.parent))
+        launcher = [torchrun, "--standalone", "--nproc_per_node", str(processes)]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [*launcher, str(WORKER), str(folder), "train", *arguments]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_sharded_processes_train_the_adapter_of_one_process(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path)
+    two = run_worker(tmp_path / "ranks", 2, str(recipe))
+    assert two.returncode == 0, two.stderr[-3000:]
+    single_process = ["--output-dir", str(tmp_path / "one"), "--set", "training.batch_size=8",
+                      "--set", "training.sharding=none"]  # fmt: skip
+    one = run_worker(tmp_path / "single", 1, str(recipe), *single_process)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (summary["processes"], summary["sharding"], summary["steps"]) == (2, "fsdp", 6)
+    ranks = [json.loads((tmp_path / "ranks" / f"losses-{r}.json").read_text()) for r in (0, 1)]
+    single = json.loads((tmp_path / "single" / "losses-0.json").read_text())
+    # each process held half of the model's parameter elements once sharded
+    for rank in ranks:
+        held = rank["parameters"]
+        assert held["total"] == summary["total_parameters"]
+        assert abs(held["local"] - held["total"] / 2) <= 0.01 * held["total"]
+    assert single["parameters"] == {}  # one process: nothing sharded
+    # both ranks report the same loss at every step, the single process's within rounding
+    assert [r["step"] for r in ranks[0]["losses"]] == list(range(1, 7))
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    for sharded, whole in zip(ranks[0]["losses"], single["losses"], strict=True):
+        assert sharded["loss"] == pytest.approx(whole["loss"], abs=1e-5)
+    # the adapter gathered from the shards is PEFT's files, equal to one process's
+    gathered, reference = adapter_tensors(tmp_path / "two"), adapter_tensors(tmp_path / "one")
+    assert max_difference(gathered, reference) <= 1e-6
+    assert max(float(t.abs().max()) for t in gathered.values()) > 1e-2  # it did train
+    config = json.loads((tmp_path / "two" / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+
+
+@pytest.mark.parametrize(
+    ("section", "reason"),
+    [
+        ("{name: child_tuning, mode: F}", "masks and Fisher pass"),
+        ("{name: relora}", "merges its adapters"),
+        ("{name: adalora}", "rank allocation"),
+    ],
+)
+def test_methods_that_cannot_be_sharded_are_refused_before_loading(
+    tmp_path: Path, section: str, reason: str, capsys
+) -> None:
+    recipe = write_recipe(tmp_path, section)
+    with pytest.raises(ConfigError, match=f"cannot train sharded \\(fsdp\\): .*{reason}"):
+        resolve(load_recipe(recipe))
+    assert main(["train", str(recipe)]) == 2
+    assert "cannot train sharded" in capsys.readouterr().err
+    assert not (tmp_path / "two" / "summary.json").exists()
+    resolve(load_recipe(recipe, ["training.sharding=none"]))  # DDP trains it
+
+
+def test_sharding_is_none_or_fsdp(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path)
+    with pytest.raises(ConfigError, match="sharding must be one of none, fsdp, got 'zero3'"):
+        load_recipe(recipe, ["training.sharding=zero3"])
+    with pytest.raises(ConfigError, match="Checkpoints and --resume are not supported"):
+        refuse_unsupported(load_recipe(recipe, ["training.save_steps=2"]), None)
