@@ -118,3 +118,26 @@ def test_sharding_is_none_or_fsdp(tmp_path: Path) -> None:
         load_recipe(recipe, ["training.sharding=zero3"])
     with pytest.raises(ConfigError, match="Checkpoints and --resume are not supported"):
         refuse_unsupported(load_recipe(recipe, ["training.save_steps=2"]), None)
+
+
+def test_the_memory_benchmark_smoke_run(tmp_path: Path) -> None:
+    """benchmarks/fsdp_memory.py --smoke: FSDP holds about half of DDP's tensors per process
+    (full fine-tuning: parameters, gradients, AdamW state), with the losses of one process."""
+    output = tmp_path / "fsdp_memory.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "fsdp_memory.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(script), "--smoke", "--output", str(output)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(output.read_text())["results"]
+    ddp, fsdp = results["ddp"]["memory"], results["fsdp"]["memory"]
+    # DDP: every process holds the whole model: parameters, as many gradients, AdamW's m and v
+    assert ddp[0] == ddp[1]
+    assert ddp[0]["gradients"] == ddp[0]["parameters"]
+    assert ddp[0]["optimizer"] == 2 * ddp[0]["parameters"]
+    assert sum(m["parameters"] for m in fsdp) == pytest.approx(ddp[0]["parameters"], rel=0.01)
+    assert results["fsdp_over_ddp"] <= 0.55
+    for arm in ("ddp", "fsdp"):
+        assert results[arm]["ranks_agree"]
+        assert results[arm]["max_loss_difference"] <= 1e-5
+        assert len(results[arm]["losses"]) == 3
