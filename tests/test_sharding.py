@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,17 +61,27 @@ def run_worker(folder: Path, processes: int, *arguments: str) -> subprocess.Comp
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_two_sharded_processes_train_the_adapter_of_one_process(tmp_path: Path) -> None:
-    recipe = write_recipe(tmp_path)
-    two = run_worker(tmp_path / "ranks", 2, str(recipe))
+SINGLE_PROCESS = ["--set", "training.batch_size=8", "--set", "training.sharding=none"]
+
+
+@pytest.mark.parametrize(
+    ("section", "learning_rate"),
+    [("{name: lora, rank: 4, dropout: 0.0}", 0.02), ("{name: full}", 0.001)],
+)
+def test_two_sharded_processes_train_the_adapter_of_one_process(
+    tmp_path: Path, section: str, learning_rate: float
+) -> None:
+    recipe = write_recipe(tmp_path, section)
+    rate = ["--set", f"training.learning_rate={learning_rate}"]
+    two = run_worker(tmp_path / "ranks", 2, str(recipe), *rate)
     assert two.returncode == 0, two.stderr[-3000:]
-    single_process = ["--output-dir", str(tmp_path / "one"), "--set", "training.batch_size=8",
-                      "--set", "training.sharding=none"]  # fmt: skip
+    single_process = ["--output-dir", str(tmp_path / "one"), *SINGLE_PROCESS, *rate]
     one = run_worker(tmp_path / "single", 1, str(recipe), *single_process)
     assert one.returncode == 0, one.stderr[-3000:]
 
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert (summary["processes"], summary["sharding"], summary["steps"]) == (2, "fsdp", 6)
+    assert summary["metric_after"] < summary["metric_before"]  # eval loss: it trained
     ranks = [json.loads((tmp_path / "ranks" / f"losses-{r}.json").read_text()) for r in (0, 1)]
     single = json.loads((tmp_path / "single" / "losses-0.json").read_text())
     # each process held half of the model's parameter elements once sharded
@@ -84,12 +95,40 @@ def test_two_sharded_processes_train_the_adapter_of_one_process(tmp_path: Path) 
     assert ranks[0]["losses"] == ranks[1]["losses"]
     for sharded, whole in zip(ranks[0]["losses"], single["losses"], strict=True):
         assert sharded["loss"] == pytest.approx(whole["loss"], abs=1e-5)
-    # the adapter gathered from the shards is PEFT's files, equal to one process's
+    # the adapter gathered from the shards, in the method's files, equals one process's
     gathered, reference = adapter_tensors(tmp_path / "two"), adapter_tensors(tmp_path / "one")
     assert max_difference(gathered, reference) <= 1e-6
-    assert max(float(t.abs().max()) for t in gathered.values()) > 1e-2  # it did train
-    config = json.loads((tmp_path / "two" / "adapter" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA"
+    if "lora" in section:
+        config = json.loads((tmp_path / "two" / "adapter" / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA"  # PEFT's own files
+
+
+def test_two_nodes_with_a_c10d_rendezvous_train_one_adapter(tmp_path: Path) -> None:
+    """Two torchrun agents of one process each, meeting at a c10d rendezvous on 127.0.0.1 (two
+    nodes on one machine), train and save one adapter: a single process's."""
+    recipe = write_recipe(tmp_path)
+    python = Path(sys.executable)
+    torchrun = shutil.which("torchrun", path=str(python.parent))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "peftkit-test", "-m",
+               "peftkit.cli", "train", str(recipe)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]  # fmt: skip
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    assert sum(out.count("summary.json and the adapter") for out, _ in outputs) == 1
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (summary["processes"], summary["sharding"]) == (2, "fsdp")
+    one = run_worker(tmp_path / "single", 1, str(recipe), "--output-dir", str(tmp_path / "one"),
+                     *SINGLE_PROCESS)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    gathered, reference = adapter_tensors(tmp_path / "two"), adapter_tensors(tmp_path / "one")
+    assert max_difference(gathered, reference) <= 1e-6
 
 
 @pytest.mark.parametrize(
