@@ -63,6 +63,20 @@ def refuse_low_bit_base(method: Method, storage: str | None) -> None:
     )
 
 
+def refuse_unshardable(method: Method, sharding: str) -> None:
+    """Refuse sharding (training.sharding: fsdp) for a method that cannot be sharded; its
+    record's `shardable` says why."""
+    if sharding == "none" or not method.shardable:
+        return
+    others = [m.name for m in registry.METHODS if not m.shardable]
+    raise ConfigError(
+        f"Method '{method.name}' cannot train sharded ({sharding}): {method.shardable}, and "
+        "FSDP keeps only a shard of each weight and gradient on a process. Train it with "
+        f"sharding: none (DDP: each process holds the whole model), or use one of: "
+        f"{', '.join(others)}."
+    )
+
+
 def check_base(method: Method, model: nn.Module) -> str | None:
     """Refuse the model's base for the method if it must (refuse_low_bit_base); returns the
     base's storage (None on the meta device)."""

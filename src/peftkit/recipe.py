@@ -83,6 +83,16 @@ def check_reporter(name: str) -> None:
         )
 
 
+# How several processes hold the model (training.sharding; the estimator's `sharding` too).
+SHARDINGS = ("none", "fsdp")
+
+
+def check_sharding(sharding: str) -> None:
+    """Refuse a sharding peftkit does not know."""
+    if sharding not in SHARDINGS:
+        raise ConfigError(f"sharding must be one of {', '.join(SHARDINGS)}, got {sharding!r}.")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training budget and optimiser settings (passed on to transformers.Trainer)."""
@@ -122,9 +132,17 @@ class TrainConfig:
             "event files in output_dir/logs; mlflow, wandb, ...: their own settings)"
         },
     )
+    sharding: str = field(
+        default="none",
+        metadata={
+            "help": "none (each process holds the whole model: DDP) or fsdp (FSDP2 shards "
+            "weights, gradients and optimizer state across torchrun's processes)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_reporter(self.report_to)
+        check_sharding(self.sharding)
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"training.precision must be fp32 or bf16, got {self.precision!r}.")
         check_finite("training.max_steps", self.max_steps)

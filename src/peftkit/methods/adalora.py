@@ -284,4 +284,6 @@ ADALORA = Method(
     config_from_adapter=config_from_adapter,
     description="SVD-form LoRA whose rank budget falls on a schedule during training (HF PEFT)",
     check_loaded=check_loaded,
+    shardable="its rank allocation reads every layer's whole adapter weights and gradients "
+    "after each backward pass and masks them in place (PEFT's update_and_allocate)",
 )

@@ -62,6 +62,7 @@ from peftkit.training.measure import (
     peak_memory_bytes,
 )
 from peftkit.training.memory_probe import TensorMemoryProbe
+from peftkit.training.sharding import rebuilt_model, refuse_unsupported, shard, sharded
 from peftkit.training.summary_table import format_summary
 from peftkit.training.trainer import HooksCallback, PeftkitTrainer
 
@@ -266,6 +267,7 @@ def _run(plan: Plan, resume: str | bool | None, overwrite: bool) -> dict[str, An
     refuse_unsupported_sharding(method.method.name, hooks, recipe, resume)
     if main_process:  # what this run writes is recorded first: --overwrite moves only that
         record_entries(output, TRAINING_ENTRIES)
+    refuse_unsupported(recipe, resume)  # training.sharding: fsdp
     args = training_arguments(recipe, output)  # under torchrun this joins the process group
     prepare_seconds = 0.0
     if hooks.prepare is not None and checkpoint is None:
@@ -280,6 +282,8 @@ def _run(plan: Plan, resume: str | bool | None, overwrite: bool) -> dict[str, An
     counts = api.summary(model)
     if main_process:
         print(counts)
+    if sharded(recipe):  # after prepare: the method's hooks saw whole weights
+        shard(model, recipe.training.precision)
 
     train_collator = Collator(tokenizer.pad_token_id)  # counts only training tokens
     probe = TensorMemoryProbe()  # training memory at the allocator, over the first steps (CPU)
@@ -309,7 +313,10 @@ def _run(plan: Plan, resume: str | bool | None, overwrite: bool) -> dict[str, An
         TrainingMemory() as training_memory,  # the loop alone: not loading, not evaluation
     ):
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    model = gathered_model(trainer, recipe, method.config)
+    if sharded(recipe):
+        model = rebuilt_model(model, recipe, method.config, trainer.is_world_process_zero())
+    else:
+        model = gathered_model(trainer, recipe, method.config)
     if model is None:  # not the main process: it trained its share; the main one reports
         return {}
     train_seconds = float(result.metrics["train_runtime"])
@@ -345,6 +352,7 @@ def _run(plan: Plan, resume: str | bool | None, overwrite: bool) -> dict[str, An
         "prepare_seconds": prepare_seconds,
         "steps": result.global_step,
         "processes": args.world_size,
+        "sharding": recipe.training.sharding if args.world_size > 1 else "none",
         "resumed_from": str(checkpoint) if checkpoint else None,
         "final_train_loss": float(result.training_loss),
         "metric": metric,
