@@ -66,13 +66,10 @@ class WithoutAdapter:
             what = type(adapted_model).__name__
             if state is not None:
                 what = f"a {state.method.name} model (it changes the base's own weights)"
-            from peftkit.registry import METHODS
-
-            switchable = ", ".join(m.name for m in METHODS if m.switch_off is not None)
             raise ConfigError(
                 f"WithoutAdapter needs a model whose adapter can be switched off (applied or "
-                f"loaded by peftkit with one of: {switchable}), got {what}. "
-                "Pass the untuned small model as anti_expert instead."
+                f"loaded by peftkit with a method that can: `peftkit methods -v` says 'switch "
+                f"off'), got {what}. Pass the untuned small model as anti_expert instead."
             )
         self.peft_model = adapted_model
         self.adapter_off = state.method.switch_off(adapted_model)
