@@ -93,6 +93,7 @@ def _results(w: Widgets) -> None:
     with gr.Row():
         w.estimate_button = gr.Button("Estimate memory", elem_id="train-estimate")
         w.start_button = gr.Button("Start", variant="primary", elem_id="train-start")
+        w.save_button = gr.Button("Save recipe", elem_id="train-save")
         w.stop_button = gr.Button("Stop", variant="stop", elem_id="train-stop")
     w.estimate_box = gr.Markdown(elem_id="train-estimate-result")
     # What Start, Stop or a refusal just said; the job's own state is the status line below it,
@@ -210,6 +211,12 @@ def _events(workspace: Workspace, slots: JobSlots, w: Widgets) -> None:
         return check_fit(recipe_of(data)).markdown()
 
     w.estimate_button.click(guarded(estimate), form_inputs, w.estimate_box)
+
+    def save(data: dict[Any, Any]) -> str:
+        path = tf.save_form_recipe(workspace, recipe_of(data))
+        return f"saved `{path}`; `peftkit train {path}` trains it from a terminal."
+
+    w.save_button.click(guarded(save), form_inputs, w.message)
 
     def start(data: dict[Any, Any]) -> list[Any]:
         from peftkit.config import to_dict
