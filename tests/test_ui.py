@@ -592,3 +592,21 @@ def test_the_form_saved_as_a_recipe_is_the_one_start_would_train(space: Workspac
     assert path == space.root / "recipes" / "saved.yaml" and load_recipe(path) == recipe
     with pytest.raises(WorkspaceError, match="already exists; choose another run name"):
         save_form_recipe(space, recipe)
+
+
+def test_a_failing_page_update_changes_nothing_and_the_next_one_retries(capsys) -> None:
+    from peftkit.ui.widgets import polled
+
+    calls = []
+
+    def poll(value: int) -> list[int]:
+        calls.append(value)
+        if len(calls) == 1:
+            raise ValueError("event file read while written")
+        return [value, value]
+
+    handler = polled(poll, 2)
+    kept = handler(1)
+    assert len(kept) == 2 and all(update == {"__type__": "update"} for update in kept)
+    assert "event file read while written" in capsys.readouterr().err
+    assert handler(2) == [2, 2]

@@ -11,7 +11,7 @@ import gradio as gr
 
 from peftkit.ui.jobs import JobSlots, cli_command
 from peftkit.ui.progress import clean_output
-from peftkit.ui.widgets import error_line, escape_markdown, guarded
+from peftkit.ui.widgets import error_line, escape_markdown, guarded, polled
 from peftkit.ui.workspace import Workspace, WorkspaceError
 
 LOG_NAME = "ui-compare.log"
@@ -162,7 +162,7 @@ def build(
             line += f"\n\n**{escape_markdown(error_line(text))}**"
         return [line, table_text, chart_path, text or "(no output yet)", choices, list(job.key)]
 
-    timer.tick(poll, drawn, [status, table, chart, log, earlier, drawn])
+    timer.tick(polled(poll, 6), drawn, [status, table, chart, log, earlier, drawn])
 
     def open_result(name: str | None) -> list[Any]:
         if not name:

@@ -16,7 +16,15 @@ from peftkit.recipe import TaskConfig, TrainConfig
 from peftkit.ui import training_form as tf
 from peftkit.ui.forms import field_specs, method_descriptions, method_forms
 from peftkit.ui.jobs import JobSlots
-from peftkit.ui.widgets import error_line, escape_markdown, form, guarded, read_form, widget_id
+from peftkit.ui.widgets import (
+    error_line,
+    escape_markdown,
+    form,
+    guarded,
+    polled,
+    read_form,
+    widget_id,
+)
 from peftkit.ui.workspace import Workspace
 
 SOURCES = ("bundled data set", "uploaded file")
@@ -255,7 +263,7 @@ def _events(workspace: Workspace, slots: JobSlots, w: Widgets) -> None:
         return [state.headline() + earlier, _curve_frame(state.curve), summary, state.log_tail,
                 list(job.key)]  # fmt: skip
 
-    w.timer.tick(poll, w.shown, [w.status, w.curve, w.summary, w.log, w.shown])
+    w.timer.tick(polled(poll, 5), w.shown, [w.status, w.curve, w.summary, w.log, w.shown])
 
 
 def _curve_frame(points: list[tuple[int, float]]) -> Any:
