@@ -254,14 +254,17 @@ def _events(workspace: Workspace, slots: JobSlots, w: Widgets) -> None:
 
     def poll(shown: Any) -> list[Any]:
         job = slots.get("train")
-        if job is None or (list(job.key) == shown and not job.running):
+        # The state is taken once, before the files are read: a job ending meanwhile is drawn
+        # again at the next tick (taken after, the end would be recorded as drawn, unseen).
+        key = list(job.key) if job is not None else None
+        if job is None or (key == shown and key[1] != "running" and key[1] != "stopping"):
             return [gr.update()] * 5  # nothing new: the page stays as it is
         run = job.log.parent
         state = tf.run_status(job, run)
         summary = _summary_text(state, run)
         earlier = " (started by an earlier peftkit ui)" if job.adopted else ""
         return [state.headline() + earlier, _curve_frame(state.curve), summary, state.log_tail,
-                list(job.key)]  # fmt: skip
+                key]  # fmt: skip
 
     w.timer.tick(polled(poll, 5), w.shown, [w.status, w.curve, w.summary, w.log, w.shown])
 
