@@ -580,3 +580,33 @@ def test_children_leave_out_transformers_warnings_unless_asked(tmp_path, monkeyp
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")  # the user's own choice wins
     job = jobs.start([sys.executable, "-c", show], tmp_path / "chosen.log")
     assert job.wait(30) == 0 and job.text() == "info\n"
+
+
+def test_the_form_saved_as_a_recipe_is_the_one_start_would_train(space: Workspace) -> None:
+    from peftkit.recipe import load_recipe
+    from peftkit.ui.training_form import save_form_recipe
+
+    recipe = build_recipe(space, "tiny-bert", {"type": "classification", "dataset": "copy-words"},
+                          {"name": "lora", "rank": 4}, {"max_steps": 7}, "saved")  # fmt: skip
+    path = save_form_recipe(space, recipe)
+    assert path == space.root / "recipes" / "saved.yaml" and load_recipe(path) == recipe
+    with pytest.raises(WorkspaceError, match="already exists; choose another run name"):
+        save_form_recipe(space, recipe)
+
+
+def test_a_failing_page_update_changes_nothing_and_the_next_one_retries(capsys) -> None:
+    from peftkit.ui.widgets import polled
+
+    calls = []
+
+    def poll(value: int) -> list[int]:
+        calls.append(value)
+        if len(calls) == 1:
+            raise ValueError("event file read while written")
+        return [value, value]
+
+    handler = polled(poll, 2)
+    kept = handler(1)
+    assert len(kept) == 2 and all(update == {"__type__": "update"} for update in kept)
+    assert "event file read while written" in capsys.readouterr().err
+    assert handler(2) == [2, 2]

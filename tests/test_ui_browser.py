@@ -525,3 +525,18 @@ def test_causal_lm_trains_on_a_bundled_pairs_set_by_picking_its_columns(page: Pa
     page.wait_for_selector(f"#train-data-status:has-text('data: {rows}')")
     page.click("#train-estimate")  # the recipe the form makes is a valid one
     page.wait_for_selector("#train-estimate-result:has-text('estimated peak')")
+
+
+def test_the_train_form_saves_as_a_recipe_for_the_terminal(page: Page, workspace: Path) -> None:
+    from peftkit.recipe import load_recipe
+
+    pick(page, "train-model", "tiny-bert")
+    type_in(page, "train-run-name", "saved-form")
+    set_budget(page, max_steps=7)
+    page.click("#train-save")
+    saved = workspace / "recipes" / "saved-form.yaml"
+    page.wait_for_selector(f"#train-message:has-text('peftkit train {saved}')")
+    recipe = load_recipe(saved)
+    assert recipe.model == "tiny-bert" and recipe.training.max_steps == 7
+    assert recipe.output_dir == str(workspace / "saved-form")
+    assert not (workspace / "saved-form").exists()  # saving trains nothing

@@ -11,7 +11,7 @@ import gradio as gr
 
 from peftkit.ui.jobs import JobSlots, cli_command
 from peftkit.ui.progress import clean_output
-from peftkit.ui.widgets import error_line, escape_markdown, guarded
+from peftkit.ui.widgets import error_line, escape_markdown, guarded, polled
 from peftkit.ui.workspace import Workspace, WorkspaceError
 
 LOG_NAME = "ui-compare.log"
@@ -149,7 +149,8 @@ def build(
 
     def poll(last: Any) -> list[Any]:
         job = slots.get("compare")
-        if job is None or (list(job.key) == last and not job.running):
+        key = list(job.key) if job is not None else None  # taken once, before reading: see Train
+        if job is None or (key == last and key[1] != "running" and key[1] != "stopping"):
             return [gr.update()] * 6  # nothing new
         text = clean_output(job.text()).replace("\r", "\n")
         folder = job.log.parent
@@ -160,9 +161,9 @@ def build(
         line = f"{job.state}: `{job.describe()}`"
         if job.state == "failed":
             line += f"\n\n**{escape_markdown(error_line(text))}**"
-        return [line, table_text, chart_path, text or "(no output yet)", choices, list(job.key)]
+        return [line, table_text, chart_path, text or "(no output yet)", choices, key]
 
-    timer.tick(poll, drawn, [status, table, chart, log, earlier, drawn])
+    timer.tick(polled(poll, 6), drawn, [status, table, chart, log, earlier, drawn])
 
     def open_result(name: str | None) -> list[Any]:
         if not name:

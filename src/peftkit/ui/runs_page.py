@@ -12,7 +12,7 @@ import gradio as gr
 from peftkit.ui.jobs import Job, JobSlots, cli_command
 from peftkit.ui.progress import clean_output
 from peftkit.ui.training_form import resume_training
-from peftkit.ui.widgets import error_line, escape_markdown, guarded
+from peftkit.ui.widgets import error_line, escape_markdown, guarded, polled
 from peftkit.ui.workspace import RunInfo, Workspace, WorkspaceError
 
 HEADER = ["run", "state", "method", "model", "task", "metric", "before", "after", "steps",
@@ -179,7 +179,8 @@ def build(workspace: Workspace, slots: JobSlots, shown: list[Any]) -> None:
         tail = "\n".join(output.replace("\r", "\n").splitlines()[-20:])
         return [job_status(job, output), tail or "(no output yet)", text, *lists, keys]
 
-    timer.tick(guarded(poll, 6), [chosen, drawn], [status, log, details, table, chosen, drawn])
+    timer.tick(polled(guarded(poll, 6), 6), [chosen, drawn],
+               [status, log, details, table, chosen, drawn])  # fmt: skip
 
 
 SLOTS = ("train", "compare", "runs")  # a job in any of them may change the runs listed

@@ -16,7 +16,15 @@ from peftkit.recipe import TaskConfig, TrainConfig
 from peftkit.ui import training_form as tf
 from peftkit.ui.forms import field_specs, method_descriptions, method_forms
 from peftkit.ui.jobs import JobSlots
-from peftkit.ui.widgets import error_line, escape_markdown, form, guarded, read_form, widget_id
+from peftkit.ui.widgets import (
+    error_line,
+    escape_markdown,
+    form,
+    guarded,
+    polled,
+    read_form,
+    widget_id,
+)
 from peftkit.ui.workspace import Workspace
 
 SOURCES = ("bundled data set", "uploaded file")
@@ -93,6 +101,7 @@ def _results(w: Widgets) -> None:
     with gr.Row():
         w.estimate_button = gr.Button("Estimate memory", elem_id="train-estimate")
         w.start_button = gr.Button("Start", variant="primary", elem_id="train-start")
+        w.save_button = gr.Button("Save recipe", elem_id="train-save")
         w.stop_button = gr.Button("Stop", variant="stop", elem_id="train-stop")
     w.estimate_box = gr.Markdown(elem_id="train-estimate-result")
     # What Start, Stop or a refusal just said; the job's own state is the status line below it,
@@ -211,6 +220,12 @@ def _events(workspace: Workspace, slots: JobSlots, w: Widgets) -> None:
 
     w.estimate_button.click(guarded(estimate), form_inputs, w.estimate_box)
 
+    def save(data: dict[Any, Any]) -> str:
+        path = tf.save_form_recipe(workspace, recipe_of(data))
+        return f"saved `{path}`; `peftkit train {path}` trains it from a terminal."
+
+    w.save_button.click(guarded(save), form_inputs, w.message)
+
     def start(data: dict[Any, Any]) -> list[Any]:
         from peftkit.config import to_dict
         from peftkit.recipe import recipe_to_dict
@@ -239,16 +254,19 @@ def _events(workspace: Workspace, slots: JobSlots, w: Widgets) -> None:
 
     def poll(shown: Any) -> list[Any]:
         job = slots.get("train")
-        if job is None or (list(job.key) == shown and not job.running):
+        # The state is taken once, before the files are read: a job ending meanwhile is drawn
+        # again at the next tick (taken after, the end would be recorded as drawn, unseen).
+        key = list(job.key) if job is not None else None
+        if job is None or (key == shown and key[1] != "running" and key[1] != "stopping"):
             return [gr.update()] * 5  # nothing new: the page stays as it is
         run = job.log.parent
         state = tf.run_status(job, run)
         summary = _summary_text(state, run)
         earlier = " (started by an earlier peftkit ui)" if job.adopted else ""
         return [state.headline() + earlier, _curve_frame(state.curve), summary, state.log_tail,
-                list(job.key)]  # fmt: skip
+                key]  # fmt: skip
 
-    w.timer.tick(poll, w.shown, [w.status, w.curve, w.summary, w.log, w.shown])
+    w.timer.tick(polled(poll, 5), w.shown, [w.status, w.curve, w.summary, w.log, w.shown])
 
 
 def _curve_frame(points: list[tuple[int, float]]) -> Any:

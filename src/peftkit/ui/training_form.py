@@ -29,6 +29,7 @@ CONFIRM_UNFIT = (
     "**The estimate does NOT fit** the free memory (below): training would likely run out of "
     "memory. Press Start again to start anyway, or change the settings."
 )
+SAVED_RECIPES = "recipes"  # in the workspace: the Train forms saved as recipes
 DATA_FOLDER = "data"  # in a run folder: the copies of the data files it trains on
 # Where the data comes from: the page's own widgets, not the generic task form.
 DATA_FIELDS = ("type", "dataset", "train_file", "eval_file")
@@ -143,6 +144,19 @@ def start_training(slots: JobSlots, recipe: Recipe) -> Job:
     recipe = keep_data(recipe, output)
     save_recipe(recipe, output / RECIPE_NAME)
     return slots.start("train", cli_command("train", str(output / RECIPE_NAME)), output / LOG_NAME)
+
+
+def save_form_recipe(workspace: Workspace, recipe: Recipe) -> Path:
+    """Write the recipe a Train form describes as `<workspace>/recipes/<run name>.yaml`, for
+    `peftkit train` in a terminal; an existing file of that name is refused, not replaced."""
+    from peftkit.ui.workspace import WorkspaceError
+
+    path = workspace.resolve(Path(SAVED_RECIPES) / f"{Path(recipe.output_dir).name}.yaml")
+    if path.exists():
+        raise WorkspaceError(f"{path} already exists; choose another run name to save the form.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, path)
+    return path
 
 
 def resume_training(slots: JobSlots, run: Path) -> Job:

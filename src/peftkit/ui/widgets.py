@@ -4,6 +4,7 @@ id scheme the browser tests find widgets by)."""
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any
 
 import gradio as gr
@@ -66,6 +67,26 @@ def error_line(output: str) -> str:
     lines = [line.strip() for line in output.replace("\r", "\n").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("peftkit: error:")]
     return (errors or lines or ["(no output)"])[-1]
+
+
+def polled(function: Any, outputs: int) -> Any:
+    """Wrap a timer's handler so that a tick that fails (a log or event file read while the child
+    writes it) changes nothing and is told on the server's stderr: the next tick tries again,
+    and the page never stops following its job."""
+
+    def handler(*args: Any) -> Any:
+        try:
+            return function(*args)
+        except Exception:  # noqa: BLE001 - one bad tick must not end the polling
+            import traceback
+
+            print("peftkit ui: a page update failed; the next one retries:", file=sys.stderr)
+            traceback.print_exc()
+            return [gr.update() for _ in range(outputs)]
+
+    handler.__name__ = getattr(function, "__name__", "handler")
+    handler.__doc__ = function.__doc__
+    return handler
 
 
 def guarded(function: Any, outputs: int = 1) -> Any:
