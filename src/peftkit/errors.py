@@ -27,3 +27,8 @@ class AdapterError(PeftkitError, ValueError):
 
 class ExportError(PeftkitError, ValueError):
     """A model cannot be exported as asked (its architecture, tokenizer, method or output path)."""
+
+
+class MalformedPairError(DataError):
+    """A preference row cannot be learnt from: no chosen or rejected response, chosen equal to
+    rejected, or an empty prompt. Raised, naming the rows, before anything is written."""

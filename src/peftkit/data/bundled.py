@@ -63,11 +63,31 @@ def reverse_words() -> tuple[Rows, Rows]:
     return _synthetic_pairs(lambda words: words[::-1], seed=2)
 
 
+def copy_preferences() -> tuple[Rows, Rows]:
+    """Preference pairs BUILT from copy-words (synthetic, labelled as built): the prompt asks to
+    copy the source, chosen is the copy, rejected the source's words reversed (a near miss);
+    sources whose reverse is the copy are left out: 436 train / 95 held out."""
+
+    def pairs(rows: Rows) -> Rows:
+        built = []
+        for row in rows:
+            reverse = " ".join(row["source"].split()[::-1])
+            if reverse != row["target"]:
+                built.append({"prompt": f"copy: {row['source']}\n", "chosen": row["target"],
+                              "rejected": reverse})  # fmt: skip
+        return built
+
+    train, held_out = copy_words()
+    return pairs(train), pairs(held_out)
+
+
 # name -> (module, function, arguments) that return (train rows, held-out rows).
 BUNDLED: dict[str, tuple[str, str, tuple[Any, ...]]] = {
     "amazon-reviews": (__name__, "amazon_reviews", ()),
     "copy-words": (__name__, "copy_words", ()),
     "reverse-words": (__name__, "reverse_words", ()),
+    # BUILT preference pairs (prompt, chosen, rejected) from copy-words: copy vs reversed.
+    "copy-preferences": (__name__, "copy_preferences", ()),
     # SYNTHETIC Text-to-SQL over a generated bank database (docs/applications.md).
     "bank-sql": ("peftkit.apps.text_to_sql.examples", "bank_sql", ()),
     # chatterbot-corpus English dialogues as {"topic", "messages"}: 1,736 train / 289 held out.
