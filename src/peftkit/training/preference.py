@@ -162,12 +162,29 @@ def trl_options(parts: TrainerParts) -> dict[str, Any]:
     return values
 
 
+def refuse_wrapped_models(model: nn.Module) -> None:
+    """Refuse a method that wraps the transformers model in a module of its own: TRL computes
+    log-probabilities by calling the transformers backbone and output layer directly (its fused
+    LM head), which would skip what such a wrapper adds around them."""
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel | PeftModel):
+        method = api.applied(model).method.name
+        raise ConfigError(
+            f"{method} wraps the model in a {type(model).__name__}; TRL's preference trainers "
+            "call the transformers model's backbone and output layer directly, so its additions "
+            "would be skipped. Choose a method that adapts the model's own layers."
+        )
+
+
 def build_preference_trainer(parts: TrainerParts) -> BuiltTrainer:
     """The recipe's preference trainer on the applied model, its reference where it has one."""
     from datasets import Dataset
 
     if not parts.data.train_records:
         raise ConfigError("A preference trainer needs the task's preference records.")
+    refuse_wrapped_models(parts.model)
     options = parts.recipe.preference_options
     config_class, trainer_class = trl_trainer(options.algorithm)
     said = {"algorithm": options.algorithm, "loss_type": options.loss_type, "beta": options.beta}
