@@ -218,7 +218,7 @@ def test_dpo_loss_equals_trls_own_trainer_and_the_closed_form(tmp_path: Path) ->
     trainer, _, model, data = built_trainer(tmp_path, LORA, PreferenceConfig())
     perturb_adapter(model)
     batch = first_batch(trainer)
-    ours = float(trainer.compute_loss(trainer.model, batch))
+    ours = float(trainer.compute_loss(trainer.model, batch).detach())
     # TRL's own DPOTrainer, untouched, on a copy of the same policy and the base as its reference.
     twin = peftkit.apply(base_model(), LORA)
     twin.load_state_dict(model.state_dict())
@@ -228,7 +228,7 @@ def test_dpo_loss_equals_trls_own_trainer_and_the_closed_form(tmp_path: Path) ->
         args=DPOConfig(output_dir=str(tmp_path / "stock"), use_cpu=True, bf16=False,
                        gradient_checkpointing=False, report_to="none", max_length=48, beta=beta),
     )  # fmt: skip
-    theirs = float(stock.compute_loss(stock.model, batch))
+    theirs = float(stock.compute_loss(stock.model, batch).detach())
     policy, base = closed_form_logps(model, batch), closed_form_logps(base_model(), batch)
     chosen, rejected = (policy - base).chunk(2)
     closed = float((-F.logsigmoid(beta * (chosen - rejected))).mean())
@@ -248,10 +248,11 @@ def test_one_dpo_step_moves_only_the_adapter(tmp_path: Path) -> None:
     assert any("lora_B" in name for name in changed)  # B leaves zero: the adapter now acts
 
 
-def test_a_method_without_switch_off_gets_a_frozen_copy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["full", "bottleneck"])
+def test_a_method_without_switch_off_gets_a_frozen_copy(tmp_path: Path, method: str) -> None:
     from peftkit.registry import get_method
 
-    config = get_method("full").config_cls()
+    config = get_method(method).config_cls()
     trainer, notes, model, _ = built_trainer(tmp_path, config, PreferenceConfig())
     assert notes["reference"].startswith("a frozen copy") and notes["reference_copy_mib"] > 0
     assert not any(p.requires_grad for p in trainer.ref_model.parameters())
@@ -296,7 +297,7 @@ def test_simpo_loss_at_start_is_its_closed_form(tmp_path: Path) -> None:
     # SimPO: -log sigmoid(beta * (mean log p(chosen) - mean log p(rejected)) - gamma)
     closed = float((-F.logsigmoid(2.0 * (average[0] - average[1]) - 0.5)).mean())
     loss = trainer.compute_loss(trainer.model, batch)
-    assert float(loss) == pytest.approx(closed, abs=1e-4)
+    assert float(loss.detach()) == pytest.approx(closed, abs=1e-4)
 
 
 def test_orpo_trains_without_a_reference(tmp_path: Path) -> None:

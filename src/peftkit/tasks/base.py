@@ -106,9 +106,11 @@ class TaskType:
     # Refuse the rows of one data file this type cannot learn from, numbered as in the file
     # (task, rows, where they came from). None: every column() must hold a value in every row.
     row_check: Callable[[TaskConfig, Rows, str], None] | None = None
-    # Build the Trainer for a type that does not train on its features' token loss (preference:
-    # TRL's trainers, training/preference.py). None: peftkit's PeftkitTrainer on `train`.
-    trainer: Callable[[TrainerParts], BuiltTrainer] | None = None
+    # The builder of the Trainer for a type that does not train on its features' token loss, as
+    # "module:function" taking TrainerParts and returning a BuiltTrainer (preference: TRL's
+    # trainers, "peftkit.training.preference:build_preference_trainer"). A name, not a function:
+    # the training layer sits above the task records and imports them. None: PeftkitTrainer.
+    trainer: str | None = None
 
     def check_columns(self, task: TaskConfig, train: Rows, held_out: Rows) -> None:
         """Refuse rows that lack a column this task type reads."""

@@ -31,14 +31,7 @@ from peftkit.chat_template import render_chat
 from peftkit.data.collate import pad_rows
 from peftkit.data.files import is_blank, name_rows, require_columns
 from peftkit.errors import DataError, MalformedPairError
-from peftkit.tasks.base import (
-    BuiltTrainer,
-    Rows,
-    TaskData,
-    TaskType,
-    TrainerParts,
-    require_training_features,
-)
+from peftkit.tasks.base import Rows, TaskData, TaskType, require_training_features
 
 if TYPE_CHECKING:
     from peftkit.tasks.config import TaskConfig
@@ -268,13 +261,6 @@ def evaluate(model: nn.Module, data: TaskData, collator: Any, batch_size: int) -
             "chosen_nll": nll / max(1, tokens)}  # fmt: skip
 
 
-def build_trainer(parts: TrainerParts) -> BuiltTrainer:
-    """TRL's trainer for the recipe's preference algorithm (training/preference.py)."""
-    from peftkit.training.preference import build_preference_trainer
-
-    return build_preference_trainer(parts)
-
-
 PREFERENCE = TaskType(
     name="preference",
     description="prompt + chosen/rejected responses; DPO (sigmoid, IPO, hinge, robust), ORPO or "
@@ -288,5 +274,5 @@ PREFERENCE = TaskType(
     metrics=("preference_accuracy", "logp_margin", "chosen_nll"),
     generates=True,
     row_check=row_check,
-    trainer=build_trainer,
+    trainer="peftkit.training.preference:build_preference_trainer",
 )

@@ -25,9 +25,7 @@ from torch import nn
 
 import peftkit.api as api
 from peftkit.errors import ConfigError
-from peftkit.models.precision import stored_bytes
 from peftkit.tasks.base import BuiltTrainer, TrainerParts
-from peftkit.training.measure import mib
 from peftkit.training.trainer import PeftkitTrainer
 
 SWITCHED_OFF = "the policy with its adapter switched off (the method's switch_off): no copy"
@@ -78,6 +76,12 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return reference.eval()
 
 
+def tensor_mib(model: nn.Module) -> float:
+    """MiB of a model's parameters and buffers as stored."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return round(sum(t.numel() * t.element_size() for t in tensors) / 2**20, 2)
+
+
 def reference_model(parts: TrainerParts) -> tuple[nn.Module, dict[str, Any]]:
     """The reference DPO compares with, and what the summary says about it."""
     model = parts.model
@@ -98,7 +102,7 @@ def reference_model(parts: TrainerParts) -> tuple[nn.Module, dict[str, Any]]:
         )
     reference = frozen_copy(model)
     return reference, {"reference": f"{FROZEN_COPY} ({why})",
-                       "reference_copy_mib": mib(stored_bytes(reference))}  # fmt: skip
+                       "reference_copy_mib": tensor_mib(reference)}  # fmt: skip
 
 
 @contextlib.contextmanager

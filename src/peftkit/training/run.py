@@ -10,10 +10,11 @@ every `save_steps` appear only when complete, and `resume` continues from one ex
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,12 @@ def training_argument_values(recipe: Recipe, output: Path) -> dict[str, Any]:
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
+
+
+def trainer_builder(name: str) -> Callable[[TrainerParts], BuiltTrainer]:
+    """A task type's trainer builder from its "module:function" name (TaskType.trainer)."""
+    module, function = name.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def evaluate(model: Any, plan: Plan, data: TaskData, collator: Collator) -> dict[str, float]:
@@ -209,7 +216,7 @@ def run(plan: Plan, resume: str | bool | None = None, overwrite: bool = False) -
     ]
     with reporting_environment(output):  # the reporting callbacks are built in Trainer.__init__
         if task_type.trainer is not None:  # a type with its own trainer (preference: TRL's)
-            built = task_type.trainer(TrainerParts(
+            built = trainer_builder(task_type.trainer)(TrainerParts(
                 recipe, model, tokenizer, data, training_argument_values(recipe, output),
                 callbacks, hooks, resumed=checkpoint is not None,
             ))  # fmt: skip
