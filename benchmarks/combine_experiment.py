@@ -60,11 +60,13 @@ def evaluate_row(args: argparse.Namespace, label: str) -> dict[str, Any]:
     """Build the row's model and score it on both tasks."""
     import torch
 
+    from peftkit.apps import register
     from peftkit.apps.evaluate import evaluate_instructions, evaluate_sql
     from peftkit.combine import load_sources, read_sources, score, task_data
     from peftkit.methods.lora import compose
     from peftkit.tasks.types import split_rows
 
+    register()  # the runs' data sets are the applications' (the command line registers them)
     torch.set_num_threads(args.threads)
     sources = read_sources([f"sql={args.sql}", f"chat={args.chat}"])
     model, tokenizer = load_sources(sources)

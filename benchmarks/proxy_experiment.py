@@ -108,11 +108,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def corpus_texts() -> list[str]:
     """Pretraining text for the anti-expert: training-split reviews and chatterbot dialogues."""
-    from peftkit.data.bundled import amazon_reviews, chatterbot_dialogues
+    from peftkit.apps.instructions import bundled_instructions
+    from peftkit.data.bundled import amazon_reviews
 
     train, _ = amazon_reviews()
     texts = [str(row["text"]) for row in train]
-    dialogues, _ = chatterbot_dialogues()
+    dialogues, _ = bundled_instructions()
     texts += ["\n".join(m["content"] for m in row["messages"]) for row in dialogues]
     return texts
 

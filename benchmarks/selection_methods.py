@@ -169,7 +169,8 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
 def table(results: list[dict[str, Any]]) -> str:
     """A Markdown table of the results."""
     lines = [
-        "| method | trainable | updated / step | optimizer state (MB) | vs full | peak memory (MB) "
+        "| method | trainable | updated / step | optimizer state (MiB) | vs full "
+        "| peak memory (MiB) "
         "| step (s) | step vs full | fwd+bwd / hooks / optimizer (s) | Fisher pass (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]

@@ -107,7 +107,9 @@ def malformed(base: str, rng: random.Random) -> bytes:
         {**ok, "temperature": [1]},
         {**ok, "prompt": "word " * 1200},  # past --max-model-len 1024
         {**ok, "prompt": "x" * 70_000},  # past --max-body-bytes 65536
-        {**ok, "n": 3},
+        {**ok, "n": 0},
+        {**ok, "prompt": "hi \ud800"},  # a lone surrogate (json.dumps escapes it as \\ud800)
+        {**ok, "stop": "s" * 1001},
         {"model": base, "messages": []},
     ]
     body = rng.choice(bodies)

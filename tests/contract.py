@@ -199,3 +199,18 @@ def run_case(case: Case, family: str, folder: Path, **storage: Any) -> Run:
         adapter=folder / "adapter",
         reached=case.reached(model) if case.reached is not None else None,
     )
+
+
+def count_layer_runs(base: torch.nn.Module) -> tuple[list[int], int]:
+    """A list that grows by one each time a transformer layer of `base` runs, a checkpointed
+    layer's recompute in backward included, and the number of layers. transformers checkpoints a
+    layer's forward, not its call, so a hook on the layer itself runs once; the layer's first
+    norm is called again when backward recomputes it."""
+    from peftkit.memory.activations import transformer_layers
+
+    runs: list[int] = []
+    layers = transformer_layers(base)
+    for layer in layers:
+        first = next(m for m in layer.modules() if "norm" in type(m).__name__.lower())
+        first.register_forward_pre_hook(lambda *_: runs.append(1))
+    return runs, len(layers)

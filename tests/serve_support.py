@@ -21,8 +21,11 @@ from peftkit.models import load_model
 MODEL = "tiny-llama"
 
 
-def make_adapter(folder: Path, seed: int, rank: int, targets: list[str] | None = None) -> str:
-    """A LoRA adapter on tiny-llama with random non-zero B (as after training): it changes text."""
+def make_adapter(
+    folder: Path, seed: int, rank: int, targets: list[str] | None = None, task: str = "causal-lm"
+) -> str:
+    """A LoRA adapter on tiny-llama with random non-zero B (as after training): it changes text.
+    `task` is what its peftkit.json says it was tuned for."""
     base, _ = load_model(MODEL, "causal-lm")
     torch.manual_seed(seed)
     config = peftkit.LoraConfig(rank=rank, dropout=0.0, target_modules=targets)
@@ -31,7 +34,7 @@ def make_adapter(folder: Path, seed: int, rank: int, targets: list[str] | None =
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.5)
-    return str(peftkit.save(model, folder, info={"base_model": MODEL, "task": "causal-lm"}))
+    return str(peftkit.save(model, folder, info={"base_model": MODEL, "task": task}))
 
 
 def client(url: str) -> Any:

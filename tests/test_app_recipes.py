@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import peftkit
+import peftkit.apps
 from peftkit.apps import evaluate as app_eval
 from peftkit.apps import tabular_evaluation
 from peftkit.apps.text_to_sql import database, suite, templates
 from peftkit.apps.text_to_sql.examples import compact_sql_schema
 from peftkit.cli import main
-from peftkit.data.bundled import BUNDLED, load_bundled
+from peftkit.data.bundled import dataset_names, load_bundled, register_dataset
 from peftkit.decoding.generate import generate
 from peftkit.errors import DataError
 from peftkit.models import load_model, tiny_tokenizer
@@ -25,6 +27,8 @@ from peftkit.tasks.chat import chat_feature, end_of_turn_token_id
 from peftkit.tasks.conversations import to_messages
 from peftkit.tasks.types import TASK_TYPES, prepare_task
 
+# The applications' data sets join the bundled ones, as the command line has them do.
+peftkit.apps.register()
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 APP_RECIPES = {
     "app-sql-smollm2-lora.yaml": "sql",
@@ -60,7 +64,18 @@ def test_bundled_application_sets() -> None:
     assert sorted(r["label"] for r in train) == ["benign"] * 8 + ["malignant"] * 8
     assert {r["row"] for r in train}.isdisjoint(r["row"] for r in test)
     assert len(load_bundled("breast-cancer-tabllm-kall")[0]) == 456
-    assert {f"breast-cancer-tabllm-k{k}" for k in (4, 16, 64, "all")} <= set(BUNDLED)
+    assert {f"breast-cancer-tabllm-k{k}" for k in (4, 16, 64, "all")} <= set(dataset_names())
+
+
+def test_the_applications_register_their_sets_once() -> None:
+    peftkit.apps.register()  # again: the same loaders, nothing changes
+    names = dataset_names()
+    assert names[:3] == ["amazon-reviews", "copy-words", "reverse-words"]  # the core's own
+    assert set(names[3:]) == set(peftkit.apps.DATASETS)
+    with pytest.raises(DataError, match="'bank-sql' is already registered"):
+        register_dataset("bank-sql", lambda: ([], []))
+    with pytest.raises(DataError, match="Did you mean 'bank-sql'"):
+        load_bundled("bank-sq")
 
 
 def test_compact_schema_lists_every_column() -> None:
@@ -226,7 +241,7 @@ def test_instruction_evaluation_uses_end_of_turn() -> None:
 def test_app_recipes_train_and_evaluate(recipe_name: str, tmp_path: Path) -> None:
     """Each application recipe runs through `peftkit train` and `peftkit app-eval` (tiny Llama)."""
     recipe = load_recipe(RECIPES / recipe_name)
-    assert recipe.model == "smollm2-135m" and recipe.task.dataset in BUNDLED
+    assert recipe.model == "smollm2-135m" and recipe.task.dataset in dataset_names()
     output = tmp_path / "run"
     settings = [
         "--model", "tiny-llama", "--max-steps", "2", "--output-dir", str(output),
@@ -241,3 +256,68 @@ def test_app_recipes_train_and_evaluate(recipe_name: str, tmp_path: Path) -> Non
     assert report["base"]["count"] == report["tuned"]["count"] == 4
     for name in app_eval.HEADLINE[app]:
         assert name in report["tuned"]
+    for side in ("base", "tuned"):
+        _check_headline_values(app, report[side], recipe.task.dataset)
+    if app == "tabular":
+        # The tuned scores are the trained adapter's: recomputed here by plain forwards of the
+        # tiny Llama (seed 0, as the run) with the saved adapter loaded.
+        base, tokenizer = load_model("tiny-llama", "causal-lm", seed=0)
+        tuned = peftkit.load(base, output / "adapter").eval()
+        prompts = {r["row"]: r["prompt"] for r in load_bundled(recipe.task.dataset)[1]}
+        for record in report["tuned"]["records"]:
+            for word, logged in record["log_probs"].items():
+                expected = _word_log_prob(tuned, tokenizer, prompts[record["row"]], word)
+                assert logged == pytest.approx(expected, abs=1e-4), (record["row"], word)
+
+
+def _word_log_prob(model, tokenizer, prompt: str, word: str) -> float:  # noqa: ANN001
+    """log P(" word" | prompt) from one unpadded forward: the word's token log-probs summed."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    word_ids = tokenizer(f" {word}", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt_ids + word_ids])).logits[0]
+    log_probs = logits.log_softmax(-1)
+    return sum(float(log_probs[len(prompt_ids) - 1 + i, t]) for i, t in enumerate(word_ids))
+
+
+def _check_headline_values(app: str, result: dict, dataset: str) -> None:
+    """Each headline metric against its definition, recomputed from the per-example records
+    (and, for SQL, each execution match re-judged by running both queries in sqlite3)."""
+    records = result["records"]
+    assert len(records) == result["count"]
+    if app == "instructions":
+        assert result["eos_stop_rate"] == sum(r["stopped"] for r in records) / len(records)
+        assert result["mean_new_tokens"] == sum(r["new_tokens"] for r in records) / len(records)
+        assert all(0 <= r["new_tokens"] <= 4 for r in records)  # --max-new-tokens 4
+        same = [" ".join(r["generated"].split()).casefold()
+                == " ".join(r["reference"].split()).casefold() for r in records]  # fmt: skip
+        assert result["exact_answer"] == sum(same) / len(records)
+    elif app == "tabular":
+        words = result["label_words"]
+        for record in records:
+            assert record["predicted"] == max(words, key=record["probabilities"].__getitem__)
+            total = sum(record["probabilities"].values())
+            assert total == pytest.approx(1.0, abs=1e-6)
+        right = [r["predicted"] == r["label"] for r in records]
+        assert result["accuracy"] == pytest.approx(sum(right) / len(records))
+    else:
+        path = database.default_database()
+        for record in records:
+            assert record["execution_match"] == _same_rows(
+                path, record["predicted"], record["gold"]
+            )
+            assert not record["execution_match"] or not record["failure"]
+        count = len(records)
+        assert result["execution_accuracy"] == sum(r["execution_match"] for r in records) / count
+        assert result["exact_match"] == sum(r["exact_match"] for r in records) / count
+
+
+def _same_rows(path, predicted: str, gold: str) -> bool:  # noqa: ANN001
+    """Whether a predicted query runs and returns the gold query's rows (as a multiset)."""
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
+        try:
+            found = connection.execute(predicted).fetchall()
+        except sqlite3.Error:
+            return False
+        expected = connection.execute(gold).fetchall()
+    return sorted(map(repr, found)) == sorted(map(repr, expected))

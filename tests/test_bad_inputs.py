@@ -60,6 +60,31 @@ CASES = [
      ConfigError, r"max_length must be at least 8"),
     ("negative learning rate", lambda t: recipe_from_dict({**GOOD_RECIPE, "training": {"learning_rate": -1}}),
      ConfigError, r"learning_rate must be > 0"),
+    # non-finite numbers and out-of-range training numbers: refused when the recipe is read
+    *[(f"training.{key}: {value}", lambda t, key=key, value=value: load_recipe(write(t / "r.yaml", _recipe_text(f"training: {{{key}: {value}}}"))),
+       ConfigError, rf"'{key}' in training must be a finite number, got {pattern}")
+      for key, value, pattern in [("learning_rate", ".inf", "inf"), ("learning_rate", ".nan", "nan"),
+                                  ("max_steps", ".inf", "inf"), ("epochs", ".nan", "nan"),
+                                  ("weight_decay", "-.inf", "-inf"), ("max_grad_norm", ".nan", "nan"),
+                                  ("warmup_ratio", ".nan", "nan")]],
+    ("a non-finite method option", lambda t: resolve(recipe_from_dict({**GOOD_RECIPE, "method": {"name": "lora", "alpha": float("inf")}})),
+     ConfigError, r"'alpha' in method 'lora' must be a finite number, got inf"),
+    ("a non-finite task number", lambda t: recipe_from_dict({**GOOD_RECIPE, "task": {"dataset": "amazon-reviews", "max_length": float("nan")}}),
+     ConfigError, r"'max_length' in task must be a finite number"),
+    ("a number too large for a float", lambda t: recipe_from_dict({**GOOD_RECIPE, "training": {"max_steps": 10**400}}),
+     ConfigError, r"'max_steps' in training must be a number"),
+    *[(f"training.{key}: {value}", lambda t, key=key, value=value: recipe_from_dict({**GOOD_RECIPE, "training": {key: value}}),
+       ConfigError, rf"training\.{key} must be {allowed}, got {value}")
+      for key, value, allowed in [("eval_batch_size", 0, "at least 1"), ("seed", -1, r"in \[0, 4294967295\]"),
+                                  ("seed", 2**32, r"in \[0, 4294967295\]"),
+                                  ("threads", -1, "at least 1"), ("threads", 0, "at least 1"),
+                                  ("warmup_ratio", -0.5, r"in \[0, 1\)"), ("warmup_ratio", 1.5, r"in \[0, 1\)"),
+                                  ("logging_steps", 0, "at least 1"), ("weight_decay", -0.1, "at least 0"),
+                                  ("max_grad_norm", -1.0, "at least 0"), ("save_steps", -5, "at least 0"),
+                                  ("epochs", -1.0, "at least 0")]],
+    *[(f"task.{key}: {value}", lambda t, key=key, value=value: recipe_from_dict({**GOOD_RECIPE, "task": {"dataset": "amazon-reviews", key: value}}),
+       ConfigError, rf"task\.{key} must be at least 1, got {value}")
+      for key, value in [("max_new_tokens", 0), ("max_train_examples", 0), ("max_eval_examples", -3)]],
     ("zero batch size", lambda t: recipe_from_dict({**GOOD_RECIPE, "training": {"batch_size": 0}}),
      ConfigError, r"batch_size and gradient_accumulation_steps must be >= 1"),
     ("fractional step count", lambda t: recipe_from_dict({**GOOD_RECIPE, "training": {"max_steps": 2.5}}),
@@ -152,6 +177,12 @@ CASES = [
      ConfigError, r"task\.encoding 'latin-9000' is not a text encoding Python knows"),
     ("data path that is a folder", lambda t: read_rows(t),
      DataError, r"Data file .* is a folder; give the path of a file inside it"),
+    ("a CSV header naming a column twice", lambda t: read_rows(write(t / "twice.csv", "text,label,label\na,pos,neg\n")),
+     DataError, r"twice\.csv: the header names column 'label' twice \(columns 2 and 3\)"),
+    ("a CSV row with an unquoted comma", lambda t: read_rows(write(t / "comma.csv", "text,label\ngood,pos\nfine, really,pos\n")),
+     DataError, r"comma\.csv is not well-formed CSV \(Error tokenizing data\. C error: Expected 2 fields in line 3, saw 3\)\. A text cell holding a comma"),
+    ("a .parquet file that is really CSV", lambda t: read_rows(write(t / "d.parquet", "text,label\na,pos\n")),
+     DataError, r"d\.parquet is not a readable Parquet file \(it does not start with Parquet's PAR1 mark\).*give it the matching suffix"),
     ("broken JSONL line", lambda t: read_rows(write(t / "j.jsonl", '{"a": 1}\n{"a": \n')),
      DataError, r"j\.jsonl line 2 is not valid JSON"),
     ("JSON that is not a list", lambda t: read_rows(write(t / "o.json", '{"a": 1}')),
@@ -224,6 +255,10 @@ def main_raising(argv: list[str]) -> int:
 
 def _recipe(folder: Path) -> str:
     return str(write(folder / "r.yaml", "model: tiny-bert\ntask: {dataset: amazon-reviews}\n"))
+
+
+def _recipe_text(extra: str) -> str:
+    return f"model: tiny-bert\ntask: {{dataset: amazon-reviews}}\nmethod: lora\n{extra}\n"
 
 
 def _finished_run(folder: Path, name: str = "done") -> Path:
@@ -326,6 +361,21 @@ def test_latin_1_file_reads_with_task_encoding(tmp_path):
     # UTF-8 with a byte-order mark (Excel's "CSV UTF-8") reads under the default encoding.
     bom = write(tmp_path / "bom.csv", "\ufefftext,label\ncafé,good\n".encode())
     assert read_rows(bom) == [{"text": "café", "label": "good"}]
+
+
+def test_labels_differing_only_by_spaces_or_number_type_are_one_class(tmp_path, capsys):
+    train = write(tmp_path / "t.csv", "text,label\na,pos\nb, pos\nc,pos \nd,neg\ne, neg\n")
+    data = prepare_task(TaskConfig(train_file=str(train), eval_file=str(train)), tiny("bert")[1])
+    assert data.labels == ["neg", "pos"]
+    assert [f["labels"] for f in data.train] == [1, 1, 1, 0, 0]
+    note = capsys.readouterr().err
+    assert "peftkit: note: labels are read with surrounding spaces stripped" in note
+    assert "' neg' as 'neg'; ' pos', 'pos ' as 'pos'" in note
+    rows = ['{"text": "a", "label": 1}', '{"text": "b", "label": "1"}', '{"text": "c", "label": " 1"}',
+            '{"text": "d", "label": 1.0}', '{"text": "e", "label": 0}', '{"text": "f", "label": "0"}']  # fmt: skip
+    jsonl = write(tmp_path / "t.jsonl", "\n".join(rows) + "\n")
+    data = prepare_task(TaskConfig(train_file=str(jsonl), eval_file=str(jsonl)), tiny("bert")[1])
+    assert data.labels == ["0", "1"] and [f["labels"] for f in data.train] == [1, 1, 1, 1, 0, 0]
 
 
 def test_rows_with_empty_text_are_dropped_and_counted(tmp_path):

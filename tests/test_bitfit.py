@@ -125,3 +125,21 @@ def test_merged_llama_with_added_biases_round_trips_through_transformers(tmp_pat
 def test_bad_config_is_refused(options):
     with pytest.raises(ConfigError):
         peftkit.config_for("bitfit", **options)
+
+
+def test_methods_verbose_prints_list_defaults_as_values(capsys):
+    # bias_groups' default is a default_factory: `methods -v` shows the list it makes, never
+    # dataclasses' MISSING marker.
+    import dataclasses
+
+    from peftkit.cli import main
+    from peftkit.registry import METHODS
+
+    assert main(["methods", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "MISSING" not in out
+    assert "    bias_groups = ['all']  which biases train" in out
+    for method in METHODS:  # every option of every method, with its real default
+        config = method.config_cls()
+        for f in dataclasses.fields(config):
+            assert f"    {f.name} = {getattr(config, f.name)!r}  " in out, (method.name, f.name)

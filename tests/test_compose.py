@@ -151,11 +151,42 @@ def test_svd_is_the_best_low_rank_approximation(adapters):
         torch.testing.assert_close(error, s[1:].square().sum().sqrt(), atol=1e-5, rtol=1e-4)
 
 
-def test_ties_runs_and_keeps_the_rank(adapters):
+def _ties_closed_form(factors, weights, density):
+    """TIES (Yadav et al., 2023) on one factor of several adapters, written out here: keep each
+    tensor's top `density` share of entries by magnitude, elect each entry's sign by the sum of
+    the kept values, and average the weighted kept values that agree with it."""
+    kept = []
+    for tensor in factors:
+        k = int(density * tensor.numel())
+        threshold = tensor.abs().flatten().sort(descending=True).values[k - 1]
+        kept.append(torch.where(tensor.abs() >= threshold, tensor, torch.zeros_like(tensor)))
+    sign = torch.stack(kept).sum(0).sign()
+    agree = [(t.sign() == sign) & (t != 0) for t in kept]
+    chosen = zip(weights, kept, agree, strict=True)
+    total = sum(w * torch.where(a, t, torch.zeros_like(t)) for w, t, a in chosen)
+    count = sum(a.float() for a in agree).clamp(min=1)
+    return total / count
+
+
+def test_ties_on_the_factors_is_its_closed_form(adapters):
+    # PEFT's cheap "ties" merges A and B separately, each adapter weighted by sqrt(w s), and the
+    # new adapter's scale is 1: delta = TIES(B_i) TIES(A_i), at most the shared rank (2).
     model = _loaded(adapters)
-    compose.combine(model, ["a", "c"], [0.5, 0.5], "ties", how="ties", density=0.5)
-    for delta in compose.delta_weights(model, "ties").values():
-        assert torch.linalg.matrix_rank(delta) <= 2 and delta.abs().sum() > 0
+    weights = [0.5, 0.8]
+    compose.combine(model, ["a", "c"], weights, "ties", how="ties", density=0.5)
+    fa, fc = _factors(adapters["a"]), _factors(adapters["c"])
+    deltas = compose.delta_weights(model, "ties")
+    assert set(deltas) == set(fa)
+    for module, delta in deltas.items():
+        (b1, a1, s1), (b2, a2, s2) = fa[module], fc[module]
+        factor_weights = [math.sqrt(weights[0] * s1), math.sqrt(weights[1] * s2)]
+        b = _ties_closed_form([b1, b2], factor_weights, 0.5)
+        a = _ties_closed_form([a1, a2], factor_weights, 0.5)
+        torch.testing.assert_close(delta, b @ a, atol=1e-6, rtol=1e-5)
+        assert torch.linalg.matrix_rank(delta) <= 2
+        # not the plain weighted sum: pruning and sign election really changed it
+        plain = weights[0] * s1 * b1 @ a1 + weights[1] * s2 * b2 @ a2
+        assert not torch.allclose(delta, plain, atol=1e-3)
 
 
 def test_switch_and_merge(adapters, tmp_path):

@@ -74,3 +74,43 @@ def test_a_first_child_tuning_f_step_keeps_torchs_thread_count():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "1"
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["finished", "failed"])
+def test_a_run_leaves_the_process_thread_count_and_random_state_as_it_found_them(
+    tmp_path, monkeypatch, fails
+):
+    # A run sets torch's threads (training.threads) and seeds every generator for itself; the
+    # test suite, a notebook or any caller then carried on with one thread and a fixed seed.
+    import random
+
+    import numpy
+
+    from peftkit.training.trainer import PeftkitTrainer
+
+    if fails:
+
+        def failing(self, *args, **kwargs):
+            raise RuntimeError("out of memory (simulated)")
+
+        monkeypatch.setattr(PeftkitTrainer, "train", failing)
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2  # a count unlike the caller's, so a leak shows
+    recipe = write_recipe(tmp_path, "lora", tmp_path / "run", threads=want, max_steps=2)
+    torch.manual_seed(123)
+    random.seed(123)
+    numpy.random.seed(123)
+    expected = torch.rand(3), random.random(), numpy.random.random()
+    torch.manual_seed(123)
+    random.seed(123)
+    numpy.random.seed(123)
+    if fails:
+        with pytest.raises(RuntimeError, match="simulated"):
+            main(["train", str(recipe)])
+    else:
+        assert main(["train", str(recipe)]) == 0
+        summary = (tmp_path / "run" / "summary.json").read_text()
+        assert '"steps": 2' in summary  # it really trained
+    assert torch.get_num_threads() == before
+    after = torch.rand(3), random.random(), numpy.random.random()
+    assert torch.equal(after[0], expected[0]) and after[1:] == expected[1:]

@@ -78,14 +78,16 @@ def real_model(family: str, section: dict, checkpointing: bool) -> torch.nn.Modu
         ("gpt2", {"name": "bitfit", "bias_groups": ["feed_forward"]}, False),
     ],
 )
-def test_estimate_within_15_percent_of_measured_peak(family, section, checkpointing):
+def test_estimate_within_7_percent_of_measured_peak(family, section, checkpointing):
+    # 7%: what the README and docs/estimate.md claim for these shapes (the measured peaks repeat
+    # to the byte, so the bound is not a noise allowance).
     batch_size, seq_len = 4, 128
     model = real_model(family, section, checkpointing)
     measured = step_peak_bytes(model, causal_batch(batch_size, seq_len))
     estimated = estimate(
         small_config(family), section, batch_size, seq_len, "fp32", checkpointing
     ).total
-    assert abs(estimated - measured) / measured < 0.15, (estimated / MIB, measured / MIB)
+    assert abs(estimated - measured) / measured < 0.07, (estimated / MIB, measured / MIB)
 
 
 def _tiny_batches(task: str) -> list[dict[str, torch.Tensor]]:
@@ -306,9 +308,48 @@ def test_bad_input(options, error, message):
 @pytest.mark.parametrize("family", ["bert", "t5", "gpt2", "llama", "qwen2"])
 def test_every_tiny_family_estimates(family):
     found = estimate(f"tiny-{family}", "lora", batch_size=2, seq_len=64, dtype="fp32")
-    assert found.activations > 0 and found.trainable_parameters > 0
+    # The parts that are counts, against the real tiny model with LoRA applied: fp32 weights,
+    # gradients and AdamW's two moments of exactly what trains.
+    model, _ = load_model(f"tiny-{family}", {"bert": "classification", "t5": "seq2seq"}.get(
+        family, "causal-lm"))  # fmt: skip
+    counted = peftkit.summary(peftkit.apply(model, "lora"))
+    assert found.trainable_parameters == counted.trainable
+    assert found.gradients == 4 * counted.trainable and found.optimizer == 8 * counted.trainable
+    assert found.weights == 4 * counted.total
+    assert found.activations > 0
     checkpointed = estimate(f"tiny-{family}", "lora", 2, 64, "fp32", gradient_checkpointing=True)
     assert checkpointed.activations < found.activations
+
+
+def bert_shape() -> transformers.BertConfig:
+    """An encoder of the decoder cases' size: hidden 256, 4 layers, 4 heads, vocabulary 2000."""
+    config = transformers.BertConfig(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+        vocab_size=2000, max_position_embeddings=512, num_labels=2,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    return config
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 29 item 4: on encoders the estimate is 15-27% low (measured: full 0.85, lora "
+    "0.76, bitfit 0.73 of the peak at this shape); docs/estimate.md says so",
+)
+@pytest.mark.parametrize("section", [{"name": "full"}, {"name": "lora"}, {"name": "bitfit"}])
+def test_encoder_estimate_within_7_percent_of_measured_peak(section):
+    # The claim the decoder cases hold, on a BERT-shape classifier: strict, so that it fails
+    # (and must be turned into a plain test) once the estimator models what encoders use.
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(bert_shape())
+    options = dict(section)
+    model = peftkit.apply(model, options.pop("name"), **options)
+    ids = torch.randint(3, 2000, (4, 128), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "labels": torch.tensor([0, 1, 0, 1])}  # fmt: skip
+    measured = step_peak_bytes(model, batch)
+    estimated = estimate(bert_shape(), section, 4, 128, "fp32", task="classification").total
+    assert abs(estimated - measured) / measured < 0.07, (estimated / MIB, measured / MIB)
 
 
 def test_eager_attention_stores_the_probabilities():
@@ -359,3 +400,19 @@ def test_estimate_command_errors(capsys):
     assert "method options only" in capsys.readouterr().err
     assert main(["estimate", "--method", "lora", "--method", "full"]) == 2
     assert "--table" in capsys.readouterr().err
+
+
+def test_nf4_estimate_prints_no_bitsandbytes_kernel_warning():
+    # bitsandbytes warns at its first import (by PEFT, before peftkit's quantize module runs)
+    # about an optional CPU kernel peftkit does not use; a fresh process, as a user runs it.
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "peftkit.cli", "estimate", "--model", "tiny-llama",
+               "--method", "lora", "--quantization", "nf4"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "nf4 base layers" in done.stdout
+    assert "gemm_4bit" not in done.stderr and "kernels" not in done.stderr, done.stderr

@@ -190,6 +190,30 @@ def test_compose_refuses_unconverted_and_converts_in_combine_path(tmp_path):
     torch.testing.assert_close(logits(loaded, batch), tuned, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "init, rewrites",
+    [("pissa", True), ("pissa_niter_2", True), ("pissa_niter_16", True), ("olora", True),
+     ("corda", True), ("loftq", True), ("lora_ga", True), (True, False), (False, False),
+     ("gaussian", False), ("eva", False), ("orthogonal", False), ("mica", False), (None, False)],
+)  # fmt: skip
+def test_every_base_changing_init_peft_writes_is_recognised_and_refused_by_compose(
+    init, rewrites, tmp_path
+):
+    from peftkit.methods.lora.init import changes_base
+
+    assert changes_base(init) is rewrites
+    model = peftkit.apply(tiny("llama")[0], peftkit.LoraConfig(rank=2))
+    folder = peftkit.save(model, tmp_path / "a", info={"base_model": "tiny-llama"})
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**saved, "init_lora_weights": init}))
+    base = tiny("llama")[0]
+    before = {n: p.clone() for n, p in base.named_parameters()}
+    if rewrites:
+        with pytest.raises(AdapterError, match=f"initialised with {init}, which rewrote"):
+            compose.load_adapters(base, {"a": folder})
+        assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
+
+
 def test_convert_command_writes_an_adapter_peft_loads_on_the_original_base(tmp_path):
     model, batch, _, _ = _trained("olora", "qwen2")
     tuned = logits(model, batch)
@@ -233,3 +257,26 @@ def test_bad_inits_are_refused_before_anything_changes(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     with pytest.raises(ConfigError, match="ReLoRA re-initialises"):
         peftkit.ReLoraConfig(init="pissa")
+
+
+def test_convert_needs_no_tokenizer_files_in_the_base_folder(tmp_path):
+    # A base folder of weights and config.json alone: convert rewrites weights, so it loads no
+    # tokenizer (it once ended in a traceback from AutoTokenizer).
+    base, _ = tiny("llama")
+    base.save_pretrained(tmp_path / "base")
+    assert not [p for p in (tmp_path / "base").iterdir() if "token" in p.name]
+    model, batch, _, _ = _trained("pissa", "llama")
+    tuned = logits(model, batch)
+    peftkit.save(model, tmp_path / "run" / "adapter", info={"base_model": "tiny-llama"})
+    out = tmp_path / "plain"
+    args = [
+        "convert",
+        str(tmp_path / "run"),
+        "--model",
+        str(tmp_path / "base"),
+        "--output",
+        str(out),
+    ]
+    assert main(args) == 0
+    theirs = peft.PeftModel.from_pretrained(tiny("llama")[0], out)
+    torch.testing.assert_close(logits(theirs, batch), tuned, atol=1e-4, rtol=0)

@@ -41,13 +41,16 @@ def test_b_matrices_get_their_own_groups_at_ratio_times_lr():
     after = [id(p) for g in regrouped.param_groups for p in g["params"]]
     assert sorted(after) == sorted(before), "every parameter once, none lost"
     names = {id(p): n for n, p in model.named_parameters()}
-    b_count = 0
+    fast = 0
     for group in regrouped.param_groups:
-        kinds = {is_lora_b(names[id(p)]) for p in group["params"]}
-        assert len(kinds) == 1, "a group holds B matrices or none"
+        # B matrices and 1-D tensors (the new head's bias) at ratio x lr, the rest at lr
+        kinds = {is_lora_b(names[id(p)]) or p.ndim == 1 for p in group["params"]}
+        assert len(kinds) == 1, "a group holds B matrices and 1-D tensors or neither"
         assert group["lr"] == (16e-3 if kinds == {True} else 1e-3)
-        b_count += len(group["params"]) if kinds == {True} else 0
-    assert b_count == sum(is_lora_b(n) for n, p in model.named_parameters() if p.requires_grad)
+        fast += len(group["params"]) if kinds == {True} else 0
+    assert fast == sum(
+        is_lora_b(n) or p.ndim == 1 for n, p in model.named_parameters() if p.requires_grad
+    )
     # The weight-decay split survives inside each kind.
     assert {g["weight_decay"] for g in regrouped.param_groups} == {0.01, 0.0}
 
@@ -139,3 +142,49 @@ def test_a_training_run_keeps_the_ratio_and_resumes_exactly(tmp_path, monkeypatc
     theirs = peft.PeftModel.from_pretrained(tiny("llama")[0], tmp_path / "whole/adapter")
     mine = peftkit.load(tiny("llama")[0], tmp_path / "whole/adapter")
     torch.testing.assert_close(logits(theirs, batch), logits(mine, batch), atol=1e-6, rtol=0)
+
+
+def _rates(optimizer):
+    """Each parameter's learning rate in an optimizer, by identity."""
+    return {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+
+
+@pytest.mark.parametrize(
+    "family, config",
+    [
+        ("bert", peftkit.DoraConfig(rank=4, loraplus_lr_ratio=16.0)),
+        ("llama", peftkit.LoraConfig(rank=4, loraplus_lr_ratio=16.0,
+                                     target_modules=["embed_tokens", "q_proj", "v_proj"])),
+        ("llama", peftkit.DoraConfig(rank=4, loraplus_lr_ratio=8.0, loraplus_lr_embedding=1e-5,
+                                     target_modules=["embed_tokens", "q_proj", "up_proj"])),
+    ],
+    ids=["dora-with-head", "embedding-lora", "dora-embedding-own-rate"],
+)  # fmt: skip
+def test_every_rate_is_the_one_peft_create_loraplus_optimizer_gives(family, config):
+    # The reference rule, from PEFT itself: DoRA's magnitude vectors and a head's bias (1-D) at
+    # ratio x lr, LoRA on an embedding layer at the embedding rate, A and the head's weight at lr.
+    from peft.optimizers import create_loraplus_optimizer
+
+    model = peftkit.apply(tiny(family)[0], config)
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    theirs = _rates(
+        create_loraplus_optimizer(
+            model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=config.loraplus_lr_ratio,
+            loraplus_lr_embedding=config.loraplus_lr_embedding,
+        )
+    )  # fmt: skip
+    ours = _rates(_hooks(model).replace_optimizer(model, _trainer_like_optimizer(model, lr=1e-3)))
+    assert set(ours) == set(theirs) == set(names)
+    wrong = {names[i]: (ours[i], theirs[i]) for i in names if ours[i] != theirs[i]}
+    assert not wrong, wrong
+    # The kinds the cases exist for are there: magnitudes, embedding factors, B matrices.
+    kinds = {part for n in names.values() for part in n.split(".") if part.startswith("lora_")}
+    assert "lora_B" in kinds
+    if "embed_tokens" in str(config.target_modules):
+        assert {"lora_embedding_A", "lora_embedding_B"} <= kinds
+        assert {theirs[i] for i, n in names.items() if "lora_embedding" in n} == {
+            config.loraplus_lr_embedding
+        }
+    if config.use_dora:
+        magnitudes = [i for i, n in names.items() if "lora_magnitude_vector" in n]
+        assert magnitudes and {ours[i] for i in magnitudes} == {1e-3 * config.loraplus_lr_ratio}

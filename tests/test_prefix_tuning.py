@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import peftkit
-from contract import FAMILIES, batch_for, tiny
+from contract import FAMILIES, batch_for, count_layer_runs, tiny
 from peftkit.errors import AdapterError, ConfigError, DataError, TargetError
 from peftkit.methods.virtual_tokens.prefix import PrefixTuningConfig, fold
 from peftkit.models import tiny_config
@@ -177,9 +177,12 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradient(family):
         model = peftkit.apply(base, PrefixTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8))
         if checkpointing:
             base.gradient_checkpointing_enable()
+        runs, layers = count_layer_runs(base)
         model.train()
         loss = model(**batch_for(family, tokenizer)).loss
         loss.backward()
+        # every layer ran once, and under checkpointing once more in backward (the recompute)
+        assert len(runs) == (2 if checkpointing else 1) * layers, "checkpointing did not run"
         grads = [p.grad.clone() for p in model.virtual.parameters()]
         results.append((loss.detach(), grads))
     (loss, grads), (checkpointed_loss, checkpointed_grads) = results

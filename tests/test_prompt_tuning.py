@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import peftkit
-from contract import batch_for, tiny
+from contract import batch_for, count_layer_runs, tiny
 from peftkit.errors import AdapterError, ConfigError, DataError
 from peftkit.methods.virtual_tokens.prompt import PromptTuningConfig
 
@@ -150,8 +150,11 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         model = peftkit.apply(base, PromptTuningConfig(num_virtual_tokens=3))
         if checkpointing:
             base.gradient_checkpointing_enable()
+        runs, layers = count_layer_runs(base)
         model.train()
         model(**batch_for("llama", tokenizer)).loss.backward()
+        # every layer ran once, and under checkpointing once more in backward (the recompute)
+        assert len(runs) == (2 if checkpointing else 1) * layers, "checkpointing did not run"
         grads.append(model.virtual.embedding.weight.grad.clone())
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)

@@ -159,3 +159,20 @@ def test_cheap_refusals_of_train_import_no_torch(tmp_path, case):
     assert expected in out.stderr
     if case == "earlier run":
         assert (tmp_path / "run" / "summary.json").read_text() == "{}"
+
+
+def test_methods_verbose_says_what_each_record_can_do(capsys):
+    """`peftkit methods -v` lists each method's options and capabilities from its record: the
+    switch-off line appears exactly for the records that have one."""
+    from peftkit.cli import main
+    from peftkit.registry import METHODS
+
+    assert main(["methods", "-v"]) == 0
+    text = capsys.readouterr().out
+    for method in METHODS:
+        start = text.index(f"{method.name}: {method.description}")
+        can = text[start:].split("    can: ", 1)[1].splitlines()[0]
+        assert ("switch off" in can) == (method.switch_off is not None), method.name
+        assert ("combine adapters" in can) == (method.composition is not None), method.name
+        for option in method.options:
+            assert f"    option {option.name}: " in text[start:], (method.name, option.name)

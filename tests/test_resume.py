@@ -5,8 +5,8 @@ while saving leaves the earlier checkpoints intact; a method's own state survive
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -36,27 +36,55 @@ def crash_saving_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(PeftkitTrainer, "_save_rng_state", failing)
 
 
+# A training child that stops inside the step after checkpoint KILL_AT (written completely, as
+# its folder's rename is its last act) and waits there to be killed: SIGKILL lands mid-run at a
+# known point, with no race between a polling loop and a fast run.
+STOPPING_CHILD = """
+import pathlib, sys, time
+from peftkit.cli import main
+from peftkit.training.trainer import PeftkitTrainer
+
+kill_at, marker, recipe = int(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
+original = PeftkitTrainer.training_step
+
+def stopping(self, *args, **kwargs):
+    if self.state.global_step == kill_at + 1:
+        marker.touch()
+        time.sleep(600)
+    return original(self, *args, **kwargs)
+
+PeftkitTrainer.training_step = stopping
+sys.exit(main(["train", recipe]))
+"""
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    kill_at = 15  # mid-run: the fifth of twenty checkpoints
     # LoRA and the model keep their dropout: the resumed run must restore the random state too.
     recipe = write_recipe(tmp_path, "lora", tmp_path / "run", max_steps=60, save_steps=3)
     assert main(["train", str(recipe), "--output-dir", str(tmp_path / "whole")]) == 0
 
-    kill_at = random.choice(range(6, 31, 3))
+    marker = tmp_path / "stopped"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "peftkit.cli", "train", str(recipe)],
+        [sys.executable, "-c", STOPPING_CHILD, str(kill_at), str(marker), str(recipe)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
-    checkpoint = tmp_path / "run" / "checkpoints" / f"checkpoint-{kill_at}"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.001)
+    deadline = time.monotonic() + 300
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, f"not killed mid-run (kill at {kill_at})"
+    _, stderr = process.communicate()
+    assert marker.exists(), f"the child never reached step {kill_at + 2}: {stderr[-2000:]!r}"
+    assert process.returncode == -signal.SIGKILL
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / f"checkpoint-{kill_at}").is_dir()
+    assert not (checkpoints / f"checkpoint-{kill_at + 3}").exists()
     assert not (tmp_path / "run" / "summary.json").exists()
 
     assert main(["train", str(recipe), "--resume"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["resumed_from"].endswith(f"checkpoint-{kill_at}")
     difference = max_difference(
         adapter_tensors(tmp_path / "run"), adapter_tensors(tmp_path / "whole")
     )

@@ -28,6 +28,7 @@ def folders(tmp_path_factory):
         "a": make_adapter(root / "a", seed=1, rank=2),
         "b": make_adapter(root / "b", seed=2, rank=4, targets=["q_proj", "k_proj", "o_proj"]),
         "c": make_adapter(root / "c", seed=3, rank=3),
+        "talk": make_adapter(root / "talk", seed=4, rank=2, task="chat"),
     }
 
 
@@ -41,12 +42,13 @@ def server(folders):
         yield served
 
 
-def generated(tmp_path, prompt, max_tokens, adapter=None, chat=False):
+def generated(tmp_path, prompt, max_tokens, adapter=None, chat=False, task=None):
     """What `peftkit generate` writes for one prompt (greedy), with an adapter or none."""
     out = tmp_path / "generated.json"
     args = ["generate", "--model", MODEL, "--prompt", prompt, "--max-new-tokens", str(max_tokens)]
     args += ["--adapter", adapter] if adapter else []
     args += ["--chat"] if chat else []
+    args += ["--task", task] if task else []
     assert main([*args, "--output", str(out)]) == 0
     return json.loads(out.read_text())[0]["generated"]
 
@@ -120,6 +122,28 @@ def test_chat_renders_the_chat_template_like_generate(server, folders, tmp_path)
     assert response.choices[0].message.content == expected
     assert response.choices[0].message.role == "assistant"
     assert response.usage.completion_tokens == 8 or response.choices[0].finish_reason == "stop"
+
+
+def test_a_chat_adapter_gets_its_template_on_chat_and_raw_text_on_completions(
+    server, folders, tmp_path
+):
+    assert call(server.url, "POST", "/adapters", {"name": "talk", "path": "talk"})[0] == 200
+    try:
+        cards = {m.id: m for m in client(server.url).models.list().data}
+        assert cards[f"{MODEL}:talk"].task == "chat" and cards[f"{MODEL}:a"].task == "causal-lm"
+        prompt, model = "hello there", f"{MODEL}:talk"
+        chat = client(server.url).chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=8,
+            temperature=0,
+        )  # fmt: skip
+        # `peftkit generate` renders a chat adapter's prompt through the template by itself...
+        assert chat.choices[0].message.content == generated(tmp_path, prompt, 8, folders["talk"])
+        # ...and /v1/completions sends the text as given, as `generate --task causal-lm` does.
+        raw = generated(tmp_path, prompt, 8, folders["talk"], task="causal-lm")
+        assert complete(server.url, model, prompt, 8) == raw
+        assert raw != chat.choices[0].message.content
+    finally:
+        call(server.url, "DELETE", "/adapters/talk", None)
 
 
 def test_streaming_gives_the_same_text_piece_by_piece(server):

@@ -26,12 +26,13 @@ def folders(tmp_path_factory):
     return {"a": make_adapter(root / "a", 1, 2), "b": make_adapter(root / "b", 2, 4)}
 
 
-def engine_with(folders, max_batch):
+def engine_with(folders, max_batch, max_prefill_tokens=512):
     """An engine (no thread: the test turns the loop) serving adapters a and b."""
     model, tokenizer = load_model(MODEL, "causal-lm")
     for name, folder in folders.items():
         model = ROW_ADAPTERS.add(model, name, folder)
-    engine = Engine(model, tokenizer, Limits(max_batch=max_batch, max_queue=16))
+    limits = Limits(max_batch=max_batch, max_queue=16, max_prefill_tokens=max_prefill_tokens)
+    engine = Engine(model, tokenizer, limits)
     engine.row_adapters, engine.adapters = ROW_ADAPTERS, set(folders)
     return engine, tokenizer
 
@@ -48,8 +49,9 @@ def check_cache_fits_the_rows(engine):
     assert engine.positions.tolist() == fed
 
 
-def test_rows_joining_and_leaving_decode_as_each_would_alone(folders):
-    engine, tokenizer = engine_with(folders, max_batch=3)
+@pytest.mark.parametrize("max_prefill_tokens", [512, 5])  # whole prompts; chunks of a few
+def test_rows_joining_and_leaving_decode_as_each_would_alone(folders, max_prefill_tokens):
+    engine, tokenizer = engine_with(folders, max_batch=3, max_prefill_tokens=max_prefill_tokens)
     texts = defaultdict(str)
     cases = [  # (adapter, prompt, max_tokens, turn at which it is submitted)
         ("a", "a longer prompt than the others, to pad", 14, 0),
@@ -73,6 +75,8 @@ def test_rows_joining_and_leaving_decode_as_each_would_alone(folders):
         check_cache_fits_the_rows(engine)
         assert len(engine.rows) <= 3
     assert all(row.finished for row in rows) and engine.stats.mixed_steps > 0
+    if max_prefill_tokens < 512:  # the long prompts took several chunks
+        assert engine.stats.prefill_chunks > engine.stats.prefills
     for index, (adapter, prompt, n, _) in enumerate(cases):
         model = load_model(MODEL, "causal-lm")[0]
         alone = api.load(model, folders[adapter]) if adapter else model
@@ -124,3 +128,83 @@ def test_text_is_released_whole_and_stops_at_a_stop_string():
         if stopping.stopped:
             break
     assert "".join(pieces) == "hél" and stopping.finish() == ""
+
+
+def test_stop_strings_cut_at_the_first_found_whatever_the_token_boundaries():
+    _, tokenizer = load_model(MODEL, "causal-lm")
+    generator = torch.Generator().manual_seed(0)
+    for case in range(60):
+        ids = torch.randint(3, 300, (40,), generator=generator).tolist()
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        start = int(torch.randint(0, max(1, len(text) - 6), (1,), generator=generator))
+        width = int(torch.randint(1, 6, (1,), generator=generator))
+        # A piece of the text, one with a repeated start (KMP's fallback), one that never occurs.
+        stops = (text[start : start + width] or "x", text[start] * 3 + "~", "never-there")
+        stops = stops[: 1 + case % 3]
+        stream, pieces = TextStream(tokenizer, stop=stops), []
+        for token in ids:
+            pieces.append(stream.add(token))
+            if stream.stopped:
+                break
+        pieces.append(stream.finish())
+        found = [i for i in (text.find(s) for s in stops) if i >= 0]
+        assert "".join(pieces) == (text[: min(found)] if found else text), (ids, stops)
+        assert stream.stopped == bool(found)
+
+
+def test_a_long_stop_string_costs_each_token_its_new_characters_only():
+    import time
+
+    class OneLetter:  # decodes n tokens to n letters 'a', at C speed
+        def decode(self, ids, skip_special_tokens=True):
+            return "a" * len(ids)
+
+    # Longer than requests may send (MAX_STOP_CHARS): the matching itself must be linear.
+    stop = "a" * 49_999 + "b"
+    stream = TextStream(OneLetter(), stop=(stop,))
+    started = time.perf_counter()
+    for _ in range(2000):  # the text is always a prefix of the stop string: all held back
+        assert stream.add(0) == ""
+    elapsed = time.perf_counter() - started
+    # Matching every suffix of the text against every prefix of the stop (the old check) took
+    # about 25 ms a token here, about 50 s in all.
+    assert elapsed < 1.0, elapsed
+    assert stream.finish() == "a" * 2000
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_rows_decode(folders):
+    engine, tokenizer = engine_with(folders, max_batch=4, max_prefill_tokens=8)
+    texts = defaultdict(str)
+
+    def row(index, adapter, prompt, n):
+        def emit(kind, payload):
+            texts[index] += payload if kind == "text" else ""
+
+        ids = tokenizer(prompt)["input_ids"]
+        sampling = Sampling(max_tokens=n, temperature=0, ignore_eos=True)
+        return Row(ids, adapter, sampling, emit)
+
+    running = row(0, "a", "short", 30)
+    engine.submit([running])
+    engine.run_once()
+    long_prompt = "a prompt that goes on " * 8  # about 50 tokens: seven chunks of 8
+    late = row(1, "b", long_prompt, 4)
+    engine.submit([late])
+    chunks = 0
+    while late.generated == 0:
+        before = running.generated
+        engine.run_once()
+        chunks += 1
+        assert running.generated == before + 1  # the stream got its token every turn
+        check_cache_fits_the_rows(engine)
+    assert chunks == -(-len(late.prompt) // 8)
+    while not (running.finished and late.finished):
+        engine.run_once()
+    # Each as it decodes alone, its prompt in one forward.
+    whole, _ = engine_with(folders, max_batch=4)
+    for index, (adapter, prompt, n) in enumerate([("a", "short", 30), ("b", long_prompt, 4)]):
+        alone = row(10 + index, adapter, prompt, n)
+        whole.submit([alone])
+        while not alone.finished:
+            whole.run_once()
+        assert texts[index] == texts[10 + index] and texts[index]

@@ -28,6 +28,15 @@ def folders(tmp_path_factory):
     make_adapter(root / "a", seed=1, rank=2)
     make_adapter(outside / "x", seed=2, rank=2)
     (root / "escape").symlink_to(outside / "x", target_is_directory=True)
+    (root / "loop").symlink_to(root / "loop")  # a symbolic link to itself
+    (root / "run_out").mkdir()  # a run folder whose adapter/ links outside
+    (root / "run_out" / "adapter").symlink_to(outside / "x", target_is_directory=True)
+    make_adapter(root / "file_out", seed=3, rank=2)  # its weights file links outside
+    (root / "file_out" / "adapter_model.safetensors").unlink()
+    (root / "file_out" / "adapter_model.safetensors").symlink_to(
+        outside / "x" / "adapter_model.safetensors"
+    )
+    (root / "alias").symlink_to(root / "a", target_is_directory=True)  # inside: fine
     return {"root": root, "outside": outside}
 
 
@@ -113,8 +122,20 @@ BAD_REQUESTS = [
     ),
     ("five stop strings", "POST", "/completions", {**OK, "stop": list("abcde")}, 400, "stop"),
     ("empty stop string", "POST", "/completions", {**OK, "stop": [""]}, 400, "stop"),
-    ("n = 2", "POST", "/completions", {**OK, "n": 2}, 400, "n"),
-    ("logprobs", "POST", "/completions", {**OK, "logprobs": 2}, 400, "logprobs"),
+    ("stop string of 1001 characters", "POST", "/completions", {**OK, "stop": "s" * 1001}, 400,
+     "stop"),  # fmt: skip
+    ("n = 0", "POST", "/completions", {**OK, "n": 0}, 400, "n"),
+    ("logprobs above 20", "POST", "/completions", {**OK, "logprobs": 21}, 400, "logprobs"),
+    ("echo on a stream", "POST", "/completions", {**OK, "echo": True, "stream": True}, 400, "echo"),
+    (
+        "top_logprobs without logprobs",
+        "POST",
+        "/chat/completions",
+        {**CHAT, "top_logprobs": 2},
+        400,
+        "top_logprobs",
+    ),
+    ("best_of = 2", "POST", "/completions", {**OK, "best_of": 2}, 400, "best_of"),
     (
         "Proxy-Tuning without a pair",
         "POST",
@@ -195,7 +216,40 @@ BAD_REQUESTS = [
     ("adapter name taken", "POST", "/adapters", {"name": "a", "path": "a"}, 409, None),
     ("adapter name as a number", "POST", "/adapters", {"name": 3, "path": "a"}, 400, "name"),
     ("unloading an unknown adapter", "DELETE", "/adapters/zz", None, 404, None),
-]
+    # Malformed input (issue 27, item 9): each a 4xx, never a 500.
+    ("lone surrogate in the prompt", "POST", "/completions",
+     b'{"model": "tiny-llama", "prompt": "hi \\ud800", "max_tokens": 2}', 400, "prompt"),
+    ("lone surrogate in a prompt list", "POST", "/completions",
+     b'{"model": "tiny-llama", "prompt": ["ok", "\\udfff"], "max_tokens": 2}', 400, "prompt"),
+    ("lone surrogate in the model", "POST", "/completions",
+     b'{"model": "tiny-llama\\ud800", "prompt": "hi"}', 400, "model"),
+    ("lone surrogate in a chat message", "POST", "/chat/completions",
+     b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "\\ud83d"}]}', 400,
+     "messages"),
+    ("lone surrogate in a stop string", "POST", "/completions",
+     b'{"model": "tiny-llama", "prompt": "hi", "stop": ["\\ud800"]}', 400, "stop"),
+    ("lone surrogate in an adapter path", "POST", "/adapters",
+     b'{"name": "x", "path": "a\\ud800"}', 400, "path"),
+    ("NUL byte in an adapter path", "POST", "/adapters", {"name": "x", "path": "a\x00b"}, 400,
+     "path"),
+    ("adapter path through a symlink loop", "POST", "/adapters", {"name": "x", "path": "loop"},
+     400, "path"),
+    ("adapter path with a 3000-character name", "POST", "/adapters",
+     {"name": "x", "path": "p" * 3000}, 400, "path"),
+    ("adapter path with a 300-character component", "POST", "/adapters",
+     {"name": "x", "path": "p" * 300}, 400, "path"),
+    ("a 3000-character adapter name", "POST", "/adapters", {"name": "n" * 3000, "path": "a"}, 400,
+     "name"),
+    ("a 3000-character model", "POST", "/completions", {**OK, "model": "m" * 3000}, 404, "model"),
+    ("unloading a 3000-character name", "DELETE", "/adapters/" + "n" * 3000, None, 404, None),
+    ("null model", "POST", "/completions", {**OK, "model": None}, 400, "model"),
+    ("null prompt", "POST", "/completions", {**OK, "prompt": None}, 400, "prompt"),
+    # Symbolic links under --adapter-dir (item 6): the run's adapter/ or a file linking out.
+    ("run folder whose adapter/ links outside", "POST", "/adapters",
+     {"name": "x", "path": "run_out"}, 400, "path"),
+    ("adapter file linking outside", "POST", "/adapters", {"name": "x", "path": "file_out"}, 400,
+     "path"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -223,6 +277,50 @@ def test_a_full_queue_answers_429_and_the_queued_requests_still_complete(folders
             assert status == 429 and body["error"]["code"] == "queue_full"
             assert is_openai_error(body)
         assert [future.result()[0] for future in queued] == [200, 200]
+
+
+def test_a_prompt_list_longer_than_the_queue_is_a_400_that_says_so():
+    import openai
+
+    options = ServeOptions(model=MODEL, port=0, max_queue=2, max_batch=1)
+    with running(options) as served:
+        with pytest.raises(openai.BadRequestError, match="3 prompts, more than this server queues"):
+            client(served.url).completions.create(model=MODEL, prompt=["a", "b", "c"], max_tokens=1)
+        response = client(served.url).completions.create(
+            model=MODEL, prompt=["a", "b"], max_tokens=1
+        )
+        assert len(response.choices) == 2
+
+
+def test_explicit_nulls_mean_the_defaults(server):
+    api = client(server.url)
+    plain = api.completions.create(model=MODEL, prompt="hello", max_tokens=4, seed=5)
+    nulls = api.completions.create(
+        model=MODEL, prompt="hello", max_tokens=4, seed=5, temperature=None, top_p=None, n=None,
+        stream=None, logprobs=None, echo=None, best_of=None, stop=None, suffix=None, user=None,
+        presence_penalty=None, frequency_penalty=None, logit_bias=None, stream_options=None,
+        extra_body={"ignore_eos": None, "proxy_alpha": None},
+    )  # fmt: skip
+    assert nulls.choices[0].text == plain.choices[0].text
+    messages = [{"role": "user", "content": "hi"}]
+    chat = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, seed=5)
+    chat_nulls = api.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=4, seed=5, temperature=None, n=None,
+        stream=None, logprobs=None, top_logprobs=None, max_completion_tokens=None, tools=None,
+        tool_choice=None, response_format=None, stop=None,
+    )  # fmt: skip
+    assert chat_nulls.choices[0].message.content == chat.choices[0].message.content
+
+
+@pytest.mark.parametrize("path", ["escape", "run_out", "file_out"])
+def test_symbolic_links_out_of_the_adapter_directory_are_refused(server, path):
+    status, body = call(server.url, "POST", "/adapters", {"name": "x", "path": path})
+    assert status == 400 and body["error"]["code"] == "path_outside_adapter_dir", body
+
+
+def test_a_symbolic_link_inside_the_adapter_directory_loads(server):
+    assert call(server.url, "POST", "/adapters", {"name": "alias", "path": "alias"})[0] == 200
+    assert call(server.url, "DELETE", "/adapters/alias", None)[0] == 200
 
 
 def test_a_request_past_the_time_limit_fails_with_504_and_the_next_one_is_served():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,8 +46,18 @@ def test_a_link_pointing_out_of_the_workspace_is_refused(space: Workspace, tmp_p
 
 @pytest.mark.parametrize("name", ["", "a/b", "..", ".hidden", "x y", "a" * 101])
 def test_a_run_name_must_be_a_plain_folder_name(space: Workspace, name: str) -> None:
-    with pytest.raises(WorkspaceError):
+    with pytest.raises(WorkspaceError, match="Run name .* must be a plain folder name"):
         space.run_folder(name)
+
+
+def test_a_bad_compare_folder_is_named_as_the_field_it_came_from(space: Workspace) -> None:
+    from peftkit.ui.compare_page import start_compare
+
+    plan = space.root / "plan.yaml"
+    plan.write_text("recipe: r.yaml\nmethods:\n  - method: {name: lora}\n")
+    (space.root / "r.yaml").write_text("model: tiny-bert\n")
+    with pytest.raises(WorkspaceError, match="^Results folder 'a/b' must be a plain folder"):
+        start_compare(space, jobs.JobSlots(), plan, ["lora"], "a/b", True, False)
 
 
 def test_uploads_are_copied_in_and_limited_in_size_and_kind(space: Workspace, tmp_path: Path):
@@ -217,15 +228,96 @@ def test_stop_interrupts_the_child_as_ctrl_c_would(tmp_path: Path) -> None:
     assert os.getpgid(os.getpid()) != job.process.pid
 
 
-def test_a_child_ignoring_the_stop_is_killed_after_the_grace_period(tmp_path, monkeypatch):
+def wait_for_output(job: jobs.Job, text: str) -> None:
+    deadline = time.time() + 30
+    while text not in job.text():
+        assert time.time() < deadline, job.text()
+        time.sleep(0.05)
+
+
+SLEEPER = "import time; print('up', flush=True); time.sleep(120)"
+
+
+@pytest.mark.parametrize(
+    ("ignores", "ended_by"),
+    [("signal.SIGINT", signal.SIGTERM), ("signal.SIGINT, signal.SIGTERM", signal.SIGKILL)],
+)
+def test_a_child_ignoring_the_stop_gets_sigterm_then_sigkill(tmp_path, monkeypatch, ignores,
+                                                              ended_by):  # fmt: skip
     monkeypatch.setattr(jobs, "STOP_GRACE_SECONDS", 0.5)
-    stubborn = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); " \
+    monkeypatch.setattr(jobs, "KILL_GRACE_SECONDS", 0.5)
+    stubborn = f"import signal, time\nfor s in ({ignores},): signal.signal(s, signal.SIG_IGN)\n" \
                "print('up', flush=True); time.sleep(60)"  # fmt: skip
     job = jobs.start([sys.executable, "-c", stubborn], tmp_path / "child.log")
-    while "up" not in job.text():
-        time.sleep(0.05)
+    wait_for_output(job, "up")
     job.stop()
-    assert job.wait(30) == -signal.SIGKILL and job.state == "stopped"
+    assert job.wait(30) == -ended_by and job.state == "stopped"
+
+
+def test_stop_works_at_once_when_the_ui_itself_ignores_sigint(tmp_path, monkeypatch) -> None:
+    # A UI started in the background by a script runs with SIGINT ignored, and children inherit
+    # an ignored signal: the child is started with it back at its default.
+    monkeypatch.setattr(jobs, "STOP_GRACE_SECONDS", 60.0)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        job = jobs.start([sys.executable, "-c", SLEEPER], tmp_path / "child.log")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    wait_for_output(job, "up")
+    started = time.time()
+    job.stop()
+    assert job.wait(30) == -signal.SIGINT and job.state == "stopped"
+    assert time.time() - started < 10  # SIGINT did it, not the escalation a minute later
+    assert "KeyboardInterrupt" in job.text()
+
+
+def test_a_ui_started_again_finds_the_child_an_earlier_one_left_running(tmp_path) -> None:
+    folder = tmp_path / "ws" / ".ui" / "jobs"
+    earlier = jobs.JobSlots(folder)
+    child = earlier.start("train", [sys.executable, "-c", SLEEPER], tmp_path / "train.log")
+    wait_for_output(child, "up")
+    later = jobs.JobSlots(folder)  # what a restarted UI reads from the workspace
+    found = later.get("train")
+    assert found is not child and found.adopted and found.process.pid == child.process.pid
+    assert found.state == "running" and found.text().startswith("up")
+    assert found.describe() == child.describe()
+    with pytest.raises(WorkspaceError, match="still running .started by an earlier peftkit ui"):
+        later.start("train", [sys.executable, "-c", "pass"], tmp_path / "second.log")
+    assert not (tmp_path / "second.log").exists()
+    found.stop()  # the later UI stops it through its process group
+    assert child.wait(30) == -signal.SIGINT
+    assert found.wait(30) == -1 and found.state == "stopped"
+    assert jobs.JobSlots(folder).get("train") is None  # an ended child is not found again
+
+
+UI_STAND_IN = """
+import sys, time
+from pathlib import Path
+from peftkit.ui.jobs import JobSlots, children_stopped_on_exit
+slots = JobSlots(Path(sys.argv[1]))
+job = slots.start("train", [sys.executable, "-c", sys.argv[2]], Path(sys.argv[1]) / "child.log")
+print(job.process.pid, flush=True)
+with children_stopped_on_exit(slots):
+    time.sleep(120)  # the server
+print("stopped its child:", job.wait(0), flush=True)
+"""
+
+
+def test_sigterm_to_the_ui_stops_its_child(tmp_path: Path) -> None:
+    # The UI serves inside children_stopped_on_exit (app.launch): SIGTERM ends the server, the
+    # children with it, before the UI exits.
+    ui = subprocess.Popen([sys.executable, "-c", UI_STAND_IN, str(tmp_path), SLEEPER],
+                          stdout=subprocess.PIPE, text=True)  # fmt: skip
+    child = int(ui.stdout.readline())
+    deadline = time.time() + 30
+    while "up" not in ((tmp_path / "child.log").read_text() if (tmp_path / "child.log").exists()
+                       else ""):  # fmt: skip
+        assert time.time() < deadline
+        time.sleep(0.05)
+    ui.terminate()
+    assert ui.wait(30) == 0
+    assert ui.stdout.read().strip() == f"stopped its child: {-signal.SIGINT}"
+    assert jobs.process_start_time(child) is None  # gone, not orphaned
 
 
 def test_a_job_describes_itself_as_the_command_to_type() -> None:
@@ -249,6 +341,77 @@ def test_serving_beyond_this_machine_is_warned_about(tmp_path: Path) -> None:
     assert host_warning("localhost", 7860, tmp_path) is None
     warning = host_warning("0.0.0.0", 8000, tmp_path)
     assert "serving on 0.0.0.0" in warning and "port 8000" in warning and str(tmp_path) in warning
+    assert "whoever logs in" in host_warning("0.0.0.0", 8000, tmp_path, login=True)
+
+
+def test_a_non_local_address_needs_a_login_unless_insisted(monkeypatch, capsys, tmp_path):
+    from peftkit.cli import main
+    from peftkit.ui import app
+
+    launched = []
+    monkeypatch.setattr(app, "launch", lambda *args, **kw: launched.append(kw["auth"]))
+    monkeypatch.delenv("PEFTKIT_UI_AUTH", raising=False)
+    workspace = ["ui", "--workspace", str(tmp_path / "ws")]
+    assert main([*workspace, "--host", "0.0.0.0"]) == 2
+    assert "Give a login: set PEFTKIT_UI_AUTH=USER:PASSWORD" in capsys.readouterr().err
+    assert launched == []
+    assert main([*workspace, "--host", "0.0.0.0", "--no-login"]) == 0
+    assert main([*workspace, "--host", "0.0.0.0", "--auth", "ann:se:cret"]) == 0
+    monkeypatch.setenv("PEFTKIT_UI_AUTH", "bob:pw")
+    assert main([*workspace, "--host", "0.0.0.0"]) == 0
+    assert main(workspace) == 0  # a local address may have one too
+    assert launched == [None, ("ann", "se:cret"), ("bob", "pw"), ("bob", "pw")]
+    for bad in ("nopassword", ":pw", "ann:"):
+        with pytest.raises(ConfigError, match="A login is USER:PASSWORD"):
+            app.login_for("0.0.0.0", bad)
+
+
+def test_with_a_login_the_server_answers_nothing_before_it(tmp_path: Path) -> None:
+    import http.cookiejar
+    import socket
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    workspace = tmp_path / "ws"
+    (workspace / "secret.txt").parent.mkdir()
+    (workspace / "secret.txt").write_text("workspace file")
+    command = [sys.executable, "-m", "peftkit.cli", "ui", "--workspace", str(workspace),
+               "--port", str(port)]  # fmt: skip
+    environment = {**os.environ, "PEFTKIT_UI_AUTH": "ann:open sesame"}
+    log = tmp_path / "ui.log"
+    with log.open("wb") as handle:
+        server = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
+                                  env=environment)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/", timeout=2)  # the login page
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, log.read_text()
+                time.sleep(0.25)
+        guarded = [f"{url}/config", f"{url}/gradio_api/file={workspace / 'secret.txt'}"]
+        for address in guarded:
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(address, timeout=10)
+            assert refused.value.code == 401, address
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        wrong = urllib.parse.urlencode({"username": "ann", "password": "guess"}).encode()
+        with pytest.raises(urllib.error.HTTPError):
+            opener.open(f"{url}/login", wrong, timeout=10)
+        right = urllib.parse.urlencode({"username": "ann", "password": "open sesame"}).encode()
+        assert opener.open(f"{url}/login", right, timeout=10).status == 200
+        assert opener.open(f"{url}/config", timeout=10).status == 200
+    finally:
+        server.terminate()
+        server.wait(60)
 
 
 def test_a_run_action_reading_outside_the_workspace_is_refused(space: Workspace, tmp_path):
@@ -268,3 +431,152 @@ def test_a_run_action_reading_outside_the_workspace_is_refused(space: Workspace,
     (run / "adapter" / "peftkit.json").write_text(f'{{"base_model": "{tmp_path}"}}')
     with pytest.raises(WorkspaceError, match="is outside the workspace"):
         confine_run(space, run, reads_data=False)
+
+
+def test_eval_of_a_stopped_run_says_it_is_unfinished_and_how_to_resume(tmp_path, capsys):
+    from peftkit.cli import main
+
+    run = tmp_path / "ws" / "stopped"
+    (run / "checkpoints" / "checkpoint-20").mkdir(parents=True)
+    (run / "ui-recipe.yaml").write_text("model: tiny-bert\n")
+    assert main(["eval", str(run)]) == 2
+    error = capsys.readouterr().err
+    assert "holds an unfinished run" in error and "does not exist" not in error
+    assert f"peftkit train {run / 'ui-recipe.yaml'} --resume" in error
+
+
+def test_an_upload_never_replaces_an_earlier_one_of_the_same_name(space, tmp_path) -> None:
+    first, second = tmp_path / "a" / "d.csv", tmp_path / "b" / "d.csv"
+    for path, text in ((first, "text,label\na,b\n"), (second, "text,label\nc,d\n")):
+        path.parent.mkdir()
+        path.write_text(text)
+    kept = space.save_upload(first)
+    assert space.save_upload(first) == kept  # the same file again: the same copy
+    replaced = space.save_upload(second)
+    assert replaced != kept and replaced.parent == kept.parent and replaced.suffix == ".csv"
+    assert kept.read_text() == first.read_text() and replaced.read_text() == second.read_text()
+
+
+def test_a_run_trains_on_its_own_copy_of_the_data(space: Workspace, monkeypatch) -> None:
+    from peftkit.recipe import load_recipe
+    from peftkit.ui import training_form
+
+    data = space.root / "uploads" / "d.csv"
+    data.parent.mkdir(parents=True)
+    data.write_text("text,label\n" + "".join(f"t{i},l{i % 2}\n" for i in range(20)))
+    recipe = build_recipe(space, "tiny-bert", {"type": "classification", "train_file": str(data)},
+                          {"name": "lora"}, {}, "run")  # fmt: skip
+    slots = jobs.JobSlots()
+    started = []
+    monkeypatch.setattr(slots, "start", lambda *args, **kw: started.append(args))
+    training_form.start_training(slots, recipe)
+    written = load_recipe(space.root / "run" / "ui-recipe.yaml")
+    copy = space.root / "run" / "data" / "d.csv"
+    assert written.task.train_file == str(copy) and copy.read_text() == data.read_text()
+    data.write_text("text,label\nchanged,x\n")  # what a later upload or edit does
+    assert copy.read_text().count("\n") == 21
+    assert started[0][1][-1] == str(space.root / "run" / "ui-recipe.yaml")
+
+
+def test_a_refused_start_writes_no_run_folder(space: Workspace, tmp_path: Path) -> None:
+    from peftkit.ui import training_form
+
+    slots = jobs.JobSlots()
+    busy = slots.start("train", [sys.executable, "-c", SLEEPER], tmp_path / "busy.log")
+    recipe = build_recipe(space, "tiny-bert", {"type": "classification", "dataset": "copy-words"},
+                          {"name": "lora"}, {}, "second")  # fmt: skip
+    try:
+        with pytest.raises(WorkspaceError, match="A train job is still running"):
+            training_form.start_training(slots, recipe)
+    finally:
+        busy.stop()
+        busy.wait(30)
+    assert not (space.root / "second").exists()
+
+
+def test_output_panes_show_no_terminal_codes_and_a_failure_its_whole_error_line() -> None:
+    from peftkit.ui.widgets import error_line
+
+    coloured = (
+        "\x1b[1m\x1b[31mwarning\x1b[0m: newly initialized\x1b]8;;http://x\x07link\x1b]8;;\x07"
+    )
+    assert progress.clean_output(coloured) == "warning: newly initialized" + "link"
+    line = "peftkit: error: Recipe /a/very/long/path/" + "x" * 300 + "/recipe.yaml does not exist."
+    assert error_line(f"loading\n{line}\n\n") == line
+    assert error_line("Traceback\n  File x\nValueError: bad\n") == "ValueError: bad"
+    assert error_line("") == "(no output)"
+
+
+def test_an_ended_run_shows_no_time_left() -> None:
+    from peftkit.ui.training_form import RunStatus
+
+    bar = progress.training_progress(BAR_LOG)
+    running = RunStatus("running", bar, [], None, "", "training").headline()
+    assert running == "running · step 13/20 (00:10 so far, about 00:06 left)"
+    stopped = RunStatus("stopped", bar, [(12, 0.5)], None, "").headline()
+    assert stopped == "stopped · step 13/20 (00:10 so far) · loss 0.5000 at step 12"
+
+
+def test_checkpoints_are_listed_by_step_and_gguf_export_only_for_causal_lms(space) -> None:
+    from peftkit.ui.runs_page import gguf_exportable, run_details
+
+    run = space.root / "r"
+    for step in (5, 10, 40):
+        (run / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+    assert "checkpoints: checkpoint-5, checkpoint-10, checkpoint-40" in run_details(run)
+    assert not gguf_exportable(run)  # no adapter yet
+    (run / "adapter").mkdir()
+    for task, offered in (("classification", False), ("seq2seq", False), ("causal-lm", True),
+                          ("chat", True)):  # fmt: skip
+        (run / "adapter" / "peftkit.json").write_text(f'{{"task": "{task}"}}')
+        assert gguf_exportable(run) is offered, task
+
+
+def test_the_quiet_phases_before_and_after_training_are_named() -> None:
+    from peftkit.ui.training_form import RunStatus
+
+    loading = "Loading weights: 100%|##########| 37/37 [00:00<00:00, 900.1it/s]\n"
+    assert "loading the model" in progress.training_phase(loading, None)
+    started = progress.training_phase(loading + "trainable parameters: 1,090\n", None)
+    assert started == "starting to train"
+    assert progress.training_phase(BAR_LOG, progress.training_progress(BAR_LOG)) == "training"
+    done = BAR_LOG + "\r100%|##########| 20/20 [00:16<00:00, 1.25it/s]"
+    bar = progress.training_progress(done)
+    phase = progress.training_phase(done, bar)
+    assert phase == "trained: scoring the tuned model on the held-out rows"
+    headline = RunStatus("running", bar, [], None, "", phase).headline()
+    assert headline == f"running · {phase} · step 20/20 (00:16 so far)"  # no "00:00 left"
+
+
+def test_the_traceback_of_stops_interrupt_is_cut_to_one_line() -> None:
+    output = (
+        'step 3\nTraceback (most recent call last):\n  File "x.py", line 1, in <module>\n'
+        '    train()\n\n  File "y.py", line 2, in train\n    step()\nKeyboardInterrupt\n'
+    )
+    assert progress.without_interrupt_traceback(output) == "step 3\nKeyboardInterrupt (stopped)\n"
+    failure = 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: bad\n'
+    assert progress.without_interrupt_traceback(failure) == failure  # a real error stays whole
+
+
+def test_with_no_compare_plan_the_page_says_how_to_add_one(space: Workspace, tmp_path) -> None:
+    from peftkit.ui.compare_page import plan_choice
+
+    names = list(space.plans(tmp_path / "no-recipes-here"))  # outside the repository
+    assert names == []
+    chosen, hint = plan_choice(names, None)
+    assert chosen is None and "`recipe`" in hint and "`methods`" in hint and "plans/" in hint
+    (space.root / "plans").mkdir()
+    (space.root / "plans" / "p.yaml").write_text(
+        "recipe: r.yaml\nmethods: [{method: {name: lora}}]\n"
+    )
+    assert plan_choice(list(space.plans(None)), "gone.yaml") == ("plans/p.yaml", "")
+
+
+def test_children_leave_out_transformers_warnings_unless_asked(tmp_path, monkeypatch) -> None:
+    show = "import os; print(os.environ['TRANSFORMERS_VERBOSITY'], flush=True)"
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    job = jobs.start([sys.executable, "-c", show], tmp_path / "quiet.log")
+    assert job.wait(30) == 0 and job.text() == "error\n"
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")  # the user's own choice wins
+    job = jobs.start([sys.executable, "-c", show], tmp_path / "chosen.log")
+    assert job.wait(30) == 0 and job.text() == "info\n"

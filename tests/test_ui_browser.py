@@ -23,6 +23,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from peftkit.cli import main
 from peftkit.run_folder import earlier_run
 from peftkit.training.checkpoints import find_checkpoint
+from peftkit.ui.jobs import process_start_time
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Debian's Chromium, headless, nothing fetched from the network (see docs/ui.md).
@@ -66,8 +67,11 @@ def server(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 raise AssertionError(f"peftkit ui did not start:\n{log.read_text()}") from None
             time.sleep(0.25)
     yield url
-    process.terminate()
-    process.wait(30)
+    process.terminate()  # SIGTERM: the UI stops its children before it exits
+    assert process.wait(60) == 0, log.read_text()
+    for record in (workspace / ".ui" / "jobs").glob("*.json"):
+        pid = json.loads(record.read_text())["pid"]
+        assert process_start_time(pid) is None, f"{record.stem} job {pid} outlived the UI"
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +123,12 @@ def set_slider(page: Page, elem_id: str, value: float) -> None:
     page.keyboard.press("Tab")
 
 
-def write_reviews(path: Path, label: str = "label") -> Path:
-    """A small two-class CSV (64 rows)."""
+def write_reviews(path: Path, label: str = "label", count: int = 64) -> Path:
+    """A small two-class CSV (64 rows unless told)."""
     words = {"pos": "good fine great nice".split(), "neg": "bad awful poor sad".split()}
     rows = [f"text,{label}"]
-    for i in range(64):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
         kind = "pos" if i % 2 else "neg"
         rows.append(f"{' '.join(words[kind][: 1 + i % 4])},{kind}")
     path.write_text("\n".join(rows) + "\n")
@@ -253,8 +258,8 @@ def test_the_playground_shows_alphas_effect_on_greedy_text(
     base_text = generate(base, tokenizer, [prompt], max_new_tokens=tokens)[0].text
     assert expected[0.0] == base_text != expected[2.0]  # alpha 0 is the base; 2 moves it
 
+    # The adapter was saved after the page opened: choosing the tab reads the workspace again.
     page.get_by_role("tab", name="Playground").click()
-    page.click("#play-refresh")
     pick(page, "play-adapters", "steered")
     page.keyboard.press("Escape")
     page.wait_for_function(
@@ -304,7 +309,7 @@ def test_paths_outside_the_workspace_are_refused(page: Page, tmp_path: Path) -> 
     page.wait_for_selector("#train-estimate-result:has-text('is outside the workspace')")
     type_in(page, "train-model", "../model", enter=True)
     page.click("#train-start")
-    page.wait_for_selector("#train-status:has-text('is outside the workspace')")
+    page.wait_for_selector("#train-message:has-text('is outside the workspace')")
     pick(page, "train-model", "tiny-bert")  # and the page goes on: an estimate for a good one
     page.click("#train-estimate")
     page.wait_for_selector("#train-estimate-result:has-text('estimated peak')")
@@ -329,10 +334,9 @@ def reviews_run(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def test_the_runs_page_lists_a_run_and_re_evaluates_it(
     page: Page, reviews_run: Path, tmp_path: Path
-) -> None:
+) -> None:  # the page opens before the run exists (fixtures in order)
     summary = json.loads((reviews_run / "summary.json").read_text())
-    page.get_by_role("tab", name="Runs").click()
-    page.click("#runs-refresh")
+    page.get_by_role("tab", name="Runs").click()  # the run is newer than the page: no Refresh
     # The table's cells, row by row (Gradio's table rows are laid out without a box of their own,
     # which Playwright counts as hidden: read their text instead).
     page.wait_for_function("document.querySelector('#runs-table').textContent.includes('cli-run')")
@@ -348,6 +352,7 @@ def test_the_runs_page_lists_a_run_and_re_evaluates_it(
     assert row[column["after"]] == f"{summary['metric_after']:.4f}", rows
     pick(page, "runs-run", "cli-run")
     page.wait_for_selector("#runs-details:has-text('a finished run')")
+    expect(page.locator("#runs-export")).to_be_disabled()  # GGUF takes causal LMs, not tiny-bert
     page.click("#runs-re-evaluate")
     page.wait_for_selector("#runs-details:has-text('re-evaluated:')")
     # `peftkit eval` scored the saved adapter on the recipe's held-out rows: the accuracy the run
@@ -373,8 +378,7 @@ def test_the_compare_page_runs_a_plan_and_shows_its_table_and_chart(
         "recipe: tiny-base.yaml\nmethods:\n  - method: {name: lora, rank: 2}\n"
         "  - method: {name: bitfit}\n  - method: {name: full}\nquick: {training.max_steps: 3}\n"
     )
-    page.get_by_role("tab", name="Compare").click()
-    page.click("#compare-refresh")
+    page.get_by_role("tab", name="Compare").click()  # the plan is newer than the page
     pick(page, "compare-plan", "plans/tiny.yaml")
     # The page opens on another plan whose methods include these names too: wait until the
     # checkboxes are this plan's three (all ticked), or a click could land before the server's
@@ -400,3 +404,124 @@ def test_the_compare_page_runs_a_plan_and_shows_its_table_and_chart(
         assert cells[headers.index("after")] == f"{summary['metric_after']:.4f}"
     assert page.locator("#compare-chart img").count() == 1
     screenshot(page, "compare", tmp_path, for_docs=True)
+
+
+def train_status(page: Page, text: str) -> None:
+    """Wait until the Train page's status line holds `text`."""
+    page.wait_for_selector(f"#train-status:has-text({json.dumps(text, ensure_ascii=False)})")
+
+
+def test_a_reload_or_a_second_tab_attaches_to_the_running_job(
+    page: Page, browser: Browser, server: str, workspace: Path, tmp_path: Path
+) -> None:
+    upload_reviews(page, write_reviews(tmp_path / "reviews.csv"))
+    page.wait_for_selector("#train-data-status:has-text('data:')")
+    type_in(page, "train-run-name", "attached")
+    set_budget(page, max_steps=100_000, batch_size=8, save_steps=10, logging_steps=5)
+    page.click("#train-start")
+    run = workspace / "attached"
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "checkpoint-10").is_dir():
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+    # A second tab opens, and the first is reloaded: both show the job, its curve and its log.
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    other = context.new_page()
+    other.set_default_timeout(WAIT_MS)
+    other.goto(server)
+    page.reload()
+    for each in (page, other):
+        train_status(each, "running · step")
+        each.wait_for_selector("#train-loss svg path[aria-roledescription='line mark']")
+        each.locator("#train-output").get_by_text("output", exact=True).first.click()
+        each.wait_for_selector("#train-log:has-text('it/s')")
+    # Stop from the second tab ends the run; both pages say so.
+    other.click("#train-stop")
+    for each in (page, other):
+        each.wait_for_selector("#train-summary:has-text('Stopped; newest checkpoint')")
+        train_status(each, "stopped")
+    assert earlier_run(run) == "an unfinished run"
+    # Resumed from the Runs page of one tab, the run shows on the Train page of the other.
+    page.get_by_role("tab", name="Runs").click()
+    pick(page, "runs-run", "attached")
+    page.click("#runs-resume")
+    page.wait_for_selector("#runs-message:has-text('resuming: peftkit train')")
+    train_status(other, "running · step")
+    assert "Stopped" not in other.inner_text("#train-summary")
+    screenshot(other, "train-attached", tmp_path)
+    other.click("#train-stop")
+    train_status(other, "stopped")
+    assert "about" not in other.inner_text("#train-status")  # no time left on a stopped run
+    context.close()
+
+
+def test_a_cleared_or_replaced_upload_is_not_what_trains(
+    page: Page, workspace: Path, tmp_path: Path
+) -> None:
+    from peftkit.ui.training_form import check_data
+
+    first = write_reviews(tmp_path / "first" / "reviews.csv")
+    upload_reviews(page, first)
+    page.wait_for_selector("#train-data-status:has-text('data: 58 training rows, 6 held out')")
+    page.locator("#train-upload button[aria-label='Clear']").first.click()
+    type_in(page, "train-run-name", "after-clear")
+    page.click("#train-start")
+    page.wait_for_selector("#train-message:has-text('Upload a data file first')")
+    assert not (workspace / "after-clear").exists()
+    # Another file of the same name: it is what trains, and the first upload stays as it was.
+    second = write_reviews(tmp_path / "second" / "reviews.csv", count=40)
+    page.set_input_files("#train-upload input[type=file]", str(second))
+    rows = check_data({"type": "classification", "train_file": str(second)})
+    page.wait_for_selector(f"#train-data-status:has-text('data: {rows}')")
+    set_budget(page, max_steps=2, batch_size=8, save_steps=2, logging_steps=1)
+    page.click("#train-start")
+    page.wait_for_selector("#train-summary:has-text('accuracy after')")
+    run = workspace / "after-clear"
+    recipe = (run / "ui-recipe.yaml").read_text()
+    [kept] = (run / "data").iterdir()  # the run's own copy: resume and re-evaluate read it
+    assert f"train_file: {kept}" in recipe and kept.read_text() == second.read_text()
+    uploads = sorted(p.read_text() for p in (workspace / "uploads").glob("reviews*.csv"))
+    assert sorted([first.read_text(), second.read_text()]) == uploads
+
+
+def test_start_asks_again_when_the_estimate_does_not_fit(page: Page, workspace: Path) -> None:
+    pick(page, "train-model", "tiny-bert")
+    type_in(page, "train-run-name", "too-big")
+    set_budget(page, batch_size=100_000_000)
+    page.click("#train-start")
+    page.wait_for_selector("#train-message:has-text('does NOT fit')")
+    page.wait_for_selector("#train-estimate-result:has-text('does NOT fit')")
+    assert "Press Start again" in page.inner_text("#train-message")
+    assert not (workspace / "too-big").exists()  # nothing written until it starts
+
+
+def test_a_failed_runs_action_shows_its_whole_error_line(
+    page: Page, workspace: Path, capsys: pytest.CaptureFixture
+) -> None:
+    broken = workspace / "broken"  # an adapter with no recipe beside it
+    (broken / "adapter").mkdir(parents=True)
+    (broken / "adapter" / "peftkit.json").write_text('{"base_model": "tiny-bert"}')
+    assert main(["eval", str(broken)]) == 2
+    cli_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert cli_line.startswith("peftkit: error: ") and len(cli_line) > 80
+    page.get_by_role("tab", name="Runs").click()
+    pick(page, "runs-run", "broken")
+    page.click("#runs-re-evaluate")
+    page.wait_for_selector("#runs-status:has-text('failed: peftkit eval')")
+    assert cli_line in page.inner_text("#runs-status")
+
+
+def test_causal_lm_trains_on_a_bundled_pairs_set_by_picking_its_columns(page: Page) -> None:
+    from peftkit.ui.training_form import check_data
+
+    pick(page, "train-model", "tiny-gpt2")
+    pick(page, "train-task-type", "causal-lm")
+    pick(page, "train-dataset", "copy-words")  # source and target, not prompt and response
+    page.wait_for_selector("#train-data-status:has-text(\"has no column 'prompt'\")")
+    for name, column in (("prompt", "source"), ("response", "target")):
+        pick(page, f"train-{name}-column", column)  # the pickers offer the set's own columns
+    rows = check_data({"type": "causal-lm", "dataset": "copy-words", "prompt_column": "source",
+                       "response_column": "target"})  # fmt: skip
+    page.wait_for_selector(f"#train-data-status:has-text('data: {rows}')")
+    page.click("#train-estimate")  # the recipe the form makes is a valid one
+    page.wait_for_selector("#train-estimate-result:has-text('estimated peak')")

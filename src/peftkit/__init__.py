@@ -11,9 +11,15 @@ Names are imported lazily so that `peftkit --help` does not pay for torch."""
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 __version__ = "0.1.0"
+
+# bitsandbytes warns, when it is first imported (by PEFT or transformers as often as by peftkit),
+# that an optional CPU inference kernel fetched from the hub by the `kernels` package is absent;
+# peftkit does not use that path (models/quantize.py finish_quantized). Set before any import.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _EXPORTS = {
     "apply": "peftkit.api",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from peftkit import io, registry
@@ -40,10 +42,14 @@ def refuse_low_bit_base(method: Method, storage: str | None) -> None:
     """Refuse a half-precision or quantised base (storage: bf16, fp16, nf4, int8) for a method
     that changes the base's own weights; its record says why."""
     if is_quantized(storage) and method.no_quantized_base:
+        adapting = [
+            m.name for m in registry.METHODS if not m.no_quantized_base and not m.needs_float32_base
+        ]
         raise ConfigError(
             f"Method '{method.name}' cannot train on a base quantised to {storage}: "
             f"{method.no_quantized_base}. Load the base unquantised (no base.quantize; "
-            "base.dtype: bf16 halves it), or use LoRA, which adapts quantised layers (QLoRA)."
+            "base.dtype: bf16 halves it), or use a method that adapts quantised layers: "
+            f"{', '.join(adapting)}."
         )
     if not is_low_bit(storage) or not method.needs_float32_base:
         return
@@ -54,6 +60,20 @@ def refuse_low_bit_base(method: Method, storage: str | None) -> None:
         f"{method.needs_float32_base}, and a {storage} weight {what}. Load the base in float32 "
         "(recipe: base.dtype: fp32 and no base.quantize; training.precision: bf16 still "
         f"computes in bf16), or use a method that keeps the base frozen: {', '.join(frozen)}."
+    )
+
+
+def refuse_unshardable(method: Method, sharding: str) -> None:
+    """Refuse sharding (training.sharding: fsdp) for a method that cannot be sharded; its
+    record's `shardable` says why."""
+    if sharding == "none" or not method.shardable:
+        return
+    others = [m.name for m in registry.METHODS if not m.shardable]
+    raise ConfigError(
+        f"Method '{method.name}' cannot train sharded ({sharding}): {method.shardable}, and "
+        "FSDP keeps only a shard of each weight and gradient on a process. Train it with "
+        f"sharding: none (DDP: each process holds the whole model), or use one of: "
+        f"{', '.join(others)}."
     )
 
 
@@ -139,9 +159,29 @@ def summary(model: nn.Module) -> Summary:
 def save(model: nn.Module, folder: str | Path, info: dict[str, Any] | None = None) -> Path:
     """Write the adapter (only what the method trained) to `folder`, atomically."""
     files = adapter_files(model)
+    refuse_non_finite(files[io.WEIGHTS_NAME], folder)
     if info is not None:
         files[io.PEFTKIT_INFO_NAME] = info
     return io.write_folder_atomically(folder, files)
+
+
+def refuse_non_finite(tensors: dict[str, Any], folder: str | Path) -> None:
+    """Refuse to save weights holding nan or inf, naming the first such tensor (nothing is
+    written): an adapter that computes nothing but nan must not look like a result."""
+    bad = {}
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            count = int((~torch.isfinite(tensor.detach())).sum())
+            if count:
+                bad[name] = (count, tensor.numel())
+    if bad:
+        name, (count, total) = next(iter(bad.items()))
+        others = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise AdapterError(
+            f"Not saving the adapter to {folder}: tensor '{name}' holds {count} non-finite "
+            f"values (nan or inf) of {total}{others}. Training diverged: lower "
+            "training.learning_rate or max_grad_norm, or use fp32. Nothing was written."
+        )
 
 
 def read_info(folder: str | Path) -> dict[str, Any]:
@@ -150,9 +190,17 @@ def read_info(folder: str | Path) -> dict[str, Any]:
     return io.read_json(path, io.PEFTKIT_INFO_NAME) if path.is_file() else {}
 
 
-def _check_fits(method: Method, model: nn.Module, tensors: dict[str, Any], folder: Path) -> None:
-    """Refuse tensors whose names or shapes do not fit the model, naming the first mismatches."""
-    expected = {k: tuple(v.shape) for k, v in method.state_dict(model).items()}
+def _check_fits(
+    method: Method,
+    model: nn.Module,
+    tensors: dict[str, Any],
+    folder: Path,
+    expected: dict[str, tuple[int, ...]] | None = None,
+) -> None:
+    """Refuse tensors whose names or shapes do not fit the model (or the `expected` shapes),
+    naming the first mismatches."""
+    if expected is None:
+        expected = {k: tuple(v.shape) for k, v in method.state_dict(model).items()}
     found = {k: tuple(v.shape) for k, v in tensors.items()}
     problems = [
         f"'{k}': adapter {found[k]} vs model {expected[k]}"
@@ -169,18 +217,51 @@ def _check_fits(method: Method, model: nn.Module, tensors: dict[str, Any], folde
         )
 
 
+def _check_fits_on_meta(
+    method: Method, config: Any, base_model: nn.Module, tensors: dict[str, Any], folder: Path
+) -> None:
+    """Compare the weight file with the shapes the config asks for before anything real is
+    built: the method is applied to a copy of the base's module tree on the meta device (no
+    memory), so a doctored config (r: 1000000000) is refused instead of allocated. Where the
+    method cannot be built on the meta device, the check after the real build still applies."""
+    memo: dict[int, Any] = {}
+    for tensor in [*base_model.parameters(), *base_model.buffers()]:
+        empty = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, nn.Parameter):
+            empty = nn.Parameter(empty, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = empty
+    try:
+        with torch.device("meta"):  # what the method creates is shapes only, too
+            skeleton = method.apply(copy.deepcopy(base_model, memo), config)
+            shapes = {k: tuple(v.shape) for k, v in method.state_dict(skeleton).items()}
+    except Exception:  # noqa: BLE001 - a method that needs real data: checked after the build
+        return
+    _check_fits(method, skeleton, tensors, folder, shapes)
+
+
 def load(base_model: nn.Module, folder: str | Path, allow_pickle: bool = False) -> nn.Module:
     """Apply the adapter saved in `folder` to `base_model`; on any error the base is unchanged."""
     folder = Path(folder)
     saved = io.read_json(folder / io.CONFIG_NAME, io.CONFIG_NAME)
     method = registry.method_for_saved(saved)
-    config = method.read_config(saved)
+    try:
+        config = method.read_config(saved)
+    except AdapterError:
+        raise
+    except (TypeError, ValueError) as error:  # a doctored value: r: 0, a negative dropout
+        raise AdapterError(
+            f"{folder / io.CONFIG_NAME} does not describe a valid {method.name} adapter: {error}"
+        ) from None
     tensors = io.read_tensors(folder, allow_pickle=allow_pickle)
     storage = check_base(method, base_model)
+    if not is_low_bit(storage):
+        _check_fits_on_meta(method, config, base_model, tensors, folder)
     model = method.prepare(base_model, config)
     # float32 masters before the saved tensors are copied in, so they are not rounded to half
     undo = keep_float32_masters(model) if is_low_bit(storage) else lambda: None
     try:
+        if method.check_loaded is not None:
+            method.check_loaded(model, saved)
         _check_fits(method, model, tensors, folder)
         method.load_state_dict(model, tensors)
     except Exception:
@@ -232,18 +313,24 @@ def _merge_onto_dequantized(model: nn.Module, state: Applied, dtype: Any) -> nn.
     return method.merge(tuned)
 
 
-def convert(base_model: nn.Module, folder: str | Path, output: str | Path) -> Path:
-    """Rewrite the adapter in `folder` for the unchanged `base_model` (left as it is) into
-    `output`, through its method's conversion (PiSSA/OLoRA: a plain LoRA of rank 2r)."""
-    import copy
-
-    folder = Path(folder)
-    saved = io.read_json(folder / io.CONFIG_NAME, io.CONFIG_NAME)
+def check_convertible(folder: str | Path) -> Method:
+    """The method of the adapter in `folder`, refusing one that needs no conversion (before any
+    model loads)."""
+    saved = io.read_json(Path(folder) / io.CONFIG_NAME, io.CONFIG_NAME)
     method = registry.method_for_saved(saved)
     if method.conversion is None or not method.conversion.needed(saved):
         raise AdapterError(
             f"{folder} holds a {method.name} adapter that loads on its base as it is: only "
             "PiSSA/OLoRA-initialised adapters need converting. Save or merge it instead."
         )
+    return method
+
+
+def convert(base_model: nn.Module, folder: str | Path, output: str | Path) -> Path:
+    """Rewrite the adapter in `folder` for the unchanged `base_model` (left as it is) into
+    `output`, through its method's conversion (PiSSA/OLoRA: a plain LoRA of rank 2r)."""
+    import copy
+
+    method = check_convertible(folder)
     loaded = load(copy.deepcopy(base_model), folder)  # records the initial factors
     return method.conversion.write(loaded, output, read_info(folder) or None)

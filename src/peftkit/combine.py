@@ -90,7 +90,7 @@ def read_sources(specs: list[str]) -> list[Source]:
         sources.append(source)
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
-        raise ConfigError(f"Two runs share a name ({names}): name them, e.g. sql=runs/a.")
+        raise ConfigError(f"Two runs share a name ({names}): name them, e.g. reviews=runs/a.")
     check_sources(sources)
     return sources
 

@@ -7,6 +7,7 @@ A compare plan is YAML: `recipe` (the base run), `methods` (each a method sectio
 from __future__ import annotations
 
 import csv
+import io as text_io
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 
 from peftkit.config import read_yaml_file, unknown_key_message
 from peftkit.errors import ConfigError
+from peftkit.io import atomic_file, write_json_atomically, write_text_atomically
 from peftkit.run_folder import check_output_dir, earlier_run
 from peftkit.tables import markdown_table
 
@@ -170,13 +172,14 @@ def format_table(results: list[dict[str, Any]]) -> str:
 def write_outputs(results: list[dict[str, Any]], output: Path) -> dict[str, Path]:
     """compare.json, compare.csv and compare.png in the output folder."""
     paths = {"json": output / "compare.json", "csv": output / "compare.csv"}
-    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
-    with paths["csv"].open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([key for _, key, _ in COLUMNS])
-        for result in results:
-            if not result.get("failed"):
-                writer.writerow([result.get(key) for _, key, _ in COLUMNS])
+    write_json_atomically(paths["json"], results)
+    table = text_io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow([key for _, key, _ in COLUMNS])
+    for result in results:
+        if not result.get("failed"):
+            writer.writerow([result.get(key) for _, key, _ in COLUMNS])
+    write_text_atomically(paths["csv"], table.getvalue())
     done = [r for r in results if not r.get("failed")]
     if done:
         paths["png"] = plot(done, output / "compare.png")
@@ -210,7 +213,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path:
         axis.grid(alpha=0.3)
     figure.suptitle(f"{results[0]['model']}: {metric} after training, per method")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    with atomic_file(path) as staging:
+        figure.savefig(staging, dpi=110)
     plt.close(figure)
     return path
 

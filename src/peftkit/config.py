@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import types
 import typing
 from pathlib import Path
@@ -69,9 +70,12 @@ def _coerce(value: Any, hint: Any, name: str, where: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"'{name}' in {where} must be a number, got {value!r}.")
         try:
-            number = hint(value) if not isinstance(value, str) else hint(float(value))
-        except (TypeError, ValueError):
+            as_float = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"'{name}' in {where} must be a number, got {value!r}.") from None
+        if not math.isfinite(as_float):  # YAML's .inf and .nan: never a usable setting
+            raise ConfigError(f"'{name}' in {where} must be a finite number, got {value!r}.")
+        number = hint(value) if not isinstance(value, str) else hint(as_float)
         if hint is int and float(value) != number:
             raise ConfigError(f"'{name}' in {where} must be a whole number, got {value!r}.")
         return number

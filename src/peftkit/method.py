@@ -184,6 +184,11 @@ class Method:
     # Why the method cannot adapt a quantised base though it keeps the base frozen (PEFT's tuner
     # wraps plain Linear layers only). Empty: it can.
     no_quantized_base: str = ""
+    # Why the method cannot train sharded (training.sharding: fsdp), for methods whose hooks
+    # read or rewrite whole weights or gradients between backward and the update (a Fisher pass
+    # over whole weights, a masking optimizer, merges and restarts, rank reallocation): FSDP
+    # holds only a shard of each on a process. Empty: it can be sharded.
+    shardable: str = ""
     # Named options of the method, run around apply, remove, saving and training (MethodOption).
     options: tuple[MethodOption, ...] = ()
     # Switch the adapter off without removing it: switch_off(applied model) -> off, and inside
@@ -196,6 +201,10 @@ class Method:
     # Rewrite a trained adapter so that it loads on the original base (Conversion). None: the
     # method's adapters always load on the base they name.
     conversion: Conversion | None = None
+    # After load's apply, before the tensors: check_loaded(model, saved adapter_config.json)
+    # refuses, naming it, any saved field the applied model does not honour (PEFT-backed
+    # methods: every field of PEFT's config). None: read_config alone decides.
+    check_loaded: Callable[[Any, dict[str, Any]], None] | None = None
 
     def prepare(self, model: Any, config: Any) -> Any:
         """apply with the method's options around it: their checks first, their work after."""

@@ -65,11 +65,12 @@ def method_from_section(section: Any) -> tuple[Method, Any]:
 
 def resolve(recipe: Recipe) -> Plan:
     """The recipe's plan; any disagreement between its parts is refused here, before a model
-    loads (a method that cannot train on the chosen base storage, an unknown metric)."""
-    from peftkit.api import refuse_low_bit_base
+    loads (a method that cannot train on the chosen base storage or sharded, an unknown metric)."""
+    from peftkit.api import refuse_low_bit_base, refuse_unshardable
 
     method, config = method_from_section(recipe.method)
     task_type = get_task_type(recipe.task.type)
     plan = Plan(recipe, method, config, task_type, headline_metric(recipe.task))
     refuse_low_bit_base(method, plan.storage)
+    refuse_unshardable(method, recipe.training.sharding)
     return plan

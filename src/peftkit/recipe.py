@@ -3,10 +3,12 @@ onto a config dataclass, and `--set section.key=value` overrides any key from th
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from peftkit.checks import check_finite, check_range
 from peftkit.config import (
     apply_overrides,
     from_dict,
@@ -81,6 +83,16 @@ def check_reporter(name: str) -> None:
         )
 
 
+# How several processes hold the model (training.sharding; the estimator's `sharding` too).
+SHARDINGS = ("none", "fsdp")
+
+
+def check_sharding(sharding: str) -> None:
+    """Refuse a sharding peftkit does not know."""
+    if sharding not in SHARDINGS:
+        raise ConfigError(f"sharding must be one of {', '.join(SHARDINGS)}, got {sharding!r}.")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training budget and optimiser settings (passed on to transformers.Trainer)."""
@@ -120,17 +132,38 @@ class TrainConfig:
             "event files in output_dir/logs; mlflow, wandb, ...: their own settings)"
         },
     )
+    sharding: str = field(
+        default="none",
+        metadata={
+            "help": "none (each process holds the whole model: DDP) or fsdp (FSDP2 shards "
+            "weights, gradients and optimizer state across torchrun's processes)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_reporter(self.report_to)
+        check_sharding(self.sharding)
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"training.precision must be fp32 or bf16, got {self.precision!r}.")
+        check_finite("training.max_steps", self.max_steps)
+        check_finite("training.epochs", self.epochs)
         if self.max_steps < 0 or (self.max_steps == 0 and self.epochs <= 0):
             raise ConfigError("Set training.max_steps > 0, or max_steps: 0 with epochs > 0.")
+        check_range("training.epochs", self.epochs, 0)
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ConfigError("training.batch_size and gradient_accumulation_steps must be >= 1.")
+        check_finite("training.learning_rate", self.learning_rate)
         if self.learning_rate <= 0:
             raise ConfigError(f"training.learning_rate must be > 0, got {self.learning_rate}.")
+        check_range("training.eval_batch_size", self.eval_batch_size, 1)
+        check_range("training.weight_decay", self.weight_decay, 0)
+        # transformers reads a warmup value of 1 or more as a step count, not a fraction
+        check_range("training.warmup_ratio", self.warmup_ratio, 0, 1, high_open=True)
+        check_range("training.max_grad_norm", self.max_grad_norm, 0)  # 0: no clipping
+        check_range("training.logging_steps", self.logging_steps, 1)
+        check_range("training.save_steps", self.save_steps, 0)  # 0: no checkpoints
+        check_range("training.seed", self.seed, 0, 2**32 - 1)  # numpy's seed range
+        check_range("training.threads", self.threads, 1)  # None: torch's default
 
 
 @dataclass(frozen=True)
@@ -153,17 +186,37 @@ class Recipe:
         default=None, metadata={"help": "preference tuning: algorithm, loss_type, beta, ..."}
     )
 
+    @property
+    def preference_options(self) -> PreferenceConfig:
+        """The preference section, or its defaults where the recipe has none."""
+        return self.preference if self.preference is not None else PreferenceConfig()
+
     def __post_init__(self) -> None:
         if self.preference is not None and self.task.type != "preference":
             raise ConfigError(
                 f"The recipe has a preference section but task.type is {self.task.type!r}: set "
                 "task.type: preference, or remove the preference section."
             )
+        if not str(self.output_dir).strip():
+            raise ConfigError(
+                "output_dir is empty: name the folder the run writes to (for example runs/x)."
+            )
+        # `~` is expanded here, once, so the adapter, the checkpoints and the logs all go to the
+        # same folder (Python's file functions do not expand it; some libraries do).
+        object.__setattr__(self, "output_dir", expand_home(self.output_dir))
+        object.__setattr__(self, "model", expand_home(self.model))
+        files = {
+            key: expand_home(getattr(self.task, key))
+            for key in ("train_file", "eval_file")
+            if getattr(self.task, key, None)
+        }
+        if any(files[key] != getattr(self.task, key) for key in files):
+            object.__setattr__(self, "task", replace(self.task, **files))
 
-    @property
-    def preference_options(self) -> PreferenceConfig:
-        """The preference section, or its defaults where the recipe has none."""
-        return self.preference if self.preference is not None else PreferenceConfig()
+
+def expand_home(path: str) -> str:
+    """A user path with a leading `~` or `~user` expanded; anything else unchanged."""
+    return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
 
 
 SECTIONS = {

@@ -28,12 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, run the command, turn peftkit errors into one clear line."""
     args = build_parser().parse_args(argv)
+    applications.register_apps()  # their data sets, for any command that reads a recipe
     import warnings
 
     # transformers' own deprecation notices about its internals say nothing to a peftkit user.
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     try:
         return args.handler(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (train says what it kept)
+        print("\npeftkit: interrupted.", file=sys.stderr)
+        return 130
     except Exception as error:  # noqa: BLE001 - only peftkit's own errors are reported briefly
         from peftkit.errors import PeftkitError
 

@@ -1,13 +1,17 @@
-"""`peftkit app-eval`: an application's held-out set scored by generation, base vs tuned."""
+"""`peftkit app-eval`: an application's held-out set scored by generation, base vs tuned; and
+the applications' data sets made known to every command (`register_apps`).
+
+The one module outside `peftkit.apps` that imports it (tests/test_layers.py holds the rest of the
+core to that)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from peftkit.cli.common import check_positive, run_folder
+from peftkit.io import write_json_atomically
 
 
 def cmd_app_eval(args: argparse.Namespace) -> int:
@@ -48,9 +52,19 @@ def cmd_app_eval(args: argparse.Namespace) -> int:
         print(f"{name:>6} ({result['count']} examples): {values}{failures}")
     output = run_dir / f"app_eval_{args.app}.json"
     report = {"app": args.app, "run": str(run_dir), **results}
-    output.write_text(json.dumps(report, indent=2) + "\n")
+    from peftkit.run_folder import record_entries
+
+    record_entries(run_dir, [output.name])  # the run's own from now on (unless the user's)
+    write_json_atomically(output, report)
     print(f"wrote {output}")
     return 0
+
+
+def register_apps() -> None:
+    """Add the applications' bundled data sets to the core's, so recipes can name them."""
+    import peftkit.apps
+
+    peftkit.apps.register()
 
 
 def add_commands(commands: Any) -> None:

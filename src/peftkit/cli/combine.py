@@ -42,7 +42,6 @@ def cmd_combine(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     """Rewrite a PiSSA/OLoRA-initialised adapter for the original base model."""
     import peftkit.api as api
-    from peftkit import io, registry
     from peftkit.errors import ConfigError
     from peftkit.models import load_model
 
@@ -50,21 +49,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise ConfigError(f"{output} is not empty: choose another --output, or --overwrite.")
-    saved = io.read_json(adapter_dir / io.CONFIG_NAME, io.CONFIG_NAME)
-    method = registry.method_for_saved(saved)
-    if method.conversion is None or not method.conversion.needed(saved):
-        raise ConfigError(
-            f"{adapter_dir} holds a {method.name} adapter that loads on its base as it is: only "
-            "PiSSA/OLoRA-initialised adapters need converting. Save or merge it instead."
-        )
+    method = api.check_convertible(adapter_dir)  # before the base model loads
     info = api.read_info(adapter_dir)
     base = args.model or info.get("base_model")
     if not base:
         raise ConfigError(f"{adapter_dir} does not name its base model: pass --model.")
     labels = info.get("labels") or []
-    model, _ = load_model(base, info.get("task", "causal-lm"), num_labels=len(labels) or None)
+    # Only weights are rewritten: no tokenizer, so a base folder without tokenizer files serves.
+    model, _ = load_model(
+        base, info.get("task", "causal-lm"), num_labels=len(labels) or None, with_tokenizer=False
+    )
     api.convert(model, adapter_dir, output)
-    print(f"wrote {output}: a plain LoRA adapter for the unchanged {base} (rank doubled)")
+    print(f"wrote {output}: the {method.name} adapter converted for the unchanged {base}")
     return 0
 
 
@@ -72,8 +68,8 @@ def add_commands(commands: Any) -> None:
     """Add this module's subcommands to the parser."""
     combine = commands.add_parser(
         "combine",
-        help="combine trained LoRA-family runs (cat, task_arithmetic, svd, ties, dare, ...) and "
-        "score each combination on every source task",
+        help="combine trained runs of one method family that composes (cat, task_arithmetic, "
+        "svd, ties, dare, ...) and score each combination on every source task",
     )
     combine.add_argument("runs", nargs="+", help="run folders, or name=folder (two or more)")
     combine.add_argument(
@@ -102,7 +98,8 @@ def add_commands(commands: Any) -> None:
 
     convert = commands.add_parser(
         "convert",
-        help="rewrite a PiSSA/OLoRA-initialised adapter as a plain LoRA for the original base",
+        help="rewrite an adapter trained on a base its init rewrote (PiSSA, OLoRA) for the "
+        "original base",
     )
     convert.add_argument("adapter", help="a run folder or an adapter folder")
     convert.add_argument("--output", required=True, help="folder for the converted adapter")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from peftkit.cli.common import add_proxy_flags, run_folder
+from peftkit.io import write_json_atomically
 
 
 def _load_tuned(name: str, task: str, adapter: str | None) -> tuple[Any, Any]:
@@ -93,7 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"### {prompt}\n{text}\n")
     if args.output:
         records = [{"prompt": p, "generated": t} for p, t in zip(args.prompt, texts, strict=True)]
-        Path(args.output).write_text(json.dumps(records, indent=2) + "\n")
+        write_json_atomically(args.output, records)
         print(f"wrote {args.output}")
     return 0
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
+
+from peftkit.io import write_json_atomically
 
 
 def _method_sections(values: list[str] | None, sets: list[str]) -> list[dict[str, Any]]:
@@ -36,7 +37,8 @@ def _estimate_job(args: argparse.Namespace) -> dict[str, Any]:
 
     job: dict[str, Any] = {"model": "llama-7b", "task": None, "batch_size": 1, "seq_len": 512,
                            "dtype": "bf16-mixed", "base_dtype": None, "quantization": None,
-                           "gradient_checkpointing": False}  # fmt: skip
+                           "gradient_checkpointing": False, "gpus": 1,
+                           "sharding": "none"}  # fmt: skip
     if args.recipe:
         from peftkit.recipe import load_recipe
 
@@ -53,7 +55,8 @@ def _estimate_job(args: argparse.Namespace) -> dict[str, Any]:
                    batch_size=recipe.training.batch_size, seq_len=recipe.task.max_length,
                    dtype=precision, base_dtype=recipe.base.dtype,
                    quantization=recipe.base.quantize,
-                   gradient_checkpointing=recipe.training.gradient_checkpointing)  # fmt: skip
+                   gradient_checkpointing=recipe.training.gradient_checkpointing,
+                   sharding=recipe.training.sharding)  # fmt: skip
     else:
         job["methods"] = _method_sections(args.method, list(args.set or []))
         if not job["methods"]:
@@ -64,7 +67,8 @@ def _estimate_job(args: argparse.Namespace) -> dict[str, Any]:
     given = {"model": args.model, "task": args.task, "batch_size": args.batch_size,
              "seq_len": args.seq_len, "dtype": args.dtype, "base_dtype": args.base_dtype,
              "quantization": args.quantization,
-             "gradient_checkpointing": args.gradient_checkpointing or None}  # fmt: skip
+             "gradient_checkpointing": args.gradient_checkpointing or None, "gpus": args.gpus,
+             "sharding": args.sharding}  # fmt: skip
     job.update({key: value for key, value in given.items() if value is not None})
     return job
 
@@ -76,7 +80,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     job = _estimate_job(args)
     options = {"task": job["task"], "attention": args.attention,
-               "quantization": job["quantization"], "base_dtype": job["base_dtype"]}  # fmt: skip
+               "quantization": job["quantization"], "base_dtype": job["base_dtype"],
+               "gpus": job["gpus"], "sharding": job["sharding"]}  # fmt: skip
     if args.table:
         dtypes = [args.dtype] if args.dtype else list(DTYPES)
         estimates = side_by_side(
@@ -95,7 +100,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         text, data = str(result), result.as_dict()
     print(text)
     if args.output:
-        Path(args.output).write_text(json.dumps(data, indent=2) + "\n")
+        write_json_atomically(args.output, data)
         print(f"wrote {args.output}")
     return 0
 
@@ -114,11 +119,12 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
         methods=args.methods, compare=args.compare, base_dtype=args.base_dtype,
         quantization=args.quantization, explore=explore,
+        gpus=1 if args.gpus is None else args.gpus, sharding=args.sharding,
     )  # fmt: skip
     print(f"basis: {result.basis}")
     print(result.table)
     if args.output:
-        Path(args.output).write_text(json.dumps(result.as_dict(), indent=2, default=str) + "\n")
+        write_json_atomically(args.output, result.as_dict(), default=str)
         print(f"wrote {args.output}")
     return 0
 
@@ -132,6 +138,18 @@ def _add_storage(parser: argparse.ArgumentParser) -> None:
         "--quantization",
         help="nf4 | int8: the base's frozen linear weights in 4 or 8 bits (recipe base.quantize)",
     )
+
+
+def _add_processes(parser: argparse.ArgumentParser, sharding: str | None) -> None:
+    """The flags that say how many processes train and whether they shard the model."""
+    parser.add_argument(
+        "--gpus", type=int, help="processes (one per GPU); the estimate is per process (default 1)"
+    )
+    parser.add_argument(
+        "--sharding", default=sharding,
+        help="none (each process holds the whole model: DDP) | fsdp (weights, gradients and "
+        "optimizer state divided across the processes; recipe training.sharding)",
+    )  # fmt: skip
 
 
 def _add_step_shape(
@@ -170,6 +188,7 @@ def add_commands(commands: Any) -> None:
     _add_step_shape(est, batch_size=None, seq_len=None, dtype=None)
     est.add_argument("--attention", default="fused", help="fused (FlashAttention/SDPA) | eager")
     _add_storage(est)
+    _add_processes(est, sharding=None)
     est.add_argument(
         "--table", action="store_true",
         help="the --method estimates side by side, in bf16-mixed and fp32 (or --dtype)",
@@ -187,6 +206,7 @@ def add_commands(commands: Any) -> None:
     )
     _add_step_shape(rec, batch_size=16, seq_len=128, dtype="fp32")
     _add_storage(rec)
+    _add_processes(rec, sharding="none")
     rec.add_argument("--methods", nargs="+", help="only these methods (default: every one)")
     rec.add_argument(
         "--compare", default="runs/compare/compare.json",

@@ -16,7 +16,9 @@ def named_folders(pairs: list[str] | None) -> dict[str, str]:
     for pair in pairs or []:
         name, equals, path = pair.partition("=")
         if not (equals and name and path):
-            raise ConfigError(f"--adapter takes NAME=PATH (e.g. sql=runs/app-sql), got '{pair}'.")
+            raise ConfigError(
+                f"--adapter takes NAME=PATH (e.g. reviews=runs/reviews), got '{pair}'."
+            )
         if name in named:
             raise ConfigError(f"--adapter names '{name}' twice; give each adapter its own name.")
         named[name] = path
@@ -38,6 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         adapters=adapters, adapter_dir=args.adapter_dir,
         host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
         max_tokens=args.max_tokens, max_model_len=args.max_model_len, timeout=args.timeout,
+        max_prefill_tokens=args.max_prefill_tokens,
         max_body_bytes=args.max_body_bytes, proxy_expert=args.proxy_expert,
         proxy_expert_adapter=args.expert_adapter, proxy_anti_expert=args.proxy_anti_expert,
         proxy_adapter=args.proxy_adapter, device=args.device,
@@ -79,6 +82,11 @@ def add_commands(commands: Any) -> None:
     serve.add_argument(
         "--timeout", type=float, default=300.0, help="seconds a request may take (then 504)"
     )
+    serve.add_argument(
+        "--max-prefill-tokens", type=int, default=512,
+        help="prompt tokens run per step between decode steps (chunked prefill; lower: smoother "
+        "streams while long prompts arrive, higher: faster prompts)",
+    )  # fmt: skip
     serve.add_argument(
         "--max-body-bytes", type=int, default=1_000_000, help="largest request body (then 413)"
     )

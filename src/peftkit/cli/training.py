@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +12,33 @@ from peftkit.cli.common import overrides, run_folder
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a recipe and print its summary table."""
     from peftkit.recipe import check_data_files, load_recipe
-    from peftkit.run_folder import check_output_dir
+    from peftkit.run_folder import check_output_dir, check_writable_folder
 
     recipe = load_recipe(args.recipe, overrides(args))
-    # Before torch or any method loads: an earlier run in the folder is refused untouched, and
-    # so is a data file that is not there.
+    # Before torch or any method loads: an output folder that is one of the run's own input
+    # files, or cannot be written, is refused; an earlier run in it is refused untouched; and so
+    # is a data file that is not there.
+    inputs = {"recipe file": args.recipe, "training data file": recipe.task.train_file,
+              "held-out data file": recipe.task.eval_file}  # fmt: skip
+    check_writable_folder(recipe.output_dir, inputs)
     check_output_dir(recipe.output_dir, args.resume, args.overwrite)
     check_data_files(recipe)
     from peftkit.plan import resolve
     from peftkit.training import finish_distributed, run
 
-    run(resolve(recipe), resume=args.resume, overwrite=args.overwrite)
+    try:
+        run(resolve(recipe), resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        import shlex
+        import sys
+
+        from peftkit.run_folder import interrupted_message
+
+        sets = [word for pair in overrides(args) for word in ("--set", pair)]
+        command = shlex.join(["peftkit", "train", args.recipe, *sets])
+        print(f"\npeftkit: interrupted. {interrupted_message(recipe.output_dir, command)}",
+              file=sys.stderr)  # fmt: skip
+        return 130  # the shell's status for a command ended by Ctrl-C
     finish_distributed()  # under torchrun: every process ends together, cleanly
     return 0
 
@@ -34,8 +49,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from peftkit.data.collate import Collator
     from peftkit.plan import resolve
     from peftkit.recipe import load_recipe
+    from peftkit.run_folder import refuse_unfinished_run
     from peftkit.training import evaluate, load_for_plan
 
+    refuse_unfinished_run(Path(args.run))
     run_dir, adapter_dir = run_folder(Path(args.run))
     recipe_path = Path(args.recipe) if args.recipe else run_dir / "recipe.yaml"
     plan = resolve(load_recipe(recipe_path, list(args.set or [])))
@@ -44,7 +61,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate(tuned, plan, data, Collator(tokenizer.pad_token_id))
     for name, value in metrics.items():
         print(f"{name:>20}: {value:.4f}")
-    (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    from peftkit.io import write_json_atomically
+    from peftkit.run_folder import record_entries
+
+    record_entries(run_dir, ["eval.json"])  # the run's own from now on (unless the user's)
+    write_json_atomically(run_dir / "eval.json", metrics)
     print(f"wrote {run_dir / 'eval.json'}")
     return 0
 
@@ -53,11 +74,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Fold an adapter into its base model and save a plain transformers model."""
     import peftkit.api as api
     from peftkit.errors import ConfigError
+    from peftkit.io import atomic_folder
     from peftkit.models import load_model
     from peftkit.models.pooling import uses_mean_pooling, write_pooling_config
     from peftkit.models.precision import torch_dtype
 
-    _, adapter_dir = run_folder(Path(args.adapter))
+    output = Path(args.output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise ConfigError(
+            f"merge --output {output} is an existing file; the merged model is a folder of "
+            "files (config.json, model.safetensors, the tokenizer). Give a folder's path."
+        )
+    _, adapter_dir = run_folder(Path(args.adapter).expanduser())
     info = api.read_info(adapter_dir)
     base = args.model or info.get("base_model")
     if not base:
@@ -74,15 +102,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if labels:
         merged.config.id2label = dict(enumerate(labels))
         merged.config.label2id = {name: i for i, name in enumerate(labels)}
-    merged.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
+    with atomic_folder(output) as staging:  # a killed merge leaves no half model
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if uses_mean_pooling(merged):
+            write_pooling_config(staging, merged.config.hidden_size)
     if uses_mean_pooling(merged):
-        write_pooling_config(args.output, merged.config.hidden_size)
-        print(f"wrote the merged model to {args.output}; it classifies from the mean of its token "
+        print(f"wrote the merged model to {output}; it classifies from the mean of its token "
               "states (1_Pooling/config.json): load it with peftkit.models.load_model, which "
               "pools the same way (plain transformers pools the first token)")  # fmt: skip
         return 0
-    print(f"wrote the merged model to {args.output} (loads with plain transformers)")
+    print(f"wrote the merged model to {output} (loads with plain transformers)")
     return 0
 
 
@@ -107,8 +137,28 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"{method.name}: {method.description}")
         if args.verbose:
             for f in dataclasses.fields(method.config_cls):
-                print(f"    {f.name} = {f.default!r}  {f.metadata.get('help', '')}")
+                # a list default is a default_factory (BitFit's bias_groups): call it
+                made = f.default_factory is not dataclasses.MISSING
+                default = f.default_factory() if made else f.default
+                print(f"    {f.name} = {default!r}  {f.metadata.get('help', '')}")
+            for option in method.options:
+                print(f"    option {option.name}: {option.description}")
+            print(f"    can: {', '.join(capabilities(method)) or 'train, save and load'}")
     return 0
+
+
+def capabilities(method: Any) -> list[str]:
+    """What a method's record says it can do beyond training, saving and loading, in words."""
+    can = {
+        "merge into the base": method.merge is not None,
+        "switch off (proxy anti-expert, preference reference)": method.switch_off is not None,
+        "combine adapters (peftkit combine)": method.composition is not None,
+        "convert for the original base (peftkit convert)": method.conversion is not None,
+        "serve several adapters in one batch": method.row_adapters is not None,
+        "train on a half-precision base": not method.needs_float32_base,
+        "train on a quantised base": not (method.needs_float32_base or method.no_quantized_base),
+    }
+    return [what for what, yes in can.items() if yes]
 
 
 def add_commands(commands: Any) -> None:

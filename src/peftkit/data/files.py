@@ -60,6 +60,47 @@ def _read_text(path: Path, encoding: str) -> str:
         ) from None
 
 
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    """A Parquet file's rows; a file that is not Parquet (a CSV renamed) says so."""
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path).to_dict("records")
+    except (ValueError, OSError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        start = path.read_bytes()[:4]
+        hint = "" if start == b"PAR1" else " (it does not start with Parquet's PAR1 mark)"
+        raise DataError(
+            f"{path} is not a readable Parquet file{hint}: {error}. If it holds CSV or JSON "
+            "text, give it the matching suffix (.csv, .json, .jsonl)."
+        ) from None
+
+
+def _read_csv(path: Path, text: str) -> list[dict[str, Any]]:
+    """A CSV file's rows: a header naming a column twice, or a row with more fields than the
+    header (an unquoted comma), is refused, naming the column or the line."""
+    import csv
+    import io
+
+    import pandas as pd
+
+    header = next(csv.reader(io.StringIO(text)), [])
+    seen: dict[str, int] = {}
+    for number, name in enumerate(header, start=1):
+        if name in seen:
+            raise DataError(
+                f"{path}: the header names column '{name}' twice (columns {seen[name]} and "
+                f"{number}); which one holds the data is ambiguous. Rename or remove one."
+            )
+        seen[name] = number
+    try:
+        return pd.read_csv(io.StringIO(text), keep_default_na=False).to_dict("records")
+    except (pd.errors.ParserError, csv.Error) as error:
+        raise DataError(
+            f"{path} is not well-formed CSV ({str(error).strip()}). A text cell holding a comma, "
+            'a quote or a line break must be quoted ("like, this").'
+        ) from None
+
+
 def read_rows(path: str | Path, encoding: str = "utf-8") -> list[dict[str, Any]]:
     """Every row of a data file as a dict; refuses missing, empty, undecodable or odd files.
     `encoding` is the text encoding of CSV, JSON and JSONL files (Parquet carries its own)."""
@@ -71,20 +112,11 @@ def read_rows(path: str | Path, encoding: str = "utf-8") -> list[dict[str, Any]]
     if path.suffix not in SUFFIXES:
         raise DataError(f"Cannot read {path}: use one of {', '.join(SUFFIXES)}.")
     if path.suffix == ".parquet":
-        import pandas as pd
-
-        rows = pd.read_parquet(path).to_dict("records")
+        rows = _read_parquet(path)
     else:
         text = _read_text(path, encoding)
         if path.suffix == ".csv":
-            import io
-
-            import pandas as pd
-
-            if not text.strip():
-                rows = []
-            else:
-                rows = pd.read_csv(io.StringIO(text), keep_default_na=False).to_dict("records")
+            rows = _read_csv(path, text) if text.strip() else []
         elif path.suffix == ".jsonl":
             rows = _read_json_lines(path, text)
         else:

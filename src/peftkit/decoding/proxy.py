@@ -68,8 +68,8 @@ class WithoutAdapter:
                 what = f"a {state.method.name} model (it changes the base's own weights)"
             raise ConfigError(
                 f"WithoutAdapter needs a model whose adapter can be switched off (applied or "
-                f"loaded by peftkit with LoRA, a PEFT tuner or virtual tokens), got {what}. "
-                "Pass the untuned small model as anti_expert instead."
+                f"loaded by peftkit with a method that can: `peftkit methods -v` says 'switch "
+                f"off'), got {what}. Pass the untuned small model as anti_expert instead."
             )
         self.peft_model = adapted_model
         self.adapter_off = state.method.switch_off(adapted_model)

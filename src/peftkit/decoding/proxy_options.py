@@ -35,8 +35,8 @@ def check_pair(expert: Any, anti_expert: Any) -> None:
         missing = "anti_expert" if expert is not None else "expert"
         raise ConfigError(
             f"Proxy-Tuning needs both an expert and an anti-expert; {missing} is missing. The "
-            "anti-expert is the expert's model before tuning; for a PEFT (LoRA) expert use "
-            "anti_expert=WithoutAdapter(expert)."
+            "anti-expert is the expert's model before tuning; for an expert tuned with an "
+            "adapter that switches off use anti_expert=WithoutAdapter(expert)."
         )
 
 

@@ -3,8 +3,6 @@ rename, so an interrupted export never leaves a half-written file (nor replaces 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from peftkit.export.tensors import (
     output_embedding_name,
 )
 from peftkit.export.tokenizer import tokenizer_metadata, write_tokenizer
+from peftkit.io import atomic_file
 
 
 class _GgufWriter(gguf.GGUFWriter):
@@ -47,19 +46,12 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 def _write_atomically(writer: gguf.GGUFWriter, output: Path, overwrite: bool) -> None:
     """Write the file beside its destination, then move it in place by a rename."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{output.name}-", dir=output.parent)
-    os.close(handle)
-    try:
-        writer.write_header_to_file(path=Path(staging))
+    with atomic_file(output) as staging:
+        writer.write_header_to_file(path=staging)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
         check_output(output, overwrite)  # a file that appeared meanwhile is not replaced unasked
-        os.replace(staging, output)
-    finally:
-        if os.path.exists(staging):
-            os.unlink(staging)
 
 
 def export_gguf(

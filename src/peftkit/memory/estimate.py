@@ -26,10 +26,13 @@ from peftkit.memory.storage import (
     PRECISIONS,
     QUANTIZATIONS,
     check,
+    quantized_codes_bytes,
     quantized_layer_bytes,
     quantized_weights,
     refuse_low_bit_base,
+    refuse_unshardable,
 )
+from peftkit.recipe import check_sharding
 from peftkit.registry import method_for_config
 
 __all__ = ["GIB", "NF4_BYTES", "PRECISIONS", "QUANTIZATIONS", "MemoryEstimate", "Measurement",
@@ -67,6 +70,41 @@ def _persistent_bytes(tensors: Any) -> int:
 
 
 @dataclass
+class Block:
+    """The parameters FSDP gathers together for one wrapped module: a transformer layer, or the
+    root's own (embeddings, final norm, output layer and task head: what no layer holds)."""
+
+    float_parameters: int  # every parameter but the quantizable weights below
+    quantizable: list[Any]  # frozen linear layers a quantised base stores in 4 or 8 bits
+
+    def gathered_bytes(self, compute_bytes: int, quantization: str | None) -> float:
+        """Bytes of the block all-gathered: float parameters in the compute dtype, quantised
+        weights as their packed codes (the block constants are not sharded)."""
+        weights = sum(m.weight.numel() for m in self.quantizable)
+        if quantization is None:
+            return (self.float_parameters + weights) * compute_bytes
+        codes = sum(quantized_codes_bytes(m, quantization) for m in self.quantizable)
+        return self.float_parameters * compute_bytes + codes
+
+
+def _blocks(tuned: Any, layers: list[Any], linear: dict[int, Any]) -> tuple[list[Block], Block]:
+    """The wrapped blocks FSDP2 gathers (training/sharding.py wraps each layer, then the root)."""
+
+    def block(parameters: list[Any]) -> Block:
+        quantizable = [linear[id(p)] for p in parameters if not p.requires_grad and id(p) in linear]
+        kept = sum(p.numel() for p in parameters if p.requires_grad or id(p) not in linear)
+        return Block(kept, quantizable)
+
+    in_layers: set[int] = set()
+    found = []
+    for layer in layers:
+        parameters = list(layer.parameters())
+        in_layers.update(id(p) for p in parameters)
+        found.append(block(parameters))
+    return found, block([p for p in tuned.parameters() if id(p) not in in_layers])
+
+
+@dataclass
 class Measurement:
     """What one meta-device pass of the applied model measured. Every setting that only changes
     how parameters are stored (precision, base dtype, quantisation) or whether activations are
@@ -87,6 +125,8 @@ class Measurement:
     quantizable: list[Any]  # the frozen linear layers a quantised base stores in 4 or 8 bits
     saved: activations.SavedTensors
     notes: list[str]
+    blocks: list[Block] = dataclasses.field(default_factory=list)  # one per transformer layer
+    root: Block | None = None  # the parameters outside every layer
 
 
 def pass_dtype(dtype: str, base_dtype: str | None) -> torch.dtype:
@@ -123,6 +163,7 @@ def measure(
     total = sum(p.numel() for p in parameters)
     trainable = sum(p.numel() for p in parameters if p.requires_grad)
     quantizable = [linear[id(p)] for p in parameters if not p.requires_grad and id(p) in linear]
+    blocks, root = _blocks(tuned, layers, linear)
     saved = activations.saved_tensors(tuned, base, layers, batch_size, seq_len)
     if saved.sequence > seq_len:
         notes.append(f"the method lengthens every sequence to {saved.sequence} positions")
@@ -131,7 +172,8 @@ def measure(
     return Measurement(
         name, task, method_for_config(config).name, describe(config), to_dict(config),
         batch_size, seq_len, attention, total, trainable, total - base_total,
-        _persistent_bytes(tuned.buffers()) - base_buffers, quantizable, saved, notes,
+        _persistent_bytes(tuned.buffers()) - base_buffers, quantizable, saved, notes, blocks,
+        root,
     )  # fmt: skip
 
 
@@ -141,15 +183,21 @@ def account(
     gradient_checkpointing: bool = False,
     base_dtype: str | None = None,
     quantization: str | None = None,
+    gpus: int = 1,
+    sharding: str = "none",
 ) -> MemoryEstimate:
-    """The memory of a measured step under one storage regime: `dtype` (the precision: bytes of
-    trainable weights, gradients, AdamW state), `base_dtype` (a frozen weight's bytes; default:
-    the precision's own) and `quantization` (the frozen linear weights in nf4 or int8)."""
+    """The memory of a measured step under one storage regime on each of `gpus` processes:
+    `dtype` (the precision: bytes of trainable weights, gradients, AdamW state), `base_dtype` (a
+    frozen weight's bytes; default: the precision's own), `quantization` (the frozen linear
+    weights in nf4 or int8) and `sharding` ("none": every process holds the whole model, as in
+    DDP; "fsdp": weights, gradients and optimizer state divided across the processes, plus the
+    blocks FSDP gathers whole; see docs/estimate.md)."""
     check(dtype, base_dtype, quantization)
+    check_processes(gpus, sharding)
     precision = PRECISIONS[dtype]
     frozen_bytes = BASE_DTYPES[base_dtype] if base_dtype else precision.frozen
     notes = list(found.notes)
-    quantized = quantized_bytes = workspace = 0.0
+    quantized = quantized_bytes = quantized_codes = workspace = 0.0
     if quantization is not None and not found.quantizable:
         raise TargetError(
             f"{found.model} has no frozen linear layers outside its output layer and task head "
@@ -158,11 +206,28 @@ def account(
     if quantization is not None:
         quantized = sum(layer.weight.numel() for layer in found.quantizable)
         quantized_bytes = sum(quantized_layer_bytes(m, quantization) for m in found.quantizable)
+        quantized_codes = sum(quantized_codes_bytes(m, quantization) for m in found.quantizable)
         # bitsandbytes dequantises one layer's weight at a time, in the compute dtype
         workspace = max(m.weight.numel() for m in found.quantizable) * frozen_bytes
         notes.append(f"{int(quantized):,} frozen linear weights stored in {quantization}")
     frozen = found.total - found.trainable - quantized
     saved_bytes, recompute = found.saved.parts(gradient_checkpointing)
+    # What FSDP shards: every parameter, frozen or trainable (a quantised weight's packed codes,
+    # stored in a float dtype; its block constants stay whole on each process), and each
+    # trainable parameter's gradient and optimizer state. Buffers are not sharded.
+    sharded = frozen * frozen_bytes + quantized_codes + found.trainable * precision.weight
+    whole = quantized_bytes - quantized_codes + found.method_buffers
+    shards = gpus if sharding == "fsdp" else 1
+    gathered = 0.0
+    if sharding == "fsdp":
+        gathered = _gathered(found, pass_dtype(dtype, base_dtype).itemsize, quantization)
+        notes.append(
+            f"per process of {gpus}: weights, gradients and optimizer state sharded by FSDP; "
+            f"batch {found.batch_size} per process"
+        )
+    elif gpus > 1:
+        notes.append(f"per process of {gpus}: each holds the whole model (DDP); batch "
+                     f"{found.batch_size} per process")  # fmt: skip
     return MemoryEstimate(
         model=found.model,
         task=found.task,
@@ -177,12 +242,9 @@ def account(
         trainable_parameters=found.trainable,
         added_parameters=found.added,
         # The method's own buffers (index tables) live as long as the weights.
-        weights=frozen * frozen_bytes
-        + quantized_bytes
-        + found.trainable * precision.weight
-        + found.method_buffers,
-        gradients=found.trainable * precision.gradient,
-        optimizer=found.trainable * precision.optimizer,
+        weights=sharded / shards + whole,
+        gradients=found.trainable * precision.gradient / shards,
+        optimizer=found.trainable * precision.optimizer / shards,
         activations=saved_bytes,
         loss_workspace=2 * found.saved.logits * 4 if found.trainable else 0,
         recompute=recompute,
@@ -191,7 +253,26 @@ def account(
         base_dtype=base_dtype,
         attention=found.attention,
         notes=notes,
+        gpus=gpus,
+        sharding=sharding,
+        gathered=gathered,
     )
+
+
+def check_processes(gpus: int, sharding: str) -> None:
+    """Refuse a process count below one or a sharding the estimator does not know."""
+    check_sharding(sharding)
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise ConfigError(f"gpus must be a whole number of at least 1, got {gpus!r}.")
+
+
+def _gathered(found: Measurement, compute_bytes: int, quantization: str | None) -> float:
+    """FSDP2's working set of whole parameters: the root's own (kept gathered from the forward
+    pass to the end of the backward pass) and the largest layer's, in the compute dtype."""
+    if found.root is None:
+        return 0.0
+    layers = [b.gathered_bytes(compute_bytes, quantization) for b in found.blocks]
+    return found.root.gathered_bytes(compute_bytes, quantization) + max(layers, default=0.0)
 
 
 def estimate(
@@ -206,6 +287,8 @@ def estimate(
     attention: str = "fused",
     quantization: str | None = None,
     base_dtype: str | None = None,
+    gpus: int = 1,
+    sharding: str = "none",
 ) -> MemoryEstimate:
     """Estimate one training step's memory by part (weights, gradients, AdamW, activations).
 
@@ -215,10 +298,15 @@ def estimate(
     task: the task type (default: the model's usual one). base_dtype: how the frozen base is
     stored (fp32, bf16, fp16; default: as the precision says). quantization: "nf4" or "int8"
     stores the frozen linear weights of the base in 4 or 8 bits, whatever the method; a method
-    that changes the base's own weights is refused on a half-precision or quantised base."""
+    that changes the base's own weights is refused on a half-precision or quantised base.
+    gpus, sharding: the memory of each of `gpus` processes, each at `batch_size`, holding the
+    whole model ("none", DDP) or a shard of it ("fsdp"); a method that cannot be sharded is
+    refused with its record's reason."""
     check(dtype, base_dtype, quantization)
+    check_processes(gpus, sharding)
     config = meta.method_config(method)
     refuse_low_bit_base(method_for_config(config), base_dtype, quantization)
+    refuse_unshardable(method_for_config(config), sharding)
     found = measure(model, config, batch_size, seq_len, pass_dtype(dtype, base_dtype), task,
                     attention)  # fmt: skip
-    return account(found, dtype, gradient_checkpointing, base_dtype, quantization)
+    return account(found, dtype, gradient_checkpointing, base_dtype, quantization, gpus, sharding)

@@ -17,7 +17,9 @@ class MemoryEstimate:
     plus the loss-gradient buffers) and its end (every gradient; with gradient checkpointing also
     the layer inputs and the one layer being recomputed). Weights and optimizer state are live
     throughout. Gradients and activations are never all live at once: each layer's activations
-    are freed as its gradients are made."""
+    are freed as its gradients are made. With several processes every part is one process's:
+    with FSDP the weights, gradients and optimizer state are its shard, and both moments also
+    hold the parameters FSDP has gathered whole (`gathered`)."""
 
     model: str
     task: str
@@ -42,6 +44,9 @@ class MemoryEstimate:
     base_dtype: str | None = None  # a frozen weight's storage (None: the precision's own)
     attention: str = "fused"
     notes: list[str] = field(default_factory=list)
+    gpus: int = 1  # processes; every part is per process
+    sharding: str = "none"  # "fsdp": weights, gradients and optimizer state divided by gpus
+    gathered: float = 0.0  # fsdp: the root's parameters and the largest layer's, gathered whole
 
     @property
     def frozen_parameters(self) -> int:
@@ -57,8 +62,11 @@ class MemoryEstimate:
     def phases(self) -> dict[str, float]:
         """Memory beyond weights and optimizer state at the two candidate peaks."""
         return {
-            "backward start": self.activations + self.loss_workspace + self.workspace,
-            "backward end": self.gradients + self.recompute + self.workspace,
+            "backward start": self.activations
+            + self.loss_workspace
+            + self.workspace
+            + self.gathered,
+            "backward end": self.gradients + self.recompute + self.workspace + self.gathered,
         }
 
     @property
@@ -74,13 +82,13 @@ class MemoryEstimate:
     def as_dict(self) -> dict[str, Any]:
         """The estimate as plain data for JSON (bytes, plus GiB for reading)."""
         names = ("weights", "gradients", "optimizer", "activations", "loss_workspace", "recompute",
-                 "workspace")  # fmt: skip
+                 "workspace", "gathered")  # fmt: skip
         parts = {name: getattr(self, name) for name in names}
         parts["model_states"] = self.model_states
         parts["total"] = self.total
         settings = ("model", "task", "method", "label", "method_options", "precision",
                     "batch_size", "seq_len", "gradient_checkpointing", "quantization", "base_dtype",
-                    "attention",
+                    "attention", "gpus", "sharding",
                     "total_parameters", "trainable_parameters", "added_parameters")  # fmt: skip
         return {
             **{name: getattr(self, name) for name in settings},
@@ -95,6 +103,8 @@ class MemoryEstimate:
         checkpointing = ", gradient checkpointing" if self.gradient_checkpointing else ""
         quantized = f", {self.base_dtype} base" if self.base_dtype else ""
         quantized += f", {self.quantization} base layers" if self.quantization else ""
+        if self.sharding != "none" or self.gpus > 1:
+            quantized += f", per process of {self.gpus} ({self.sharding})"
         title = (
             f"{self.model} ({self.task}), {self.label}, {self.precision}{quantized}, batch "
             f"{self.batch_size} x {self.seq_len} tokens{checkpointing}"
@@ -115,6 +125,8 @@ class MemoryEstimate:
             rows.append(("recompute", gib(self.recompute)))
         if self.workspace:
             rows.append(("dequantisation", gib(self.workspace)))
+        if self.sharding == "fsdp":
+            rows.append(("gathered by FSDP", gib(self.gathered)))
         rows.append((f"peak ({self.peak_phase})", gib(self.total)))
         width = max(len(name) for name, _ in rows)
         lines = [title] + [f"  {name:<{width}}  {value:>14}" for name, value in rows]

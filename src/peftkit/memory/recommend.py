@@ -113,6 +113,7 @@ def _record(label: str, section: dict[str, Any], budget: int, settings: dict[str
     """One method's record: can it serve, the settings that fit, the first of them (or the
     smallest), its estimated peak and trainable count."""
     from peftkit.memory.settings import estimates, settings_for
+    from peftkit.memory.storage import refuse_unshardable
     from peftkit.registry import get_method
 
     record: dict[str, Any] = {
@@ -121,10 +122,12 @@ def _record(label: str, section: dict[str, Any], budget: int, settings: dict[str
         "measured": None, "setting": None, "settings_that_fit": [],
     }  # fmt: skip
     try:
-        tried = settings_for(get_method(section["name"]), settings["explore"], settings["fixed"])
+        method = get_method(section["name"])
+        refuse_unshardable(method, settings["sharding"])
+        tried = settings_for(method, settings["explore"], settings["fixed"])
         found = estimates(
             settings["model"], section, tried, settings["dtype"], settings["batch_size"],
-            settings["seq_len"], settings["task"],
+            settings["seq_len"], settings["task"], settings["gpus"], settings["sharding"],
         )  # fmt: skip
     except (PeftkitError, ValueError, TypeError, NotImplementedError) as error:
         refusal = str(error).splitlines()[0]
@@ -213,10 +216,12 @@ def _nothing_fits(serving: list[dict[str, Any]], budget: int, settings: dict[str
 def _check_settings(settings: dict[str, Any]) -> None:
     """Refuse an unknown dtype, a bad step shape, or a model without that task's form, once."""
     from peftkit.memory import meta
+    from peftkit.memory.estimate import check_processes
     from peftkit.memory.storage import PRECISIONS, check
 
     fixed = settings["fixed"]
     check(settings["dtype"], fixed.base_dtype, fixed.quantization)
+    check_processes(settings["gpus"], settings["sharding"])
     if settings["batch_size"] < 1 or settings["seq_len"] < 1:
         raise ConfigError(
             f"batch_size and seq_len must be at least 1: {settings['batch_size']}, "
@@ -240,18 +245,24 @@ def recommend(
     base_dtype: str | None = None,
     quantization: str | None = None,
     explore: bool = False,
+    gpus: int = 1,
+    sharding: str = "none",
 ) -> Recommendation:
     """The methods that fit `memory` for training `model` on `task`, best first, with reasons.
     With `explore`, each method is tried with every storage setting (memory/settings.py: the
     base in fp32, bf16, int8, nf4, each without and with gradient checkpointing) and the first
-    that fits is chosen; otherwise with the one given (base_dtype, quantization, checkpointing)."""
+    that fits is chosen; otherwise with the one given (base_dtype, quantization, checkpointing).
+    gpus, sharding: the budget is each of `gpus` processes' memory, each at `batch_size`,
+    holding the whole model ("none") or an FSDP shard ("fsdp": methods that cannot be sharded
+    are listed as not serving, with their record's reason)."""
     from peftkit.memory.settings import Setting
 
     budget = parse_memory(memory)
     fixed = Setting(base_dtype, quantization, gradient_checkpointing)
     settings = {"model": str(model), "task": task, "batch_size": batch_size,
                 "seq_len": seq_len, "dtype": dtype, "explore": explore, "fixed": fixed,
-                "gradient_checkpointing": gradient_checkpointing}  # fmt: skip
+                "gradient_checkpointing": gradient_checkpointing, "gpus": gpus,
+                "sharding": sharding}  # fmt: skip
     _check_settings(settings)
     names = _candidates(methods)
     found = measured_results.Measured()
@@ -269,8 +280,15 @@ def recommend(
         raise ConfigError(_nothing_fits(serving, budget, settings))
     storage = ("every storage setting, first that fits (fp32, bf16, int8, nf4 base; then with "
                "checkpointing)") if explore else fixed.label  # fmt: skip
+    processes = (
+        ""
+        if gpus == 1 and sharding == "none"
+        else (
+            f"; per process of {gpus} ({'FSDP-sharded' if sharding == 'fsdp' else 'whole model'})"
+        )
+    )
     notes = [f"budget {_size(budget)}; {model}, {task}, batch {batch_size} x {seq_len} tokens, "
-             f"{dtype} training, {storage}", *found.notes]  # fmt: skip
+             f"{dtype} training, {storage}{processes}", *found.notes]  # fmt: skip
     if measured:
         notes += _rank_measured(fitting, measured)
     else:

@@ -60,6 +60,8 @@ def estimates(
     batch_size: int,
     seq_len: int,
     task: str,
+    gpus: int = 1,
+    sharding: str = "none",
 ) -> list[tuple[Setting, MemoryEstimate]]:
     """One estimate per setting, from one meta-device pass per activation dtype."""
     passes: dict[Any, Measurement] = {}
@@ -70,7 +72,8 @@ def estimates(
             passes[activation] = measure(model, section, batch_size, seq_len, activation, task)
         try:
             estimate = account(passes[activation], dtype, setting.gradient_checkpointing,
-                               setting.base_dtype, setting.quantization)  # fmt: skip
+                               setting.base_dtype, setting.quantization, gpus,
+                               sharding)  # fmt: skip
         except TargetError:
             if len(settings) == 1:
                 raise

@@ -72,6 +72,21 @@ def refuse_low_bit_base(method: Any, base_dtype: str | None, quantization: str |
     refuse(method, quantization or base_dtype)
 
 
+def refuse_unshardable(method: Any, sharding: str) -> None:
+    """A method whose hooks read or rewrite whole weights cannot be sharded (its record says
+    why; the same refusal the plan makes for training.sharding)."""
+    from peftkit.api import refuse_unshardable as refuse
+
+    refuse(method, sharding)
+
+
+def quantized_codes_bytes(layer: nn.Module, kind: str) -> float:
+    """Bytes of one quantised weight's codes alone (4 or 8 bits a weight): what FSDP shards
+    when they are stored in a float dtype (bitsandbytes' quant_storage)."""
+    count = layer.weight.numel()
+    return count if kind == "int8" else count / 2
+
+
 def quantized_layer_bytes(layer: nn.Module, kind: str) -> float:
     """Bytes bitsandbytes stores for one layer's weight: NF4 with double-quantised block scales
     and its two code tables, or int8 with one fp32 scale per output row."""

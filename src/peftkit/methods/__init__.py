@@ -1,1 +1,2 @@
-"""One file per PEFT method, each ending with its Method record (see peftkit.registry)."""
+"""Method families, one package (or one file) each; its front file holds the Method record(s)
+that registry.py lists."""

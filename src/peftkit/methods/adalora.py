@@ -23,6 +23,7 @@ from torch import nn
 from peftkit.errors import ConfigError
 from peftkit.method import Method, TrainingHooks
 from peftkit.methods import lora
+from peftkit.methods.peft_tuners.base import check_saved_fields
 
 # Before training starts the step budget is unknown, but PEFT refuses a config without one.
 _PLACEHOLDER_STEPS = 1_000_000
@@ -260,6 +261,14 @@ def config_from_adapter(saved: dict[str, Any]) -> AdaLoraConfig:
     )
 
 
+def check_loaded(model: peft.PeftModel, saved: dict[str, Any]) -> None:
+    """Refuse, by name, a field of a saved AdaLoRA adapter_config.json the loaded model does not
+    carry (AdaLoraConfig has no peft_fields: PEFT's alpha_pattern, exclude_modules, bias and the
+    rest are refused rather than dropped). The rank pattern and the regulariser's weight are
+    read by this module itself."""
+    check_saved_fields(model, saved, own=frozenset({"rank_pattern", "orth_reg_weight"}))
+
+
 ADALORA = Method(
     name="adalora",
     config_cls=AdaLoraConfig,
@@ -274,4 +283,7 @@ ADALORA = Method(
     adapter_config=adapter_config,
     config_from_adapter=config_from_adapter,
     description="SVD-form LoRA whose rank budget falls on a schedule during training (HF PEFT)",
+    check_loaded=check_loaded,
+    shardable="its rank allocation reads every layer's whole adapter weights and gradients "
+    "after each backward pass and masks them in place (PEFT's update_and_allocate)",
 )

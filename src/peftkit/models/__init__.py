@@ -57,10 +57,51 @@ def _kept_unquantized(config: Any, task: TaskType) -> list[str]:
     return kept_modules(shape)
 
 
+# What a damaged local model folder lacks, by the step that failed on it.
+DAMAGE = {
+    "config": "has a config.json transformers cannot use",
+    "tokenizer": "holds no usable tokenizer",
+    "weights": "has weights that cannot be loaded (missing, truncated or damaged)",
+}
+REMEDY = {
+    "config": "It must be the model's complete config.json, naming a model_type transformers "
+    "knows.",
+    "tokenizer": "Copy the model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) "
+    "into the folder.",
+    "weights": "Copy the model's weight files (model.safetensors, ...) into the folder again.",
+}
+
+
+def _step(folder: Path | str, local: bool, step: str, make: Any) -> Any:
+    """Run one loading step; on a local folder, a failure becomes one clear error naming the
+    folder and what is wrong with it (hub ids keep transformers' own errors for load_model)."""
+    from peftkit.errors import PeftkitError
+
+    try:
+        return make()
+    except PeftkitError:
+        raise
+    except Exception as error:  # noqa: BLE001 - transformers, tokenizers and safetensors each raise their own
+        if not local:
+            raise
+        words = " ".join(str(error).split()) or type(error).__name__
+        reason = words if len(words) <= 160 else words[:157].rstrip() + "..."
+        raise ModelNotFoundError(
+            f"The model folder {folder} {DAMAGE[step]} ({reason}). {REMEDY[step]}"
+        ) from None
+
+
 def _from_folder(
-    folder: Path | str, task: TaskType, num_labels: int | None, storage: Storage
+    folder: Path | str,
+    task: TaskType,
+    num_labels: int | None,
+    storage: Storage,
+    local: bool = True,
+    with_tokenizer: bool = True,
 ) -> tuple[nn.Module, Any]:
-    """Model and tokenizer from a Hugging Face folder or id, in the dtype peftkit chose."""
+    """Model and tokenizer (None without `with_tokenizer`) from a Hugging Face folder or id, in
+    the dtype peftkit chose; a local folder that is damaged is refused with one error naming
+    what is wrong (_step)."""
     import transformers
 
     from peftkit.models.pooling import declared_pooling, install_mean_pooling
@@ -69,8 +110,12 @@ def _from_folder(
     kwargs: dict[str, Any] = {"trust_remote_code": False, "dtype": storage.dtype}
     if task.labels is not None:
         kwargs["num_labels"] = num_labels or 2
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    config = transformers.AutoConfig.from_pretrained(folder)
+    config = _step(folder, local, "config", lambda: transformers.AutoConfig.from_pretrained(folder))
+    tokenizer = None
+    if with_tokenizer:
+        tokenizer = _step(
+            folder, local, "tokenizer", lambda: transformers.AutoTokenizer.from_pretrained(folder)
+        )
     if task.labels is not None:
         config.num_labels = kwargs["num_labels"]
     if storage.quantize is not None:
@@ -79,7 +124,7 @@ def _from_folder(
         kept = _kept_unquantized(config, task)
         kwargs["quantization_config"] = quantization_config(storage.quantize, storage.dtype, kept)
     make = lambda: task.auto_class().from_pretrained(folder, **kwargs)  # noqa: E731
-    model = build(task, make, config.model_type)
+    model = _step(folder, local, "weights", lambda: build(task, make, config.model_type))
     if storage.quantize is not None:
         from peftkit.models.quantize import mark_quantized, prepare_quantized
 
@@ -91,7 +136,10 @@ def _from_folder(
 
 
 def _finish(model: nn.Module, tokenizer: Any) -> tuple[nn.Module, Any]:
-    """Give decoders a padding token, which batched classification and training need."""
+    """Give decoders a padding token, which batched classification and training need (nothing
+    to do without a tokenizer)."""
+    if tokenizer is None:
+        return model, tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
@@ -141,22 +189,34 @@ def load_model(
     seed: int = 0,
     dtype: str = "fp32",
     quantize: str | None = None,
+    with_tokenizer: bool = True,
 ) -> tuple[nn.Module, Any]:
     """Load (model, tokenizer) for a task type by bundled name, local folder, or hub id, its
     weights in `dtype` (fp32, bf16, fp16) whatever the checkpoint holds, and its linear layers
-    quantised when `quantize` is nf4 or int8 (docs/lowbit.md)."""
+    quantised when `quantize` is nf4 or int8 (docs/lowbit.md). Without `with_tokenizer` the
+    tokenizer is None and a folder needs no tokenizer files (a command that only rewrites
+    weights, such as convert)."""
     task_type = get_task_type(task)  # validates the task name before anything slow
     storage = storage_for(dtype, quantize)
     if name.startswith("tiny-"):
-        return _finish(_tiny(name, task_type, num_labels, seed, storage), tiny_tokenizer())
+        tokenizer = tiny_tokenizer() if with_tokenizer else None
+        return _finish(_tiny(name, task_type, num_labels, seed, storage), tokenizer)
     if name in BUNDLED_FOLDERS:
-        return _finish(*_from_folder(BUNDLED_FOLDERS[name](), task_type, num_labels, storage))
+        folder = BUNDLED_FOLDERS[name]()
+        return _finish(
+            *_from_folder(folder, task_type, num_labels, storage, with_tokenizer=with_tokenizer)
+        )
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise ModelNotFoundError(f"{name} is a folder but holds no config.json.")
-        return _finish(*_from_folder(name, task_type, num_labels, storage))
+        return _finish(
+            *_from_folder(name, task_type, num_labels, storage, with_tokenizer=with_tokenizer)
+        )
     try:
-        return _finish(*_from_folder(name, task_type, num_labels, storage))
+        return _finish(
+            *_from_folder(name, task_type, num_labels, storage, local=False,
+                          with_tokenizer=with_tokenizer)
+        )  # fmt: skip
     except OSError as error:
         raise ModelNotFoundError(
             f"Model '{name}' is not a bundled name, not a local folder, and could not be loaded "

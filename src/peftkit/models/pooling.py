@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.io import write_json_atomically
+
 POOLING_FILE = Path("1_Pooling") / "config.json"
 
 
@@ -84,7 +86,6 @@ def write_pooling_config(folder: Path | str, hidden_size: int) -> Path:
     """Write 1_Pooling/config.json so that peftkit (and sentence-transformers) pool by the mean
     when they load a merged model from `folder`."""
     path = Path(folder) / POOLING_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
     config = {
         "word_embedding_dimension": hidden_size,
         "pooling_mode_cls_token": False,
@@ -92,5 +93,4 @@ def write_pooling_config(folder: Path | str, hidden_size: int) -> Path:
         "pooling_mode_max_tokens": False,
         "pooling_mode_mean_sqrt_len_tokens": False,
     }
-    path.write_text(json.dumps(config, indent=2) + "\n")
-    return path
+    return write_json_atomically(path, config)

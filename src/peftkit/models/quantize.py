@@ -12,7 +12,6 @@ adapter is merged onto."""
 from __future__ import annotations
 
 import importlib
-import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -32,9 +31,7 @@ _RUNS: dict[tuple[str, str], bool] = {}
 
 def bitsandbytes() -> Any:
     """The bitsandbytes module, or a ConfigError saying how to install it."""
-    # bitsandbytes warns at import that an optional CPU inference kernel (fetched from the hub by
-    # the `kernels` package) is absent; peftkit does not use that path (see finish_quantized).
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # (Its import-time warning about the `kernels` package is silenced in peftkit/__init__.py.)
     try:
         return importlib.import_module("bitsandbytes")
     except ImportError as error:

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from peftkit import io, registry
+from peftkit.api import read_info
 from peftkit.errors import PeftkitError
 from peftkit.serve.engine import Engine
 from peftkit.serve.errors import ServeError, unknown_model
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_PATH = 1024  # characters of a run-time adapter path
 
 
 def adapter_folder(path: Path) -> Path:
@@ -35,6 +37,7 @@ class AdapterSet:
         self.engine, self.base_name = engine, base_name
         self.root = Path(root).resolve() if root is not None else None
         self.loaded: dict[str, Path] = {}
+        self.tasks: dict[str, str | None] = {}  # the task each adapter was tuned for (peftkit.json)
         self.busy: set[str] = set()  # names being loaded or unloaded
         self.lock = threading.Lock()
 
@@ -56,22 +59,52 @@ class AdapterSet:
         raise unknown_model(model, self.model_ids())
 
     def confined(self, path: str) -> Path:
-        """A run-time adapter path, resolved inside the adapter directory (else 400 / 403)."""
+        """A run-time adapter path, resolved inside the adapter directory (else 400 / 403): the
+        folder given, the adapter/ folder inside a run folder and every file in the adapter
+        folder, each with its symbolic links followed."""
         if self.root is None:
             raise ServeError(
                 "Loading adapters at run time is off: start the server with --adapter-dir DIR.",
                 status=403,
                 code="adapter_loading_disabled",
             )
-        folder = (self.root / path).resolve()
-        if not folder.is_relative_to(self.root):
+        if "\x00" in path or len(path) > MAX_PATH:
             raise ServeError(
-                f"The path '{path}' leads outside the adapter directory; give a folder inside "
-                "it (relative to it).",
+                f"The adapter path must be at most {MAX_PATH} characters without NUL bytes.",
+                param="path",
+                code="invalid_path",
+            )
+        folder = self.inside(adapter_folder(self.inside(self.root / path, path)), path)
+        try:  # every file a load may read (config, weights, peftkit.json...) must stay inside too
+            entries = list(folder.iterdir()) if folder.is_dir() else []
+        except OSError as error:
+            raise ServeError(
+                f"The adapter folder cannot be read: {error}", param="path", code="invalid_path"
+            ) from None
+        for entry in entries:
+            self.inside(entry, f"{path}/{entry.name}")
+        return folder
+
+    def inside(self, path: Path, given: str) -> Path:
+        """`path` resolved, symbolic links followed, if it lies in the adapter directory."""
+        try:
+            resolved = path.resolve()
+            resolved.exists()  # a name too long for the file system raises here
+        except (OSError, RuntimeError, ValueError) as error:  # a link loop, a name too long...
+            raise ServeError(
+                f"The adapter path '{given[:200]}' cannot be resolved: "
+                f"{type(error).__name__}: {str(error)[:200]}",
+                param="path",
+                code="invalid_path",
+            ) from None
+        if not resolved.is_relative_to(self.root):
+            raise ServeError(
+                f"The path '{given[:200]}' leads outside the adapter directory; give a folder "
+                "inside it (relative to it).",
                 param="path",
                 code="path_outside_adapter_dir",
             )
-        return folder
+        return resolved
 
     def load(self, name: str, folder: str | Path) -> Future:
         """Start loading the adapter in `folder` as `name`; the future settles when it serves."""
@@ -84,6 +117,10 @@ class AdapterSet:
             )
         folder = adapter_folder(Path(folder))
         record = self._record(folder)
+        try:
+            task = read_info(folder).get("task")
+        except PeftkitError:  # an unreadable peftkit.json: the task is unknown, nothing worse
+            task = None
         with self.lock:
             if name in self.loaded or name in self.busy:
                 raise ServeError(f"An adapter named '{name}' is already loaded.", 409, "exists")
@@ -100,6 +137,7 @@ class AdapterSet:
                 self.busy.discard(name)
                 if future.exception() is None:
                     self.loaded[name] = folder
+                    self.tasks[name] = task
 
         future = engine.call(run)
         future.add_done_callback(settle)
@@ -122,6 +160,7 @@ class AdapterSet:
                 self.busy.discard(name)
                 if future.exception() is None:
                     del self.loaded[name]
+                    self.tasks.pop(name, None)
 
         future = engine.call(run, ready=lambda: not engine.uses(name))
         future.add_done_callback(settle)

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from peftkit.serve import handling
@@ -109,30 +109,37 @@ def build_app(service: handling.Service, max_body_bytes: int) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        ids = service.adapters.model_ids()
-        cards = [model_card(ids[0], None)] + [model_card(i, ids[0]) for i in ids[1:]]
+        ids, tasks = service.adapters.model_ids(), service.adapters.tasks
+        cards = [model_card(ids[0], None)] + [
+            model_card(i, ids[0], tasks.get(i.partition(":")[2])) for i in ids[1:]
+        ]
         return {"object": "list", "data": cards}
 
-    async def answer(request: CompletionRequest | ChatRequest) -> Any:
-        accepted = handling.Request(service, request)
+    async def answer(request: CompletionRequest | ChatRequest, http: Request) -> Any:
+        # Tokenising runs on a worker thread: the event loop keeps answering (health checks,
+        # other streams) while a long prompt is tokenised.
+        prepared = await asyncio.to_thread(handling.prepare, service, request)
+        accepted = handling.Request(service, request, prepared)
         if accepted.stream:
             return StreamingResponse(accepted.event_stream(), media_type="text/event-stream")
-        return await accepted.response()
+        return await unless_disconnected(accepted, http)
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest) -> Any:
-        return await answer(request)
+    async def completions(request: CompletionRequest, http: Request) -> Any:
+        return await answer(request, http)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatRequest) -> Any:
-        return await answer(request)
+    async def chat_completions(request: ChatRequest, http: Request) -> Any:
+        return await answer(request, http)
 
     @app.post("/v1/adapters")
     async def load_adapter(request: AdapterRequest) -> dict[str, Any]:
         folder = service.adapters.confined(request.path)
         await settled(service.adapters.load(request.name, folder))
         return model_card(
-            f"{service.adapters.base_name}:{request.name}", service.adapters.base_name
+            f"{service.adapters.base_name}:{request.name}",
+            service.adapters.base_name,
+            service.adapters.tasks.get(request.name),
         )
 
     @app.delete("/v1/adapters/{name}")
@@ -142,6 +149,29 @@ def build_app(service: handling.Service, max_body_bytes: int) -> FastAPI:
         return {"id": model, "object": "model", "deleted": True}
 
     return app
+
+
+async def unless_disconnected(accepted: handling.Request, http: Request) -> Any:
+    """The whole response; if the client leaves first, its rows are cancelled (the engine drops
+    them before their next step) and nothing is sent. A client that times out and retries would
+    otherwise leave each try decoding to its end."""
+    work = asyncio.ensure_future(accepted.response())
+    gone = asyncio.ensure_future(disconnected(http))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not work.done():
+        work.cancel()  # response() cancels the rows as it unwinds
+        accepted.cancel()
+        return Response(status_code=499)  # nginx's "client closed request"; no one reads it
+    return work.result()
+
+
+async def disconnected(http: Request) -> None:
+    """Return once the client has closed its connection."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def settled(future: Any) -> Any:

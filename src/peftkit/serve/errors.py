@@ -44,7 +44,9 @@ def default_kind(status: int) -> str:
 def error_body(
     message: str, kind: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
-    """{"error": {message, type, param, code}}."""
+    """{"error": {message, type, param, code}}; text that has no UTF-8 form (a lone surrogate
+    echoed from a request) is escaped, so the body can always be sent."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 

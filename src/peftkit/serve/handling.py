@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from peftkit.decoding.prompts import to_token_ids
@@ -25,7 +26,9 @@ from peftkit.serve.protocol import (
     ChatRequest,
     CompletionRequest,
     Decoding,
+    chat_logprobs,
     choice,
+    completion_logprobs,
     envelope,
     new_id,
     refuse_unsupported,
@@ -46,6 +49,8 @@ class Service:
     max_tokens: int  # the most tokens one request may ask for
     context: int  # prompt + completion tokens a row may hold
     default_tokens: int = 16  # max_tokens of a completion that names none (OpenAI's default)
+    # One tokenisation at a time: fast tokenizers refuse concurrent use ("Already borrowed").
+    tokenizing: threading.Lock = field(default_factory=threading.Lock)
 
     def prompts(self, request: CompletionRequest | ChatRequest) -> list[list[int]]:
         """The request's prompts as token ids (a completion may hold several)."""
@@ -104,6 +109,10 @@ class Service:
                 param="messages" if isinstance(request, ChatRequest) else "prompt",
                 code="context_length_exceeded",
             )
+        if isinstance(request, ChatRequest):
+            logprobs, echo = (request.top_logprobs or 0) if request.logprobs else None, False
+        else:
+            logprobs, echo = request.logprobs, request.echo
         return Sampling(
             max_tokens=wanted,
             temperature=request.temperature,
@@ -112,18 +121,41 @@ class Service:
             stop=request.stop_strings(),
             ignore_eos=request.ignore_eos,
             proxy_alpha=request.proxy_alpha,
+            logprobs=logprobs,
+            echo=echo,
         )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a request becomes before it is queued: its adapter, prompt ids and settings."""
+
+    adapter: str | None
+    prompts: list[list[int]]
+    sampling: Sampling
+
+
+def prepare(service: Service, request: CompletionRequest | ChatRequest) -> Prepared:
+    """Every check and the tokenisation (run on a worker thread: a 1 MB prompt takes seconds)."""
+    adapter = service.adapters.resolve(request.model)
+    with service.tokenizing:
+        prompts = service.prompts(request)
+    return Prepared(adapter, prompts, service.sampling(request, prompts))
 
 
 class Request:
     """One accepted request: its rows in the engine and the queue their events arrive on."""
 
-    def __init__(self, service: Service, request: CompletionRequest | ChatRequest) -> None:
+    def __init__(
+        self,
+        service: Service,
+        request: CompletionRequest | ChatRequest,
+        prepared: Prepared | None = None,
+    ) -> None:
         self.chat = isinstance(request, ChatRequest)
         self.model = request.model
-        adapter = service.adapters.resolve(request.model)
-        prompts = service.prompts(request)
-        sampling = service.sampling(request, prompts)
+        prepared = prepared or prepare(service, request)
+        adapter, prompts, sampling = prepared.adapter, prepared.prompts, prepared.sampling
         self.stream = request.stream
         self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
         self.id = new_id("chatcmpl" if self.chat else "cmpl")
@@ -138,10 +170,37 @@ class Request:
 
             return emit
 
+        # n choices per prompt, in OpenAI's order; with a seed, choice j samples with seed + j.
+        n = self.n = request.n
         self.rows = [
-            Row(ids, adapter, sampling, outbox(i), deadline) for i, ids in enumerate(prompts)
+            Row(ids, adapter, choice_sampling(sampling, j), outbox(i * n + j), deadline)
+            for i, ids in enumerate(prompts)
+            for j in range(n)
         ]
+        self.tokenizer = service.tokenizer
+        given = request.prompt if isinstance(request, CompletionRequest) else None
+        texts = given if isinstance(given, list) and given and isinstance(given[0], str) else None
+        # What echo puts before each choice's text: the prompt as sent (ids: decoded).
+        self.echoed = [
+            (texts[i] if texts else given if isinstance(given, str) else self.decode(ids))
+            if sampling.echo else ""
+            for i, ids in enumerate(prompts)
+            for _ in range(n)
+        ]  # fmt: skip
         service.engine.submit(self.rows)
+
+    def decode(self, ids: Any) -> str:
+        """Token ids (or one id) as text."""
+        return self.tokenizer.decode([ids] if isinstance(ids, int) else ids)
+
+    def logprobs(self, index: int) -> dict[str, Any] | None:
+        """Choice `index`'s logprobs in the endpoint's shape (None: not asked for)."""
+        row = self.rows[index]
+        if row.sampling.logprobs is None:
+            return None
+        if self.chat:
+            return chat_logprobs(self.decode, row.logprobs)
+        return completion_logprobs(self.decode, [*row.prompt_logprobs, *row.logprobs])
 
     def cancel(self) -> None:
         """The client left (or the response is complete): the engine drops the rows."""
@@ -150,7 +209,7 @@ class Request:
 
     def usage(self) -> dict[str, int]:
         """Token counts over the request's rows."""
-        prompt = sum(len(row.prompt) for row in self.rows)
+        prompt = sum(len(row.prompt) for row in self.rows[:: self.n])  # each prompt once
         return usage(prompt, sum(row.generated for row in self.rows))
 
     async def response(self) -> dict[str, Any]:
@@ -170,9 +229,12 @@ class Request:
             self.cancel()
         body = envelope(self.chat, False, self.id, self.model, self.created)
         body["choices"] = [
-            choice(self.chat, i, text, reason, None if self.chat else False)
+            choice(
+                self.chat, i, self.echoed[i] + text, reason, None if self.chat else False,
+                self.logprobs(i),
+            )
             for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))
-        ]
+        ]  # fmt: skip
         body["usage"] = self.usage()
         return body
 
@@ -205,6 +267,13 @@ class Request:
             yield "data: [DONE]\n\n"
         finally:
             self.cancel()
+
+
+def choice_sampling(sampling: Sampling, j: int) -> Sampling:
+    """The settings of a prompt's choice j (n > 1): its own seed, seed + j, when one is given."""
+    if j == 0 or sampling.seed is None:
+        return sampling
+    return replace(sampling, seed=(sampling.seed + j) % 2**64)
 
 
 def sse(body: dict[str, Any]) -> str:

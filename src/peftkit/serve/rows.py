@@ -35,6 +35,8 @@ class Row:
     last_token: int | None = None
     finished: bool = False
     cancelled: bool = False
+    logprobs: list[Any] = field(default_factory=list)  # per generated token (sampling.logprobs)
+    prompt_logprobs: list[Any] = field(default_factory=list)  # per prompt token (echo)
     submitted: float = field(default_factory=time.monotonic)
 
     def take(self, token: int, stops: set[int]) -> None:

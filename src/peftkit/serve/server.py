@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.decoding.proxy_options import check_proxy_flags
-from peftkit.errors import ConfigError
+from peftkit.errors import ConfigError, PeftkitError
 from peftkit.serve.engine import Engine, Limits
 from peftkit.serve.handling import Service
 from peftkit.serve.proxy_rows import ProxyPair
@@ -35,6 +35,7 @@ class ServeOptions:
     max_tokens: int = 512
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     timeout: float = 300.0
+    max_prefill_tokens: int = 512  # prompt tokens run per engine turn (chunked prefill)
     max_body_bytes: int = 1_000_000
     proxy_expert: str | None = None
     proxy_expert_adapter: str | None = None
@@ -45,7 +46,8 @@ class ServeOptions:
     def __post_init__(self) -> None:
         positive = {"max_batch": self.max_batch, "max_queue": self.max_queue,
                     "max_tokens": self.max_tokens, "timeout": self.timeout,
-                    "max_body_bytes": self.max_body_bytes}  # fmt: skip
+                    "max_body_bytes": self.max_body_bytes,
+                    "max_prefill_tokens": self.max_prefill_tokens}  # fmt: skip
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be above 0, got {value}.")
@@ -90,16 +92,18 @@ def build(options: ServeOptions) -> Service:
     proxy = load_proxy(options, options.device)
     if proxy is not None:
         proxy.check(model, tokenizer)
-    limits = Limits(options.max_batch, options.max_queue, options.timeout)
+    limits = Limits(
+        options.max_batch, options.max_queue, options.timeout, options.max_prefill_tokens
+    )
     engine = Engine(model, tokenizer, limits, proxy)
     engine.start()
     adapters = AdapterSet(engine, options.served_name or options.model, options.adapter_dir)
     try:
         for name, folder in options.adapters.items():
             adapters.load(name, folder).result()
-    except ServeError as error:
+    except (ServeError, PeftkitError) as error:  # the adapter's fault: said as a flag's error
         engine.stop()
-        raise ConfigError(f"--adapter {name}={folder}: {error.message}") from None
+        raise ConfigError(f"--adapter {name}={folder}: {error}") from None
     except Exception:
         engine.stop()
         raise

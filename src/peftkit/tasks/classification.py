@@ -45,9 +45,38 @@ def with_text(rows: Rows, task: TaskConfig) -> Rows:
     return [row for row in rows if not is_blank(row.get(task.text_column))]
 
 
+def label_name(value: Any) -> str:
+    """A label cell as its class name: surrounding spaces stripped, and a whole number the same
+    whatever its type (JSON 1, 1.0 and "1", CSV 1 and " 1" are one class, "1")."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
 def labels(task: TaskConfig, rows: Rows) -> list[str]:
     """The sorted class names found in the training rows that have text (the rows it trains on)."""
-    return sorted({str(row[task.label_column]) for row in with_text(rows, task)})
+    return sorted({label_name(row[task.label_column]) for row in with_text(rows, task)})
+
+
+def report_respelt_labels(task: TaskConfig, rows: Rows) -> None:
+    """Say (on stderr) which label spellings were read as one class by label_name, if any."""
+    import sys
+
+    respelt: dict[str, set[str]] = {}
+    for row in rows:
+        raw = row[task.label_column]
+        if str(raw) != label_name(raw):
+            respelt.setdefault(label_name(raw), set()).add(repr(raw))
+    if respelt:
+        examples = "; ".join(
+            f"{', '.join(sorted(spellings))} as {name!r}"
+            for name, spellings in sorted(respelt.items())[:5]
+        )
+        print(
+            f"peftkit: note: labels are read with surrounding spaces stripped and whole numbers "
+            f"as integers: {examples}",
+            file=sys.stderr,
+        )
 
 
 def features(rows: Rows, tokenizer: Any, task: TaskConfig, names: list[str]) -> Features:
@@ -57,7 +86,11 @@ def features(rows: Rows, tokenizer: Any, task: TaskConfig, names: list[str]) -> 
         [str(row[task.text_column]) for row in rows], truncation=True, max_length=task.max_length
     )
     return [
-        {"input_ids": ids, "attention_mask": mask, "labels": index[str(row[task.label_column])]}
+        {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": index[label_name(row[task.label_column])],
+        }
         for ids, mask, row in zip(
             encoded["input_ids"], encoded["attention_mask"], rows, strict=True
         )
@@ -81,7 +114,8 @@ def prepare(task: TaskConfig, tokenizer: Any, train: Rows, held_out: Rows) -> Ta
     names = labels(task, train)
     if len(names) < 2:
         raise DataError(f"Classification needs at least 2 labels; the training data has {names}.")
-    unseen = sorted({str(row[task.label_column]) for row in held_out} - set(names))
+    report_respelt_labels(task, train + held_out)
+    unseen = sorted({label_name(row[task.label_column]) for row in held_out} - set(names))
     if unseen:
         raise DataError(
             f"Held-out labels {unseen} never occur in the training data (labels: {names})."

@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 from dataclasses import dataclass, field
 
+from peftkit.checks import check_task_numbers
 from peftkit.config import nearest
 from peftkit.errors import ConfigError
 
@@ -86,6 +87,7 @@ class TaskConfig:
                 f"task.encoding {self.encoding!r} is not a text encoding Python knows; use a name "
                 "such as utf-8, latin-1 or cp1252."
             ) from None
+        check_task_numbers(self)  # the other numbers: finite, in range (checks.py)
 
 
 # The preference objectives peftkit trains through TRL (training/preference.py), and the DPO loss

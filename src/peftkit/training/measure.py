@@ -103,7 +103,8 @@ def optimizer_state_bytes(optimizer: Any) -> int:
     for state in optimizer.state.values():
         for value in state.values():
             if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
+                local = value.to_local() if hasattr(value, "to_local") else value  # a shard
+                total += local.numel() * local.element_size()
     return total
 
 

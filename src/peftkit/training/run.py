@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,13 +25,21 @@ from transformers import TrainingArguments, set_seed
 
 import peftkit.api as api
 from peftkit.data.collate import Collator
-from peftkit.errors import ConfigError
+from peftkit.errors import ConfigError, OutputError, PeftkitError
 from peftkit.io import write_text_atomically
 from peftkit.models import load_model, storage_for
 from peftkit.models.precision import stored_bytes
 from peftkit.plan import Plan
 from peftkit.recipe import Recipe, save_recipe
-from peftkit.run_folder import check_output_dir, discard_previous, set_aside_earlier_run
+from peftkit.run_folder import (
+    TRAINING_ENTRIES,
+    check_output_dir,
+    discard_previous,
+    record_entries,
+    set_aside_earlier_run,
+    settle_entries,
+    write_failure,
+)
 from peftkit.tasks.base import BuiltTrainer, TaskData, TrainerParts, read_split
 from peftkit.training.checkpoints import (
     CheckpointCallback,
@@ -54,6 +63,7 @@ from peftkit.training.measure import (
     peak_memory_bytes,
 )
 from peftkit.training.memory_probe import TensorMemoryProbe
+from peftkit.training.sharding import rebuilt_model, refuse_unsupported, shard, sharded
 from peftkit.training.summary_table import format_summary
 from peftkit.training.trainer import HooksCallback, PeftkitTrainer
 
@@ -115,12 +125,61 @@ def load_for_plan(plan: Plan) -> tuple[Any, Any, TaskData]:
         recipe.model, recipe.task.type, num_labels=len(labels) if labels else None,
         seed=recipe.training.seed, dtype=recipe.base.dtype, quantize=recipe.base.quantize,
     )  # fmt: skip
+    check_max_length(recipe.task.max_length, model, recipe.model)
     data = task_type.prepare(recipe.task, tokenizer, train_rows, eval_rows)
     if data.labels:
         # Name the classes in the model config, so a merged model's predictions are readable.
         model.config.id2label = dict(enumerate(data.labels))
         model.config.label2id = {name: i for i, name in enumerate(data.labels)}
     return model, tokenizer, data
+
+
+def check_max_length(max_length: int, model: Any, model_name: str) -> None:
+    """Refuse a task.max_length beyond the model's table of learned positions (BERT, GPT-2:
+    the first forward pass would fail); rotary or relative positions (Llama, T5) take any."""
+    config = model.config
+    size = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    words = model.get_input_embeddings()
+    tables = [
+        module
+        for module in model.modules()
+        if isinstance(module, torch.nn.Embedding)
+        and module is not words
+        and module.num_embeddings == size
+    ]
+    if not tables:
+        return
+    offset = tables[0].padding_idx  # RoBERTa's positions start after its padding index
+    positions = size - (offset + 1 if offset is not None else 0)
+    if max_length > positions:
+        raise ConfigError(
+            f"task.max_length is {max_length}, but model {model_name} has learned positions for "
+            f"only {positions} tokens. Set task.max_length to {positions} or less."
+        )
+
+
+@contextlib.contextmanager
+def naming_write_failures(what: str, after: str, output: Path | None = None) -> Iterator[None]:
+    """Turn a failed write in the block (disk full, read-only, ...: torch's, safetensors' or the
+    OS's error) into one OutputError naming what was being written, the cause and what is kept;
+    with `output`, checkpoints left half-built in its staging folder are removed first."""
+    try:
+        yield
+    except PeftkitError:
+        raise
+    except Exception as error:
+        cause = write_failure(error)
+        if cause is None:
+            raise
+        if output is not None:
+            for partial in staging_root(output).glob("checkpoint-*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        raise OutputError(f"{what} failed: {cause}. {after}") from None
+
+
+def _previous_note(previous: Path | None) -> str:
+    """Where --overwrite's earlier run waits, for an error message ('' without one)."""
+    return f" The earlier run is kept, whole, in {previous}." if previous else ""
 
 
 def logs_folder(output: Path) -> Path:
@@ -157,10 +216,37 @@ def check_reporter_installed(name: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def process_settings_kept() -> Iterator[None]:
+    """Put torch's thread count and the random generators (Python's, NumPy's, torch's CPU one)
+    back as they were: a run sets them for itself (training.threads, training.seed), and a
+    caller in the same process (a notebook, the test suite) must not inherit them."""
+    import random
+
+    import numpy
+
+    threads = torch.get_num_threads()
+    states = random.getstate(), numpy.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        random.setstate(states[0])
+        numpy.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
 def run(plan: Plan, resume: str | bool | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train the plan's method on its task; write adapter, recipe and summary.json. `resume`:
     True or "latest" for the run's newest checkpoint, or a checkpoint folder. A folder holding
-    an earlier run is refused unless resumed, or replaced with `overwrite` (run_folder.py)."""
+    an earlier run is refused unless resumed, or replaced with `overwrite` (run_folder.py).
+    The process's thread count and random states are as before once it returns or raises."""
+    with process_settings_kept():
+        return _run(plan, resume, overwrite)
+
+
+def _run(plan: Plan, resume: str | bool | None, overwrite: bool) -> dict[str, Any]:
+    """run()'s work, with the process settings it changes put back by run()."""
     recipe = plan.recipe
     output = plan.output
     main_process = is_main_process()
@@ -192,6 +278,9 @@ def run(plan: Plan, resume: str | bool | None = None, overwrite: bool = False) -
     method = api.applied(model)
     hooks = method.method.training_hooks(model, method.config)
     refuse_unsupported_sharding(method.method.name, hooks, recipe, resume)
+    if main_process:  # what this run writes is recorded first: --overwrite moves only that
+        record_entries(output, TRAINING_ENTRIES)
+    refuse_unsupported(recipe, resume)  # training.sharding: fsdp
     args = training_arguments(recipe, output)  # under torchrun this joins the process group
     prepare_seconds = 0.0
     if hooks.prepare is not None and checkpoint is None:
@@ -206,6 +295,8 @@ def run(plan: Plan, resume: str | bool | None = None, overwrite: bool = False) -
     counts = api.summary(model)
     if main_process:
         print(counts)
+    if sharded(recipe):  # after prepare: the method's hooks saw whole weights
+        shard(model, recipe.training.precision)
 
     train_collator = Collator(tokenizer.pad_token_id)  # counts only training tokens
     probe = TensorMemoryProbe()  # training memory at the allocator, over the first steps (CPU)
@@ -238,9 +329,19 @@ def run(plan: Plan, resume: str | bool | None = None, overwrite: bool = False) -
             )
     trainer = built.trainer
     peak_before = peak_memory_bytes()  # TrainingMemory resets the kernel's high-water mark
-    with TrainingMemory() as training_memory:  # the loop alone: not loading, not evaluation
+    kept = (
+        "Complete checkpoints written before it are kept; once the cause is fixed, --resume "
+        "continues from the newest." + _previous_note(previous)
+    )
+    with (
+        naming_write_failures(f"Writing a checkpoint into {output / 'checkpoints'}", kept, output),
+        TrainingMemory() as training_memory,  # the loop alone: not loading, not evaluation
+    ):
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    model = gathered_model(trainer, recipe, method.config)
+    if sharded(recipe):
+        model = rebuilt_model(model, recipe, method.config, trainer.is_world_process_zero())
+    else:
+        model = gathered_model(trainer, recipe, method.config)
     if model is None:  # not the main process: it trained its share; the main one reports
         return {}
     train_seconds = float(result.metrics["train_runtime"])
@@ -250,8 +351,12 @@ def run(plan: Plan, resume: str | bool | None = None, overwrite: bool = False) -
     adapter_dir = output / "adapter"
     info = {"base_model": recipe.model, "task": recipe.task.type, "labels": data.labels,
             "base_dtype": recipe.base.dtype, "quantize": recipe.base.quantize}  # fmt: skip
-    api.save(model, adapter_dir, info=info)
-    save_recipe(recipe, output / "recipe.yaml")
+    with naming_write_failures(
+        f"Saving the adapter into {adapter_dir}",
+        "No half-written adapter was left." + _previous_note(previous),
+    ):
+        api.save(model, adapter_dir, info=info)
+        save_recipe(recipe, output / "recipe.yaml")
     summary = {
         "method": plan.method.name,
         "model": recipe.model,
@@ -270,6 +375,7 @@ def run(plan: Plan, resume: str | bool | None = None, overwrite: bool = False) -
         "prepare_seconds": prepare_seconds,
         "steps": result.global_step,
         "processes": args.world_size,
+        "sharding": recipe.training.sharding if args.world_size > 1 else "none",
         "resumed_from": str(checkpoint) if checkpoint else None,
         "final_train_loss": float(result.training_loss),
         "metric": metric,
@@ -286,7 +392,12 @@ def run(plan: Plan, resume: str | bool | None = None, overwrite: bool = False) -
         "adapter_dir": str(adapter_dir),
         **built.notes,  # what a task type's own trainer says (preference: its reference model)
     }
-    write_text_atomically(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    with naming_write_failures(
+        f"Writing {output / 'summary.json'}",
+        f"The adapter in {adapter_dir} is complete." + _previous_note(previous),
+    ):
+        write_text_atomically(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    settle_entries(output)
     discard_previous(previous)  # the new run is complete: the one it replaces can go
     print(format_summary(summary))
     print(f"wrote {output / 'summary.json'} and the adapter in {adapter_dir}")

@@ -10,10 +10,17 @@ from typing import Any
 import gradio as gr
 
 from peftkit.ui.jobs import JobSlots, cli_command
-from peftkit.ui.widgets import guarded
+from peftkit.ui.progress import clean_output
+from peftkit.ui.widgets import error_line, escape_markdown, guarded
 from peftkit.ui.workspace import Workspace, WorkspaceError
 
 LOG_NAME = "ui-compare.log"
+NO_PLANS_HINT = (
+    "No compare plan found. A plan is a YAML file with `recipe` (a recipe file, relative to the "
+    "plan) and `methods` (a list of method sections): put one into the workspace or its "
+    "`plans/` folder (or start `peftkit ui` in a folder with `recipes/compare-*.yaml`), then "
+    "come back to this tab."
+)
 
 
 def plan_labels(path: Path) -> list[str]:
@@ -38,13 +45,21 @@ def start_compare(
 
     if not labels:
         raise WorkspaceError("Pick at least one method of the plan to compare.")
-    output = workspace.run_folder(output_name)
+    output = workspace.run_folder(output_name, "Results folder")
     entries = [entry for entry in load_plan(plan).entries if entry.label in labels]
     refuse_earlier_results(entries, output, overwrite)
     command = cli_command("compare", str(plan), "--output-dir", str(output), "--methods", *labels)
     command += ["--quick"] * quick + ["--overwrite"] * overwrite
     output.mkdir(parents=True, exist_ok=True)
     return slots.start("compare", command, output / LOG_NAME)
+
+
+def plan_choice(names: list[str], current: str | None) -> tuple[str | None, str]:
+    """The plan to show (the current one while it is there, else the first) and, with none found,
+    what a plan is and where to put one."""
+    if not names:
+        return None, NO_PLANS_HINT
+    return (current if current in names else names[0]), ""
 
 
 def result_view(folder: Path) -> tuple[str, str | None]:
@@ -56,25 +71,23 @@ def result_view(folder: Path) -> tuple[str, str | None]:
     return format_table(results), str(chart) if chart.is_file() else None
 
 
-def build(workspace: Workspace, slots: JobSlots, plans_folder: Path | None) -> None:
-    """The page's widgets and events (inside a gr.Tab)."""
-    plans = workspace.plans(plans_folder)
-    first = next(iter(plans), None)
+def build(
+    workspace: Workspace, slots: JobSlots, plans_folder: Path | None, shown: list[Any]
+) -> None:
+    """The page's widgets and events (inside a gr.Tab); `shown` are the events that show it (the
+    page loading, its tab chosen), on which the plans and earlier comparisons are read again."""
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             with gr.Row():
                 plan = gr.Dropdown(
-                    list(plans),
-                    value=first,
+                    [],
                     label="compare plan",
                     elem_id="compare-plan",
                     info="plans (YAML with recipe and methods) in the workspace or its plans/ "
                     "folder, then the project's recipes/",
                 )
                 refresh = gr.Button("Refresh", elem_id="compare-refresh", scale=0)
-            found = plan_labels(plans[first]) if first else []
-            labels = gr.CheckboxGroup(found, value=found, label="methods",
-                                      elem_id="compare-methods")  # fmt: skip
+            labels = gr.CheckboxGroup([], label="methods", elem_id="compare-methods")
             with gr.Row():
                 quick = gr.Checkbox(True, label="quick (the plan's smoke-sized budget)",
                                     elem_id="compare-quick")  # fmt: skip
@@ -85,40 +98,45 @@ def build(workspace: Workspace, slots: JobSlots, plans_folder: Path | None) -> N
             with gr.Row():
                 run_button = gr.Button("Run", variant="primary", elem_id="compare-run")
                 stop_button = gr.Button("Stop", variant="stop", elem_id="compare-stop")
-            earlier = gr.Dropdown(workspace.compare_results(), label="earlier comparisons",
-                                  elem_id="compare-earlier")  # fmt: skip
+            earlier = gr.Dropdown([], label="earlier comparisons", elem_id="compare-earlier")
             open_button = gr.Button("Open", elem_id="compare-open")
         with gr.Column(scale=3):
-            status = gr.Markdown(elem_id="compare-status")
+            message = gr.Markdown(elem_id="compare-message")  # what a button just said
+            status = gr.Markdown(elem_id="compare-status")  # the comparison's job, as it goes
             table = gr.Markdown(elem_id="compare-table")
             chart = gr.Image(type="filepath", label="chart", elem_id="compare-chart")
             log = gr.Code(label="progress", elem_id="compare-log")
-    timer = gr.Timer(2.0, active=False)
+    timer = gr.Timer(2.0)  # always on: a reload or a second tab attaches to a running comparison
+    drawn = gr.State(None)  # the job state this page last drew
 
-    def on_refresh(current: str | None) -> list[Any]:
-        plans.clear()
-        plans.update(workspace.plans(plans_folder))
-        kept = current if current in plans else next(iter(plans), None)
-        choices = gr.update(choices=workspace.compare_results())
-        return [gr.update(choices=list(plans), value=kept), choices]
+    def plans() -> dict[str, Path]:
+        return workspace.plans(plans_folder)
+
+    def on_refresh(current: str | None, previous: list[str] | None) -> list[Any]:
+        found = plans()
+        kept, hint = plan_choice(list(found), current)
+        results = workspace.compare_results()
+        earlier_choice = previous if previous in results else None
+        return [gr.update(choices=list(found), value=kept), gr.update(choices=results,
+                value=earlier_choice), hint]  # fmt: skip
 
     def on_plan(name: str | None) -> list[Any]:
-        found = plan_labels(plans[name]) if name else []
-        return ["", gr.update(choices=found, value=found)]
+        found = plans()
+        labels_found = plan_labels(found[name]) if name in found else []
+        return ["", gr.update(choices=labels_found, value=labels_found)]
 
-    plan.change(guarded(on_plan, 2), plan, [status, labels])
-    refresh.click(on_refresh, plan, [plan, earlier])
+    plan.change(guarded(on_plan, 2), plan, [message, labels])
+    gr.on([*shown, refresh.click], guarded(on_refresh, 3), [plan, earlier],
+          [plan, earlier, message])  # fmt: skip
 
-    def run(
-        name: str | None, chosen: list[str], folder: str, is_quick: bool, replace: bool
-    ) -> list:
-        if name not in plans:
-            raise WorkspaceError("Choose a compare plan first (Refresh lists new ones).")
-        job = start_compare(workspace, slots, plans[name], chosen, folder, is_quick, replace)
-        return [f"started: `{job.describe()}`", gr.Timer(active=True)]
+    def run(name: str | None, chosen: list[str], folder: str, is_quick: bool, replace: bool) -> str:
+        found = plans()
+        if name not in found:
+            raise WorkspaceError("Choose a compare plan first.")
+        job = start_compare(workspace, slots, found[name], chosen, folder, is_quick, replace)
+        return f"started: `{job.describe()}`"
 
-    run_button.click(guarded(run, 2), [plan, labels, output_name, quick, overwrite],
-                     [status, timer])  # fmt: skip
+    run_button.click(guarded(run), [plan, labels, output_name, quick, overwrite], message)
 
     def stop() -> str:
         job = slots.get("compare")
@@ -127,22 +145,24 @@ def build(workspace: Workspace, slots: JobSlots, plans_folder: Path | None) -> N
         job.stop()
         return "stopping: the method training now ends; finished ones keep their results."
 
-    stop_button.click(stop, None, status)
+    stop_button.click(stop, None, message)
 
-    def poll() -> list[Any]:
+    def poll(last: Any) -> list[Any]:
         job = slots.get("compare")
-        if job is None:
-            return [gr.update()] * 4 + [gr.Timer(active=False), gr.update()]
-        text = job.text().replace("\r", "\n")
+        if job is None or (list(job.key) == last and not job.running):
+            return [gr.update()] * 6  # nothing new
+        text = clean_output(job.text()).replace("\r", "\n")
         folder = job.log.parent
         table_text, chart_path = "", None
         if not job.running and (folder / "compare.json").is_file():
             table_text, chart_path = result_view(folder)
         choices = gr.update(choices=workspace.compare_results())
-        return [f"{job.state}: `{job.describe()}`", table_text, chart_path, text,
-                gr.Timer(active=job.running), choices]  # fmt: skip
+        line = f"{job.state}: `{job.describe()}`"
+        if job.state == "failed":
+            line += f"\n\n**{escape_markdown(error_line(text))}**"
+        return [line, table_text, chart_path, text or "(no output yet)", choices, list(job.key)]
 
-    timer.tick(poll, None, [status, table, chart, log, timer, earlier])
+    timer.tick(poll, drawn, [status, table, chart, log, earlier, drawn])
 
     def open_result(name: str | None) -> list[Any]:
         if not name:
@@ -150,4 +170,4 @@ def build(workspace: Workspace, slots: JobSlots, plans_folder: Path | None) -> N
         table_text, chart_path = result_view(workspace.resolve(name))
         return [f"comparison in `{workspace.resolve(name)}`", table_text, chart_path]
 
-    open_button.click(guarded(open_result, 3), earlier, [status, table, chart])
+    open_button.click(guarded(open_result, 3), earlier, [message, table, chart])

@@ -92,9 +92,11 @@ class Playground:
         compositions = {id(m.composition) for m in methods.values()}
         composition = next(iter(methods.values())).composition
         if len(folders) > 1 and (composition is None or len(compositions) > 1):
+            mixing = [m.name for m in registry.METHODS if m.composition is not None]
             raise AdapterError(
                 f"These adapters do not mix ({ {n: m.name for n, m in methods.items()} }): "
-                "choose adapters of one method family that combines (LoRA, rsLoRA, DoRA), or one."
+                f"choose adapters of one method family that combines ({', '.join(mixing)}), "
+                "or one."
             )
         base, tokenizer = load_model(model, task)
         copy, _ = load_model(model, task)

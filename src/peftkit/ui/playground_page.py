@@ -26,8 +26,9 @@ def _recorded_base(workspace: Workspace, chosen: list[str]) -> Any:
     return gr.update(value=recorded) if recorded else gr.update()
 
 
-def build(workspace: Workspace) -> None:
-    """The page's widgets and events (inside a gr.Tab)."""
+def build(workspace: Workspace, shown: list[Any]) -> None:
+    """The page's widgets and events (inside a gr.Tab); `shown` are the events that show it (the
+    page loading, its tab chosen), on which the workspace's adapters are read again."""
     from peftkit.models import bundled_names
 
     playground = Playground(workspace)
@@ -35,7 +36,7 @@ def build(workspace: Workspace) -> None:
         model = gr.Dropdown(bundled_names(), value="smollm2-135m", allow_custom_value=True,
                             label="base model", elem_id="play-model",
                             info="a bundled model, or a model folder in the workspace")  # fmt: skip
-        adapters = gr.Dropdown(list(workspace.adapters()), multiselect=True,
+        adapters = gr.Dropdown([], multiselect=True,
                                label=f"adapters (up to {MAX_ADAPTERS})",
                                elem_id="play-adapters")  # fmt: skip
         refresh = gr.Button("Refresh runs", elem_id="play-refresh", scale=0)
@@ -55,10 +56,11 @@ def build(workspace: Workspace) -> None:
                    for role, label in zip(ROLES, ("base", "tuned (adapters, weighted)",
                                                   "proxy-tuned (alpha)"), strict=True)}  # fmt: skip
 
-    def on_refresh() -> Any:
-        return gr.update(choices=list(workspace.adapters()))
+    def on_refresh(chosen: list[str] | None) -> Any:
+        found = list(workspace.adapters())
+        return gr.update(choices=found, value=[name for name in chosen or [] if name in found])
 
-    refresh.click(on_refresh, None, adapters)
+    gr.on([*shown, refresh.click], on_refresh, adapters, adapters)
 
     def on_adapters(chosen: list[str] | None) -> list[Any]:
         chosen = chosen or []

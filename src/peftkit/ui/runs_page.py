@@ -10,14 +10,16 @@ from typing import Any
 import gradio as gr
 
 from peftkit.ui.jobs import Job, JobSlots, cli_command
+from peftkit.ui.progress import clean_output
 from peftkit.ui.training_form import resume_training
-from peftkit.ui.widgets import guarded
+from peftkit.ui.widgets import error_line, escape_markdown, guarded
 from peftkit.ui.workspace import RunInfo, Workspace, WorkspaceError
 
 HEADER = ["run", "state", "method", "model", "task", "metric", "before", "after", "steps",
           "trainable", "peak MiB"]  # fmt: skip
 ACTIONS = ("re-evaluate", "merge", "export GGUF", "resume")
 OUTTYPES = ("f16", "f32", "q8_0")
+GGUF_TASKS = ("causal-lm", "chat")  # the task types whose models GGUF export writes
 
 
 def _cell(summary: dict[str, Any], key: str, pattern: str = "{:.4f}") -> str:
@@ -67,10 +69,17 @@ def run_details(run: Path) -> str:
     if (run / "eval.json").is_file():
         metrics = json.loads((run / "eval.json").read_text())
         parts.append("re-evaluated: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    checkpoints = sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*"))
+    checkpoints = [p.name for p in sorted((run / "checkpoints").glob("checkpoint-*"),
+                                          key=checkpoint_step)]  # fmt: skip
     if checkpoints:
         parts.append("checkpoints: " + ", ".join(checkpoints))
     return "\n\n".join(parts)
+
+
+def checkpoint_step(path: Path) -> int:
+    """A checkpoint folder's step (checkpoint-10 after checkpoint-5); -1 for another name."""
+    number = path.name.rpartition("-")[2]
+    return int(number) if number.isdigit() else -1
 
 
 def start_action(
@@ -92,6 +101,11 @@ def start_action(
             raise WorkspaceError(f"{output} already exists; move or delete it to merge again.")
         return slots.start("runs", cli_command("merge", str(run), "--output", str(output)), log)
     if action == "export GGUF":
+        if not gguf_exportable(run):
+            raise WorkspaceError(
+                f"{name} is not a causal language model (causal-lm or chat): GGUF export "
+                "writes only those."
+            )
         output = run.with_name(f"{run.name}-{outtype}.gguf")
         command = cli_command("export", str(run), "--format", "gguf", "--outtype", outtype,
                               "--output", str(output))  # fmt: skip
@@ -99,57 +113,91 @@ def start_action(
     raise WorkspaceError(f"Unknown action {action!r}; the page offers: {', '.join(ACTIONS)}.")
 
 
-def build(workspace: Workspace, slots: JobSlots) -> None:
-    """The page's widgets and events (inside a gr.Tab)."""
-    runs = workspace.runs()
+def build(workspace: Workspace, slots: JobSlots, shown: list[Any]) -> None:
+    """The page's widgets and events (inside a gr.Tab); `shown` are the events that show it (the
+    page loading, its tab chosen), on which the runs are read again."""
     with gr.Row():
         refresh = gr.Button("Refresh", elem_id="runs-refresh", scale=0)
-    table = gr.Dataframe(run_rows(runs), headers=HEADER, interactive=False,
-                         elem_id="runs-table", wrap=True)  # fmt: skip
+    table = gr.Dataframe([], headers=HEADER, interactive=False, elem_id="runs-table", wrap=True)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
-            chosen = gr.Dropdown([r.name for r in runs], label="run", elem_id="runs-run")
+            chosen = gr.Dropdown([], label="run", elem_id="runs-run")
             outtype = gr.Dropdown(list(OUTTYPES), value="f16", label="GGUF weights",
                                   elem_id="runs-outtype")  # fmt: skip
             with gr.Row():
                 buttons = {action: gr.Button(action, elem_id=f"runs-{action.split()[0]}")
                            for action in ACTIONS}  # fmt: skip
-            status = gr.Markdown(elem_id="runs-status")
+            message = gr.Markdown(elem_id="runs-message")  # what a button just said
+            status = gr.Markdown(elem_id="runs-status")  # the action's job, as it goes
             log = gr.Code(label="output", elem_id="runs-log")
         with gr.Column(scale=3):
             details = gr.Markdown(elem_id="runs-details")
-    timer = gr.Timer(1.0, active=False)
+    timer = gr.Timer(1.0)  # always on: a reload or a second tab attaches to a running action
+    drawn = gr.State(None)  # the jobs' states this page last drew
 
-    def on_refresh() -> list[Any]:
+    def on_refresh(name: str | None) -> list[Any]:
         found = workspace.runs()
-        return [run_rows(found), gr.update(choices=[r.name for r in found])]
+        names = [r.name for r in found]
+        return [run_rows(found), gr.update(choices=names, value=name if name in names else None)]
 
-    refresh.click(on_refresh, None, [table, chosen])
+    gr.on([*shown, refresh.click], on_refresh, chosen, [table, chosen])
 
-    def on_choose(name: str | None) -> str:
-        return run_details(workspace.resolve(name)) if name else ""
+    def on_choose(name: str | None) -> list[Any]:
+        if not name:
+            return ["", gr.update(interactive=False), gr.update(interactive=False)]
+        run = workspace.resolve(name)
+        offered = gguf_exportable(run)
+        return [run_details(run), gr.update(interactive=offered), gr.update(interactive=offered)]
 
-    chosen.change(guarded(on_choose), chosen, details)
-
-    watched = {"slot": "runs"}  # the slot of the last action started here (resume trains)
+    chosen.change(guarded(on_choose, 3), chosen, [details, buttons["export GGUF"], outtype])
 
     for action, button in buttons.items():
 
-        def act(name: str | None, kind: str, action: str = action) -> list[Any]:
+        def act(name: str | None, kind: str, action: str = action) -> str:
             if not name:
                 raise WorkspaceError("Choose a run first.")
             job = start_action(workspace, slots, name, action, kind)
-            watched["slot"] = "train" if action == "resume" else "runs"
-            return [f"started: `{job.describe()}`", gr.Timer(active=True)]
+            if action == "resume":
+                return f"resuming: `{job.describe()}` (its progress shows on the Train page)"
+            return f"started: `{job.describe()}`"
 
-        button.click(guarded(act, 2), [chosen, outtype], [status, timer])
+        button.click(guarded(act), [chosen, outtype], message)
 
-    def poll(name: str | None) -> list[Any]:
-        job = slots.get(watched["slot"])
-        if job is None:
-            return [gr.update(), gr.update(), gr.update(), gr.Timer(active=False)]
-        tail = "\n".join(job.text().replace("\r", "\n").splitlines()[-20:])
+    def poll(name: str | None, last: Any) -> list[Any]:
+        keys = [list(job.key) if job else None for job in map(slots.get, SLOTS)]
+        job = slots.get("runs")
+        if keys == last and (job is None or not job.running):
+            return [gr.update()] * 6  # nothing new
+        lists = [gr.update(), gr.update()]
+        if keys != last:  # a job that started or ended may have made or changed a run
+            found = workspace.runs()
+            lists = [run_rows(found), gr.update(choices=[r.name for r in found])]
         text = run_details(workspace.resolve(name)) if name else gr.update()
-        return [f"{job.state}: `{job.describe()}`", tail, text, gr.Timer(active=job.running)]
+        if job is None:
+            return [gr.update(), gr.update(), text, *lists, keys]
+        output = clean_output(job.text())
+        tail = "\n".join(output.replace("\r", "\n").splitlines()[-20:])
+        return [job_status(job, output), tail or "(no output yet)", text, *lists, keys]
 
-    timer.tick(poll, chosen, [status, log, details, timer])
+    timer.tick(guarded(poll, 6), [chosen, drawn], [status, log, details, table, chosen, drawn])
+
+
+SLOTS = ("train", "compare", "runs")  # a job in any of them may change the runs listed
+
+
+def job_status(job: Job, output: str) -> str:
+    """A Runs action's state; a failed one with its error line, whole."""
+    line = f"{job.state}: `{job.describe()}`"
+    if job.state == "failed":
+        line += f"\n\n**{escape_markdown(error_line(output))}**"
+    return line
+
+
+def gguf_exportable(run: Path) -> bool:
+    """Whether GGUF export can take the run: only causal language models become GGUF files, so
+    a run of an encoder (classification) or of seq2seq is not offered it."""
+    import peftkit.api as api
+
+    if not (run / "adapter").is_dir():
+        return False
+    return api.read_info(run / "adapter").get("task", "causal-lm") in GGUF_TASKS

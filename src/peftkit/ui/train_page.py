@@ -4,6 +4,7 @@ and the summary table at the end."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from peftkit.recipe import TaskConfig, TrainConfig
 from peftkit.ui import training_form as tf
 from peftkit.ui.forms import field_specs, method_descriptions, method_forms
 from peftkit.ui.jobs import JobSlots
-from peftkit.ui.widgets import form, guarded, read_form, widget_id
+from peftkit.ui.widgets import error_line, escape_markdown, form, guarded, read_form, widget_id
 from peftkit.ui.workspace import Workspace
 
 SOURCES = ("bundled data set", "uploaded file")
@@ -32,7 +33,7 @@ class Widgets:
 
 def _settings(workspace: Workspace, w: Widgets) -> None:
     """The left column: model, data, method and budget."""
-    from peftkit.data.bundled import BUNDLED
+    from peftkit.data.bundled import dataset_names
     from peftkit.models import bundled_names
     from peftkit.recipe import Recipe
     from peftkit.registry import DEFAULT_METHOD
@@ -51,15 +52,16 @@ def _settings(workspace: Workspace, w: Widgets) -> None:
                                   elem_id="train-task-type")  # fmt: skip
         w.source = gr.Radio(list(SOURCES), value=SOURCES[0], label="data",
                             elem_id="train-source")  # fmt: skip
-        w.dataset = gr.Dropdown(list(BUNDLED), value=defaults.task.dataset, label="data set",
+        w.dataset = gr.Dropdown(dataset_names(), value=defaults.task.dataset, label="data set",
                                 elem_id="train-dataset")  # fmt: skip
     w.upload = gr.File(label="data file (CSV, JSON, JSONL or Parquet)", file_types=[
         ".csv", ".json", ".jsonl", ".parquet"], type="filepath", visible=False,
         elem_id="train-upload")  # fmt: skip
     w.uploaded = gr.Textbox(visible=False, elem_id="train-uploaded")  # its path in the workspace
+    read = tf.columns_read(defaults.task.type)
     with gr.Row():
         w.columns = {name: gr.Dropdown([], value=getattr(defaults.task, name), label=name,
-                                       allow_custom_value=True, visible=False,
+                                       allow_custom_value=True, visible=name in read,
                                        elem_id=widget_id("train", name))
                      for name in tf.column_fields()}  # fmt: skip
     w.data_status = gr.Markdown(elem_id="train-data-status")
@@ -93,13 +95,20 @@ def _results(w: Widgets) -> None:
         w.start_button = gr.Button("Start", variant="primary", elem_id="train-start")
         w.stop_button = gr.Button("Stop", variant="stop", elem_id="train-stop")
     w.estimate_box = gr.Markdown(elem_id="train-estimate-result")
+    # What Start, Stop or a refusal just said; the job's own state is the status line below it,
+    # which every open page redraws (a reply there would be overwritten by the next tick).
+    w.message = gr.Markdown(elem_id="train-message")
     w.status = gr.Markdown(elem_id="train-status")
     w.curve = gr.LinePlot(x="step", y="loss", label="training loss", elem_id="train-loss",
                           height=260)  # fmt: skip
     w.summary = gr.Markdown(elem_id="train-summary")
-    with gr.Accordion("output", open=False):
+    with gr.Accordion("output", open=False, elem_id="train-output"):
         w.log = gr.Code(label="last lines of the run's output", elem_id="train-log")
-    w.timer = gr.Timer(1.0, active=False)
+    # Always on: any page open while a job runs (a reload, a second tab, a run resumed from the
+    # Runs page) attaches to it at the next tick; a tick with nothing new changes nothing.
+    w.timer = gr.Timer(1.0)
+    w.shown = gr.State(None)  # the job state this page last drew (Job.key)
+    w.unfit = gr.State(None)  # the recipe whose estimate did not fit, shown once before Start
 
 
 def build(workspace: Workspace, slots: JobSlots) -> None:
@@ -125,6 +134,11 @@ def _events(workspace: Workspace, slots: JobSlots, w: Widgets) -> None:
         section["type"] = data[w.task_type]
         if data[w.source] == SOURCES[0]:
             section["dataset"] = data[w.dataset]
+            # A bundled set's columns as the task type names them by default go unsaid; others
+            # (copy-words' source and target as a causal-lm's prompt and response) are set.
+            for name in tf.columns_read(data[w.task_type]):
+                if data[columns[name]] != getattr(TaskConfig, name):
+                    section[name] = data[columns[name]]
             return section
         if not data[w.uploaded]:
             raise DataError("Upload a data file first (CSV, JSON, JSONL or Parquet).")
@@ -144,28 +158,39 @@ def _events(workspace: Workspace, slots: JobSlots, w: Widgets) -> None:
         return tf.build_recipe(workspace, data[w.model], task_section(data), section, training,
                                name)  # fmt: skip
 
-    def show_columns(kind: str, where: str) -> list[Any]:
-        read = tf.columns_read(kind) if where == SOURCES[1] else []
-        return [gr.update(visible=name in read) for name in columns]
+    def show_columns(kind: str, where: str, dataset: str, uploaded: str) -> list[Any]:
+        # The pickers the task type reads, offering the columns the data has (a bundled set's
+        # too: its columns need not be the ones the task type reads by default).
+        read = tf.columns_read(kind)
+        if where == SOURCES[0]:
+            found = tf.bundled_columns(dataset) if dataset else []
+        else:
+            found = tf.file_columns(workspace.resolve(uploaded)) if uploaded else []
+        return [gr.update(visible=name in read, choices=found) for name in columns]
 
-    def on_source(where: str, kind: str) -> list[Any]:
+    def on_source(where: str, kind: str, dataset: str, uploaded: str) -> list[Any]:
         bundled = where == SOURCES[0]
         return [gr.update(visible=bundled), gr.update(visible=not bundled),
-                *show_columns(kind, where)]  # fmt: skip
+                *show_columns(kind, where, dataset, uploaded)]  # fmt: skip
 
-    w.source.change(on_source, [w.source, w.task_type], [w.dataset, w.upload, *columns.values()])
-    w.task_type.change(show_columns, [w.task_type, w.source], list(columns.values()))
+    picked = [w.task_type, w.source, w.dataset, w.uploaded]
+    w.source.change(on_source, [w.source, w.task_type, w.dataset, w.uploaded],
+                    [w.dataset, w.upload, *columns.values()])  # fmt: skip
+    for trigger in (w.task_type, w.dataset):
+        trigger.change(show_columns, picked, list(columns.values()))
 
     def on_upload(path: str | None) -> list[Any]:
         if not path:
-            return ["", "", *(gr.update() for _ in columns)]
+            return ["", "", *(gr.update(choices=[]) for _ in columns)]
         saved = workspace.save_upload(path)
         found = tf.file_columns(saved)
         relative = saved.relative_to(workspace.root).as_posix()
         return ["", relative, *(gr.update(choices=found) for _ in columns)]
 
-    w.upload.upload(guarded(on_upload, 2 + len(columns)), [w.upload],
-                    [w.data_status, w.uploaded, *columns.values()])  # fmt: skip
+    upload_outputs = [w.data_status, w.uploaded, *columns.values()]
+    w.upload.upload(guarded(on_upload, 2 + len(columns)), [w.upload], upload_outputs)
+    # Clearing the file forgets it: Start then asks for one instead of training on the last.
+    w.upload.clear(lambda: on_upload(None), None, upload_outputs)
 
     def check(data: dict[Any, Any]) -> str:
         return "data: " + tf.check_data(task_section(data))
@@ -188,15 +213,20 @@ def _events(workspace: Workspace, slots: JobSlots, w: Widgets) -> None:
 
     def start(data: dict[Any, Any]) -> list[Any]:
         from peftkit.config import to_dict
+        from peftkit.recipe import recipe_to_dict
         from peftkit.ui.fit import check_fit
 
         recipe = recipe_of(data)
         tf.check_data(to_dict(recipe.task))  # a data problem shows here, not in a log
-        fit = check_fit(recipe).markdown()
+        fit = check_fit(recipe)
+        settings = json.dumps(recipe_to_dict(recipe), sort_keys=True, default=str)
+        if fit.fits is False and data[w.unfit] != settings:
+            return [tf.CONFIRM_UNFIT, fit.markdown(), settings]
         job = tf.start_training(slots, recipe)
-        return [f"started: `{job.describe()}`", fit, gr.Timer(active=True)]
+        return [f"started: `{job.describe()}`", fit.markdown(), None]
 
-    w.start_button.click(guarded(start, 3), form_inputs, [w.status, w.estimate_box, w.timer])
+    w.start_button.click(guarded(start, 3), form_inputs | {w.unfit},
+                         [w.message, w.estimate_box, w.unfit])  # fmt: skip
 
     def stop() -> str:
         job = slots.get("train")
@@ -205,19 +235,20 @@ def _events(workspace: Workspace, slots: JobSlots, w: Widgets) -> None:
         job.stop()
         return "stopping: the run ends at its next step; its checkpoints stay."
 
-    w.stop_button.click(stop, None, w.status)
+    w.stop_button.click(stop, None, w.message)
 
-    def poll() -> list[Any]:
+    def poll(shown: Any) -> list[Any]:
         job = slots.get("train")
-        if job is None:
-            return [gr.update(), gr.update(), gr.update(), gr.update(), gr.Timer(active=False)]
+        if job is None or (list(job.key) == shown and not job.running):
+            return [gr.update()] * 5  # nothing new: the page stays as it is
         run = job.log.parent
         state = tf.run_status(job, run)
         summary = _summary_text(state, run)
-        return [state.headline(), _curve_frame(state.curve), summary, state.log_tail,
-                gr.Timer(active=job.running)]  # fmt: skip
+        earlier = " (started by an earlier peftkit ui)" if job.adopted else ""
+        return [state.headline() + earlier, _curve_frame(state.curve), summary, state.log_tail,
+                list(job.key)]  # fmt: skip
 
-    w.timer.tick(poll, None, [w.status, w.curve, w.summary, w.log, w.timer])
+    w.timer.tick(poll, w.shown, [w.status, w.curve, w.summary, w.log, w.shown])
 
 
 def _curve_frame(points: list[tuple[int, float]]) -> Any:
@@ -241,6 +272,6 @@ def _summary_text(state: tf.RunStatus, run: Path) -> str:
         return (f"Stopped; {where} in `{run}`. Continue it with `peftkit train "
                 f"{run / tf.RECIPE_NAME} --resume`, or Resume on the Runs page.")  # fmt: skip
     if state.state == "failed":
-        last = state.log_tail.strip().splitlines()[-1:] or ["(no output)"]
-        return f"**The run failed:** `{last[0]}` (the whole output: `{run / tf.LOG_NAME}`)"
+        return (f"**The run failed:** {escape_markdown(error_line(state.log_tail))} (the whole "
+                f"output: `{run / tf.LOG_NAME}`)")  # fmt: skip
     return ""

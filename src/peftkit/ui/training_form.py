@@ -5,6 +5,7 @@ and reading back how the run is going. The page (train_page.py) only wires these
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +13,23 @@ from typing import Any
 
 from peftkit.recipe import Recipe, TaskConfig, recipe_from_dict, save_recipe
 from peftkit.ui.jobs import Job, JobSlots, cli_command
-from peftkit.ui.progress import Progress, loss_curve, training_progress
+from peftkit.ui.progress import (
+    Progress,
+    clean_output,
+    loss_curve,
+    training_phase,
+    training_progress,
+    without_interrupt_traceback,
+)
 from peftkit.ui.workspace import LOG_NAME, RECIPE_NAME, Workspace
 
 COLUMN_SUFFIX = "_column"
+# What Start says instead of starting when the estimate is above the free memory.
+CONFIRM_UNFIT = (
+    "**The estimate does NOT fit** the free memory (below): training would likely run out of "
+    "memory. Press Start again to start anyway, or change the settings."
+)
+DATA_FOLDER = "data"  # in a run folder: the copies of the data files it trains on
 # Where the data comes from: the page's own widgets, not the generic task form.
 DATA_FIELDS = ("type", "dataset", "train_file", "eval_file")
 
@@ -45,6 +59,15 @@ def file_columns(path: Path, encoding: str = "utf-8") -> list[str]:
     from peftkit.data.files import read_rows
 
     return sorted({key for row in read_rows(path, encoding) for key in row})
+
+
+@functools.cache
+def bundled_columns(name: str) -> list[str]:
+    """The columns of a bundled data set's rows (read once)."""
+    from peftkit.data.bundled import load_bundled
+
+    train, _ = load_bundled(name)
+    return sorted({key for row in train for key in row})
 
 
 def check_data(task: dict[str, Any]) -> str:
@@ -84,21 +107,47 @@ def build_recipe(
     return recipe
 
 
+def keep_data(recipe: Recipe, run: Path) -> Recipe:
+    """The recipe reading copies of its data files kept in the run folder (`<run>/data/`): a
+    later upload of the same name, or an edit of the file, cannot change what resuming or
+    re-evaluating the run reads. A bundled data set is left as it is."""
+    import shutil
+
+    from peftkit.io import atomic_file
+
+    task, copies = recipe.task, {}
+    for key in ("train_file", "eval_file"):
+        source = getattr(task, key)
+        if not source:
+            continue
+        target = run / DATA_FOLDER / Path(source).name
+        if key == "eval_file" and target.exists():  # the two files share a name
+            target = target.with_name(f"eval-{target.name}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(target) as staging:
+            shutil.copyfile(source, staging)
+        copies[key] = str(target)
+    return dataclasses.replace(recipe, task=dataclasses.replace(task, **copies))
+
+
 def start_training(slots: JobSlots, recipe: Recipe) -> Job:
-    """Write the recipe into its run folder and start `peftkit train` on it. A folder holding an
-    earlier run is refused first, with the CLI's message, and left as it was."""
+    """Write the recipe into its run folder, with copies of its data files, and start `peftkit
+    train` on it. A folder holding an earlier run, or a training still running, is refused first
+    (with the CLI's message for the folder) and nothing is written."""
     from peftkit.run_folder import check_output_dir
 
     output = Path(recipe.output_dir)
     check_output_dir(output)
+    slots.check_free("train")
     output.mkdir(parents=True, exist_ok=True)
+    recipe = keep_data(recipe, output)
     save_recipe(recipe, output / RECIPE_NAME)
     return slots.start("train", cli_command("train", str(output / RECIPE_NAME)), output / LOG_NAME)
 
 
 def resume_training(slots: JobSlots, run: Path) -> Job:
     """Continue a run the Train page started from its newest checkpoint (`peftkit train
-    --resume` on the recipe the page wrote)."""
+    --resume` on the recipe the page wrote); its output goes on in the same log."""
     from peftkit.ui.workspace import WorkspaceError
 
     recipe = run / RECIPE_NAME
@@ -108,7 +157,7 @@ def resume_training(slots: JobSlots, run: Path) -> Job:
             "resume others with `peftkit train RECIPE --resume`."
         )
     command = cli_command("train", str(recipe), "--resume")
-    return slots.start("train", command, run / LOG_NAME)
+    return slots.start("train", command, run / LOG_NAME, append=True)
 
 
 @dataclass(frozen=True)
@@ -120,12 +169,16 @@ class RunStatus:
     curve: list[tuple[int, float]]
     summary: dict[str, Any] | None
     log_tail: str
+    phase: str = ""  # what a running training is doing (progress.training_phase)
 
     def headline(self) -> str:
-        """One line: state, step, time left and the last logged loss."""
+        """One line: state, what it is doing, step, time left and the last logged loss."""
         parts = [self.state]
-        if self.progress is not None:
-            parts.append(str(self.progress))
+        if self.state == "running" and self.phase and self.phase != "training":
+            parts.append(self.phase)
+        if self.progress is not None:  # time left only while it trains
+            training = self.state == "running" and self.phase == "training"
+            parts.append(self.progress.describe(training))
         if self.curve:
             step, loss = self.curve[-1]
             parts.append(f"loss {loss:.4f} at step {step}")
@@ -134,10 +187,14 @@ class RunStatus:
 
 def run_status(job: Job, run: Path) -> RunStatus:
     """The run's state now, from its process, its log, its TensorBoard events and summary."""
-    text = job.text()
+    text = clean_output(job.text())
+    if job.stop_requested:
+        text = without_interrupt_traceback(text)
     summary_path = run / "summary.json"
     summary = None
     if not job.running and summary_path.is_file():
         summary = json.loads(summary_path.read_text())
     tail = "\n".join(text.replace("\r", "\n").splitlines()[-15:])
-    return RunStatus(job.state, training_progress(text), loss_curve(run), summary, tail)
+    bar = training_progress(text)
+    phase = training_phase(text, bar)
+    return RunStatus(job.state, bar, loss_curve(run), summary, tail or "(no output yet)", phase)

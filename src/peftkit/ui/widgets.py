@@ -60,6 +60,14 @@ def error_text(error: Exception) -> str:
     return f"**peftkit: error:** {escape_markdown(str(error))}"
 
 
+def error_line(output: str) -> str:
+    """What went wrong, from a failed command's output: its `peftkit: error:` line, else its
+    last line (a traceback's exception), whole."""
+    lines = [line.strip() for line in output.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("peftkit: error:")]
+    return (errors or lines or ["(no output)"])[-1]
+
+
 def guarded(function: Any, outputs: int = 1) -> Any:
     """Wrap an event handler so a PeftkitError becomes the CLI's message in its first output
     (the others unchanged): the page says what was wrong and keeps working."""

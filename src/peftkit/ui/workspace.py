@@ -7,6 +7,8 @@ messages. Light on purpose (no torch, no gradio): the tests and the CLI use it d
 
 from __future__ import annotations
 
+import filecmp
+import hashlib
 import json
 import re
 import shutil
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError
+from peftkit.io import atomic_file
 from peftkit.run_folder import CHECKPOINTS, earlier_run
 
 UPLOADS = "uploads"  # where uploaded data files are kept
@@ -64,12 +67,13 @@ class Workspace:
             )
         return resolved
 
-    def run_folder(self, name: str) -> Path:
-        """The folder for a new run called `name` (a plain folder name inside the workspace)."""
+    def run_folder(self, name: str, what: str = "Run name") -> Path:
+        """The folder for a new run called `name` (a plain folder name inside the workspace);
+        `what` names the field in the message (a comparison's results folder)."""
         name = name.strip()
         if not NAME_PATTERN.match(name):
             raise WorkspaceError(
-                f"Run name {name!r} must be a plain folder name: letters, digits, '.', '_' or "
+                f"{what} {name!r} must be a plain folder name: letters, digits, '.', '_' or "
                 "'-', starting with a letter or digit (at most 100 characters)."
             )
         return self.resolve(name)
@@ -91,7 +95,8 @@ class Workspace:
 
     def save_upload(self, source: str | Path, name: str | None = None) -> Path:
         """Copy an uploaded file into the workspace's uploads folder, refusing one that is too
-        large or not a data file peftkit reads; returns the copy."""
+        large or not a data file peftkit reads; returns the copy. An earlier upload of the same
+        name and other contents is kept: the new one is named `<stem>-<hash>.<suffix>`."""
         from peftkit.data.files import SUFFIXES
 
         source = Path(source)
@@ -109,8 +114,14 @@ class Workspace:
                 "larger file into the workspace folder and choose it by name."
             )
         target = self.resolve(Path(UPLOADS) / name)
+        if target.exists() and not filecmp.cmp(source, target, shallow=False):
+            # Another file of this name was uploaded before: it stays (a run may read it), and
+            # this one gets its own name, from its contents.
+            digest = hashlib.sha256(source.read_bytes()).hexdigest()[:8]
+            target = self.resolve(Path(UPLOADS) / f"{Path(name).stem}-{digest}{Path(name).suffix}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+        with atomic_file(target) as staging:  # a new file: never rewrites one a run already read
+            shutil.copyfile(source, staging)
         return target
 
     def runs(self) -> list[RunInfo]:

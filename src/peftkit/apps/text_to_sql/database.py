@@ -13,6 +13,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 from peftkit.apps.text_to_sql.sandbox import read_only
+from peftkit.io import atomic_file
 from peftkit.models.bundled import cache_dir
 
 SCHEMA = {
@@ -147,22 +148,19 @@ def seeded_tables(seed: int) -> dict[str, list[tuple]]:
 
 def write_database(path: str | Path, tables: dict[str, list[tuple]]) -> Path:
     """Write the schema and these rows to a new SQLite file at path (replacing it), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.building")
-    staging.unlink(missing_ok=True)
-    connection = sqlite3.connect(staging)
-    try:
-        for name, create in SCHEMA.items():
-            connection.execute(create)
-            rows = tables[name]
-            if rows:
-                marks = ", ".join("?" * len(rows[0]))
-                connection.executemany(f"INSERT INTO {name} VALUES ({marks})", rows)
-        connection.commit()
-    finally:
-        connection.close()
-    staging.replace(path)  # atomic: a killed build never leaves a half-filled database
+    # Atomic: a killed build never leaves a half-filled database (an empty file is a new one).
+    with atomic_file(path) as staging:
+        connection = sqlite3.connect(staging)
+        try:
+            for name, create in SCHEMA.items():
+                connection.execute(create)
+                rows = tables[name]
+                if rows:
+                    marks = ", ".join("?" * len(rows[0]))
+                    connection.executemany(f"INSERT INTO {name} VALUES ({marks})", rows)
+            connection.commit()
+        finally:
+            connection.close()
     return path
 
 

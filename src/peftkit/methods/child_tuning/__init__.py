@@ -264,4 +264,7 @@ CHILD_TUNING = Method(
     description="update a child network: random per step (F) or Fisher-chosen (D)",
     prepare_without_data=planned_subnetwork,
     needs_float32_base="it updates the base's own weights (a child network of them)",
+    shardable="its masks and Fisher pass read whole weights and gradients between the backward "
+    "pass and the update (F masks each step's gradients; D chooses its subnetwork from whole "
+    "gradients and patches each weight)",
 )

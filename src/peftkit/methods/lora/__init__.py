@@ -24,9 +24,17 @@ from peftkit.methods.lora import compose
 from peftkit.methods.lora import fast as lora_fast
 from peftkit.methods.lora.convert import CONVERSION, needs_conversion
 from peftkit.methods.lora.init import INIT, INITS, check_init_name, init_from_saved, peft_options
-from peftkit.methods.lora.plus import LORA_PLUS
+from peftkit.methods.lora.plus import EMBEDDING_KEY, EMBEDDING_LR, LORA_PLUS, LORAPLUS_KEY
 from peftkit.methods.lora.rows import ROW_ADAPTERS
-from peftkit.methods.peft_tuners.base import load_state_dict, state_dict, switch_off
+from peftkit.methods.peft_tuners.base import (
+    PEFT_FIELDS_HELP,
+    build_peft_config,
+    check_saved_fields,
+    load_state_dict,
+    saved_peft_fields,
+    state_dict,
+    switch_off,
+)
 from peftkit.targeting import default_targets, resolve_targets, task_head_modules, task_type
 
 
@@ -56,7 +64,14 @@ class LoraConfig:
     )
     loraplus_lr_ratio: float | None = field(
         default=None,
-        metadata={"help": "LoRA+: B's learning rate as this multiple of A's (16 suggested)"},
+        metadata={
+            "help": "LoRA+: B's (and 1-D tensors', DoRA's magnitudes included) learning rate as "
+            "this multiple of A's (16 suggested)"
+        },
+    )
+    loraplus_lr_embedding: float = field(
+        default=EMBEDDING_LR,
+        metadata={"help": "LoRA+: the learning rate of LoRA on embedding layers (A and B)"},
     )
     use_rslora: bool = field(default=False, metadata={"help": "scale by alpha / sqrt(r)"})
     use_dora: bool = field(default=False, metadata={"help": "DoRA magnitude/direction split"})
@@ -66,6 +81,9 @@ class LoraConfig:
             "help": "peftkit's faster forward on PEFT's LoRA layers (shared A multiplies and "
             "dropout masks for sibling layers); false: PEFT's own forward"
         },
+    )
+    peft_fields: dict[str, Any] | None = field(
+        default=None, hash=False, metadata={"help": PEFT_FIELDS_HELP}
     )
 
     def __post_init__(self) -> None:
@@ -78,6 +96,10 @@ class LoraConfig:
             raise ValueError(f"loftq_iterations must be at least 1, got {self.loftq_iterations}.")
         if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
             raise ValueError(f"loraplus_lr_ratio must be positive, got {self.loraplus_lr_ratio}.")
+        if not self.loraplus_lr_embedding > 0:
+            raise ValueError(
+                f"loraplus_lr_embedding must be positive, got {self.loraplus_lr_embedding}."
+            )
 
 
 def peft_config(model: nn.Module, config: LoraConfig) -> peft.LoraConfig:
@@ -86,19 +108,20 @@ def peft_config(model: nn.Module, config: LoraConfig) -> peft.LoraConfig:
     matched = resolve_targets(model, targets)  # raises with the list of what exists
     spec = targets if targets is not None else default_targets(model)
     modules = dict(model.named_modules())
-    return peft.LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
-        target_modules=spec,
-        use_rslora=config.use_rslora,
-        use_dora=config.use_dora,
+    options = {
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": spec,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
         **peft_options(config),
-        task_type=task_type(model),
-        modules_to_save=task_head_modules(model) or None,
+        "task_type": task_type(model),
+        "modules_to_save": task_head_modules(model) or None,
         # GPT-2's Conv1D stores weights transposed; PEFT must know or its merge is wrong.
-        fan_in_fan_out=any(type(modules[name]).__name__ == "Conv1D" for name in matched),
-    )
+        "fan_in_fan_out": any(type(modules[name]).__name__ == "Conv1D" for name in matched),
+    }
+    return build_peft_config(peft.LoraConfig, options, config)
 
 
 def apply(model: nn.Module, config: LoraConfig) -> peft.PeftModel:
@@ -127,8 +150,17 @@ def adapter_config(model: peft.PeftModel, config: LoraConfig) -> dict[str, Any]:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in saved.items()}
 
 
+# The adapter_config.json keys LoraConfig's own fields (and its options) read; PEFT's others
+# travel in peft_fields.
+NAMED_KEYS = frozenset(
+    {"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora",
+     "init_lora_weights", "loftq_config", "eva_config", LORAPLUS_KEY, EMBEDDING_KEY}
+)  # fmt: skip
+
+
 def config_from_adapter(saved: dict[str, Any]) -> LoraConfig:
-    """Our config from a PEFT LoRA adapter_config.json (written by peftkit or by PEFT)."""
+    """Our config from a PEFT LoRA adapter_config.json (written by peftkit or by PEFT): every
+    other field PEFT saved (alpha_pattern, bias, modules_to_save, ...) kept in peft_fields."""
     return LoraConfig(
         rank=saved["r"],
         alpha=saved["lora_alpha"],
@@ -137,7 +169,13 @@ def config_from_adapter(saved: dict[str, Any]) -> LoraConfig:
         use_rslora=saved.get("use_rslora", False),
         use_dora=saved.get("use_dora", False),
         **init_from_saved(saved),
+        peft_fields=saved_peft_fields(saved, peft.LoraConfig, NAMED_KEYS),
     )
+
+
+def check_loaded(model: peft.PeftModel, saved: dict[str, Any]) -> None:
+    """Refuse, by name, a saved field the loaded model's PEFT config does not carry."""
+    check_saved_fields(model, saved, own=frozenset({LORAPLUS_KEY, EMBEDDING_KEY}))
 
 
 def check_combinable(saved: dict[str, Any]) -> None:
@@ -205,6 +243,7 @@ def lora_method(name: str, config_cls: type, description: str) -> Method:
         switch_off=switch_off,
         composition=COMPOSITION,
         conversion=CONVERSION,
+        check_loaded=check_loaded,
     )
 
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from peftkit import io
 from peftkit.errors import AdapterError, ConfigError
+from peftkit.methods.lora.init import changes_base
 
 BASE = "__base__"  # PEFT's name for "no adapter" in mixed batches
 COMBINATIONS = (
@@ -69,17 +70,18 @@ def _read_lora_config(folder: Path) -> dict[str, Any]:
             "composition works on LoRA adapters (lora, rslora, dora) only."
         )
     init = saved.get("init_lora_weights")
-    if init in ("pissa", "olora"):
-        raise AdapterError(
-            f"{folder} was initialised with {init}: it trained on a rewritten base and would "
-            "change the base for every other adapter. Convert it first: "
-            "peftkit.api.convert(base, folder, output) (peftkit combine "
-            "does this itself)."
-        )
     if init == "loftq":
         raise AdapterError(
-            f"{folder} was initialised with LoftQ: it belongs to its quantised base and does not "
-            "combine with adapters of the full-precision base. Merge it on its own instead."
+            f"{folder} was initialised with loftq, which rewrote its base: it belongs to its "
+            "quantised base and does not combine with adapters of the full-precision base. "
+            "Merge it on its own instead."
+        )
+    if changes_base(init):
+        raise AdapterError(
+            f"{folder} was initialised with {init}, which rewrote the base it trained on: "
+            "loading it would change the base for every other adapter. Convert it first: "
+            "peftkit.api.convert(base, folder, output) (peftkit combine "
+            "does this itself for pissa and olora)."
         )
     return saved
 

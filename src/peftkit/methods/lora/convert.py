@@ -20,7 +20,7 @@ from torch import nn
 from peftkit import io
 from peftkit.errors import AdapterError
 from peftkit.method import Conversion
-from peftkit.methods.lora.init import ADAPTER, initial_factors
+from peftkit.methods.lora.init import ADAPTER, changes_base, initial_factors
 
 
 def check_convertible(model: nn.Module) -> None:
@@ -72,9 +72,11 @@ def save_converted(
 
 
 def needs_conversion(saved: dict[str, Any]) -> bool:
-    """Whether a LoRA adapter_config.json describes an init whose adapter converts (PiSSA/OLoRA:
-    trained on a base the init rewrote)."""
-    return saved.get("init_lora_weights") in ("pissa", "olora")
+    """Whether a LoRA adapter_config.json describes an init that rewrote the base it trained on
+    (PiSSA in any form, OLoRA, CorDA, LoRA-GA): such an adapter converts for the original base.
+    LoftQ's does not: it belongs to its quantised base."""
+    init = saved.get("init_lora_weights")
+    return changes_base(init) and init != "loftq"
 
 
 CONVERSION = Conversion(needed=needs_conversion, write=save_converted)

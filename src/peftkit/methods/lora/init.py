@@ -12,7 +12,7 @@
   training batches (the `prepare` hook's data pass), B zero; ranks stay r (PEFT's rho = 1).
 
 pissa, olora and loftq change the base weights. `apply` records the initial factors (and, for
-loftq, the original weights), so `remove` gives the base back, and lora_convert.py can rewrite a
+loftq, the original weights), so `remove` gives the base back, and convert.py can rewrite a
 trained pissa/olora adapter for the original base."""
 
 from __future__ import annotations
@@ -41,6 +41,17 @@ _PEFT_INIT: dict[str, Any] = {
 ADAPTER = "default"  # the adapter name peftkit's single-adapter models use
 _FACTORS = "_peftkit_initial_factors"  # module name -> (A0, B0, scale, fan_in_fan_out)
 _ORIGINALS = "_peftkit_original_weights"  # loftq: module name -> the full-precision weight
+
+
+def changes_base(init_lora_weights: Any) -> bool:
+    """Whether a saved `init_lora_weights` (any form PEFT writes) rewrote the base weights."""
+    # PEFT 0.21 (tuners/lora/layer.py): "pissa" and "pissa_niter_<n>", "corda" (prefix, as PEFT
+    # matches it), "olora", "loftq" and "lora_ga" all subtract their initial factors from the
+    # base weight; True, False, "gaussian", "eva", "orthogonal" and "mica" leave it alone.
+    if not isinstance(init_lora_weights, str):
+        return False
+    init = init_lora_weights.lower()
+    return init.startswith(("pissa", "corda")) or init in ("olora", "loftq", "lora_ga")
 
 
 def check_init_name(init: str) -> None:

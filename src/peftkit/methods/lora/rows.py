@@ -25,6 +25,7 @@ from typing import Any
 import peft
 import torch
 from peft.tuners.lora import Linear, LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 
 from peftkit import io
@@ -118,10 +119,44 @@ def add(model: Any, name: str, folder: str | Path) -> peft.PeftModel:
             "whole weight, so it cannot share a batch with other adapters. Merge it into the base "
             "(peftkit merge) and serve the merged model."
         )
-    model = add_adapter(model, name, folder)
-    model.eval()
-    restack(model)
-    return model
+    trainable = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    try:
+        added = add_adapter(model, name, folder)
+    except BaseException:
+        roll_back(model, name, trainable)
+        raise
+    added.eval()
+    restack(added)
+    return added
+
+
+def roll_back(model: Any, name: str, trainable: dict[torch.nn.Parameter, bool]) -> None:
+    """Undo a failed load of adapter `name` (a shape mismatch: PEFT has injected its layers by
+    then), so that `model` computes exactly what it did before the load began."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if isinstance(model, peft.PeftModel):
+            if name in model.peft_config:
+                model.delete_adapter(name)
+            restack(model)  # PEFT's layers back off, the hooks rebuilt for the adapters left
+        else:  # PeftModel.from_pretrained wrapped the bare base's layers in place
+            strip_peft_layers(model)
+            if hasattr(model, "peft_config"):
+                del model.peft_config
+    for parameter, flag in trainable.items():
+        parameter.requires_grad_(flag)
+
+
+def strip_peft_layers(module: torch.nn.Module) -> None:
+    """Replace every PEFT layer inside `module` by the layer it wraps (in place)."""
+    for child_name, child in list(module.named_children()):
+        if isinstance(child, BaseTunerLayer):
+            child = child.get_base_layer()
+            setattr(module, child_name, child)
+        elif isinstance(child, AuxiliaryTrainingWrapper):
+            child = child.original_module
+            setattr(module, child_name, child)
+        strip_peft_layers(child)
 
 
 def remove(model: Any, name: str) -> Any:

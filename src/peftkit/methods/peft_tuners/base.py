@@ -9,6 +9,7 @@ merge through `merge_and_unload`, remove through `unload`."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import peft
 from torch import nn
 
-from peftkit.errors import AdapterError, TargetError
+from peftkit.errors import AdapterError, ConfigError, TargetError
 from peftkit.method import Method
 from peftkit.targeting import (
     TargetSpec,
@@ -46,6 +47,13 @@ def targets(model: nn.Module, spec: TargetSpec) -> tuple[list[str], bool]:
     return matched, any(is_conv1d(modules[name]) for name in matched)
 
 
+def peft_spec(model: nn.Module, spec: TargetSpec) -> TargetSpec:
+    """The target spec to hand PEFT: as written (suffixes, a regex or 'all-linear'; default: the
+    architecture's), not the full names it resolves to, so that PEFT's layers_to_transform and
+    layers_pattern still apply (PEFT takes a listed full name as chosen outright)."""
+    return spec if spec is not None else default_targets(model)
+
+
 def refuse_conv1d(model: nn.Module, matched: list[str], method: str, others: str) -> None:
     """Refuse targets PEFT's layers for `method` cannot wrap (transformers Conv1D, GPT-2's)."""
     modules = dict(model.named_modules())
@@ -56,6 +64,116 @@ def refuse_conv1d(model: nn.Module, matched: list[str], method: str, others: str
             f"layers here are transformers Conv1D (GPT-2's), such as {conv[0]}. Choose Linear "
             f"layers in target_modules, or a method that adapts Conv1D ({others})."
         )
+
+
+# The field every such method's config has for PEFT's fields it does not name itself.
+PEFT_FIELDS_HELP = (
+    "further fields of PEFT's config, as PEFT saves them in adapter_config.json (alpha_pattern, "
+    "rank_pattern, layers_to_transform, exclude_modules, bias, modules_to_save, "
+    "trainable_token_indices, ...), passed to PEFT as they are; loading a PEFT adapter sets them"
+)
+
+# adapter_config.json keys that record where an adapter came from, not what it computes.
+BOOKKEEPING = frozenset(
+    {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+     "revision", "inference_mode", "runtime_config"}
+)  # fmt: skip
+
+
+def plain(value: Any) -> Any:
+    """A config value in the form JSON gives it back (sets and tuples as sorted lists, enums as
+    their values), so a saved value and a built one compare equal when they mean the same."""
+    value = getattr(value, "value", value)  # PEFT's enums
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, set | frozenset):
+        return sorted(plain(v) for v in value)
+    if isinstance(value, tuple | list):
+        return [plain(v) for v in value]
+    return value
+
+
+def peft_defaults(peft_cls: type) -> dict[str, Any]:
+    """Every field of a PEFT config class with its default value."""
+    return {
+        f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        for f in dataclasses.fields(peft_cls)
+    }
+
+
+def saved_peft_fields(
+    saved: dict[str, Any], peft_cls: type, represented: frozenset[str]
+) -> dict[str, Any] | None:
+    """The fields of a saved PEFT adapter_config.json that the method's own config does not
+    name (`represented`) and that differ from PEFT's defaults: what must reach PEFT as they are
+    for the adapter to compute what it computed. A key PEFT's config class does not have is
+    refused by name: no one here knows what it would change."""
+    defaults = peft_defaults(peft_cls)
+    extra = {}
+    for key, value in saved.items():
+        if key in represented or key in BOOKKEEPING:
+            continue
+        if key not in defaults:
+            raise AdapterError(
+                f"adapter_config.json has the field {key!r} = {value!r}, which PEFT "
+                f"{peft.__version__}'s {peft_cls.__name__} does not know, so peftkit cannot "
+                "honour it; load it with the PEFT version that wrote it."
+            )
+        if plain(value) != plain(defaults[key]):
+            extra[key] = value
+    return extra or None
+
+
+def build_peft_config(peft_cls: type, options: dict[str, Any], config: Any) -> Any:
+    """PEFT's config from peftkit's options plus the config's `peft_fields` (PEFT's own fields
+    it does not name, such as a loaded adapter's alpha_pattern); modules_to_save from both."""
+    extra = dict(getattr(config, "peft_fields", None) or {})
+    named = sorted(set(extra) & (set(options) - {"modules_to_save", "fan_in_fan_out"}))
+    if named:
+        raise ConfigError(
+            f"peft_fields sets {', '.join(named)}, which this method's own options set; "
+            "use those options instead."
+        )
+    unknown = sorted(set(extra) - set(peft_defaults(peft_cls)))
+    if unknown:
+        raise ConfigError(
+            f"peft_fields names {', '.join(unknown)}, not fields of PEFT's {peft_cls.__name__}."
+        )
+    heads = list(options.get("modules_to_save") or [])
+    saved_heads = list(extra.pop("modules_to_save", None) or [])
+    kept = heads + [name for name in saved_heads if name not in heads]
+    return peft_cls(**{**options, **extra, "modules_to_save": kept or None})
+
+
+def check_saved_fields(
+    model: peft.PeftModel, saved: dict[str, Any], own: frozenset[str] = frozenset()
+) -> None:
+    """After a load's apply: refuse, naming the field, any field of the saved adapter_config.json
+    that the PEFT config the model was built with does not carry (`own`: keys peftkit adds and
+    reads itself). target_modules is checked by the tensors themselves (a module adapted on one
+    side only is a missing or extra tensor); modules_to_save may hold more (the task head
+    peftkit adds)."""
+    built = plain(model.peft_config["default"].to_dict())
+    for key, value in saved.items():
+        if key in BOOKKEEPING or key in own or key == "target_modules":
+            continue
+        want, have = plain(value), built.get(key)
+        if key == "modules_to_save":
+            missing = [name for name in want or [] if name not in (have or [])]
+            if missing:
+                raise AdapterError(
+                    f"adapter_config.json's modules_to_save {value!r} is not honoured: "
+                    f"{missing} would not be loaded."
+                )
+            continue
+        if want != have:
+            raise AdapterError(
+                f"adapter_config.json's field {key!r} = {value!r} is not honoured by peftkit's "
+                f"load of this {saved.get('peft_type', '')} adapter (it would build {have!r}); "
+                "load it with peft.PeftModel.from_pretrained instead."
+            )
 
 
 def common_options(model: nn.Module) -> dict[str, Any]:
@@ -149,6 +267,7 @@ def peft_method(
     from_saved: Callable[[dict[str, Any]], Any],
     description: str,
     no_quantized_base: str = "",
+    check_loaded: Callable[[Any, dict[str, Any]], None] = check_saved_fields,
 ) -> Method:
     """The Method record of a method that is one PEFT tuner, mergeable through PEFT."""
     return Method(
@@ -165,4 +284,5 @@ def peft_method(
         description=description,
         no_quantized_base=no_quantized_base,
         switch_off=switch_off,
+        check_loaded=check_loaded,
     )

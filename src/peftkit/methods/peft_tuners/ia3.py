@@ -22,7 +22,7 @@ from typing import Any
 import peft
 from torch import nn
 
-from peftkit.errors import TargetError
+from peftkit.errors import AdapterError, TargetError
 from peftkit.methods.peft_tuners import base as peft_tuner
 from peftkit.targeting import (
     feed_forward_down,
@@ -51,6 +51,9 @@ class IA3Config:
             "help": "targeted modules whose input (not output) is rescaled; they must be "
             "among target_modules; default: the architecture's second feed-forward projection"
         },
+    )
+    peft_fields: dict[str, Any] | None = field(
+        default=None, hash=False, metadata={"help": peft_tuner.PEFT_FIELDS_HELP}
     )
 
 
@@ -85,13 +88,14 @@ def peft_config(model: nn.Module, config: IA3Config) -> peft.IA3Config:
     """PEFT's IA3Config for a model: full module names, feed-forward ones among them."""
     targeted, feedforward = resolve(model, config)
     _, conv1d = peft_tuner.targets(model, targeted)
-    return peft.IA3Config(
-        target_modules=targeted,
-        feedforward_modules=feedforward,
+    options = {
+        "target_modules": targeted,
+        "feedforward_modules": feedforward,
         # GPT-2's Conv1D stores weights transposed; PEFT must know or its merge is wrong.
-        fan_in_fan_out=conv1d,
+        "fan_in_fan_out": conv1d,
         **peft_tuner.common_options(model),
-    )
+    }
+    return peft_tuner.build_peft_config(peft.IA3Config, options, config)
 
 
 def config_from_adapter(saved: dict[str, Any]) -> IA3Config:
@@ -99,7 +103,30 @@ def config_from_adapter(saved: dict[str, Any]) -> IA3Config:
     return IA3Config(
         target_modules=saved.get("target_modules"),
         feedforward_modules=saved.get("feedforward_modules") or [],
+        peft_fields=peft_tuner.saved_peft_fields(
+            saved, peft.IA3Config, frozenset({"target_modules", "feedforward_modules"})
+        ),
     )
+
+
+def check_loaded(model: peft.PeftModel, saved: dict[str, Any]) -> None:
+    """Refuse, by name, a saved field the loaded model does not honour; feedforward_modules by
+    the layers it chooses (peftkit hands PEFT full names where the file may hold suffixes)."""
+    peft_tuner.check_saved_fields(model, saved, own=frozenset({"feedforward_modules"}))
+    spec = saved.get("feedforward_modules") or []
+    prefix = "base_model.model."
+    layers = {
+        name.removeprefix(prefix): module
+        for name, module in model.named_modules()
+        if hasattr(module, "is_feedforward")
+    }
+    wanted = {name for name in layers if spec and matches(name, spec)}
+    built = {name for name, module in layers.items() if module.is_feedforward}
+    if wanted != built:
+        raise AdapterError(
+            f"adapter_config.json's field 'feedforward_modules' = {spec!r} is not honoured: it "
+            f"chooses {sorted(wanted)}, the loaded model rescales the input of {sorted(built)}."
+        )
 
 
 IA3 = peft_tuner.peft_method(
@@ -109,4 +136,5 @@ IA3 = peft_tuner.peft_method(
     peft_config,
     config_from_adapter,
     "vectors rescaling keys, values and the feed-forward activation, starting at 1 (HF PEFT)",
+    check_loaded=check_loaded,
 )

@@ -26,12 +26,14 @@ class LoHaConfig(LycorisConfig):
 
 def peft_config(model: nn.Module, config: LoHaConfig) -> peft.LoHaConfig:
     """PEFT's LoHaConfig for a model: targets checked to exist and to be Linear."""
-    return peft.LoHaConfig(**peft_options(model, config, "LoHa"))
+    return peft_tuner.build_peft_config(
+        peft.LoHaConfig, peft_options(model, config, "LoHa"), config
+    )
 
 
 def config_from_adapter(saved: dict[str, Any]) -> LoHaConfig:
     """Our config from a PEFT LoHa adapter_config.json (written by peftkit or by PEFT)."""
-    return LoHaConfig(**options_from_adapter(saved))
+    return LoHaConfig(**options_from_adapter(saved, peft.LoHaConfig))
 
 
 LOHA = peft_tuner.peft_method(

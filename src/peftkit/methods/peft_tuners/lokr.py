@@ -43,11 +43,12 @@ class LoKrConfig(LycorisConfig):
 
 def peft_config(model: nn.Module, config: LoKrConfig) -> peft.LoKrConfig:
     """PEFT's LoKrConfig for a model: targets checked to exist and to be Linear."""
-    return peft.LoKrConfig(
-        decompose_factor=config.decompose_factor,
-        decompose_both=config.decompose_both,
+    options = {
+        "decompose_factor": config.decompose_factor,
+        "decompose_both": config.decompose_both,
         **peft_options(model, config, "LoKr"),
-    )
+    }
+    return peft_tuner.build_peft_config(peft.LoKrConfig, options, config)
 
 
 def config_from_adapter(saved: dict[str, Any]) -> LoKrConfig:
@@ -55,7 +56,9 @@ def config_from_adapter(saved: dict[str, Any]) -> LoKrConfig:
     return LoKrConfig(
         decompose_factor=saved.get("decompose_factor", -1),
         decompose_both=saved.get("decompose_both", False),
-        **options_from_adapter(saved),
+        **options_from_adapter(
+            saved, peft.LoKrConfig, frozenset({"decompose_factor", "decompose_both"})
+        ),
     )
 
 

@@ -26,6 +26,9 @@ class LycorisConfig:
     target_modules: str | list[str] | None = field(
         default=None, metadata={"help": peft_tuner.TARGET_HELP}
     )
+    peft_fields: dict[str, Any] | None = field(
+        default=None, hash=False, metadata={"help": peft_tuner.PEFT_FIELDS_HELP}
+    )
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -45,17 +48,25 @@ def peft_options(model: nn.Module, config: LycorisConfig, method: str) -> dict[s
         "alpha": config.alpha,
         "rank_dropout": config.rank_dropout,
         "module_dropout": config.module_dropout,
-        "target_modules": targeted,
+        "target_modules": peft_tuner.peft_spec(model, config.target_modules),
         **peft_tuner.common_options(model),
     }
 
 
-def options_from_adapter(saved: dict[str, Any]) -> dict[str, Any]:
-    """The shared options read back from a PEFT LoHa/LoKr adapter_config.json."""
+# The adapter_config.json keys LycorisConfig's own fields read.
+NAMED_KEYS = frozenset({"r", "alpha", "rank_dropout", "module_dropout", "target_modules"})
+
+
+def options_from_adapter(
+    saved: dict[str, Any], peft_cls: type, named: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """The shared options read back from a PEFT LoHa/LoKr adapter_config.json; PEFT's fields
+    that neither they nor `named` (the subclass's own keys) read go to peft_fields."""
     return {
         "rank": saved["r"],
         "alpha": saved["alpha"],
         "rank_dropout": saved.get("rank_dropout", 0.0),
         "module_dropout": saved.get("module_dropout", 0.0),
         "target_modules": saved.get("target_modules"),
+        "peft_fields": peft_tuner.saved_peft_fields(saved, peft_cls, NAMED_KEYS | named),
     }

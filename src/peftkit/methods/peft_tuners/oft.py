@@ -53,6 +53,9 @@ class OFTConfig:
     target_modules: str | list[str] | None = field(
         default=None, metadata={"help": peft_tuner.TARGET_HELP}
     )
+    peft_fields: dict[str, Any] | None = field(
+        default=None, hash=False, metadata={"help": peft_tuner.PEFT_FIELDS_HELP}
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
@@ -85,18 +88,26 @@ def peft_config(model: nn.Module, config: OFTConfig) -> peft.OFTConfig:
     targeted, _ = peft_tuner.targets(model, config.target_modules)
     peft_tuner.refuse_conv1d(model, targeted, "OFT", "lora, ia3 or vera")
     check_block_size(model, targeted, config.block_size)
-    return peft.OFTConfig(
-        r=0,  # PEFT takes either the number of blocks or their size; peftkit sets the size
-        oft_block_size=config.block_size,
-        use_cayley_neumann=config.use_cayley_neumann,
-        num_cayley_neumann_terms=config.num_cayley_neumann_terms,
-        coft=config.coft,
-        eps=config.eps,
-        block_share=config.block_share,
-        module_dropout=config.module_dropout,
-        target_modules=targeted,
+    options = {
+        "r": 0,  # PEFT takes either the number of blocks or their size; peftkit sets the size
+        "oft_block_size": config.block_size,
+        "use_cayley_neumann": config.use_cayley_neumann,
+        "num_cayley_neumann_terms": config.num_cayley_neumann_terms,
+        "coft": config.coft,
+        "eps": config.eps,
+        "block_share": config.block_share,
+        "module_dropout": config.module_dropout,
+        "target_modules": peft_tuner.peft_spec(model, config.target_modules),
         **peft_tuner.common_options(model),
-    )
+    }
+    return peft_tuner.build_peft_config(peft.OFTConfig, options, config)
+
+
+# The adapter_config.json keys OFTConfig's own fields read.
+NAMED_KEYS = frozenset(
+    {"r", "oft_block_size", "use_cayley_neumann", "num_cayley_neumann_terms", "coft", "eps",
+     "block_share", "module_dropout", "target_modules"}
+)  # fmt: skip
 
 
 def config_from_adapter(saved: dict[str, Any]) -> OFTConfig:
@@ -115,6 +126,7 @@ def config_from_adapter(saved: dict[str, Any]) -> OFTConfig:
         block_share=saved.get("block_share", False),
         module_dropout=saved.get("module_dropout", 0.0),
         target_modules=saved.get("target_modules"),
+        peft_fields=peft_tuner.saved_peft_fields(saved, peft.OFTConfig, NAMED_KEYS),
     )
 
 

@@ -40,6 +40,9 @@ class VeraConfig:
     target_modules: str | list[str] | None = field(
         default=None, metadata={"help": peft_tuner.TARGET_HELP}
     )
+    peft_fields: dict[str, Any] | None = field(
+        default=None, hash=False, metadata={"help": peft_tuner.PEFT_FIELDS_HELP}
+    )
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -51,17 +54,24 @@ class VeraConfig:
 def peft_config(model: nn.Module, config: VeraConfig) -> peft.VeraConfig:
     """PEFT's VeraConfig for a model: targets checked to exist, Conv1D declared."""
     targeted, conv1d = peft_tuner.targets(model, config.target_modules)
-    return peft.VeraConfig(
-        r=config.rank,
-        d_initial=config.d_initial,
-        vera_dropout=config.dropout,
-        projection_prng_key=config.projection_seed,
-        save_projection=config.save_projection,
-        target_modules=targeted,
+    options = {
+        "r": config.rank,
+        "d_initial": config.d_initial,
+        "vera_dropout": config.dropout,
+        "projection_prng_key": config.projection_seed,
+        "save_projection": config.save_projection,
+        "target_modules": peft_tuner.peft_spec(model, config.target_modules),
         # GPT-2's Conv1D stores weights transposed; PEFT must know or its merge is wrong.
-        fan_in_fan_out=conv1d,
+        "fan_in_fan_out": conv1d,
         **peft_tuner.common_options(model),
-    )
+    }
+    return peft_tuner.build_peft_config(peft.VeraConfig, options, config)
+
+
+# The adapter_config.json keys VeraConfig's own fields read.
+NAMED_KEYS = frozenset(
+    {"r", "d_initial", "vera_dropout", "projection_prng_key", "save_projection", "target_modules"}
+)
 
 
 def config_from_adapter(saved: dict[str, Any]) -> VeraConfig:
@@ -73,6 +83,7 @@ def config_from_adapter(saved: dict[str, Any]) -> VeraConfig:
         projection_seed=saved.get("projection_prng_key", 0),
         save_projection=saved.get("save_projection", True),
         target_modules=saved.get("target_modules"),
+        peft_fields=peft_tuner.saved_peft_fields(saved, peft.VeraConfig, NAMED_KEYS),
     )
 
 

@@ -288,4 +288,6 @@ RELORA = Method(
     remove=remove,
     description="LoRA merged into the base and restarted every N steps, optimizer reset (peftkit)",
     needs_float32_base="it merges its update into the base's weights at every restart",
+    shardable="it merges its adapters into the whole base weights and resets the optimizer "
+    "at every restart",
 )

@@ -34,7 +34,8 @@ def accumulated_update(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_merged(model: peft.PeftModel, folder: str | Path) -> Path:
     """The whole accumulated update folded into the base, written with save_pretrained."""
     merged = copy.deepcopy(model).merge_and_unload()
-    merged.save_pretrained(str(folder))
+    with io.atomic_folder(folder) as staging:
+        merged.save_pretrained(str(staging))
     return Path(folder)
 
 

@@ -258,5 +258,6 @@ PREFIX_TUNING = Method(
     peft_type="PREFIX_TUNING",
     adapter_config=adapter_config,
     config_from_adapter=config_from_adapter,
+    check_loaded=vt.check_loaded,
     description="trainable key/value prefixes in every attention layer (PEFT's file format)",
 )

@@ -295,5 +295,6 @@ PROMPT_TUNING = Method(
     peft_type="PROMPT_TUNING",
     adapter_config=adapter_config,
     config_from_adapter=config_from_adapter,
+    check_loaded=vt.check_loaded,
     description="trainable soft prompt prepended to the input embeddings (PEFT's file format)",
 )

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from peftkit import io
-from peftkit.errors import ConfigError, DataError, TargetError
+from peftkit.errors import AdapterError, ConfigError, DataError, TargetError
 from peftkit.method import adapter_files
 from peftkit.targeting import max_positions, task_head_modules
 
@@ -252,6 +252,23 @@ def load_head_state(wrapper: VirtualTokenModel, tensors: dict[str, torch.Tensor]
         found = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         if found:
             module.load_state_dict(found, strict=True)
+
+
+def check_loaded(model: VirtualTokenModel, saved: dict[str, Any]) -> None:
+    """Refuse, by name, a saved modules_to_save beyond the task head that prompt and prefix
+    tuning train here (PEFT's adapter may also train, say, an lm_head, which peftkit's virtual
+    tokens would not load): the one PEFT field of these methods that changes what the weights
+    compute and that the tensors alone would report as a base model that does not fit."""
+    heads = set(task_head_modules(model.base_model))
+    wanted = saved.get("modules_to_save") or []
+    extra = [name for name in wanted if name not in heads]
+    if extra:
+        raise AdapterError(
+            f"adapter_config.json's modules_to_save {wanted!r} trains {extra}, which peftkit's "
+            f"{str(saved.get('peft_type', '')).lower()} does not load (it trains the task head "
+            f"only: {sorted(heads) or 'none on this model'}); load it with "
+            "peft.PeftModel.from_pretrained instead."
+        )
 
 
 def text_config(model: nn.Module) -> Any:

@@ -1,0 +1,134 @@
+"""`training.sharding: fsdp`: FSDP2 (`torch.distributed.fsdp.fully_shard`) under torchrun. Each
+transformer layer (decoder layer, encoder block) is one sharded unit, the whole model the root
+last; a process keeps 1/N of every parameter, its gradient and its optimizer state, gathers one
+unit's parameters whole for its forward and backward passes and frees them after
+(reshard_after_forward). On a GPU the gathered parameters compute in bf16 with fp32 gradient
+reduction when the recipe trains in bf16 (MixedPrecisionPolicy); gloo on CPU, NCCL on GPU.
+
+The trained tensors are gathered whole after training (every process joins) and the main
+process rebuilds the model from them to evaluate and save the adapter in PEFT's files."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+import peftkit.api as api
+from peftkit.errors import ConfigError
+from peftkit.models import load_model
+from peftkit.training.distributed import distributed, sharding_backend
+
+if TYPE_CHECKING:
+    from peftkit.recipe import Recipe
+
+
+def sharded(recipe: Recipe) -> bool:
+    """Whether this run shards the model: training.sharding is fsdp and there are processes."""
+    return recipe.training.sharding == "fsdp" and distributed()
+
+
+def refuse_unsupported(recipe: Recipe, resume: Any) -> None:
+    """What training.sharding: fsdp cannot do: share the job with accelerate's own FSDP or
+    DeepSpeed, or write and resume checkpoints (the trained tensors are gathered once, at the
+    end)."""
+    if recipe.training.sharding == "none":
+        return
+    backend = sharding_backend()
+    if backend is not None:
+        raise ConfigError(
+            f"training.sharding: fsdp shards the model itself; launch it with torchrun or "
+            f"accelerate launch without {backend} (or set training.sharding: none and let "
+            f"{backend} shard)."
+        )
+    if recipe.training.save_steps > 0 or resume:
+        raise ConfigError(
+            "Checkpoints and --resume are not supported with training.sharding: fsdp yet: set "
+            "training.save_steps: 0, or train with sharding: none (DDP)."
+        )
+
+
+def no_split(module: nn.Module) -> list[str]:
+    """The layer classes a transformers model says must not be split across devices."""
+    return list(getattr(module, "_no_split_modules", None) or [])
+
+
+def wrapped_units(model: nn.Module) -> list[nn.Module]:
+    """The transformer layers FSDP shards one by one: members of a ModuleList whose class the
+    model names as not to be split (its decoder layers or encoder blocks)."""
+    kinds = {kind for module in model.modules() for kind in no_split(module)}
+    return [
+        layer
+        for stack in model.modules()
+        if isinstance(stack, nn.ModuleList)
+        for layer in stack
+        if type(layer).__name__ in kinds
+    ]
+
+
+def shard(model: nn.Module, precision: str) -> list[nn.Module]:
+    """Apply FSDP2 to each transformer layer, then to the model as the root; returns the
+    layers. Trainer then leaves placement and gradient reduction to FSDP (no DDP wrapper)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    units = wrapped_units(model)
+    if not units:
+        raise ConfigError(
+            f"training.sharding: fsdp found no transformer layers to shard in "
+            f"{type(model).__name__} (it shards the layers its class names in "
+            "_no_split_modules); train it with sharding: none."
+        )
+    policy = MixedPrecisionPolicy()
+    if torch.cuda.is_available() and precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for unit in units:
+        fully_shard(unit, reshard_after_forward=True, mp_policy=policy)
+    fully_shard(model, reshard_after_forward=True, mp_policy=policy)
+    # transformers' Trainer reads is_distributed_loading_by_transformers (its own sharded loading
+    # sets it): the model owns its placement and gradient reduction, so accelerate must not wrap
+    # it in DDP. On a transformers model it is a property over this attribute; a wrapper (PEFT's
+    # PeftModel, peftkit's virtual-token wrapper) is given the attribute itself.
+    if hasattr(type(model), "_is_distributed_loading_by_transformers"):
+        model._is_distributed_loading_by_transformers = True
+    else:
+        model.is_distributed_loading_by_transformers = True
+    return units
+
+
+def gather_trained(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter and persistent buffer, whole, by name (a collective: every process
+    calls it, in the same order); on the CPU."""
+    from torch.distributed.tensor import DTensor
+
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    whole = {}
+    for name, tensor in model.state_dict().items():  # parameters and persistent buffers
+        if name in frozen:
+            continue
+        value = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        whole[name] = value.detach().cpu()
+    return whole
+
+
+def rebuilt_model(model: nn.Module, recipe: Recipe, config: Any, main: bool) -> Any:
+    """The trained model, whole, on the main process (None elsewhere): the base loaded again,
+    the method applied, the gathered trained tensors loaded into it. The frozen weights are the
+    base's own, untouched by training."""
+    trained = gather_trained(model)
+    if not main:
+        return None
+    base, _ = load_model(
+        recipe.model, recipe.task.type, num_labels=model.config.num_labels,
+        seed=recipe.training.seed, dtype=recipe.base.dtype, quantize=recipe.base.quantize,
+    )  # fmt: skip
+    rebuilt = api.apply(base, config)
+    trainable = {name for name, p in rebuilt.named_parameters() if p.requires_grad}
+    missing = (set(trained) - set(rebuilt.state_dict())) | (trainable - set(trained))
+    if missing:
+        raise ConfigError(
+            "The sharded model's trained tensors do not fit the rebuilt model (the method "
+            f"built other tensors when applied again): {sorted(missing)[:5]}"
+        )
+    rebuilt.load_state_dict(trained, strict=False)
+    return rebuilt

@@ -1,0 +1,182 @@
+"""`training.sharding: fsdp`: FSDP2 under torchrun on two CPU processes (gloo). Each process holds
+half of every parameter, both report the same losses, and the adapter gathered at the end equals
+the one a single process writes at the same global batch. Methods that cannot be sharded are
+refused through their record, before a model loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_runs import adapter_tensors, max_difference
+
+from peftkit.cli import main
+from peftkit.errors import ConfigError
+from peftkit.plan import resolve
+from peftkit.recipe import load_recipe
+from peftkit.training.sharding import refuse_unsupported
+
+WORKER = Path(__file__).with_name("sharded_worker.py")
+
+
+def write_recipe(folder: Path, method: str = "{name: lora, rank: 4, dropout: 0.0}") -> Path:
+    """A causal-LM recipe on tiny-llama whose 32 training rows make whole global batches of 8."""
+    rows = [{"prompt": f"say {'abc'[i % 3]} twice:", "response": f" {'abc'[i % 3]} {'abc'[i % 3]}"}
+            for i in range(32)]  # fmt: skip
+    train, held_out = folder / "train.jsonl", folder / "eval.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    held_out.write_text("".join(json.dumps(row) + "\n" for row in rows[:8]))
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(
+        "model: tiny-llama\n"
+        f"task: {{type: causal-lm, train_file: {train}, eval_file: {held_out}, max_length: 32}}\n"
+        f"method: {method}\n"
+        "training: {max_steps: 6, batch_size: 4, learning_rate: 0.02, threads: 1, "
+        "logging_steps: 1, eval_batch_size: 8, sharding: fsdp}\n"
+        f"output_dir: {folder / 'two'}\n"
+    )
+    return recipe
+
+
+def run_worker(folder: Path, processes: int, *arguments: str) -> subprocess.CompletedProcess:
+    """sharded_worker.py (peftkit train, losses recorded) on one process or under torchrun."""
+    python = Path(sys.executable)
+    launcher = [str(python)]
+    if processes > 1:
+        torchrun = shutil.which("torchrun", path=str(python.parent))
+        launcher = [torchrun, "--standalone", "--nproc_per_node", str(processes)]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [*launcher, str(WORKER), str(folder), "train", *arguments]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+SINGLE_PROCESS = ["--set", "training.batch_size=8", "--set", "training.sharding=none"]
+
+
+@pytest.mark.parametrize(
+    ("section", "learning_rate"),
+    [("{name: lora, rank: 4, dropout: 0.0}", 0.02), ("{name: full}", 0.001)],
+)
+def test_two_sharded_processes_train_the_adapter_of_one_process(
+    tmp_path: Path, section: str, learning_rate: float
+) -> None:
+    recipe = write_recipe(tmp_path, section)
+    rate = ["--set", f"training.learning_rate={learning_rate}"]
+    two = run_worker(tmp_path / "ranks", 2, str(recipe), *rate)
+    assert two.returncode == 0, two.stderr[-3000:]
+    single_process = ["--output-dir", str(tmp_path / "one"), *SINGLE_PROCESS, *rate]
+    one = run_worker(tmp_path / "single", 1, str(recipe), *single_process)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (summary["processes"], summary["sharding"], summary["steps"]) == (2, "fsdp", 6)
+    assert summary["metric_after"] < summary["metric_before"]  # eval loss: it trained
+    ranks = [json.loads((tmp_path / "ranks" / f"losses-{r}.json").read_text()) for r in (0, 1)]
+    single = json.loads((tmp_path / "single" / "losses-0.json").read_text())
+    # each process held half of the model's parameter elements once sharded
+    for rank in ranks:
+        held = rank["parameters"]
+        assert held["total"] == summary["total_parameters"]
+        assert abs(held["local"] - held["total"] / 2) <= 0.01 * held["total"]
+    assert single["parameters"] == {}  # one process: nothing sharded
+    # both ranks report the same loss at every step, the single process's within rounding
+    assert [r["step"] for r in ranks[0]["losses"]] == list(range(1, 7))
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    for sharded, whole in zip(ranks[0]["losses"], single["losses"], strict=True):
+        assert sharded["loss"] == pytest.approx(whole["loss"], abs=1e-5)
+    # the adapter gathered from the shards, in the method's files, equals one process's
+    gathered, reference = adapter_tensors(tmp_path / "two"), adapter_tensors(tmp_path / "one")
+    assert max_difference(gathered, reference) <= 1e-6
+    if "lora" in section:
+        config = json.loads((tmp_path / "two" / "adapter" / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA"  # PEFT's own files
+
+
+def test_two_nodes_with_a_c10d_rendezvous_train_one_adapter(tmp_path: Path) -> None:
+    """Two torchrun agents of one process each, meeting at a c10d rendezvous on 127.0.0.1 (two
+    nodes on one machine), train and save one adapter: a single process's."""
+    recipe = write_recipe(tmp_path)
+    python = Path(sys.executable)
+    torchrun = shutil.which("torchrun", path=str(python.parent))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "peftkit-test", "-m",
+               "peftkit.cli", "train", str(recipe)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]  # fmt: skip
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    assert sum(out.count("summary.json and the adapter") for out, _ in outputs) == 1
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (summary["processes"], summary["sharding"]) == (2, "fsdp")
+    one = run_worker(tmp_path / "single", 1, str(recipe), "--output-dir", str(tmp_path / "one"),
+                     *SINGLE_PROCESS)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    gathered, reference = adapter_tensors(tmp_path / "two"), adapter_tensors(tmp_path / "one")
+    assert max_difference(gathered, reference) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    ("section", "reason"),
+    [
+        ("{name: child_tuning, mode: F}", "masks and Fisher pass"),
+        ("{name: relora}", "merges its adapters"),
+        ("{name: adalora}", "rank allocation"),
+    ],
+)
+def test_methods_that_cannot_be_sharded_are_refused_before_loading(
+    tmp_path: Path, section: str, reason: str, capsys
+) -> None:
+    recipe = write_recipe(tmp_path, section)
+    with pytest.raises(ConfigError, match=f"cannot train sharded \\(fsdp\\): .*{reason}"):
+        resolve(load_recipe(recipe))
+    assert main(["train", str(recipe)]) == 2
+    assert "cannot train sharded" in capsys.readouterr().err
+    assert not (tmp_path / "two" / "summary.json").exists()
+    resolve(load_recipe(recipe, ["training.sharding=none"]))  # DDP trains it
+
+
+def test_sharding_is_none_or_fsdp(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path)
+    with pytest.raises(ConfigError, match="sharding must be one of none, fsdp, got 'zero3'"):
+        load_recipe(recipe, ["training.sharding=zero3"])
+    with pytest.raises(ConfigError, match="Checkpoints and --resume are not supported"):
+        refuse_unsupported(load_recipe(recipe, ["training.save_steps=2"]), None)
+
+
+def test_the_memory_benchmark_smoke_run(tmp_path: Path) -> None:
+    """benchmarks/fsdp_memory.py --smoke: FSDP holds about half of DDP's tensors per process
+    (full fine-tuning: parameters, gradients, AdamW state), with the losses of one process."""
+    output = tmp_path / "fsdp_memory.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "fsdp_memory.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(script), "--smoke", "--output", str(output)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(output.read_text())["results"]
+    ddp, fsdp = results["ddp"]["memory"], results["fsdp"]["memory"]
+    # DDP: every process holds the whole model: parameters, as many gradients, AdamW's m and v
+    assert ddp[0] == ddp[1]
+    assert ddp[0]["gradients"] == ddp[0]["parameters"]
+    assert ddp[0]["optimizer"] == 2 * ddp[0]["parameters"]
+    assert sum(m["parameters"] for m in fsdp) == pytest.approx(ddp[0]["parameters"], rel=0.01)
+    assert results["fsdp_over_ddp"] <= 0.55
+    for arm in ("ddp", "fsdp"):
+        assert results[arm]["ranks_agree"]
+        assert results[arm]["max_loss_difference"] <= 1e-5
+        assert len(results[arm]["losses"]) == 3
