@@ -31,3 +31,8 @@ class ExportError(PeftkitError, ValueError):
 
 class OutputError(PeftkitError, OSError):
     """A run's files could not be written: the disk is full, read-only, or another file system."""
+
+
+class MalformedPairError(DataError):
+    """A preference row cannot be learnt from: no chosen or rejected response, chosen equal to
+    rejected, or an empty prompt. Raised, naming the rows, before anything is written."""

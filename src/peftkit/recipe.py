@@ -18,7 +18,7 @@ from peftkit.config import (
     unknown_key_message,
 )
 from peftkit.errors import ConfigError, DataError
-from peftkit.tasks.config import TaskConfig
+from peftkit.tasks.config import PreferenceConfig, TaskConfig
 
 # The base's storage choices (peftkit.models.precision and .quantize map them onto torch and
 # bitsandbytes; kept here as names so reading a recipe imports neither).
@@ -181,8 +181,22 @@ class Recipe:
     training: TrainConfig = field(default_factory=TrainConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     output_dir: str = field(default="runs/latest", metadata={"help": "where results are written"})
+    # Only with task.type: preference (None there: PreferenceConfig's defaults, DPO sigmoid).
+    preference: PreferenceConfig | None = field(
+        default=None, metadata={"help": "preference tuning: algorithm, loss_type, beta, ..."}
+    )
+
+    @property
+    def preference_options(self) -> PreferenceConfig:
+        """The preference section, or its defaults where the recipe has none."""
+        return self.preference if self.preference is not None else PreferenceConfig()
 
     def __post_init__(self) -> None:
+        if self.preference is not None and self.task.type != "preference":
+            raise ConfigError(
+                f"The recipe has a preference section but task.type is {self.task.type!r}: set "
+                "task.type: preference, or remove the preference section."
+            )
         if not str(self.output_dir).strip():
             raise ConfigError(
                 "output_dir is empty: name the folder the run writes to (for example runs/x)."
@@ -205,8 +219,10 @@ def expand_home(path: str) -> str:
     return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
 
 
-SECTIONS = {"task": TaskConfig, "training": TrainConfig, "base": BaseConfig}
-TOP_LEVEL = ("model", "base", "task", "method", "training", "output_dir")
+SECTIONS = {
+    "task": TaskConfig, "training": TrainConfig, "base": BaseConfig, "preference": PreferenceConfig,
+}  # fmt: skip
+TOP_LEVEL = ("model", "base", "task", "method", "training", "preference", "output_dir")
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
@@ -247,6 +263,8 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     }
     if not recipe.method:  # the registry's default, as a recipe without a method section says
         del data["method"]
+    if recipe.preference is not None:
+        data["preference"] = to_dict(recipe.preference)
     return data
 
 

@@ -62,6 +62,24 @@ def reverse_words() -> tuple[Rows, Rows]:
     return _synthetic_pairs(lambda words: words[::-1], seed=2)
 
 
+def copy_preferences() -> tuple[Rows, Rows]:
+    """Preference pairs BUILT from copy-words (synthetic, labelled as built): the prompt asks to
+    copy the source, chosen is the copy, rejected the source's words reversed (a near miss);
+    sources whose reverse is the copy are left out: 436 train / 95 held out."""
+
+    def pairs(rows: Rows) -> Rows:
+        built = []
+        for row in rows:
+            reverse = " ".join(row["source"].split()[::-1])
+            if reverse != row["target"]:
+                built.append({"prompt": f"copy: {row['source']}\n", "chosen": row["target"],
+                              "rejected": reverse})  # fmt: skip
+        return built
+
+    train, held_out = copy_words()
+    return pairs(train), pairs(held_out)
+
+
 Loader = Callable[[], tuple[Rows, Rows]]
 
 # name -> the function that returns (train rows, held-out rows); the core's sets first.
@@ -69,6 +87,8 @@ _DATASETS: dict[str, Loader] = {
     "amazon-reviews": amazon_reviews,
     "copy-words": copy_words,
     "reverse-words": reverse_words,
+    # BUILT preference pairs (prompt, chosen, rejected) from copy-words: copy vs reversed.
+    "copy-preferences": copy_preferences,
 }
 
 

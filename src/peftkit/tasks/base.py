@@ -45,6 +45,35 @@ class TaskData:
     dropped_eval: int = 0  # held-out examples with an empty input (they cannot be scored)
     tokenizer: Any = None  # for evaluations that generate and decode text
     max_new_tokens: int = 32
+    # The rows, checked and normalised, for a task type whose trainer tokenises them itself
+    # (preference: TRL's prompt/chosen/rejected text); `train` then holds what a method's
+    # data-driven prepare hook and the estimator read (causal-LM features).
+    train_records: Rows = field(default_factory=list)
+    eval_records: Rows = field(default_factory=list)
+
+
+@dataclass
+class TrainerParts:
+    """What the training run hands a task type's own trainer builder (TaskType.trainer)."""
+
+    recipe: Any  # the Recipe
+    model: nn.Module  # the applied model (the method's record is on it: peftkit.api.applied)
+    tokenizer: Any
+    data: TaskData
+    arguments: dict[str, Any]  # TrainingArguments' keyword values from the recipe
+    callbacks: list[Any]
+    hooks: Any  # the method's TrainingHooks
+    resumed: bool  # the model was rebuilt from a checkpoint (not at its initialisation)
+
+
+@dataclass
+class BuiltTrainer:
+    """A task type's trainer, the training tokens it has seen so far, and what the run's
+    summary.json should say about how it trains (the preference reference model, ...)."""
+
+    trainer: Any
+    tokens_seen: Callable[[], int]
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -77,6 +106,11 @@ class TaskType:
     # Refuse the rows of one data file this type cannot learn from, numbered as in the file
     # (task, rows, where they came from). None: every column() must hold a value in every row.
     row_check: Callable[[TaskConfig, Rows, str], None] | None = None
+    # The builder of the Trainer for a type that does not train on its features' token loss, as
+    # "module:function" taking TrainerParts and returning a BuiltTrainer (preference: TRL's
+    # trainers, "peftkit.training.preference:build_preference_trainer"). A name, not a function:
+    # the training layer sits above the task records and imports them. None: PeftkitTrainer.
+    trainer: str | None = None
 
     def check_columns(self, task: TaskConfig, train: Rows, held_out: Rows) -> None:
         """Refuse rows that lack a column this task type reads."""

@@ -10,11 +10,12 @@ every `save_steps` appear only when complete, and `resume` continues from one ex
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from peftkit.run_folder import (
     settle_entries,
     write_failure,
 )
-from peftkit.tasks.base import TaskData, read_split
+from peftkit.tasks.base import BuiltTrainer, TaskData, TrainerParts, read_split
 from peftkit.training.checkpoints import (
     CheckpointCallback,
     find_checkpoint,
@@ -69,8 +70,14 @@ from peftkit.training.trainer import HooksCallback, PeftkitTrainer
 
 def training_arguments(recipe: Recipe, output: Path) -> TrainingArguments:
     """TrainingArguments from the recipe's training section."""
+    return TrainingArguments(**training_argument_values(recipe, output))
+
+
+def training_argument_values(recipe: Recipe, output: Path) -> dict[str, Any]:
+    """TrainingArguments' keyword values from the recipe's training section (a task type's own
+    trainer passes them to its TrainingArguments subclass)."""
     t = recipe.training
-    return TrainingArguments(
+    return dict(
         output_dir=str(staging_root(output)),  # checkpoints are published from here when complete
         max_steps=t.max_steps if t.max_steps > 0 else -1,
         num_train_epochs=t.epochs,
@@ -93,6 +100,12 @@ def training_arguments(recipe: Recipe, output: Path) -> TrainingArguments:
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
+
+
+def trainer_builder(name: str) -> Callable[[TrainerParts], BuiltTrainer]:
+    """A task type's trainer builder from its "module:function" name (TaskType.trainer)."""
+    module, function = name.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def evaluate(model: Any, plan: Plan, data: TaskData, collator: Collator) -> dict[str, float]:
@@ -287,22 +300,34 @@ def _run(plan: Plan, resume: str | bool | None, overwrite: bool) -> dict[str, An
 
     train_collator = Collator(tokenizer.pad_token_id)  # counts only training tokens
     probe = TensorMemoryProbe()  # training memory at the allocator, over the first steps (CPU)
+    callbacks = [
+        HooksCallback(hooks, method_state(checkpoint)),
+        CheckpointCallback(output, hooks, model),
+        probe,
+    ]
     with reporting_environment(output):  # the reporting callbacks are built in Trainer.__init__
-        trainer = PeftkitTrainer(
-            model=model,
-            args=args,
-            train_dataset=data.train,
-            data_collator=train_collator,
-            processing_class=tokenizer,
-            callbacks=[
-                HooksCallback(hooks, method_state(checkpoint)),
-                CheckpointCallback(output, hooks, model),
-                probe,
-            ],
-            hooks=hooks,
-            # Heads that divide by the token count Trainer gives them: let Trainer detect them.
-            loss_uses_token_count=None if task_type.loss_per_token else False,
-        )
+        if task_type.trainer is not None:  # a type with its own trainer (preference: TRL's)
+            built = trainer_builder(task_type.trainer)(TrainerParts(
+                recipe, model, tokenizer, data, training_argument_values(recipe, output),
+                callbacks, hooks, resumed=checkpoint is not None,
+            ))  # fmt: skip
+        else:
+            built = BuiltTrainer(
+                PeftkitTrainer(
+                    model=model,
+                    args=args,
+                    train_dataset=data.train,
+                    data_collator=train_collator,
+                    processing_class=tokenizer,
+                    callbacks=callbacks,
+                    hooks=hooks,
+                    # Heads that divide by the token count Trainer gives them: let Trainer
+                    # detect them.
+                    loss_uses_token_count=None if task_type.loss_per_token else False,
+                ),
+                lambda: train_collator.tokens_seen,
+            )
+    trainer = built.trainer
     peak_before = peak_memory_bytes()  # TrainingMemory resets the kernel's high-water mark
     kept = (
         "Complete checkpoints written before it are kept; once the cause is fixed, --resume "
@@ -342,12 +367,10 @@ def _run(plan: Plan, resume: str | bool | None, overwrite: bool) -> dict[str, An
         "gradient_checkpointing": recipe.training.gradient_checkpointing,
         "weight_memory_mib": mib(stored_bytes(model)),
         "peak_memory_mib": mib(max(peak_before, peak_memory_bytes())),
-        **probe.report(
-            training_memory, train_collator.tokens_seen, train_seconds, result.global_step
-        ),
+        **probe.report(training_memory, built.tokens_seen(), train_seconds, result.global_step),
         **estimated_training_memory(recipe, data.train),
         "optimizer_state_mib": mib(state_bytes),
-        "train_tokens": train_collator.tokens_seen,
+        "train_tokens": built.tokens_seen(),
         "train_seconds": train_seconds,
         "prepare_seconds": prepare_seconds,
         "steps": result.global_step,
@@ -367,6 +390,7 @@ def _run(plan: Plan, resume: str | bool | None, overwrite: bool) -> dict[str, An
         "dropped_eval_examples": data.dropped_eval,
         "adapter_bytes": folder_bytes(adapter_dir),
         "adapter_dir": str(adapter_dir),
+        **built.notes,  # what a task type's own trainer says (preference: its reference model)
     }
     with naming_write_failures(
         f"Writing {output / 'summary.json'}",

@@ -15,6 +15,14 @@ from peftkit.method import TrainingHooks
 from peftkit.training.distributed import share_random_state
 
 
+def example_length(example: dict[str, Any]) -> int:
+    """An example's token count for length grouping: its input_ids, or the sum of its token id
+    lists where a trainer keeps them in parts (TRL's prompt_ids, chosen_ids, rejected_ids)."""
+    if "input_ids" in example:
+        return len(example["input_ids"])
+    return sum(len(value) for key, value in example.items() if key.endswith("_ids"))
+
+
 class HooksCallback(TrainerCallback):
     """Runs a method's hooks around every optimizer step (after clipping, before the update)."""
 
@@ -136,9 +144,7 @@ class PeftkitTrainer(Trainer):
         args = self.args
         grouped = args.train_sampling_strategy == "group_by_length"
         global_batch = args.train_batch_size * args.world_size * args.gradient_accumulation_steps
-        lengths = (
-            [len(example["input_ids"]) for example in dataset] if grouped else [0] * len(dataset)
-        )
+        lengths = [example_length(e) for e in dataset] if grouped else [0] * len(dataset)
         seed = args.data_seed if args.data_seed is not None else args.seed
         self.epoch_sampler = EpochSampler(lengths, seed, global_batch if grouped else None)
         return self.epoch_sampler
