@@ -70,8 +70,9 @@ def test_bundled_application_sets() -> None:
 def test_the_applications_register_their_sets_once() -> None:
     peftkit.apps.register()  # again: the same loaders, nothing changes
     names = dataset_names()
-    assert names[:3] == ["amazon-reviews", "copy-words", "reverse-words"]  # the core's own
-    assert set(names[3:]) == set(peftkit.apps.DATASETS)
+    core = ["amazon-reviews", "copy-words", "reverse-words", "copy-preferences"]  # the core's own
+    assert names[: len(core)] == core
+    assert set(names[len(core) :]) == set(peftkit.apps.DATASETS)
     with pytest.raises(DataError, match="'bank-sql' is already registered"):
         register_dataset("bank-sql", lambda: ([], []))
     with pytest.raises(DataError, match="Did you mean 'bank-sql'"):

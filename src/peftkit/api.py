@@ -218,7 +218,12 @@ def _check_fits(
 
 
 def _check_fits_on_meta(
-    method: Method, config: Any, base_model: nn.Module, tensors: dict[str, Any], folder: Path
+    method: Method,
+    config: Any,
+    base_model: nn.Module,
+    tensors: dict[str, Any],
+    folder: Path,
+    saved: dict[str, Any],
 ) -> None:
     """Compare the weight file with the shapes the config asks for before anything real is
     built: the method is applied to a copy of the base's module tree on the meta device (no
@@ -236,6 +241,8 @@ def _check_fits_on_meta(
             shapes = {k: tuple(v.shape) for k, v in method.state_dict(skeleton).items()}
     except Exception:  # noqa: BLE001 - a method that needs real data: checked after the build
         return
+    if method.check_loaded is not None:  # a saved field it does not honour, named first
+        method.check_loaded(skeleton, saved)
     _check_fits(method, skeleton, tensors, folder, shapes)
 
 
@@ -255,7 +262,7 @@ def load(base_model: nn.Module, folder: str | Path, allow_pickle: bool = False) 
     tensors = io.read_tensors(folder, allow_pickle=allow_pickle)
     storage = check_base(method, base_model)
     if not is_low_bit(storage):
-        _check_fits_on_meta(method, config, base_model, tensors, folder)
+        _check_fits_on_meta(method, config, base_model, tensors, folder, saved)
     model = method.prepare(base_model, config)
     # float32 masters before the saved tensors are copied in, so they are not rounded to half
     undo = keep_float32_masters(model) if is_low_bit(storage) else lambda: None
