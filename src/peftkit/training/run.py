@@ -182,6 +182,23 @@ def _previous_note(previous: Path | None) -> str:
     return f" The earlier run is kept, whole, in {previous}." if previous else ""
 
 
+def settle_first_forward(model: Any, features: Any, collator: Collator, batch_size: int) -> None:
+    """One forward of the first training examples, in eval mode without gradients, before
+    training starts. A method that fixes how it computes on its first forward (LoRA's fast path
+    groups the layers that read one input) then computes step 0 of a fresh run and the first
+    step of a resumed one alike, so a resumed run ends with the uninterrupted run's adapter bit
+    for bit. Eval mode draws no random numbers, so the training steps draw what they did."""
+    was_training = model.training
+    batch = collator([features[i] for i in range(min(batch_size, len(features)))])
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(**{key: value.to(device) for key, value in batch.items()})
+    finally:
+        model.train(was_training)
+
+
 def logs_folder(output: Path) -> Path:
     """Where experiment trackers that write files (TensorBoard) put them: inside the run."""
     return output / "logs"
@@ -298,6 +315,7 @@ def _run(plan: Plan, resume: str | bool | None, overwrite: bool) -> dict[str, An
     if sharded(recipe):  # after prepare: the method's hooks saw whole weights
         shard(model, recipe.training.precision)
 
+    settle_first_forward(model, data.train, collator, recipe.training.batch_size)
     train_collator = Collator(tokenizer.pad_token_id)  # counts only training tokens
     probe = TensorMemoryProbe()  # training memory at the allocator, over the first steps (CPU)
     callbacks = [
