@@ -241,9 +241,13 @@ def _check_fits_on_meta(
             shapes = {k: tuple(v.shape) for k, v in method.state_dict(skeleton).items()}
     except Exception:  # noqa: BLE001 - a method that needs real data: checked after the build
         return
-    if method.check_loaded is not None:  # a saved field it does not honour, named first
-        method.check_loaded(skeleton, saved)
-    _check_fits(method, skeleton, tensors, folder, shapes)
+    try:
+        _check_fits(method, skeleton, tensors, folder, shapes)
+    except AdapterError:
+        # Where a saved field the method does not honour explains the mismatch, name the field.
+        if method.check_loaded is not None:
+            method.check_loaded(skeleton, saved)
+        raise
 
 
 def load(base_model: nn.Module, folder: str | Path, allow_pickle: bool = False) -> nn.Module:
