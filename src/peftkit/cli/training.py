@@ -122,8 +122,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     only = [name for part in args.methods or [] for name in part.split(",") if name]
     results = compare(
-        args.plan, args.output_dir, quick=args.quick, only=only or None, overwrite=args.overwrite
-    )
+        args.plan, args.output_dir, quick=args.quick, only=only or None,
+        overwrite=args.overwrite, seeds=args.seeds,
+    )  # fmt: skip
     return 1 if any(result.get("failed") for result in results) else 0
 
 
@@ -216,6 +217,11 @@ def add_commands(commands: Any) -> None:
     compare.add_argument(
         "--overwrite", action="store_true",
         help="rerun plan entries whose run folders already hold results (replacing them)",
+    )  # fmt: skip
+    compare.add_argument(
+        "--seeds", type=int, default=1,
+        help="run each entry with this many seeds (the recipe's and the next ones): mean and "
+        "spread per method, and which differences exceed the noise (paired t-test, 95%%)",
     )  # fmt: skip
     compare.set_defaults(handler=cmd_compare)
 

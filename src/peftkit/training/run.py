@@ -64,6 +64,7 @@ from peftkit.training.measure import (
 )
 from peftkit.training.memory_probe import TensorMemoryProbe
 from peftkit.training.sharding import rebuilt_model, refuse_unsupported, shard, sharded
+from peftkit.training.step_clock import StepClock
 from peftkit.training.summary_table import format_summary
 from peftkit.training.trainer import HooksCallback, PeftkitTrainer
 
@@ -318,10 +319,12 @@ def _run(plan: Plan, resume: str | bool | None, overwrite: bool) -> dict[str, An
     settle_first_forward(model, data.train, collator, recipe.training.batch_size)
     train_collator = Collator(tokenizer.pad_token_id)  # counts only training tokens
     probe = TensorMemoryProbe()  # training memory at the allocator, over the first steps (CPU)
+    step_clock = StepClock()  # per-step seconds and tokens (compare's steady-state median)
     callbacks = [
         HooksCallback(hooks, method_state(checkpoint)),
         CheckpointCallback(output, hooks, model),
         probe,
+        step_clock,
     ]
     with reporting_environment(output):  # the reporting callbacks are built in Trainer.__init__
         if task_type.trainer is not None:  # a type with its own trainer (preference: TRL's)
@@ -346,6 +349,7 @@ def _run(plan: Plan, resume: str | bool | None, overwrite: bool) -> dict[str, An
                 lambda: train_collator.tokens_seen,
             )
     trainer = built.trainer
+    step_clock.count = built.tokens_seen
     peak_before = peak_memory_bytes()  # TrainingMemory resets the kernel's high-water mark
     kept = (
         "Complete checkpoints written before it are kept; once the cause is fixed, --resume "
@@ -391,6 +395,7 @@ def _run(plan: Plan, resume: str | bool | None, overwrite: bool) -> dict[str, An
         "train_tokens": built.tokens_seen(),
         "train_seconds": train_seconds,
         "prepare_seconds": prepare_seconds,
+        **step_clock.report(),
         "steps": result.global_step,
         "processes": args.world_size,
         "sharding": recipe.training.sharding if args.world_size > 1 else "none",
