@@ -22,7 +22,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import StepTimer, base_parser, interleaved, markdown_table, setup, write_json
+from common import (
+    StepTimer,
+    base_parser,
+    interleaved,
+    markdown_table,
+    parse_with_smoke,
+    setup,
+    write_json,
+)
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "minilm-lora.yaml"
 
@@ -34,7 +42,9 @@ def parse_args() -> Any:
     parser.add_argument("--rounds", type=int, default=2, help="alternating passes per arm")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per batch")
     parser.add_argument("--max-length", type=int, default=128, help="task.max_length (tokens)")
-    return parser.parse_args()
+    return parse_with_smoke(
+        parser, model="tiny-bert", examples=32, rounds=1, batch_size=8, max_length=32
+    )
 
 
 def pad_to_length_collator(pad_token_id: int, length: int) -> Any:

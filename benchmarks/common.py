@@ -10,6 +10,8 @@ import json
 import os
 import platform
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,7 +31,32 @@ def base_parser(description: str, default_model: str) -> argparse.ArgumentParser
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0, help="seed for data order and weights")
     parser.add_argument("--output", default=None, help="JSON to write (default: results/<name>)")
+    add_smoke_flag(parser)
     return parser
+
+
+def add_smoke_flag(parser: argparse.ArgumentParser) -> None:
+    """--smoke: the script's tiny preset (what tests/test_benchmarks_smoke.py runs)."""
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="a tiny preset (tiny model from a config, 1-2 steps; JSON to a temp path) to check "
+        "the script still runs; its numbers mean nothing",
+    )  # fmt: skip
+
+
+def parse_with_smoke(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, **smoke: Any
+) -> argparse.Namespace:
+    """Parse the flags; with --smoke, the script's tiny preset replaces them (`smoke` names the
+    values) and the JSON goes to a temporary folder unless --output names one."""
+    args = parser.parse_args(argv)
+    if getattr(args, "smoke", False):
+        for key, value in smoke.items():
+            setattr(args, key, value)
+        if hasattr(args, "output") and args.output == parser.get_default("output"):
+            name = Path(sys.argv[0]).stem or "benchmark"
+            args.output = str(Path(tempfile.mkdtemp(prefix="peftkit-smoke-")) / f"{name}.json")
+    return args
 
 
 def setup(args: argparse.Namespace) -> None:
@@ -129,25 +156,42 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
+    """What the numbers were measured on and how busy it was: CPU model and the instruction-set
+    flags torch's kernels pick by, cores and torch threads, the torch build, and the 1/5/15-minute
+    load average at writing (a load above the cores means other jobs shared the machine)."""
     import torch
 
-    flags = set()
+    flags: set[str] = set()
+    model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine(), "x86_64"):
+                model = line.split(":", 1)[1].strip()
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    return {
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    cores = os.cpu_count() or 1
+    record = {
         "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "cpu_count": cores,
         "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags,
+        "load_average": load,
+        "load_above_cores": bool(load and load[0] > cores),  # other jobs shared the cores
     }
+    if torch.cuda.is_available():
+        record["gpu"] = torch.cuda.get_device_name(0)
+    return record
 
 
 def write_json(name: str, args: argparse.Namespace, results: Any, output: str | None) -> Path:

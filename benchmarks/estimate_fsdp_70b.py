@@ -7,6 +7,7 @@ defaults (rank 8 on q and v); batch 1 per process at 512 and 2048 tokens. Writes
 as JSON and prints the Markdown table docs/estimate.md shows.
 
     .venv/bin/python benchmarks/estimate_fsdp_70b.py   # a few seconds per sequence length
+    .venv/bin/python benchmarks/estimate_fsdp_70b.py --smoke   # 64 tokens, JSON to a temp path
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from common import add_smoke_flag, machine, parse_with_smoke
 
 from peftkit.memory.estimate import account, measure, pass_dtype
 from peftkit.memory.parts import GIB
@@ -33,7 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="docs/results/estimate-qlora-70b-fsdp.json")
     parser.add_argument("--seq-len", type=int, nargs="+", default=[512, 2048])
-    args = parser.parse_args()
+    add_smoke_flag(parser)
+    args = parse_with_smoke(parser, seq_len=[64], output=None)
     activation = pass_dtype(STORAGE["dtype"], STORAGE["base_dtype"])
     cases, rows = [], []
     for label, section in METHODS.items():
@@ -54,7 +58,9 @@ def main() -> None:
     header = ["method", "tokens", "GPUs (sharding)", "weights", "grads + AdamW",
               "activations + loss", "recompute", "dequant + gathered", "peak GiB",
               "<= 24 GiB"]  # fmt: skip
-    Path(args.output).write_text(json.dumps({"storage": STORAGE, "cases": cases}, indent=2) + "\n")
+    payload = {"command": "python benchmarks/estimate_fsdp_70b.py", "storage": STORAGE,
+               "seq_len": args.seq_len, "machine": machine(), "cases": cases}  # fmt: skip
+    Path(args.output).write_text(json.dumps(payload, indent=2) + "\n")
     print(markdown_table(header, rows))
     print(f"wrote {args.output}")
 

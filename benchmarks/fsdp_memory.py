@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import base_parser, write_json
+from common import base_parser, parse_with_smoke, write_json
 
 WORLD = 2
 
@@ -31,11 +31,7 @@ def parse_args() -> Any:
     parser.add_argument("--steps", type=int, default=10, help="AdamW steps")
     parser.add_argument("--batch-size", type=int, default=2, help="sequences per process")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens a sequence")
-    parser.add_argument("--smoke", action="store_true", help="tiny-llama, 3 steps (the tests)")
-    args = parser.parse_args()
-    if args.smoke:
-        args.model, args.steps = "tiny-llama", 3
-    return args
+    return parse_with_smoke(parser, model="tiny-llama", steps=3)
 
 
 def batches(args: Any, vocab: int) -> Any:

@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import base_parser, clock, markdown_table, packed_lm_features, setup, write_json
+from common import (
+    base_parser,
+    clock,
+    markdown_table,
+    packed_lm_features,
+    parse_with_smoke,
+    setup,
+    write_json,
+)
 
 PROMPTS = [
     "What is the capital of France?",
@@ -36,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lora-std", type=float, default=0.02, help="std of the random LoRA B")
     parser.add_argument("--outtypes", default="f16,q8_0", help="output types, comma-separated")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt")
-    return parser.parse_args()
+    return parse_with_smoke(parser, model="tiny-llama", new_tokens=2, outtypes="f16")
 
 
 def merged_with_lora(name: str, rank: int, std: float, seed: int) -> tuple[Any, Any, Any]:

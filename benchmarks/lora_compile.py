@@ -41,6 +41,7 @@ from common import (
     markdown_table,
     median,
     packed_lm_features,
+    parse_with_smoke,
     setup,
     timed,
     write_json,
@@ -68,7 +69,9 @@ def parse_args() -> Any:
     )
     parser.add_argument("--no-check", action="store_true", help="skip the dropout-0 equality check")
     parser.add_argument("--check-only", action="store_true", help="only the dropout-0 check")
-    return parser.parse_args()
+    return parse_with_smoke(
+        parser, model="tiny-llama", steps=1, rounds=1, warmup=0, seq_len=16, compile="fast"
+    )
 
 
 def lora_model(base: Any, args: Any, fast: bool, dropout: float) -> Any:

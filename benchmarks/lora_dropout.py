@@ -17,8 +17,10 @@ Prints mean +- sample standard deviation per task and dropout over every run in 
       flock /tmp/peftkit-heavy.lock .venv/bin/python benchmarks/lora_dropout.py \
         --tasks $task --dropouts $dropout --seeds $seed
     done; done; done                                     # demo ~1 minute a run, chat ~3 minutes
-    .venv/bin/python benchmarks/lora_dropout.py --tasks demo --seeds 0 --max-steps 2 \
-      --output /tmp/smoke.json                                                    # smoke run
+    .venv/bin/python benchmarks/lora_dropout.py --smoke   # tiny-bert, 2 steps, a temp JSON
+
+Each call's settings and machine are appended to the JSON's `invocations`, and each run names the
+invocation that made it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, markdown_table, write_json
+from common import RESULTS, add_smoke_flag, machine, markdown_table, parse_with_smoke, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +48,12 @@ def parse_args() -> Any:
     parser.add_argument("--max-steps", type=int, default=None, help="cap the steps (smoke runs)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
     parser.add_argument("--output", default=None, help="JSON to write (default: results/<name>)")
-    return parser.parse_args()
+    parser.add_argument("--set", dest="sets", action="append", default=[],
+                        help="a recipe override for every run (KEY=VALUE; repeatable)")  # fmt: skip
+    add_smoke_flag(parser)
+    smoke_sets = ["model=tiny-bert", "task.max_train_examples=32", "task.max_eval_examples=8"]
+    return parse_with_smoke(parser, tasks="demo", dropouts="0.05", seeds="0", max_steps=2,
+                            sets=smoke_sets)  # fmt: skip
 
 
 def task_runs(task: str) -> tuple[Path, dict[str, Any], list[str]]:
@@ -79,10 +86,20 @@ def train(recipe: Path, method: dict, overrides: list[str], folder: Path) -> dic
     return json.loads((folder / "summary.json").read_text())
 
 
-def earlier_runs(args: Any) -> list[dict[str, Any]]:
-    """The runs already in the output JSON (none when there is none yet)."""
+def earlier_runs(args: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The runs and invocations already in the output JSON (none when there is none yet). A
+    JSON from before invocations were recorded holds only its last call's settings and machine:
+    that call becomes the one invocation known, and its runs' invocation stays unknown."""
     path = Path(args.output) if args.output else RESULTS / "lora_dropout.json"
-    return json.loads(path.read_text())["results"]["runs"] if path.exists() else []
+    if not path.exists():
+        return [], []
+    data = json.loads(path.read_text())
+    invocations = data["results"].get("invocations")
+    if invocations is None:
+        invocations = [{"settings": data["settings"], "machine": data["machine"],
+                        "note": "the last call before calls were recorded; which runs it made "
+                        "is not known"}]  # fmt: skip
+    return data["results"]["runs"], invocations
 
 
 def table(runs: list[dict[str, Any]]) -> str:
@@ -103,7 +120,9 @@ def table(runs: list[dict[str, Any]]) -> str:
 def main() -> None:
     """Run every task x dropout x seed not yet in the JSON, print the table, write the JSON."""
     args = parse_args()
-    runs = earlier_runs(args)
+    runs, invocations = earlier_runs(args)
+    settings = {k: v for k, v in vars(args).items() if k != "output"}
+    invocations.append({"settings": settings, "machine": machine()})
     done = {(r["task"], r["dropout"], r["seed"]) for r in runs}
     with tempfile.TemporaryDirectory() as scratch:
         for task in args.tasks.split(","):
@@ -112,7 +131,8 @@ def main() -> None:
                 for seed in [int(s) for s in args.seeds.split(",")]:
                     if (task, dropout, seed) in done:
                         continue
-                    extra = [f"training.seed={seed}", f"training.threads={args.threads}"]
+                    extra = [*args.sets, f"training.seed={seed}",
+                             f"training.threads={args.threads}"]  # fmt: skip
                     if args.max_steps is not None:
                         extra.append(f"training.max_steps={args.max_steps}")
                     folder = Path(scratch) / f"{task}-{dropout:g}-{seed}"
@@ -125,11 +145,13 @@ def main() -> None:
                                  "final_train_loss": summary["final_train_loss"],
                                  "tokens_per_second": summary["tokens_per_second"],
                                  "train_seconds": summary["train_seconds"],
-                                 "max_steps": args.max_steps, "threads": args.threads})  # fmt: skip
+                                 "max_steps": args.max_steps, "threads": args.threads,
+                                 "invocation": len(invocations) - 1})  # fmt: skip
                     print(f"{task} dropout {dropout:g} seed {seed}: {summary['metric']} "
                           f"{summary['metric_after']:.4f}", flush=True)  # fmt: skip
     print(table(runs))
-    print(f"wrote {write_json('lora_dropout', args, {'runs': runs}, args.output)}")
+    results = {"runs": runs, "invocations": invocations}
+    print(f"wrote {write_json('lora_dropout', args, results, args.output)}")
 
 
 if __name__ == "__main__":

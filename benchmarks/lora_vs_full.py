@@ -26,6 +26,7 @@ from common import (
     markdown_table,
     median,
     packed_lm_features,
+    parse_with_smoke,
     setup,
     timed,
     write_json,
@@ -50,7 +51,7 @@ def parse_args() -> Any:
     parser.add_argument(
         "--no-peft", action="store_true", help="leave out the arms of PEFT's own modules"
     )
-    return parser.parse_args()
+    return parse_with_smoke(parser, model="tiny-llama", steps=1, rounds=1, seq_len=16, top=3)
 
 
 def make_step(model: Any, batches: list[dict]) -> Any:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common import base_parser, clock, setup, write_json
+from common import base_parser, clock, parse_with_smoke, setup, write_json
 
 GIB = 2**30
 
@@ -32,7 +32,7 @@ def parse_args() -> Any:
     parser.add_argument("--layers", type=int, default=None, help="fewer layers (a smoke run)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens in the one sequence")
     parser.add_argument("--steps", type=int, default=3, help="AdamW steps")
-    return parser.parse_args()
+    return parse_with_smoke(parser, layers=1, steps=1, seq_len=8)
 
 
 def resident_gib(field: str = "VmRSS") -> float:

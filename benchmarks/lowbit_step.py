@@ -26,6 +26,7 @@ from common import (
     markdown_table,
     median,
     packed_lm_features,
+    parse_with_smoke,
     setup,
     write_json,
 )
@@ -48,7 +49,7 @@ def parse_args() -> Any:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per arm per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), help="which arms (default: all)")
-    return parser.parse_args()
+    return parse_with_smoke(parser, model="tiny-llama", steps=1, rounds=1, seq_len=16)
 
 
 def batches(tokenizer: Any, count: int, batch_size: int, seq_len: int) -> list[dict[str, Any]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import add_smoke_flag, machine, parse_with_smoke
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,7 +41,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--output", default="benchmarks/results/merge_latency.json", help="JSON to write"
     )
-    return parser.parse_args()
+    add_smoke_flag(parser)
+    return parse_with_smoke(parser, model="tiny", rounds=2, seq_len=16, batch_size=2)
 
 
 def build(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
@@ -135,7 +136,7 @@ def main() -> None:
         "rounds": args.rounds,
         "device": args.device,
         "threads": args.threads,
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine(),
         "max_abs_logit_difference_merged_vs_unmerged": difference,
         "median_seconds": median,
         "merged_over_base": median["merged"] / median["base"],

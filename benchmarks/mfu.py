@@ -27,6 +27,7 @@ from common import (
     markdown_table,
     median,
     packed_lm_features,
+    parse_with_smoke,
     setup,
     write_json,
 )
@@ -42,7 +43,9 @@ def parse_args() -> Any:
     parser.add_argument(
         "--gemm-sizes", default="1024,2048,3072", help="square GEMM sizes for the peak"
     )
-    return parser.parse_args()
+    return parse_with_smoke(
+        parser, model="tiny-llama", steps=1, rounds=1, seq_len=16, gemm_sizes="64"
+    )
 
 
 def gemm_peak(sizes: list[int], repeats: int = 5) -> dict[str, Any]:

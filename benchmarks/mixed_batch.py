@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import add_smoke_flag, machine, parse_with_smoke
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,7 +38,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--output", default="benchmarks/results/mixed_batch.json", help="JSON to write"
     )
-    return parser.parse_args()
+    add_smoke_flag(parser)
+    return parse_with_smoke(
+        parser, model="tiny", adapters=2, batch_size=4, seq_len=8, new_tokens=2, rounds=1
+    )
 
 
 def build(args: argparse.Namespace, folder: Path) -> tuple[Any, list[str | None], torch.Tensor]:
@@ -146,7 +149,7 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "rounds": args.rounds,
         "threads": args.threads,
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine(),
         "max_abs_logit_difference_mixed_vs_grouped": difference,
         "same_generated_tokens": same_tokens,
         "median_seconds": median,

@@ -27,6 +27,7 @@ from common import (
     machine,
     markdown_table,
     median,
+    parse_with_smoke,
     setup,
     write_json,
 )
@@ -42,7 +43,15 @@ def parse_args() -> Any:
     parser.add_argument("--eval-examples", type=int, default=1000, help="held-out reviews")
     parser.add_argument("--check-steps", type=int, default=8, help="steps per interleaved round")
     parser.add_argument("--check-rounds", type=int, default=2, help="interleaved rounds")
-    return parser.parse_args()
+    return parse_with_smoke(
+        parser,
+        model="tiny-bert",
+        steps=2,
+        batch_size=4,
+        eval_examples=16,
+        check_steps=1,
+        check_rounds=1,
+    )
 
 
 def trainer_for(model: Any, tokenizer: Any, data: Any, recipe: Any, bf16: bool, steps: int,

@@ -21,10 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
+
+from common import add_smoke_flag, machine, parse_with_smoke
 
 PROMPTS = [
     "Explain in one paragraph why the sky is blue.",
@@ -49,7 +50,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--output", default="benchmarks/results/proxy_decoding.json", help="JSON to write"
     )
-    return parser.parse_args()
+    add_smoke_flag(parser)
+    return parse_with_smoke(parser, model="tiny", new_tokens=2, repeats=1, batch_size=2)
 
 
 def load(name: str, seed: int) -> tuple[Any, Any]:
@@ -230,7 +232,7 @@ def main() -> None:
         "threads": args.threads,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "machine": platform.machine(),
+        "machine": machine(),
         "load_average_before": os.getloadavg(),
         **summarise(measure(setup, args), args),
         "adapter_toggle_seconds": adapter_toggle_seconds(setup),

@@ -96,7 +96,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.lora_steps, args.lora_batch = 2, 4
         args.eval_count, args.eval_batch, args.review_tokens = 8, 4, 16
         args.alphas = [0.5, 1.0]  # two, so the loop over alphas runs more than once
-        args.output = args.output or "/tmp/proxy_experiment_smoke.json"
+        smoke_folder = tempfile.mkdtemp(prefix="peftkit-smoke-")
+        args.output = args.output or str(Path(smoke_folder) / "proxy_experiment.json")
         args.retrain = True  # seconds to train; never reuse or pollute the real cache
         args.cache = args.cache or tempfile.mkdtemp(prefix="proxy-experiment-smoke-")
     args.output = args.output or str(Path(__file__).parent / "results/proxy_experiment.json")

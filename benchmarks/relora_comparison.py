@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import add_smoke_flag, machine, parse_with_smoke
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,7 +41,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--output", default="benchmarks/results/relora_comparison.json", help="JSON to write"
     )
-    return parser.parse_args()
+    add_smoke_flag(parser)
+    return parse_with_smoke(
+        parser,
+        model="tiny",
+        steps=4,
+        restart_every=2,
+        restart_warmup=1,
+        eval_blocks=2,
+        batch_size=2,
+        block=16,
+    )
 
 
 def blocks(tokenizer: Any, count: int, length: int, offset: int) -> torch.Tensor:
@@ -174,7 +184,7 @@ def main() -> None:
         "block": args.block,
         "rank": args.rank,
         "restart_every": args.restart_every,
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine(),
         "threads": args.threads,
         "results": results,
     }

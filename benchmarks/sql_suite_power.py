@@ -7,6 +7,7 @@ how many the whole suite tells apart, and lists the pairs it does not. Prints a 
 JSON.
 
     flock /tmp/peftkit-heavy.lock .venv/bin/python benchmarks/sql_suite_power.py
+    .venv/bin/python benchmarks/sql_suite_power.py --smoke    # 60 queries, JSON to a temp path
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
+
+from common import add_smoke_flag, machine, parse_with_smoke
 
 from peftkit.apps.text_to_sql.examples import generate_examples
 from peftkit.apps.text_to_sql.sandbox import run_query
@@ -29,10 +32,13 @@ def main() -> None:
     """Count the pairs, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=OUTPUT, help="JSON to write")
-    args = parser.parse_args()
+    parser.add_argument("--limit", type=int, default=None, help="only the first N queries")
+    add_smoke_flag(parser)
+    args = parse_with_smoke(parser, limit=60, output=None)
+    args.output = Path(args.output)
     suite = default_suite()
     examples = generate_examples(suite["seed0"])
-    queries = sorted({e["sql"] for e in examples})
+    queries = sorted({e["sql"] for e in examples})[: args.limit]
     heldout = {e["sql"] for e in examples if e["split"] == "heldout"}
     results = {name: {q: run_query(path, q).rows for q in queries} for name, path in suite.items()}
 
@@ -53,7 +59,9 @@ def main() -> None:
     separated_by = {name: sum(not same(name, a, b) for a, b in pairs) for name in suite}
     left = [(a, b) for a, b in pairs if all(same(name, a, b) for name in suite)]
     report = {
-        "command": "python benchmarks/sql_suite_power.py",
+        "command": "python benchmarks/sql_suite_power.py"
+        + (f" --limit {args.limit}" if args.limit else ""),
+        "machine": machine(),
         "edge_rows_version": EDGE_ROWS_VERSION,
         "queries": len(queries),
         "pairs_agreeing_on_seed0": len(pairs),
