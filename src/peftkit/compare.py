@@ -95,8 +95,12 @@ def load_plan(path: str | Path) -> Plan:
     return Plan(recipe, entries, _as_overrides(data.get("quick")))
 
 
-def refuse_earlier_results(names: list[str], output: Path, overwrite: bool) -> None:
-    """Before anything runs: run folders that hold an earlier run need --overwrite."""
+def refuse_earlier_results(
+    entries: list[Entry], output: Path, overwrite: bool, names: list[str] | None = None
+) -> None:
+    """Before anything runs: run folders that hold an earlier run need --overwrite. The folders
+    are the entries' labels, or `names` (the per-seed folders of a comparison over seeds)."""
+    names = names if names is not None else [entry.label for entry in entries]
     held = [name for name in names if earlier_run(output / name) is not None]
     if held and not overwrite:
         raise ConfigError(
@@ -435,7 +439,8 @@ def compare(
         for entry in entries
         for k in range(seeds)
     ]
-    refuse_earlier_results([run_name(entry, seed) for entry, seed in runs], output, overwrite)
+    names = [run_name(entry, seed) for entry, seed in runs]
+    refuse_earlier_results(entries, output, overwrite, names)
     output.mkdir(parents=True, exist_ok=True)
     done: dict[str, list[dict[str, Any]]] = {entry.label: [] for entry in entries}
     started = time.perf_counter()
