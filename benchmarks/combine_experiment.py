@@ -191,6 +191,7 @@ def main() -> int:
         results["table"], results["flagged"], results["max_loss"] = table, flagged, args.max_loss
         if args.smoke:
             results["smoke"] = "rows not evaluated: they need the trained runs (SOURCE_COMMANDS)"
+            results["machine"] = machine()
         output.write_text(json.dumps(results, indent=2) + "\n")
         print(table)
     return 0

@@ -52,6 +52,8 @@ def parse_with_smoke(
     args = parser.parse_args(argv)
     if getattr(args, "smoke", False):
         for key, value in smoke.items():
+            if not hasattr(args, key):  # a preset naming a flag the script does not have
+                raise SystemExit(f"--smoke preset names {key!r}, which is not a flag here")
             setattr(args, key, value)
         if hasattr(args, "output") and args.output == parser.get_default("output"):
             name = Path(sys.argv[0]).stem or "benchmark"

@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--output", default="docs/results/estimate-qlora-70b-fsdp.json")
     parser.add_argument("--seq-len", type=int, nargs="+", default=[512, 2048])
     add_smoke_flag(parser)
-    args = parse_with_smoke(parser, seq_len=[64], output=None)
+    args = parse_with_smoke(parser, seq_len=[64])
     activation = pass_dtype(STORAGE["dtype"], STORAGE["base_dtype"])
     cases, rows = [], []
     for label, section in METHODS.items():

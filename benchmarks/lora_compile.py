@@ -62,6 +62,9 @@ def parse_args() -> Any:
     parser.add_argument("--targets", default="all-linear", help="LoRA target_modules")
     parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout of timed arms")
     parser.add_argument("--mode", default="default", help="torch.compile mode")
+    parser.add_argument(
+        "--backend", default="inductor", help="torch.compile backend (smoke: eager, tracing only)"
+    )
     parser.add_argument("--dynamic", choices=["false", "true", "auto"], default="false",
                         help="torch.compile's dynamic (auto: None)")  # fmt: skip
     parser.add_argument(
@@ -69,9 +72,17 @@ def parse_args() -> Any:
     )
     parser.add_argument("--no-check", action="store_true", help="skip the dropout-0 equality check")
     parser.add_argument("--check-only", action="store_true", help="only the dropout-0 check")
-    return parse_with_smoke(
-        parser, model="tiny-llama", steps=1, rounds=1, warmup=0, seq_len=16, compile="fast"
-    )
+    smoke = {
+        "model": "tiny-llama",
+        "steps": 1,
+        "rounds": 1,
+        "warmup": 0,
+        "seq_len": 16,
+        "compile": "peft",
+        "backend": "eager",
+        "no_check": True,
+    }
+    return parse_with_smoke(parser, **smoke)
 
 
 def lora_model(base: Any, args: Any, fast: bool, dropout: float) -> Any:
@@ -90,6 +101,8 @@ def compiled(model: Any, args: Any) -> Any:
     import torch
 
     dynamic = {"false": False, "true": True, "auto": None}[args.dynamic]  # auto: dynamo decides
+    if args.backend != "inductor":  # a mode is inductor's
+        return torch.compile(model, backend=args.backend, dynamic=dynamic)
     return torch.compile(model, mode=args.mode, dynamic=dynamic)
 
 

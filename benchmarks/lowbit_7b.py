@@ -32,7 +32,7 @@ def parse_args() -> Any:
     parser.add_argument("--layers", type=int, default=None, help="fewer layers (a smoke run)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens in the one sequence")
     parser.add_argument("--steps", type=int, default=3, help="AdamW steps")
-    return parse_with_smoke(parser, layers=1, steps=1, seq_len=8)
+    return parse_with_smoke(parser, model="tiny-llama", steps=1, seq_len=8)
 
 
 def resident_gib(field: str = "VmRSS") -> float:

@@ -49,7 +49,7 @@ def parse_args() -> Any:
         steps=2,
         batch_size=4,
         eval_examples=16,
-        check_steps=1,
+        check_steps=2,
         check_rounds=1,
     )
 

@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=OUTPUT, help="JSON to write")
     parser.add_argument("--limit", type=int, default=None, help="only the first N queries")
     add_smoke_flag(parser)
-    args = parse_with_smoke(parser, limit=60, output=None)
+    args = parse_with_smoke(parser, limit=60)
     args.output = Path(args.output)
     suite = default_suite()
     examples = generate_examples(suite["seed0"])
