@@ -9,6 +9,9 @@ sees text). Every other column travels with its prompt to the reward functions (
 Text-to-SQL reward reads `sql`, the gold query). A row with an empty prompt, or a column whose
 name the reward call itself uses, is a `MalformedExampleError` naming the rows.
 
+Prompts are not cut to task.max_length (TRL 1.16's GRPOTrainer has no prompt limit); each
+completion is limited by grpo.max_completion_length.
+
 Evaluation: greedy completions of the held-out prompts (task.max_new_tokens), scored by the same
 rewards: `mean_reward` (their weighted sum, averaged) and each reward's mean (`reward/NAME`)."""
 
@@ -73,10 +76,11 @@ def prompt_record(task: TaskConfig, row: dict[str, Any], tokenizer: Any) -> dict
     return {**others, "prompt": str(text)}
 
 
-def prompt_feature(tokenizer: Any, record: dict[str, Any], max_length: int) -> dict[str, Any]:
+def prompt_feature(tokenizer: Any, record: dict[str, Any]) -> dict[str, Any]:
     """The prompt's tokens as a causal-LM feature: what a method's data-driven preparation, the
-    first forward and the memory estimator read."""
-    ids = tokenizer(record["prompt"])["input_ids"][:max_length]
+    first forward and the memory estimator read, and what evaluation continues. Whole: TRL's
+    GRPOTrainer (1.16) does not cut prompts, so neither does peftkit."""
+    ids = tokenizer(record["prompt"])["input_ids"]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
 
 
@@ -85,14 +89,12 @@ def prepare(task: TaskConfig, tokenizer: Any, train: Rows, held_out: Rows) -> Ta
     rewards = task_rewards(task)  # an unknown or unimportable reward: refused before training
     train_records = [prompt_record(task, row, tokenizer) for row in train]
     eval_records = [prompt_record(task, row, tokenizer) for row in held_out]
-    features = [prompt_feature(tokenizer, r, task.max_length) for r in train_records]
+    features = [prompt_feature(tokenizer, r) for r in train_records]
     require_training_features(features, "a prompt token", task.max_length)
-    truncated = sum(len(tokenizer(r["prompt"])["input_ids"]) > task.max_length
-                    for r in train_records)  # fmt: skip
     return TaskData(
-        train=features, eval=[prompt_feature(tokenizer, r, task.max_length) for r in eval_records],
-        truncated=truncated, tokenizer=tokenizer, max_new_tokens=task.max_new_tokens,
-        train_records=train_records, eval_records=eval_records, rewards=rewards,
+        train=features, eval=[prompt_feature(tokenizer, r) for r in eval_records],
+        tokenizer=tokenizer, max_new_tokens=task.max_new_tokens, train_records=train_records,
+        eval_records=eval_records, rewards=rewards,
     )  # fmt: skip
 
 

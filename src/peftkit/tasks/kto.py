@@ -5,7 +5,10 @@ Rows come in TRL's unpaired format, from JSONL, CSV, JSON or Parquet (data/files
 and `completion` as text, or as lists of messages (the prompt's turns; the assistant's turn), and
 `label` true or false (also 1/0, "true"/"false", "yes"/"no"). A malformed row (an empty prompt
 or completion, a label that is neither) is a `MalformedExampleError` naming every such row,
-raised while the rows are read: before a model loads and before anything is written.
+raised while the rows are read: before a model loads and before anything is written. Paired
+rows (prompt/chosen/rejected, no completion column: the preference task's formats) are unpaired
+as TRL unpairs them, chosen desirable and rejected undesirable, after the preference task's own
+checks (`MalformedPairError`).
 Conversations are rendered to text through peftkit's chat rendering, so TRL sees the text
 format, and EOS ends every completion.
 
@@ -25,6 +28,7 @@ from peftkit.chat_template import render_chat
 from peftkit.data.collate import pad_rows
 from peftkit.data.files import name_rows, require_columns
 from peftkit.errors import DataError, MalformedExampleError
+from peftkit.tasks import preference
 from peftkit.tasks.base import Rows, TaskData, TaskType, require_training_features
 from peftkit.tasks.preference import (
     _auto_class,
@@ -71,8 +75,17 @@ def problem(task: TaskConfig, row: dict[str, Any]) -> str | None:
     return None
 
 
+def paired(task: TaskConfig, rows: Rows) -> bool:
+    """Whether rows are preference pairs (chosen and rejected, no completion column)."""
+    first = rows[0] if rows else {}
+    return task.completion_column not in first and task.chosen_column in first
+
+
 def row_check(task: TaskConfig, rows: Rows, source: str) -> None:
     """Refuse every malformed row of one file, naming the rows by what is wrong with them."""
+    if paired(task, rows):
+        preference.row_check(task, rows, source)
+        return
     require_columns(rows, columns(task), source, values=False)
     problems: dict[str, list[int]] = {}
     for index, row in enumerate(rows):
@@ -130,11 +143,23 @@ def training_feature(feature: dict[str, Any]) -> dict[str, Any]:
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
+def text_records(task: TaskConfig, rows: Rows, tokenizer: Any) -> Rows:
+    """Checked rows as TRL's unpaired text records; a pair gives its chosen response (desirable)
+    and its rejected one (undesirable), as TRL's unpair_preference_dataset does."""
+    if not paired(task, rows):
+        return [text_record(task, row, tokenizer) for row in rows]
+    records = []
+    for row in rows:
+        pair = preference.text_record(task, row, tokenizer)
+        records.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
+        records.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+    return records
+
+
 def _features(task: TaskConfig, tokenizer: Any, rows: Rows) -> tuple[Rows, Rows, int, int]:
     """(text records, features, truncated, dropped) of rows, kept in step."""
     records, features, truncated, dropped = [], [], 0, 0
-    for row in rows:
-        record = text_record(task, row, tokenizer)
+    for record in text_records(task, rows, tokenizer):
         feature = example_feature(tokenizer, record, task.max_length)
         if feature is None:
             dropped += 1
