@@ -36,3 +36,13 @@ class OutputError(PeftkitError, OSError):
 class MalformedPairError(DataError):
     """A preference row cannot be learnt from: no chosen or rejected response, chosen equal to
     rejected, or an empty prompt. Raised, naming the rows, before anything is written."""
+
+
+class MalformedExampleError(DataError):
+    """A kto or grpo row cannot be learnt from: an empty prompt or completion, a label that is
+    not true or false. Raised, naming the rows, before anything is written."""
+
+
+class RewardError(PeftkitError, ValueError):
+    """A GRPO reward function is unknown, cannot be imported, raised, or returned something
+    other than one number per completion."""

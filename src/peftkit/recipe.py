@@ -18,7 +18,7 @@ from peftkit.config import (
     unknown_key_message,
 )
 from peftkit.errors import ConfigError, DataError
-from peftkit.tasks.config import PreferenceConfig, TaskConfig
+from peftkit.tasks.config import GRPOConfig, KTOConfig, PreferenceConfig, TaskConfig
 
 # The base's storage choices (peftkit.models.precision and .quantize map them onto torch and
 # bitsandbytes; kept here as names so reading a recipe imports neither).
@@ -185,18 +185,37 @@ class Recipe:
     preference: PreferenceConfig | None = field(
         default=None, metadata={"help": "preference tuning: algorithm, loss_type, beta, ..."}
     )
+    # Only with task.type: kto (None there: KTOConfig's defaults).
+    kto: KTOConfig | None = field(
+        default=None, metadata={"help": "kto: beta, desirable_weight, undesirable_weight"}
+    )
+    # Only with task.type: grpo (None there: GRPOConfig's defaults).
+    grpo: GRPOConfig | None = field(
+        default=None, metadata={"help": "grpo: num_generations, max_completion_length, beta, ..."}
+    )
 
     @property
     def preference_options(self) -> PreferenceConfig:
         """The preference section, or its defaults where the recipe has none."""
         return self.preference if self.preference is not None else PreferenceConfig()
 
+    @property
+    def kto_options(self) -> KTOConfig:
+        """The kto section, or its defaults where the recipe has none."""
+        return self.kto if self.kto is not None else KTOConfig()
+
+    @property
+    def grpo_options(self) -> GRPOConfig:
+        """The grpo section, or its defaults where the recipe has none."""
+        return self.grpo if self.grpo is not None else GRPOConfig()
+
     def __post_init__(self) -> None:
-        if self.preference is not None and self.task.type != "preference":
-            raise ConfigError(
-                f"The recipe has a preference section but task.type is {self.task.type!r}: set "
-                "task.type: preference, or remove the preference section."
-            )
+        for section in ("preference", "kto", "grpo"):
+            if getattr(self, section) is not None and self.task.type != section:
+                raise ConfigError(
+                    f"The recipe has a {section} section but task.type is {self.task.type!r}: "
+                    f"set task.type: {section}, or remove the {section} section."
+                )
         if not str(self.output_dir).strip():
             raise ConfigError(
                 "output_dir is empty: name the folder the run writes to (for example runs/x)."
@@ -221,8 +240,10 @@ def expand_home(path: str) -> str:
 
 SECTIONS = {
     "task": TaskConfig, "training": TrainConfig, "base": BaseConfig, "preference": PreferenceConfig,
+    "kto": KTOConfig, "grpo": GRPOConfig,
 }  # fmt: skip
-TOP_LEVEL = ("model", "base", "task", "method", "training", "preference", "output_dir")
+TOP_LEVEL = ("model", "base", "task", "method", "training", "preference", "kto", "grpo",
+             "output_dir")  # fmt: skip
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
@@ -263,8 +284,9 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     }
     if not recipe.method:  # the registry's default, as a recipe without a method section says
         del data["method"]
-    if recipe.preference is not None:
-        data["preference"] = to_dict(recipe.preference)
+    for section in ("preference", "kto", "grpo"):
+        if getattr(recipe, section) is not None:
+            data[section] = to_dict(getattr(recipe, section))
     return data
 
 

@@ -10,10 +10,12 @@ Records are lists of dicts ("prompt"/"response", "text"/"label" or "messages") t
 pipeline in `peftkit.data` consumes; `write_jsonl` stores them.
 
 The core never names the applications: `register()` adds their data sets to the bundled ones
-(`peftkit.data.bundled.register_dataset`), so recipes name them by `task.dataset` like the core's
-own. The command line calls it (`peftkit.cli.applications`, the one core-side module that imports
-this package); Python code that trains on an application's set calls it first. It imports no
-application module: each set's loader does that when the set is read."""
+(`peftkit.data.bundled.register_dataset`) and their GRPO rewards to the reward names
+(`peftkit.tasks.rewards.register_reward`: `sql-execution`), so recipes name them by
+`task.dataset` and `task.rewards` like the core's own. The command line calls it
+(`peftkit.cli.applications`, the one core-side module that imports this package); Python code
+that trains on an application's set calls it first. It imports no application module: each
+set's loader does that when the set is read."""
 
 from __future__ import annotations
 
@@ -61,12 +63,27 @@ DATASETS: dict[str, Callable[[], tuple[Rows, Rows]]] = {
 }
 
 
+def _sql_execution(**columns: Any) -> list[float]:
+    """The Text-to-SQL execution reward (text_to_sql/rewards.py), imported when first called."""
+    from peftkit.apps.text_to_sql.rewards import execution_reward
+
+    return execution_reward(**columns)
+
+
+# The applications' GRPO rewards: name -> function (task.rewards names them).
+REWARDS: dict[str, Callable[..., list[float]]] = {"sql-execution": _sql_execution}
+
+
 def register() -> None:
-    """Add the applications' data sets to peftkit's bundled ones (safe to call again)."""
+    """Add the applications' data sets to peftkit's bundled ones and their rewards to the
+    GRPO reward names (safe to call again)."""
     from peftkit.data.bundled import register_dataset
+    from peftkit.tasks.rewards import register_reward
 
     for name, loader in DATASETS.items():
         register_dataset(name, loader)
+    for name, function in REWARDS.items():
+        register_reward(name, function)
 
 
 def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> Path:

@@ -50,6 +50,9 @@ class TaskData:
     # data-driven prepare hook and the estimator read (causal-LM features).
     train_records: Rows = field(default_factory=list)
     eval_records: Rows = field(default_factory=list)
+    # grpo: the task's reward functions and their weights (tasks/rewards.py), which score its
+    # held-out generations as they score its training ones.
+    rewards: tuple[list[Any], list[float]] = field(default_factory=lambda: ([], []))
 
 
 @dataclass

@@ -4,6 +4,7 @@ and lengths. Reading it imports no torch; the type's record (tasks/__init__.py) 
 from __future__ import annotations
 
 import codecs
+import re
 from dataclasses import dataclass, field
 
 from peftkit.checks import check_task_numbers
@@ -12,7 +13,9 @@ from peftkit.errors import ConfigError
 
 # Every task type's name, in the order `peftkit methods` and the UI list them; each has its record
 # in TASK_TYPES (tasks/__init__.py), which checks the two agree.
-TASK_NAMES = ("classification", "causal-lm", "chat", "seq2seq", "preference")
+TASK_NAMES = ("classification", "causal-lm", "chat", "seq2seq", "preference", "kto", "grpo")
+# The format reward's default pattern (tasks/rewards.py): DeepSeek-R1's reasoning then answer.
+DEFAULT_FORMAT_PATTERN = r"<think>.*?</think>\s*<answer>.*?</answer>"
 
 
 def check_task_name(name: str) -> None:
@@ -54,6 +57,23 @@ class TaskConfig:
     rejected_column: str = field(
         default="rejected", metadata={"help": "preference: the dispreferred response"}
     )
+    completion_column: str = field(
+        default="completion", metadata={"help": "kto: the response the label judges"}
+    )
+    rewards: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "grpo: reward functions by name (format, or one an application registers, "
+            "such as sql-execution) or import path 'module:function'"
+        },
+    )
+    reward_weights: tuple[float, ...] = field(
+        default=(), metadata={"help": "grpo: one weight per reward (default: all 1)"}
+    )
+    format_pattern: str = field(
+        default=DEFAULT_FORMAT_PATTERN,
+        metadata={"help": "grpo: the format reward's regular expression (the whole completion)"},
+    )
     source_column: str = field(default="source", metadata={"help": "seq2seq input column"})
     target_column: str = field(default="target", metadata={"help": "seq2seq output column"})
     max_length: int = field(default=128, metadata={"help": "tokens per example, after truncation"})
@@ -88,6 +108,34 @@ class TaskConfig:
                 "such as utf-8, latin-1 or cp1252."
             ) from None
         check_task_numbers(self)  # the other numbers: finite, in range (checks.py)
+        self._check_rewards()
+
+    def _check_rewards(self) -> None:
+        """A GRPO task names at least one reward, one weight each if weighted; others none."""
+        if self.type != "grpo":
+            if self.rewards or self.reward_weights:
+                raise ConfigError(
+                    f"task.rewards and task.reward_weights are for task.type: grpo, not "
+                    f"{self.type}; remove them."
+                )
+            return
+        if not self.rewards:
+            raise ConfigError(
+                "A grpo task needs task.rewards: a list of reward functions (format, one an "
+                "application registers such as sql-execution, or 'module:function')."
+            )
+        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(
+                f"task.reward_weights has {len(self.reward_weights)} values for "
+                f"{len(self.rewards)} rewards; give one weight per reward, or none."
+            )
+        try:
+            re.compile(self.format_pattern)
+        except re.error as error:
+            raise ConfigError(
+                f"task.format_pattern {self.format_pattern!r} is not a regular expression "
+                f"({error})."
+            ) from None
 
 
 # The preference objectives peftkit trains through TRL (training/preference.py), and the DPO loss
@@ -160,3 +208,95 @@ class PreferenceConfig:
     def needs_reference(self) -> bool:
         """Whether the objective compares the policy with a reference model (DPO does)."""
         return self.algorithm == "dpo"
+
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+@dataclass(frozen=True)
+class KTOConfig:
+    """How a kto task learns from its unpaired examples: the recipe's `kto:` section (only with
+    task.type: kto), TRL's KTOTrainer. The reference is the policy with its adapter switched
+    off."""
+
+    beta: float = field(
+        default=0.1, metadata={"help": "how far from the reference (higher: closer)"}
+    )
+    desirable_weight: float = field(
+        default=1.0, metadata={"help": "the weight of a desirable (label true) example's loss"}
+    )
+    undesirable_weight: float = field(
+        default=1.0, metadata={"help": "the weight of an undesirable (label false) example's loss"}
+    )
+    loss_type: str = field(
+        default="kto", metadata={"help": "kto | apo_zero_unpaired (no KL estimate)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in KTO_LOSS_TYPES:
+            guess = nearest(str(self.loss_type), list(KTO_LOSS_TYPES))
+            hint = f" Did you mean '{guess}'?" if guess else ""
+            raise ConfigError(
+                f"kto.loss_type {self.loss_type!r} is not known.{hint} Use one of: "
+                f"{', '.join(KTO_LOSS_TYPES)}."
+            )
+        for key in ("beta", "desirable_weight", "undesirable_weight"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"kto.{key} must be > 0, got {getattr(self, key)}.")
+
+
+GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
+GRPO_SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """How a grpo task learns from its rewards: the recipe's `grpo:` section (only with
+    task.type: grpo), TRL's GRPOTrainer. With beta > 0 the KL term's reference is the policy
+    with its adapter switched off."""
+
+    num_generations: int = field(
+        default=4, metadata={"help": "completions sampled per prompt (a group); batch_size x "
+                                     "gradient_accumulation_steps must be a multiple"}
+    )  # fmt: skip
+    max_completion_length: int = field(
+        default=32, metadata={"help": "most tokens generated per completion"}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    beta: float = field(
+        default=0.0, metadata={"help": "KL coefficient to the reference (0: no reference)"}
+    )
+    epsilon: float = field(default=0.2, metadata={"help": "the ratio's clipping range"})
+    loss_type: str = field(
+        default="dapo", metadata={"help": "dapo | grpo | dr_grpo | bnpo (TRL's definitions)"}
+    )
+    scale_rewards: str = field(
+        default="group", metadata={"help": "advantages divided by the std of: group | batch | none"}
+    )
+
+    def __post_init__(self) -> None:
+        for key, value, choices in (
+            ("loss_type", self.loss_type, GRPO_LOSS_TYPES),
+            ("scale_rewards", self.scale_rewards, GRPO_SCALE_REWARDS),
+        ):
+            if value not in choices:
+                guess = nearest(str(value), list(choices))
+                hint = f" Did you mean '{guess}'?" if guess else ""
+                raise ConfigError(
+                    f"grpo.{key} {value!r} is not known.{hint} Use one of: {', '.join(choices)}."
+                )
+        if self.num_generations < 2:
+            raise ConfigError(
+                f"grpo.num_generations must be at least 2 (advantages compare completions "
+                f"within a group), got {self.num_generations}."
+            )
+        if self.max_completion_length < 1:
+            raise ConfigError(
+                f"grpo.max_completion_length must be >= 1, got {self.max_completion_length}."
+            )
+        if self.temperature <= 0:
+            raise ConfigError(f"grpo.temperature must be > 0, got {self.temperature}.")
+        if self.beta < 0 or self.epsilon <= 0:
+            raise ConfigError(
+                f"grpo.beta must be >= 0 and grpo.epsilon > 0, got {self.beta} and {self.epsilon}."
+            )

@@ -1,5 +1,5 @@
-"""Task types: one record per type (classification, causal-lm, chat, seq2seq, preference) and
-one list.
+"""Task types: one record per type (classification, causal-lm, chat, seq2seq, preference, kto,
+grpo) and one list.
 
 Everything peftkit knows about a task type (its transformers Auto class, the columns it reads,
 its labels, how its loss is normalised, how it is scored, whether it generates text) is in its
@@ -15,6 +15,8 @@ from peftkit.tasks.causal_lm import CAUSAL_LM
 from peftkit.tasks.chat import CHAT
 from peftkit.tasks.classification import CLASSIFICATION
 from peftkit.tasks.config import TASK_NAMES, check_task_name
+from peftkit.tasks.grpo import GRPO
+from peftkit.tasks.kto import KTO
 from peftkit.tasks.preference import PREFERENCE
 from peftkit.tasks.seq2seq import SEQ2SEQ
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
     from peftkit.tasks.config import TaskConfig
 
 TASK_TYPES: dict[str, TaskType] = {
-    task.name: task for task in [CLASSIFICATION, CAUSAL_LM, CHAT, SEQ2SEQ, PREFERENCE]
+    task.name: task for task in [CLASSIFICATION, CAUSAL_LM, CHAT, SEQ2SEQ, PREFERENCE, KTO, GRPO]
 }
 # config.py names the types so that a recipe is checked without importing torch: the same list.
 assert tuple(TASK_TYPES) == TASK_NAMES, "tasks/config.py's TASK_NAMES must list TASK_TYPES"
