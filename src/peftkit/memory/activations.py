@@ -302,12 +302,18 @@ def saved_tensors(
     with the loss, recording what autograd saves; then the backward pass, following the live
     bytes of both (`SavedTensors.live`; left empty where the backward pass cannot run on meta)."""
     output_layer = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    inputs = training_inputs(base, batch_size, seq_len)
+    # Training makes one no-gradient eval-mode forward before step 0 (training/run.py), so
+    # whatever a method sets up on its first forward (the fast path grouping its layers, which
+    # holds each layer's input until that forward ends) is set up before the step: so here.
+    model.eval()
+    with torch.no_grad():
+        model(**inputs)
     model.train()
     tracker = _LiveBytes(model)
     hooks = _gradient_hooks(model, tracker.gradient_made)
     try:
         with tracker:
-            inputs = training_inputs(base, batch_size, seq_len)
             with _recording(model, layers, output_layer) as saved:
                 output = model(**inputs)  # alive until the tally
             loss = getattr(output, "loss", None)
