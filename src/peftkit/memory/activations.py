@@ -5,23 +5,28 @@ autograd saves for the backward pass is recorded (each storage once; parameters 
 live anyway, left out) with `torch.autograd.graph.saved_tensors_hooks`, attributed to the
 transformer layer that saved it. So whatever the method runs is counted as it runs: dropout masks
 on an added path, weight norms, added layers, virtual tokens lengthening the sequence, keys and
-values waiting in the cache, a parametrized weight's fresh copy. Attention is modelled as a fused
-kernel (FlashAttention, SDPA's flash or memory-efficient backends), which saves q, k, v, its
-output and the log-sum-exp; `attention="eager"` keeps transformers' eager attention, which
-stores the s x s probabilities."""
+values waiting in the cache, a parametrized weight's fresh copy. Attention runs as the kernel
+named (`ATTENTION`): "fused" (FlashAttention, SDPA's flash or memory-efficient backends) saves
+q, k, v, its output and the log-sum-exp; "math" runs SDPA's math backend, which saves the
+s x s probabilities of every head, their dropout mask and the dropped copy; "cpu" is what SDPA
+runs on a CPU (its flash kernel, or the math backend in a layer whose attention dropout is on
+in training: the CPU flash kernel has no dropout); "eager" runs transformers' eager attention.
+"auto" is what SDPA would run on this machine: "fused" with a GPU, "cpu" without."""
 
 from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-ATTENTION = ("fused", "eager")
+ATTENTION = ("auto", "fused", "math", "cpu", "eager")
 
 
 @dataclass
@@ -33,6 +38,15 @@ class SavedTensors:
     layer_inputs: list[int] = field(default_factory=list)  # bytes of each layer's input states
     sequence: int = 0  # the first layer's sequence length (virtual tokens included)
     logits: int = 0  # elements of the output layer's result (0: no language-model head)
+    # The pass's live bytes (activations and temporaries, parameters left out) at its highest
+    # point for each count of gradient elements made so far: {gradient elements: live bytes}.
+    live: dict[int, int] = field(default_factory=dict)
+
+    def highest(self, gradient_bytes: float) -> float:
+        """The most memory the forward and backward pass held at once beyond weights and
+        optimizer state: live activations and temporaries plus the gradients made so far, at
+        `gradient_bytes` a gradient element (0: the pass could not be followed)."""
+        return max((live + made * gradient_bytes for made, live in self.live.items()), default=0)
 
     def parts(self, checkpointing: bool) -> tuple[int, int]:
         """(saved when the backward pass starts, recompute): with gradient checkpointing each
@@ -72,13 +86,54 @@ def _fused_attention(
     return output.transpose(1, 2), None  # transformers expects (batch, seq, heads, head_dim)
 
 
+def _math_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    **kwargs: Any,
+) -> Any:
+    """transformers' SDPA attention forced onto SDPA's math backend (scores, softmax, dropout
+    and the product with v as separate saved steps)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _cpu_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    **kwargs: Any,
+) -> Any:
+    """What SDPA runs on a CPU: the flash kernel, unless attention dropout applies (the CPU
+    flash kernel has none), then the math backend."""
+    kernel = _math_attention if kwargs.get("dropout", 0.0) else _fused_attention
+    return kernel(module, query, key, value, attention_mask, **kwargs)
+
+
+def resolve_attention(attention: str) -> str:
+    """The attention kernel an estimate models: "auto" is SDPA's choice on this machine."""
+    if attention != "auto":
+        return attention
+    return "fused" if torch.cuda.is_available() else "cpu"
+
+
 def set_attention(model: nn.Module, attention: str) -> None:
-    """Run attention as a fused kernel would save it, or as transformers' eager code does."""
-    if attention == "fused":
+    """Run attention as the named kernel saves it (module docstring), or as transformers' eager
+    code does."""
+    kernels = {"fused": _fused_attention, "math": _math_attention, "cpu": _cpu_attention}
+    attention = resolve_attention(attention)
+    if attention in kernels:
         from transformers import AttentionInterface
 
-        AttentionInterface.register("peftkit_fused", _fused_attention)
-        model.set_attn_implementation("peftkit_fused")
+        AttentionInterface.register(f"peftkit_{attention}", kernels[attention])
+        model.set_attn_implementation(f"peftkit_{attention}")
     else:
         model.set_attn_implementation("eager")
 
@@ -171,14 +226,108 @@ def _tally(saved: SavedTensors, kept: list[tuple[weakref.ref, int | None]], mode
             saved.per_layer[layer] += storage.nbytes()
 
 
+class _LiveBytes(TorchDispatchMode):
+    """Follows every tensor the pass makes to the storage behind it, and the storage's bytes
+    while any tensor holding it lives: the running total an allocator would see, parameters and
+    buffers left out. A trainable parameter's gradient moves, once made, from the running total
+    to the count of gradient elements (the accounting prices a gradient by the precision)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.persistent = {t.untyped_storage()._cdata for t in [*model.parameters(),
+                                                                *model.buffers()]}  # fmt: skip
+        self.storages: dict[int, list[int]] = {}  # storage -> [tensors alive, bytes]
+        self.gradients: set[int] = set()
+        self.running = 0
+        self.made = 0  # gradient elements made so far
+        self.live: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        """Run the operation and follow what it returns."""
+        result = func(*args, **(kwargs or {}))
+        for value in tree_leaves(result):
+            if isinstance(value, torch.Tensor):
+                self.follow(value)
+        return result
+
+    def follow(self, tensor: torch.Tensor) -> None:
+        """Count a tensor's storage while the tensor lives."""
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.persistent:
+            return
+        entry = self.storages.setdefault(key, [0, 0])
+        if key not in self.gradients and storage.nbytes() > entry[1]:
+            self.running += storage.nbytes() - entry[1]
+            entry[1] = storage.nbytes()
+            self.live[self.made] = max(self.live.get(self.made, 0), self.running)
+        entry[0] += 1
+        weakref.finalize(tensor, self.release, key)
+
+    def release(self, key: int) -> None:
+        """A tensor died: free its storage's bytes when it was the last one holding it."""
+        entry = self.storages.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] <= 0:
+            del self.storages[key]
+            if key not in self.gradients:
+                self.running -= entry[1]
+
+    def gradient_made(self, parameter: torch.Tensor) -> None:
+        """A parameter's gradient exists: count it as gradient elements from now on."""
+        grad = parameter.grad
+        key = grad.untyped_storage()._cdata if grad is not None else None
+        if grad is None or key in self.gradients:
+            return
+        entry = self.storages.get(key)
+        if entry is not None:
+            self.running -= entry[1]
+        self.gradients.add(key)
+        self.made += grad.numel()
+        self.live[self.made] = max(self.live.get(self.made, 0), self.running)
+
+
+def _gradient_hooks(model: nn.Module, made: Callable[[torch.Tensor], None]) -> list[Any]:
+    """A post-accumulate hook on each trainable parameter, calling `made` with it."""
+    return [p.register_post_accumulate_grad_hook(made) for p in model.parameters()
+            if p.requires_grad]  # fmt: skip
+
+
 def saved_tensors(
     model: nn.Module, base: nn.Module, layers: list[nn.Module], batch_size: int, seq_len: int
 ) -> SavedTensors:
     """One training-mode forward pass of the applied `model` (wrapping `base`) on the meta device,
-    with the loss, recording what autograd saves."""
+    with the loss, recording what autograd saves; then the backward pass, following the live
+    bytes of both (`SavedTensors.live`; left empty where the backward pass cannot run on meta)."""
     output_layer = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    inputs = training_inputs(base, batch_size, seq_len)
+    # Training makes one no-gradient eval-mode forward before step 0 (training/run.py), so
+    # whatever a method sets up on its first forward (the fast path grouping its layers, which
+    # holds each layer's input until that forward ends) is set up before the step: so here.
+    model.eval()
+    with torch.no_grad():
+        model(**inputs)
     model.train()
-    with _recording(model, layers, output_layer) as saved:
-        output = model(**training_inputs(base, batch_size, seq_len))  # alive until the tally
-    del output
+    tracker = _LiveBytes(model)
+    hooks = _gradient_hooks(model, tracker.gradient_made)
+    try:
+        with tracker:
+            with _recording(model, layers, output_layer) as saved:
+                output = model(**inputs)  # alive until the tally
+            loss = getattr(output, "loss", None)
+            del output
+            if loss is not None and loss.requires_grad:
+                try:
+                    loss.backward()
+                    saved.live = dict(tracker.live)
+                except (RuntimeError, NotImplementedError):
+                    pass  # an operation with no meta kernel: the two moments alone
+            del loss
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for parameter in model.parameters():
+            parameter.grad = None
     return saved

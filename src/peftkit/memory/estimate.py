@@ -143,11 +143,12 @@ def measure(
     seq_len: int,
     activation_dtype: torch.dtype,
     task: str | None = None,
-    attention: str = "fused",
+    attention: str = "auto",
 ) -> Measurement:
     """Build the model for its task on the meta device, apply the method as peftkit.apply does,
     count its parameters and record one training-mode pass (module docstring)."""
     _check(attention, batch_size, seq_len)
+    attention = activations.resolve_attention(attention)
     config = meta.method_config(method)
     hf_config, name = meta.resolve_config(model)
     task = task or meta.default_task(hf_config)
@@ -256,6 +257,10 @@ def account(
         gpus=gpus,
         sharding=sharding,
         gathered=gathered,
+        # Followed without checkpointing, which changes what the pass holds: then the moments.
+        pass_peak=0.0
+        if gradient_checkpointing
+        else found.saved.highest(precision.gradient / shards),
     )
 
 
@@ -284,7 +289,7 @@ def estimate(
     gradient_checkpointing: bool = False,
     *,
     task: str | None = None,
-    attention: str = "fused",
+    attention: str = "auto",
     quantization: str | None = None,
     base_dtype: str | None = None,
     gpus: int = 1,
@@ -299,6 +304,9 @@ def estimate(
     stored (fp32, bf16, fp16; default: as the precision says). quantization: "nf4" or "int8"
     stores the frozen linear weights of the base in 4 or 8 bits, whatever the method; a method
     that changes the base's own weights is refused on a half-precision or quantised base.
+    attention: the kernel modelled (activations.py): "auto" (default) is what SDPA runs on
+    this machine, "fused" a GPU's FlashAttention or memory-efficient kernel, "cpu" SDPA on a
+    CPU, "math" SDPA's math backend, "eager" transformers' eager attention.
     gpus, sharding: the memory of each of `gpus` processes, each at `batch_size`, holding the
     whole model ("none", DDP) or a shard of it ("fsdp"); a method that cannot be sharded is
     refused with its record's reason."""

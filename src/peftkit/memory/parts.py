@@ -47,6 +47,9 @@ class MemoryEstimate:
     gpus: int = 1  # processes; every part is per process
     sharding: str = "none"  # "fsdp": weights, gradients and optimizer state divided by gpus
     gathered: float = 0.0  # fsdp: the root's parameters and the largest layer's, gathered whole
+    # The pass followed on meta: live activations and temporaries plus the gradients made so
+    # far, at the forward and backward pass's highest point (0: not followed)
+    pass_peak: float = 0.0
 
     @property
     def frozen_parameters(self) -> int:
@@ -67,6 +70,7 @@ class MemoryEstimate:
             + self.workspace
             + self.gathered,
             "backward end": self.gradients + self.recompute + self.workspace + self.gathered,
+            "during the pass": self.pass_peak + self.workspace + self.gathered,
         }
 
     @property
@@ -82,7 +86,7 @@ class MemoryEstimate:
     def as_dict(self) -> dict[str, Any]:
         """The estimate as plain data for JSON (bytes, plus GiB for reading)."""
         names = ("weights", "gradients", "optimizer", "activations", "loss_workspace", "recompute",
-                 "workspace", "gathered")  # fmt: skip
+                 "workspace", "gathered", "pass_peak")  # fmt: skip
         parts = {name: getattr(self, name) for name in names}
         parts["model_states"] = self.model_states
         parts["total"] = self.total
@@ -127,6 +131,8 @@ class MemoryEstimate:
             rows.append(("dequantisation", gib(self.workspace)))
         if self.sharding == "fsdp":
             rows.append(("gathered by FSDP", gib(self.gathered)))
+        if self.pass_peak:
+            rows.append(("highest in the pass", gib(self.pass_peak)))
         rows.append((f"peak ({self.peak_phase})", gib(self.total)))
         width = max(len(name) for name, _ in rows)
         lines = [title] + [f"  {name:<{width}}  {value:>14}" for name, value in rows]
