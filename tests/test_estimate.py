@@ -311,15 +311,23 @@ def test_every_tiny_family_estimates(family):
     found = estimate(f"tiny-{family}", "lora", batch_size=2, seq_len=64, dtype="fp32")
     # The parts that are counts, against the real tiny model with LoRA applied: fp32 weights,
     # gradients and AdamW's two moments of exactly what trains.
-    model, _ = load_model(f"tiny-{family}", {"bert": "classification", "t5": "seq2seq"}.get(
-        family, "causal-lm"))  # fmt: skip
+    task = {"bert": "classification", "t5": "seq2seq"}.get(family, "causal-lm")
+    model, _ = load_model(f"tiny-{family}", task)
     counted = peftkit.summary(peftkit.apply(model, "lora"))
     assert found.trainable_parameters == counted.trainable
     assert found.gradients == 4 * counted.trainable and found.optimizer == 8 * counted.trainable
     assert found.weights == 4 * counted.total
-    assert found.activations > 0
     checkpointed = estimate(f"tiny-{family}", "lora", 2, 64, "fp32", gradient_checkpointing=True)
     assert checkpointed.activations < found.activations
+    # The peak, against one measured training step of the real model (the CPU's attention).
+    ids = torch.randint(4, 260, (2, 64), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "labels": torch.tensor([0, 1]) if family == "bert" else ids}  # fmt: skip
+    if family == "t5":
+        batch["decoder_input_ids"] = ids
+    measured = step_peak_bytes(peftkit.apply(load_model(f"tiny-{family}", task)[0], "lora"), batch)
+    on_cpu = estimate(f"tiny-{family}", "lora", 2, 64, "fp32", attention="cpu").total
+    assert abs(on_cpu - measured) / measured < 0.05, (on_cpu, measured)
 
 
 def bert_shape() -> transformers.BertConfig:
@@ -363,15 +371,22 @@ def test_encoder_estimate_within_5_percent_of_measured_peak(section):
 
 
 def test_math_attention_saves_every_heads_probabilities_mask_and_dropped_copy():
-    # SDPA's math backend with dropout p keeps, per layer, the softmax output and its dropped copy
-    # (float32, batch x heads x s x s each) and the dropout mask (a bool each), where the fused
-    # kernel keeps its output (batch x s x hidden) and log-sum-exp (batch x heads x s, float32).
+    # SDPA's math backend with dropout keeps, per layer, three float32 tensors of batch x heads x
+    # s x s: the softmax output, the dropout noise (torch's CPU dropout draws a float mask and
+    # multiplies by it) and the dropped copy; the fused kernel instead keeps its output (batch x s
+    # x hidden) and log-sum-exp (batch x heads x s, float32). q, k and v both keep.
     batch, seq, layers, heads, hidden = 2, 64, 4, 4, 256
     fused = estimate(bert_shape(), "bitfit", batch, seq, "fp32", attention="fused").activations
     math = estimate(bert_shape(), "bitfit", batch, seq, "fp32", attention="math").activations
     scores = batch * heads * seq * seq
     fused_only = batch * seq * hidden * 4 + batch * heads * seq * 4
-    assert math - fused == layers * (scores * (4 + 4 + 1) - fused_only)
+    assert math - fused == layers * (scores * (4 + 4 + 4) - fused_only)
+    # On a CPU, SDPA takes the math backend exactly where attention dropout applies.
+    assert estimate(bert_shape(), "bitfit", batch, seq, "fp32", attention="cpu").activations == math
+    no_dropout = bert_shape()
+    no_dropout.attention_probs_dropout_prob = 0.0
+    cpu = estimate(no_dropout, "bitfit", batch, seq, "fp32", attention="cpu").activations
+    assert cpu == estimate(no_dropout, "bitfit", batch, seq, "fp32", attention="fused").activations
 
 
 def test_eager_attention_stores_the_probabilities():
