@@ -71,7 +71,7 @@ class MemoryEstimate:
             + self.workspace
             + self.gathered,
             "backward end": self.gradients + self.recompute + self.workspace + self.gathered,
-            "during the pass": self.pass_peak + self.workspace + self.gathered,
+            "the pass's highest point": self.pass_peak + self.workspace + self.gathered,
         }
 
     @property
