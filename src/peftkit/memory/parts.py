@@ -13,13 +13,14 @@ GIB = 2**30
 class MemoryEstimate:
     """Estimated memory of one training step, in bytes, by part, and the peak they give.
 
-    The peak is the larger of two moments: the start of the backward pass (every saved activation
-    plus the loss-gradient buffers) and its end (every gradient; with gradient checkpointing also
-    the layer inputs and the one layer being recomputed). Weights and optimizer state are live
-    throughout. Gradients and activations are never all live at once: each layer's activations
-    are freed as its gradients are made. With several processes every part is one process's:
-    with FSDP the weights, gradients and optimizer state are its shard, and both moments also
-    hold the parameters FSDP has gathered whole (`gathered`)."""
+    The peak is the largest of three moments: the start of the backward pass (every saved
+    activation plus the loss-gradient buffers), its end (every gradient; with gradient
+    checkpointing also the layer inputs and the one layer being recomputed), and the highest
+    point of the forward and backward pass as followed on the meta device (`pass_peak`: live
+    activations and temporaries plus the gradients made so far; not followed with gradient
+    checkpointing). Weights and optimizer state are live throughout. With several processes
+    every part is one process's: with FSDP the weights, gradients and optimizer state are its
+    shard, and every moment also holds the parameters FSDP has gathered whole (`gathered`)."""
 
     model: str
     task: str
@@ -70,7 +71,7 @@ class MemoryEstimate:
             + self.workspace
             + self.gathered,
             "backward end": self.gradients + self.recompute + self.workspace + self.gathered,
-            "during the pass": self.pass_peak + self.workspace + self.gathered,
+            "the pass's highest point": self.pass_peak + self.workspace + self.gathered,
         }
 
     @property

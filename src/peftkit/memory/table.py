@@ -59,6 +59,7 @@ def markdown_table(estimates: Sequence[MemoryEstimate]) -> str:
         ("  per parameter", [f"{e.model_states / e.total_parameters:.2f} B" for e in estimates]),
         ("activations", [gib(e.activations) for e in estimates]),
         ("loss workspace", [gib(e.loss_workspace) for e in estimates]),
+        ("highest in the pass", [gib(e.pass_peak) for e in estimates]),
         ("**peak**", [f"**{gib(e.total)}** ({e.peak_phase})" for e in estimates]),
     ]  # fmt: skip
     return tables.markdown_table(["", *heads], [[name, *values] for name, values in rows])
