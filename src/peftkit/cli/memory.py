@@ -186,7 +186,14 @@ def add_commands(commands: Any) -> None:
     est.add_argument("--task", help="classification | causal-lm | chat | seq2seq (default: "
                      "the model's usual one)")  # fmt: skip
     _add_step_shape(est, batch_size=None, seq_len=None, dtype=None)
-    est.add_argument("--attention", default="fused", help="fused (FlashAttention/SDPA) | eager")
+    est.add_argument(
+        "--attention",
+        default="fused",
+        choices=("auto", "fused", "math", "cpu", "eager"),
+        help="the attention kernel modelled: fused (a GPU's FlashAttention/SDPA, the default), "
+        "math (SDPA's math backend), cpu (what SDPA runs on a CPU), eager, "
+        "or auto (this machine's)",
+    )
     _add_storage(est)
     _add_processes(est, sharding=None)
     est.add_argument(
