@@ -13,7 +13,7 @@ in this process: the base alone, the server's stacked per-row LoRA, and PEFT's o
 
     flock /tmp/peftkit-heavy.lock .venv/bin/python benchmarks/serve.py
     flock /tmp/peftkit-heavy.lock .venv/bin/python benchmarks/serve.py --rounds 0 \\
-        --soak-seconds 150 --max-prefill-tokens 64 \\
+        --soak-seconds 120 --max-prefill-tokens 64 \\
         --output benchmarks/results/serve_soak.json
     .venv/bin/python benchmarks/serve.py --smoke --rounds 0 --soak-seconds 4 --output /tmp/s.json
 """
