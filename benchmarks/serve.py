@@ -1,7 +1,8 @@
 """`peftkit serve` under load on localhost: tokens/s and latency with 1, 4 and 16 distinct LoRA
 adapters in one continuous batch, against (a) the same server serving one merged model and (b) a
 server that switches PEFT's active adapter per request; then, with --soak-seconds, a soak of
-mixed valid and malformed requests watching errors and the server's memory.
+mixed valid and hostile requests watching errors and the server's memory, then each valid
+request again alone: its answer must equal the one it got in the mixed batches.
 
 Each arm is a real server process (`peftkit serve`, or this script's --switching-server) and the
 load generator here sends a fixed set of prompts (review texts) through the openai client, a
@@ -12,8 +13,9 @@ in this process: the base alone, the server's stacked per-row LoRA, and PEFT's o
 
     flock /tmp/peftkit-heavy.lock .venv/bin/python benchmarks/serve.py
     flock /tmp/peftkit-heavy.lock .venv/bin/python benchmarks/serve.py --rounds 0 \\
-        --soak-seconds 360 --output benchmarks/results/serve_soak.json
-    .venv/bin/python benchmarks/serve.py --model tiny-llama --requests 8 --rounds 1   # smoke
+        --soak-seconds 120 --max-prefill-tokens 64 \\
+        --output benchmarks/results/serve_soak.json
+    .venv/bin/python benchmarks/serve.py --smoke --rounds 0 --soak-seconds 4 --output /tmp/s.json
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 import serve_load  # noqa: E402
-from common import median, review_texts  # noqa: E402
+from common import machine, median, review_texts  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--step-reps", type=int, default=10, help="timed decode steps per arm")
     parser.add_argument("--soak-seconds", type=float, default=0, help="soak length (0: none)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
+    parser.add_argument(
+        "--max-prefill-tokens", type=int, default=512, help="the servers' chunked-prefill budget"
+    )
     parser.add_argument("--output", default="benchmarks/results/serve.json", help="JSON to write")
     parser.add_argument(
         "--switching-server",
@@ -64,7 +69,15 @@ def parse_args() -> argparse.Namespace:
         help="internal: run the switching baseline over FOLDER's adapters",
     )
     parser.add_argument("--port", type=int, default=0, help="internal: the baseline's port")
-    return parser.parse_args()
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="tiny-llama, 2 adapters, a few short requests (the test suite runs this)",
+    )  # fmt: skip
+    args = parser.parse_args()
+    if args.smoke:
+        args.model, args.adapters, args.distinct = "tiny-llama", 2, [1, 2]
+        args.requests, args.concurrency, args.max_tokens, args.step_reps = 8, 4, 4, 2
+    return args
 
 
 def build_adapters(args: argparse.Namespace, folder: Path) -> dict[str, str]:
@@ -182,6 +195,8 @@ def serve_command(args: argparse.Namespace, port: int, model: str, extra: list[s
         "1024",
         "--max-body-bytes",
         "65536",
+        "--max-prefill-tokens",
+        str(args.max_prefill_tokens),
         *extra,
     ]
 
@@ -312,6 +327,8 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
         "threads": args.threads,
+        "max_prefill_tokens": args.max_prefill_tokens,
+        "machine": machine(),
         "decode_step": step,
         "summary": summary(args, loaded["runs"]) if args.rounds else None,
         **loaded,

@@ -116,38 +116,84 @@ def malformed(base: str, rng: random.Random) -> bytes:
     return body if isinstance(body, bytes) else json.dumps(body).encode()
 
 
-def valid(url: str, base: str, adapters: list[str], texts: list[str], rng: random.Random) -> None:
-    """One valid request of a random kind; raises if the server fails it."""
+def valid_request(base: str, adapters: list[str], texts: list[str], rng: random.Random) -> dict:
+    """One valid request of a random kind: base or an adapter, greedy or seeded sampling (or the
+    hostile-but-valid forms: a temperature too small to divide by, explicit nulls), a stop string,
+    chat or completions, streaming or not, now and then a long prompt (chunked prefill)."""
     options: dict[str, Any] = {
         "model": rng.choice([base, *(f"{base}:{name}" for name in adapters)]),
         "max_tokens": rng.randint(1, 8),
         **rng.choice(
-            [{"temperature": 0}, {"temperature": 0.8, "top_p": 0.95, "seed": rng.randint(0, 999)}]
+            [
+                {"temperature": 0},
+                {"temperature": 0.8, "top_p": 0.95, "seed": rng.randint(0, 999)},
+                {"temperature": 1e-300},  # greedy: too small to divide by
+                {"temperature": None, "n": None, "logprobs": None, "seed": rng.randint(0, 999)},
+            ]
         ),
         **({"stop": ["."]} if rng.random() < 0.3 else {}),
     }
-    text = rng.choice(texts)[: rng.randint(20, 200)]
-    api, stream = client(url), rng.random() < 0.3
-    if rng.random() < 0.3:
-        messages = [{"role": "user", "content": text}]
+    if rng.random() < 0.05:  # about 200 tokens (SmolLM2): several chunks at a budget of 64
+        text = " ".join(rng.sample(texts, 10))[:900]
+    else:
+        text = rng.choice(texts)[: rng.randint(20, 200)]
+    return {"chat": rng.random() < 0.3, "stream": rng.random() < 0.3, "text": text, **options}
+
+
+def ask(url: str, request: dict[str, Any]) -> tuple[str, str]:
+    """Send a valid_request through the openai client; (its text, its finish reason)."""
+    options = {k: v for k, v in request.items() if k not in ("chat", "stream", "text")}
+    api, stream = client(url), request["stream"]
+    if request["chat"]:
+        messages = [{"role": "user", "content": request["text"]}]
         response = api.chat.completions.create(messages=messages, stream=stream, **options)
     else:
-        response = api.completions.create(prompt=text, stream=stream, **options)
+        response = api.completions.create(prompt=request["text"], stream=stream, **options)
     chunks = list(response) if stream else [response]
-    if chunks[-1].choices[0].finish_reason not in ("stop", "length"):
+    pieces = []
+    for chunk in chunks:
+        choice = chunk.choices[0] if chunk.choices else None
+        if choice is None:
+            continue
+        if request["chat"]:
+            message = choice.delta if stream else choice.message
+            pieces.append(message.content or "")
+        else:
+            pieces.append(choice.text or "")
+    finish = chunks[-1].choices[0].finish_reason
+    if finish not in ("stop", "length"):
         raise RuntimeError(f"no finish reason: {chunks[-1]}")
+    return "".join(pieces), finish
+
+
+def abandon(url: str, base: str, rng: random.Random) -> None:
+    """A streaming client that leaves after its first chunk (the server cancels its row)."""
+    events = client(url).completions.create(
+        model=base, prompt="A story that goes on", max_tokens=200, stream=True,
+        extra_body={"ignore_eos": True}, seed=rng.randint(0, 999), temperature=0.7,
+    )  # fmt: skip
+    next(iter(events))
+    events.close()
+
+
+def status_of(error: Exception) -> int | None:
+    """The HTTP status an openai error carries (None: no status, e.g. a dropped connection)."""
+    return getattr(error, "status_code", None)
 
 
 def soak(
     url: str, pid: int, base: str, adapters: list[str], seconds: float, concurrency: int
 ) -> dict[str, Any]:
-    """Valid and malformed requests (about 15%) for `seconds`, `concurrency` in flight; what
-    failed and how the server's memory moved."""
+    """Valid and hostile requests for `seconds`, `concurrency` in flight (about 15% malformed,
+    5% streams abandoned after their first chunk); what failed and how the server's memory
+    moved; then every valid request again, alone, one at a time: its answer must equal the one
+    it got inside the mixed batches."""
     from common import review_texts
 
     texts, numbers, lock = review_texts(), itertools.count(), threading.Lock()
     counts: Counter = Counter()
     failures: list[str] = []
+    answers: list[tuple[dict[str, Any], tuple[str, str]]] = []
     samples: list[tuple[float, float]] = []
     start = time.monotonic()
     end = start + seconds
@@ -161,17 +207,26 @@ def soak(
         while time.monotonic() < end:
             with lock:
                 rng = random.Random(next(numbers))
-            if rng.random() < 0.15:
+            draw = rng.random()
+            if draw < 0.15:
                 got, body = raw(url, "/completions", malformed(base, rng))
                 counts[f"malformed {got}"] += 1
                 if not (400 <= got < 500 and body and "error" in body):
                     counts["malformed not refused with a 4xx error body"] += 1
                 continue
             try:
-                valid(url, base, adapters, texts, rng)
+                if draw < 0.2:
+                    abandon(url, base, rng)
+                    counts["abandoned stream"] += 1
+                    continue
+                request = valid_request(base, adapters, texts, rng)
+                answer = ask(url, request)
                 counts["valid ok"] += 1
+                with lock:
+                    answers.append((request, answer))
             except Exception as error:  # noqa: BLE001 - counted: the soak's result
-                counts["valid failed"] += 1
+                status = status_of(error)
+                counts[f"valid failed {status}" if status else "valid failed"] += 1
                 failures.append(f"{type(error).__name__}: {str(error)[:200]}")
 
     sampler = threading.Thread(target=sample_memory)
@@ -180,17 +235,30 @@ def soak(
         for _ in range(concurrency):
             pool.submit(worker)
     sampler.join()
+    soak_seconds = time.monotonic() - start
+    mismatches = []
+    for request, answer in answers:  # alone: nothing else is in flight now
+        alone = ask(url, request)
+        if alone != answer:
+            mismatches.append({"request": request, "batched": answer, "alone": alone})
     quarter = max(1, len(samples) // 4)
     quarters = [
         statistics.median(m for _, m in samples[i * quarter : (i + 1) * quarter] or samples)
         for i in range(4)
     ]
+    five_xx = sum(
+        v for k, v in counts.items() if k.split()[-1].isdigit() and int(k.split()[-1]) >= 500
+    )
     return {
-        "seconds": time.monotonic() - start,
-        "requests": sum(v for k, v in counts.items() if k == "valid ok" or k[-3:].isdigit())
-        + counts["valid failed"],
+        "seconds": soak_seconds,
+        "requests": sum(counts.values()) - counts["malformed not refused with a 4xx error body"],
         "counts": dict(counts),
+        "five_xx": five_xx,
         "valid_failures": failures[:10],
+        "answers_checked_alone": len(answers),
+        "answers_differing_alone": len(mismatches),
+        "differing": mismatches[:10],
+        "solo_replay_seconds": time.monotonic() - start - soak_seconds,
         "rss_mib_samples": samples,
         "rss_mib_quarter_medians": quarters,
         "rss_mib_growth_first_to_last_quarter": quarters[-1] - quarters[0],

@@ -10,11 +10,13 @@ from collections import Counter, defaultdict
 import pytest
 import torch
 from serve_support import MODEL, make_adapter
+from transformers import DynamicCache
 
 import peftkit.api as api
 from peftkit.decoding.generate import generate
 from peftkit.methods.lora.rows import ROW_ADAPTERS
 from peftkit.models import load_model
+from peftkit.serve import kv
 from peftkit.serve.engine import Engine, Limits
 from peftkit.serve.rows import Row
 from peftkit.serve.sampling import Sampling, TextStream, next_token, nucleus
@@ -208,3 +210,84 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_rows_decode(fold
         while not alone.finished:
             whole.run_once()
         assert texts[index] == texts[10 + index] and texts[index]
+
+
+def test_a_row_that_ends_at_its_first_token_never_joins_the_running_batch(folders, monkeypatch):
+    engine, tokenizer = engine_with(folders, max_batch=4, max_prefill_tokens=16)
+    joins = []
+    join = kv.join
+    monkeypatch.setattr(kv, "join", lambda *args: joins.append(1) or join(*args))
+    texts = defaultdict(str)
+
+    def row(index, prompt, n):
+        def emit(kind, payload):
+            texts[index] += payload if kind == "text" else ""
+
+        sampling = Sampling(max_tokens=n, temperature=0, ignore_eos=True)
+        return Row(tokenizer(prompt)["input_ids"], "a", sampling, emit)
+
+    running = row(0, "short", 40)
+    engine.submit([running])
+    engine.run_once()
+    scored = row(1, "a long prompt to score " * 3, 1)  # lm-eval's scoring request: 1 token
+    engine.submit([scored])
+    while not scored.finished:
+        engine.run_once()
+        check_cache_fits_the_rows(engine)
+    assert joins == [] and engine.rows == [running]  # the running cache was never padded
+    assert engine.mask.shape[1] == len(running.prompt) + running.generated - 1
+    continued = row(2, "a long prompt to score " * 3, 3)
+    engine.submit([continued])
+    while not (running.finished and continued.finished):
+        engine.run_once()
+        check_cache_fits_the_rows(engine)
+    assert joins == [1]
+    model = api.load(load_model(MODEL, "causal-lm")[0], folders["a"]).eval()
+    for index, n in [(1, 1), (2, 3)]:
+        prompt = "a long prompt to score " * 3
+        assert texts[index] == generate(model, tokenizer, [prompt], max_new_tokens=n)[0].text
+
+
+def test_growing_cache_layers_append_in_place_and_equal_concatenation():
+    generator = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(3, 2, 5, 4, generator=generator), torch.randn(3, 2, 5, 4)
+    layer = kv.GrowingLayer(keys, values)
+    expected_keys, expected_values = keys, values
+    pointers = set()
+    for step in range(40):
+        new_keys = torch.randn(3, 2, 1 + step % 3, 4, generator=generator)
+        new_values = torch.randn(3, 2, 1 + step % 3, 4, generator=generator)
+        got_keys, got_values = layer.update(new_keys, new_values)
+        expected_keys = torch.cat([expected_keys, new_keys], dim=2)
+        expected_values = torch.cat([expected_values, new_values], dim=2)
+        assert torch.equal(got_keys, expected_keys) and torch.equal(got_values, expected_values)
+        assert layer.get_seq_length() == expected_keys.shape[2]
+        pointers.add(got_keys.data_ptr())
+    assert len(pointers) < 10  # most appends wrote into the buffer they found (no copy)
+    # Rows leave and padding columns are cut: the next append starts from what is left.
+    cache = DynamicCache()
+    cache.layers = [layer]
+    mask = torch.ones(3, expected_keys.shape[2], dtype=torch.long)
+    mask[1:, :7] = 0
+    cache, mask = kv.keep_rows(cache, mask, torch.tensor([1, 2]))
+    assert mask.shape[1] == expected_keys.shape[2] - 7
+    new_keys, new_values = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+    got_keys, got_values = layer.update(new_keys, new_values)
+    assert torch.equal(got_keys, torch.cat([expected_keys[1:, :, 7:], new_keys], dim=2))
+    assert torch.equal(got_values, torch.cat([expected_values[1:, :, 7:], new_values], dim=2))
+
+
+def test_joining_places_both_sides_right_aligned_with_zeros_on_the_left():
+    short = kv.GrowingLayer(torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4))
+    long = kv.GrowingLayer(torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
+    old_keys, new_keys = short.keys.clone(), long.keys.clone()
+    running, joining = DynamicCache(), DynamicCache()
+    running.layers, joining.layers = [short], [long]
+    mask = torch.ones(2, 3, dtype=torch.long)
+    mask[0, 0] = 0
+    cache, joined = kv.join(running, mask, joining, torch.ones(1, 6, dtype=torch.long))
+    keys = cache.layers[0].keys
+    assert keys.shape == (3, 2, 6, 4)
+    assert torch.equal(keys[:2, :, 3:], old_keys) and torch.equal(keys[2:], new_keys)
+    assert not keys[:2, :, :3].any()  # padding: zeros (finite), masked out
+    assert joined.tolist() == [[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1], [1] * 6]

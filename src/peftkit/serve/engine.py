@@ -253,7 +253,7 @@ class Engine:
                 position_ids=prefill.positions[:, prefill.done : end], use_cache=True,
                 **cache, **({} if any(echo) else self.prefill_options),
             )  # fmt: skip
-            kv.check_plain(output.cache)
+            kv.growing(output.cache)
             logits = output.logits[:, -1].float()
             if any(echo):
                 self._prompt_logprobs(prefill, output.logits, end, echo)
@@ -272,15 +272,23 @@ class Engine:
             row.generator = row.sampling.generator(self.device)
         tokens = self._choose(new, logits, first=True)
         self.stats.prefills += 1
-        next_positions = prefill.positions[:, -1] + 1
-        if self.rows:
-            self.cache, self.mask = kv.join(self.cache, self.mask, output.cache, prefill.mask)
-            self.positions = torch.cat([self.positions, next_positions])
-        else:
-            self.cache, self.mask = output.cache, prefill.mask
-            self.positions = next_positions
-        self.rows += new
         self._take(new, tokens)
+        # a row that ends at its first token (max_tokens 1, a stop token; lm-eval's scoring
+        # requests) never joins: joining pads every running row's cache to the new rows' length
+        live = [i for i, row in enumerate(new) if not (row.finished or row.cancelled)]
+        if not live:
+            return
+        cache, mask, positions = output.cache, prefill.mask, prefill.positions[:, -1] + 1
+        if len(live) < len(new):
+            index = torch.tensor(live, device=self.device)
+            cache, mask = kv.keep_rows(cache, mask, index)
+            positions = positions.index_select(0, index)
+        if self.rows:
+            self.cache, self.mask = kv.join(self.cache, self.mask, cache, mask)
+            self.positions = torch.cat([self.positions, positions])
+        else:
+            self.cache, self.mask, self.positions = cache, mask, positions
+        self.rows += [new[i] for i in live]
 
     def _step(self) -> None:
         """One decode step of every running row."""
