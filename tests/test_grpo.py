@@ -264,7 +264,7 @@ def test_conversational_prompts_render_with_the_generation_prompt() -> None:
 
 def test_one_grpo_step_moves_only_the_adapter(tmp_path: Path, registry: None) -> None:
     rewards.register_reward("id-sum", id_reward)
-    trainer, notes, model, _ = built_trainer(
+    trainer, notes, model, data = built_trainer(
         tmp_path, grpo_task("id-sum"), GRPOConfig(num_generations=4, max_completion_length=6)
     )
     assert notes["reference"].startswith("none") and trainer.ref_model is None
@@ -272,6 +272,22 @@ def test_one_grpo_step_moves_only_the_adapter(tmp_path: Path, registry: None) ->
     trainer.train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in name for name in changed)
+    # Evaluation: greedy completions scored by the same reward (it reads completion_ids), against
+    # transformers' generate on each prompt alone, cut at its first EOS.
+    tokenizer = data.tokenizer
+    expected = []
+    model.eval()
+    for row in PROMPTS:
+        ids = torch.tensor([tokenizer(row["prompt"])["input_ids"]])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, max_new_tokens=data.max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        new = out[0, ids.shape[1] :].tolist()
+        expected += id_reward([new[: new.index(tokenizer.eos_token_id)]
+                               if tokenizer.eos_token_id in new else new])  # fmt: skip
+    scores = GRPO.evaluate(model, data, None, 2)
+    assert sum(expected) > 0  # the completions differ from an all-zero score
+    assert scores["mean_reward"] == scores["reward/id-sum"] == pytest.approx(sum(expected) / 2)
 
 
 def test_a_bad_reward_stops_training_by_name(tmp_path: Path, user_module: None) -> None:
