@@ -235,9 +235,36 @@ def test_advantages_and_loss_are_trls_definitions(tmp_path: Path, registry: None
     assert abs(closed - float(-inputs["advantages"].mul(mask.sum(1)).sum() / mask.sum())) > 1e-6
 
 
+def test_a_method_without_switch_off_gets_a_frozen_copy_as_reference(
+    tmp_path: Path, registry: None
+) -> None:
+    from peftkit.registry import get_method
+
+    rewards.register_reward("id-sum", id_reward)
+    options = GRPOConfig(num_generations=4, max_completion_length=4, beta=0.1)
+    full = get_method("full").config_cls()
+    trainer, notes, model, _ = built_trainer(tmp_path, grpo_task("id-sum"), options, full)
+    assert notes["reference"].startswith("a frozen copy") and notes["reference_copy_mib"] > 0
+    perturb_adapter(model)  # full fine-tuning: the policy's own weights move; the copy must not
+    model.train()
+    inputs = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    mask = inputs["completion_mask"]
+    base = completion_logps(base_model(), inputs)
+    assert torch.allclose(inputs["ref_per_token_logps"].double() * mask, base * mask, atol=1e-4)
+    assert ((completion_logps(model, inputs) - base) * mask).abs().max() > 1e-3
+
+
+def test_conversational_prompts_render_with_the_generation_prompt() -> None:
+    tokenizer = load_model("tiny-llama", "causal-lm")[1]
+    rows = [{"prompt": [{"role": "user", "content": "copy: a b"}], "gold": "a b"}]
+    data = GRPO.prepare(grpo_task("format"), tokenizer, rows, rows)
+    # peftkit's fallback template (the tiny tokenizer has none), written out by hand:
+    assert data.train_records == [{"gold": "a b", "prompt": "<|user|>\ncopy: a b\n<|assistant|>\n"}]
+
+
 def test_one_grpo_step_moves_only_the_adapter(tmp_path: Path, registry: None) -> None:
     rewards.register_reward("id-sum", id_reward)
-    trainer, notes, model, _ = built_trainer(
+    trainer, notes, model, data = built_trainer(
         tmp_path, grpo_task("id-sum"), GRPOConfig(num_generations=4, max_completion_length=6)
     )
     assert notes["reference"].startswith("none") and trainer.ref_model is None
@@ -245,6 +272,22 @@ def test_one_grpo_step_moves_only_the_adapter(tmp_path: Path, registry: None) ->
     trainer.train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in name for name in changed)
+    # Evaluation: greedy completions scored by the same reward (it reads completion_ids), against
+    # transformers' generate on each prompt alone, cut at its first EOS.
+    tokenizer = data.tokenizer
+    expected = []
+    model.eval()
+    for row in PROMPTS:
+        ids = torch.tensor([tokenizer(row["prompt"])["input_ids"]])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, max_new_tokens=data.max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        new = out[0, ids.shape[1] :].tolist()
+        expected += id_reward([new[: new.index(tokenizer.eos_token_id)]
+                               if tokenizer.eos_token_id in new else new])  # fmt: skip
+    scores = GRPO.evaluate(model, data, None, 2)
+    assert sum(expected) > 0  # the completions differ from an all-zero score
+    assert scores["mean_reward"] == scores["reward/id-sum"] == pytest.approx(sum(expected) / 2)
 
 
 def test_a_bad_reward_stops_training_by_name(tmp_path: Path, user_module: None) -> None:

@@ -141,6 +141,12 @@ def test_labels_and_pairs_read_as_trl_reads_them() -> None:
     eos = tokenizer.eos_token
     key = lambda r: (r["prompt"], r["completion"].removesuffix(eos), r["label"])  # noqa: E731
     assert sorted(map(key, ours)) == sorted(map(key, theirs))
+    chat = {"prompt": [{"role": "user", "content": "copy: a b"}],
+            "completion": [{"role": "assistant", "content": "a b"}], "label": False}  # fmt: skip
+    # peftkit's fallback template (the tiny tokenizer has none), written out by hand:
+    assert KTO.prepare(TASK, tokenizer, [chat], [chat]).train_records == [
+        {"prompt": "<|user|>\ncopy: a b\n<|assistant|>\n", "completion": "a b</s>", "label": False}
+    ]
     with pytest.raises(MalformedPairError, match="chosen equal to rejected: row 0"):
         KTO.check_rows(TASK, [{"prompt": "p", "chosen": "x", "rejected": "x"}], "pairs")
 

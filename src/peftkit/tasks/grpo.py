@@ -13,7 +13,8 @@ Prompts are not cut to task.max_length (TRL 1.16's GRPOTrainer has no prompt lim
 completion is limited by grpo.max_completion_length.
 
 Evaluation: greedy completions of the held-out prompts (task.max_new_tokens), scored by the same
-rewards: `mean_reward` (their weighted sum, averaged) and each reward's mean (`reward/NAME`)."""
+rewards (given completion_ids as in training, not TRL's trainer_state or log functions):
+`mean_reward` (their weighted sum, averaged) and each reward's mean (`reward/NAME`)."""
 
 from __future__ import annotations
 
@@ -99,10 +100,10 @@ def prepare(task: TaskConfig, tokenizer: Any, train: Rows, held_out: Rows) -> Ta
 
 
 def score(
-    rewards: tuple[list[Any], list[float]], records: Rows, completions: list[str]
+    rewards: tuple[list[Any], list[float]], records: Rows, completions: list[str], **extra: Any
 ) -> dict[str, float]:
-    """The rewards of completions of records' prompts: their weighted sum's mean, and each
-    reward's mean."""
+    """The rewards of completions of records' prompts (extra: more keyword lists, such as
+    completion_ids): their weighted sum's mean, and each reward's mean."""
     functions, weights = rewards
     count = max(1, len(records))
     keys = [key for key in records[0] if key != "prompt"] if records else []
@@ -111,7 +112,7 @@ def score(
     totals = [0.0] * len(records)
     report: dict[str, float] = {}
     for function, weight in zip(functions, weights, strict=True):
-        values = function(prompts=prompts, completions=completions, **columns)
+        values = function(prompts=prompts, completions=completions, **columns, **extra)
         report[f"reward/{function.name}"] = sum(values) / count
         totals = [total + weight * value for total, value in zip(totals, values, strict=True)]
     return {"mean_reward": sum(totals) / count, **report}
@@ -125,7 +126,8 @@ def evaluate(model: nn.Module, data: TaskData, collator: Any, batch_size: int) -
     generated = generate(
         model, data.tokenizer, prompts, max_new_tokens=data.max_new_tokens, batch_size=batch_size
     )
-    return score(data.rewards, data.eval_records, [g.text for g in generated])
+    texts, ids = [g.text for g in generated], [g.token_ids for g in generated]
+    return score(data.rewards, data.eval_records, texts, completion_ids=ids)
 
 
 GRPO = TaskType(

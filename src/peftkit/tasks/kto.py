@@ -52,8 +52,8 @@ def columns(task: TaskConfig) -> list[str]:
 
 def as_label(value: Any) -> bool | None:
     """A label as a bool, or None when it is not a yes/no value."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's bool too
-        return bool(value)
+    if isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", "") == "b":
+        return bool(value)  # numpy's bool too
     if isinstance(value, int | float) and value in (0, 1):
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in TRUE + FALSE:
