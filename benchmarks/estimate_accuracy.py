@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from common import base_parser, markdown_table, setup, write_json
+from common import base_parser, markdown_table, parse_with_smoke, setup, write_json
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "compare-minilm.yaml"
 
@@ -134,7 +134,7 @@ def main() -> None:
     parser = base_parser(__doc__.split("\n\n")[0], "small")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
-    args = parser.parse_args()
+    args = parse_with_smoke(parser, batch_size=1, seq_len=16)
     setup(args)
     from peftkit.memory.estimate import estimate
     from peftkit.memory.step_peak import step_peak_bytes
@@ -155,14 +155,15 @@ def main() -> None:
             "estimate": found.as_dict(),
         })  # fmt: skip
 
-    for family, section, checkpointing in CASES:
+    cases = CASES[:2] if args.smoke else CASES
+    for family, section, checkpointing in cases:
         model = real_model(family, section, checkpointing)
         measured = step_peak_bytes(model, causal_batch(args.batch_size, args.seq_len))
         found = estimate(small_config(family), section, args.batch_size, args.seq_len, "fp32",
                          checkpointing, attention="cpu")  # fmt: skip
         record(family, section, checkpointing, measured, found)
-    batch_size, seq_len = demo_step()
-    for label, section in demo_methods():
+    batch_size, seq_len = (2, 16) if args.smoke else demo_step()
+    for label, section in demo_methods()[: 1 if args.smoke else None]:
         batch = review_batch(batch_size, seq_len)
         measured = step_peak_bytes(minilm_model(section, batch), batch)
         found = estimate("minilm", section, batch_size, seq_len, "fp32", task="classification",

@@ -15,22 +15,21 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SMOKED = [
-    "batching.py", "combine_experiment.py", "estimate_fsdp_70b.py", "gguf_export.py",
+    "batching.py", "combine_experiment.py", "estimate_accuracy.py", "estimate_fsdp_70b.py",
+    "gguf_export.py",
     "gguf_llamacpp.py", "lora_compile.py", "lora_dropout.py", "lora_overhead.py",
     "lora_vs_full.py", "lowbit_7b.py", "lowbit_step.py", "merge_latency.py", "mfu.py",
     "mixed_batch.py", "nf4_reference.py", "pooling_probe.py", "precision.py", "proxy_decoding.py",
     "proxy_experiment.py", "relora_comparison.py", "selection_methods.py", "sql_suite_power.py",
 ]  # fmt: skip
 # Smoked by another test (its own processes): the script spawns a 2-process gloo group.
-ELSEWHERE = {"fsdp_memory.py": "tests/test_sharding.py::test_the_memory_benchmark_smoke_run"}
-# Scripts whose smoke presets belong to other work in progress (the serving and estimator
-# benchmarks); listed by name so that a new script cannot be left out silently.
-NOT_YET = {
-    "estimate_accuracy.py": "estimator benchmark, issue 29 items 4-5",
-    "serve.py": "serving benchmark",
-    "serve_load.py": "serving benchmark",
-    "serve_prefill.py": "serving benchmark",
+ELSEWHERE = {
+    "fsdp_memory.py": "tests/test_sharding.py::test_the_memory_benchmark_smoke_run",
+    "serve.py": "tests/test_serve_benchmarks.py (a server in its own process)",
+    "serve_load.py": "the load side of serve.py, run by serve.py's smoke run",
+    "serve_prefill.py": "tests/test_serve_benchmarks.py (a server in its own process)",
 }
+NOT_YET: dict[str, str] = {}
 
 DRIVER = r"""
 import json, runpy, sys, time, traceback
