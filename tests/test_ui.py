@@ -766,5 +766,12 @@ def test_the_chat_answers_are_the_serve_engines_streamed_side_by_side(space: Wor
                     talk[side].append({"role": "user", "content": second})
             assert len(steps) > 2  # streamed: text arrives piece by piece
             assert steps[-1]["base"] != steps[-1]["tuned"]
+        scorer = space.root / "scorer" / "adapter"  # a classification run: no text to chat with
+        bert = peftkit.apply(load_model("tiny-bert", "classification")[0],
+                             peftkit.LoraConfig(rank=2))  # fmt: skip
+        peftkit.save(bert, scorer, info={"base_model": "tiny-bert", "task": "classification"})
+        (scorer.parent / "summary.json").write_text("{}")
+        with pytest.raises(ConfigError, match="classification adapter does not generate text"):
+            engines.service_for("tiny-bert", "scorer")
     finally:
         engines.close()

@@ -37,6 +37,7 @@ class ChatEngines:
     def service_for(self, model: str, adapter: str | None) -> Any:
         """The running service holding `model` with the adapter of run `adapter` loaded."""
         from peftkit.serve.server import ServeOptions, build
+        from peftkit.ui.playground import _task_of
 
         if not adapter:
             raise ConfigError("Choose an adapter (a finished run of the workspace).")
@@ -46,6 +47,7 @@ class ChatEngines:
             folder = self.workspace.adapters().get(adapter)
             if folder is None:
                 raise ConfigError(f"No finished run with an adapter named {adapter!r}.")
+            _task_of({adapter: folder})  # one that generates text, or refused by name
             self._stop()
             service = build(ServeOptions(model=self.workspace.model(model), served_name=BASE_NAME))
             try:
