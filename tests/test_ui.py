@@ -610,3 +610,168 @@ def test_a_failing_page_update_changes_nothing_and_the_next_one_retries(capsys) 
     assert len(kept) == 2 and all(update == {"__type__": "update"} for update in kept)
     assert "event file read while written" in capsys.readouterr().err
     assert handler(2) == [2, 2]
+
+
+@pytest.mark.parametrize("value, problem", [(0, "at least 1, got 0"), (-2, "at least 1"),
+                                            (2.5, "whole number")])  # fmt: skip
+def test_a_limit_on_kept_checkpoints_is_a_positive_whole_number(value, problem) -> None:
+    from peftkit.recipe import recipe_from_dict
+
+    with pytest.raises(ConfigError, match=f"save_total_limit.*{problem}"):
+        recipe_from_dict({"training": {"save_total_limit": value}})
+
+
+def test_a_run_keeps_only_its_newest_checkpoints_and_resumes_from_the_last(tmp_path) -> None:
+    from peftkit.cli import main
+    from peftkit.training.checkpoints import find_checkpoint
+
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"w{i} x,l{i % 2}\n" for i in range(24)))
+    recipe, run = tmp_path / "recipe.yaml", tmp_path / "run"
+    recipe.write_text(f"model: tiny-bert\ntask: {{type: classification, train_file: {data}}}\n"
+                      "training: {max_steps: 8, batch_size: 4, save_steps: 2, "
+                      f"save_total_limit: 2}}\noutput_dir: {run}\n")  # fmt: skip
+    assert main(["train", str(recipe)]) == 0
+    kept = sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*"))
+    assert kept == ["checkpoint-6", "checkpoint-8"]  # of 2, 4, 6 and 8
+    assert find_checkpoint(run, "latest").name == "checkpoint-8"
+
+
+def _form_roundtrip(space: Workspace, name: str) -> tuple[object, object]:
+    """Load a recipe of the workspace into the Train form's widgets and read them back as the
+    page does: (the recipe loaded, the recipe the form then describes)."""
+    from peftkit.ui import train_page
+    from peftkit.ui import training_form as tf
+    from peftkit.ui.forms import field_specs, method_forms, section_values
+
+    loaded = tf.load_form_recipe(space, name)
+    values = tf.form_values(space, loaded)
+    specs = method_forms()[values.method["name"]]
+    method = {"name": values.method["name"]} | section_values(
+        specs, [train_page._widget_value(s, values.method) for s in specs], "method"
+    )
+    training_specs = field_specs(TrainConfig)
+    training = section_values(training_specs, [train_page._widget_value(s, values.training)
+                                                for s in training_specs], "training")  # fmt: skip
+    task = {k: v for k, v in values.task.items() if v is not None}
+    if values.train_file:
+        task["train_file"] = values.train_file
+    again = build_recipe(space, values.model, task, method, training, values.run_name)
+    return loaded, again
+
+
+def test_a_recipe_loaded_into_the_form_reads_back_as_the_same_recipe(space: Workspace) -> None:
+    from peftkit.ui.training_form import save_form_recipe
+
+    data = space.root / "uploads" / "d.csv"
+    data.parent.mkdir(parents=True)
+    data.write_text("q,a\n" + "".join(f"p{i},r{i}\n" for i in range(12)))
+    recipe = build_recipe(
+        space, "tiny-gpt2",
+        {"type": "causal-lm", "train_file": str(data), "prompt_column": "q",
+         "response_column": "a", "max_length": 64},
+        {"name": "lora", "rank": 4, "target_modules": ["c_attn"]},
+        {"max_steps": 7, "save_total_limit": 2, "group_by_length": False}, "orig",
+    )  # fmt: skip
+    save_form_recipe(space, recipe)
+    loaded, again = _form_roundtrip(space, "recipes/orig.yaml")
+    assert loaded == recipe
+    assert again.output_dir == str(space.root / "orig-copy")  # a clone: a new run name
+    assert dataclasses.replace(again, output_dir=recipe.output_dir) == recipe
+
+
+def test_an_upload_is_mapped_onto_a_formats_fields(space: Workspace, tmp_path: Path) -> None:
+    from peftkit.data.files import read_rows
+    from peftkit.tasks.conversations import to_messages
+    from peftkit.ui.training_form import mapped_rows, write_mapped
+
+    rows = [{"task": "Add", "extra": "1 and 2", "answer": 3, "other": "x"}]
+    records = mapped_rows(rows, "alpaca", {"instruction": "task", "input": "extra",
+                                           "output": "answer"})  # fmt: skip
+    assert to_messages(records[0]) == [{"role": "user", "content": "Add\n\n1 and 2"},
+                                       {"role": "assistant", "content": "3"}]  # fmt: skip
+    upload = space.root / "uploads" / "qa.csv"
+    upload.parent.mkdir(parents=True)
+    upload.write_text("question,reply\nhi,hello\n")
+    mapped = write_mapped(space, upload, "prompt-completion",
+                          {"prompt": "question", "completion": "reply"})  # fmt: skip
+    assert mapped == space.root / "uploads" / "qa-prompt-completion.jsonl"
+    assert read_rows(mapped) == [{"prompt": "hi", "response": "hello"}]
+    assert upload.read_text() == "question,reply\nhi,hello\n"  # the upload stays as it was
+    with pytest.raises(DataError, match="needs a column for 'output'"):
+        mapped_rows(rows, "alpaca", {"instruction": "task"})
+    with pytest.raises(DataError, match="no column 'missing'"):
+        mapped_rows(rows, "messages", {"messages": "missing"})
+
+
+def test_the_preview_shows_rows_as_the_prompt_format_and_chat_template_make_them(
+    space: Workspace,
+) -> None:
+    from peftkit.chat_template import render_chat
+    from peftkit.models import load_model
+    from peftkit.ui.preview import preview_rows
+
+    data = space.root / "pairs.csv"
+    data.write_text("prompt,response\n" + "".join(f"say {i},ok {i}\n" for i in range(10)))
+    _, tokenizer = load_model("tiny-gpt2", "causal-lm")
+    causal = preview_rows({"type": "causal-lm", "train_file": str(data)}, "tiny-gpt2", 10)
+    chat = preview_rows({"type": "chat", "train_file": str(data)}, "tiny-gpt2", 10)
+    eos = tokenizer.eos_token
+    # Causal-LM: prompt, response and EOS; the loss on the response and EOS (its closed form).
+    pairs = {(f"say {i}", f"ok {i}") for i in range(10)}
+    shown = {(row.text(), row.learned_text()) for row in causal}
+    expected = {(f"{p}{r}{eos}", f"{r}{eos}") for p, r in pairs}
+    assert len(causal) == 9 and shown <= expected  # the 90% training split
+    # Chat: the conversation through the chat template; the loss on the answer's turn.
+    for row in chat:
+        prompt = next(p for p, r in pairs if row.learned_text().startswith(r))
+        answer = dict(pairs)[prompt]
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        assert row.text() == render_chat(turns, tokenizer)
+        assert row.learned_text().startswith(answer) and row.learned < row.tokens
+
+
+def test_the_chat_answers_are_the_serve_engines_streamed_side_by_side(space: Workspace) -> None:
+    import torch
+
+    import peftkit
+    from peftkit.api import load
+    from peftkit.decoding.generate import generate
+    from peftkit.models import load_model
+    from peftkit.ui.chat import ChatEngines, chat_stream
+
+    model, tokenizer = load_model("tiny-gpt2", "causal-lm")
+    model = peftkit.apply(model, peftkit.LoraConfig(rank=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator()
+                                            .manual_seed(1)) * 0.5)  # fmt: skip
+    adapter = space.root / "chatty" / "adapter"
+    peftkit.save(model, adapter, info={"base_model": "tiny-gpt2", "task": "causal-lm"})
+    (space.root / "chatty" / "summary.json").write_text("{}")
+    models = {"base": load_model("tiny-gpt2", "causal-lm")[0].eval(),
+              "tuned": load(load_model("tiny-gpt2", "causal-lm")[0], adapter).eval()}  # fmt: skip
+    engines = ChatEngines(space)
+    try:
+        service = engines.service_for("tiny-gpt2", "chatty")
+        talk = {side: [{"role": "user", "content": "hi"}] for side in models}
+        for second in ("and then?", None):
+            steps = list(chat_stream(service, talk, 0.0, 1.0, 10))
+            for side, chosen in models.items():
+                want = generate(chosen, tokenizer, [talk[side]], max_new_tokens=10, chat=True)
+                assert steps[-1][side] == want[0].text
+                talk[side] = [*talk[side], {"role": "assistant", "content": steps[-1][side]}]
+                if second:
+                    talk[side].append({"role": "user", "content": second})
+            assert len(steps) > 2  # streamed: text arrives piece by piece
+            assert steps[-1]["base"] != steps[-1]["tuned"]
+        scorer = space.root / "scorer" / "adapter"  # a classification run: no text to chat with
+        bert = peftkit.apply(load_model("tiny-bert", "classification")[0],
+                             peftkit.LoraConfig(rank=2))  # fmt: skip
+        peftkit.save(bert, scorer, info={"base_model": "tiny-bert", "task": "classification"})
+        (scorer.parent / "summary.json").write_text("{}")
+        with pytest.raises(ConfigError, match="classification adapter does not generate text"):
+            engines.service_for("tiny-bert", "scorer")
+    finally:
+        engines.close()

@@ -6,6 +6,7 @@ PEFTKIT_UI_SCREENSHOTS=docs/ui one of each page is also written there (the READM
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -540,3 +541,133 @@ def test_the_train_form_saves_as_a_recipe_for_the_terminal(page: Page, workspace
     assert recipe.model == "tiny-bert" and recipe.training.max_steps == 7
     assert recipe.output_dir == str(workspace / "saved-form")
     assert not (workspace / "saved-form").exists()  # saving trains nothing
+
+
+def test_the_form_loads_a_saved_recipe_or_an_earlier_runs_to_clone_it(
+    page: Page, workspace: Path
+) -> None:
+    from peftkit.recipe import load_recipe, save_recipe
+    from peftkit.ui.training_form import build_recipe
+    from peftkit.ui.workspace import Workspace
+
+    pick(page, "train-model", "tiny-bert")
+    type_in(page, "train-run-name", "clone-me")
+    set_budget(page, max_steps=7, save_total_limit=2)  # the limit on kept checkpoints
+    page.click("#train-save")
+    page.wait_for_selector("#train-message:has-text('clone-me.yaml')")
+    saved = load_recipe(workspace / "recipes" / "clone-me.yaml")
+    assert saved.training.save_total_limit == 2 and saved.training.max_steps == 7
+    # An earlier run trained on its own copy of an uploaded file.
+    old = workspace / "old-run"
+    (old / "adapter").mkdir(parents=True)
+    (old / "summary.json").write_text("{}")
+    data = write_reviews(old / "data" / "reviews.csv")
+    space = Workspace(workspace)
+    save_recipe(build_recipe(space, "tiny-bert", {"type": "classification",
+                                                  "train_file": str(data)},
+                             {"name": "lora", "rank": 4}, {"max_steps": 3}, "old-run"),
+                old / "recipe.yaml")  # fmt: skip
+
+    page.reload()  # an empty form: the loaded settings come from the file
+    pick(page, "train-load-source", "recipes/clone-me.yaml")
+    page.click("#train-load")
+    page.wait_for_selector("#train-message:has-text('loaded')")
+    assert page.input_value("#train-run-name input") == "clone-me-copy"
+    assert page.input_value("#training-save-total-limit input") == "2"
+    page.click("#train-save")
+    page.wait_for_selector("#train-message:has-text('clone-me-copy.yaml')")
+    copy = load_recipe(workspace / "recipes" / "clone-me-copy.yaml")
+    assert dataclasses.replace(copy, output_dir=saved.output_dir) == saved
+
+    pick(page, "train-load-source", "old-run/recipe.yaml")  # a run: its data come too
+    page.click("#train-load")
+    page.wait_for_selector("#train-data-status:has-text('data: 58 training rows, 6 held out')")
+    assert page.input_value("#train-run-name input") == "old-run-copy"
+    assert page.locator("[id=method-rank]:visible input").input_value() == "4"
+    page.click("#train-save")
+    page.wait_for_selector("#train-message:has-text('old-run-copy.yaml')")
+    clone = load_recipe(workspace / "recipes" / "old-run-copy.yaml")
+    original = load_recipe(old / "recipe.yaml")
+    assert dataclasses.replace(clone, output_dir=original.output_dir) == original
+
+
+def test_an_upload_mapped_to_a_format_previews_as_the_chat_template_renders_it(
+    page: Page, workspace: Path, tmp_path: Path
+) -> None:
+    from peftkit.chat_template import render_chat
+    from peftkit.models import load_model
+
+    pairs = {f"say {i}": f"ok {i}" for i in range(10)}
+    upload = tmp_path / "qa.csv"
+    upload.write_text("question,reply\n" + "".join(f"{q},{a}\n" for q, a in pairs.items()))
+    pick(page, "train-model", "tiny-gpt2")
+    pick(page, "train-task-type", "chat")
+    page.click("#train-source label:has-text('uploaded file')")
+    page.set_input_files("#train-upload input[type=file]", str(upload))
+    page.wait_for_selector("#train-data-status:has-text('data: 9 training rows')")
+    page.click("#train-preview-button")  # the records are in no chat format: the preview says so
+    page.wait_for_selector("#train-preview:has-text(\"has fields ['question', 'reply']\")")
+    page.locator("#train-format-box").get_by_text("format of the uploaded file").click()
+    pick(page, "train-format", "prompt-completion")
+    pick(page, "train-format-field-1", "question")
+    pick(page, "train-format-field-2", "reply")
+    page.click("#train-format-apply")
+    page.wait_for_selector("#train-message:has-text('uploads/qa-prompt-completion.jsonl')")
+    assert (workspace / "uploads" / "qa.csv").read_text() == upload.read_text()  # kept as it was
+    page.click("#train-preview-button")
+    page.wait_for_selector("#train-preview:has-text('row 3')")
+
+    _, tokenizer = load_model("tiny-gpt2", "chat")
+    rendered = {render_chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                            tokenizer): a for q, a in pairs.items()}  # fmt: skip
+    boxes = page.locator("#train-preview pre")
+    assert boxes.count() == 3
+    for index in range(3):
+        text = boxes.nth(index).evaluate("box => box.textContent")
+        assert text in rendered  # the whole conversation as the template renders it
+        learned = boxes.nth(index).locator("mark").first.evaluate("mark => mark.textContent")
+        assert learned.startswith(rendered[text])  # the loss starts on the answer
+
+
+def chat_answers(page: Page, side: str) -> list[str]:
+    """The answers a chat window shows, in order."""
+    return page.evaluate(
+        f"[...document.querySelectorAll('#chat-{side} [data-testid=bot]')].map(m => m.textContent)"
+    )
+
+
+def test_the_chat_page_streams_base_and_adapter_side_by_side_over_two_turns(
+    page: Page, steered_adapter: Path, tmp_path: Path
+) -> None:
+    from peftkit.api import load
+    from peftkit.decoding.generate import generate
+    from peftkit.models import load_model
+
+    base, tokenizer = load_model("tiny-gpt2", "causal-lm")
+    models = {"base": base.eval(),
+              "tuned": load(load_model("tiny-gpt2", "causal-lm")[0],
+                            steered_adapter / "adapter").eval()}  # fmt: skip
+    page.get_by_role("tab", name="Chat").click()
+    pick(page, "chat-adapter", "steered")
+    page.wait_for_function("document.querySelector('#chat-model input').value === 'tiny-gpt2'")
+    set_slider(page, "chat-temperature", 0)  # greedy: the text is known
+    type_in(page, "chat-max-tokens", 8)
+    talks = {side: [] for side in models}
+    for turn, message in enumerate(("hi", "and then?"), 1):
+        for talk in talks.values():
+            talk.append({"role": "user", "content": message})
+        type_in(page, "chat-message", message, enter=True)
+        # This turn's answers are in both windows and the stream has ended.
+        page.wait_for_function(
+            "document.querySelectorAll('#chat-tuned [data-testid=bot]').length === "
+            f"{turn} && document.querySelector('#chat-status').textContent.includes('done')"
+        )
+        for side, model in models.items():
+            want = generate(model, tokenizer, [talks[side]], max_new_tokens=8, chat=True)[0].text
+            talks[side].append({"role": "assistant", "content": want})
+            shown = chat_answers(page, side)
+            assert [s.strip() for s in shown] == [
+                t["content"].strip() for t in talks[side] if t["role"] == "assistant"
+            ], side
+    assert talks["base"][-1] != talks["tuned"][-1]
+    screenshot(page, "chat", tmp_path, for_docs=True)

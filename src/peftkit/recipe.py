@@ -109,6 +109,10 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     logging_steps: int = field(default=10, metadata={"help": "log the loss every N steps"})
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: never)"})
+    save_total_limit: int | None = field(
+        default=None,
+        metadata={"help": "keep only the newest N checkpoints (default: keep every one)"},
+    )
     group_by_length: bool = field(
         default=True, metadata={"help": "batch examples of similar length (less padding)"}
     )
@@ -162,6 +166,7 @@ class TrainConfig:
         check_range("training.max_grad_norm", self.max_grad_norm, 0)  # 0: no clipping
         check_range("training.logging_steps", self.logging_steps, 1)
         check_range("training.save_steps", self.save_steps, 0)  # 0: no checkpoints
+        check_range("training.save_total_limit", self.save_total_limit, 1)  # None: keep all
         check_range("training.seed", self.seed, 0, 2**32 - 1)  # numpy's seed range
         check_range("training.threads", self.threads, 1)  # None: torch's default
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from peftkit import io
 from peftkit.errors import ConfigError
@@ -70,6 +70,9 @@ class CheckpointCallback(TrainerCallback):
         wait_for_everyone()  # every process has written its RNG state
         if args.should_save:
             publish(staging, self.output / CHECKPOINTS / name)
+            # Trainer rotates its own output_dir, the staging folder, which holds one checkpoint
+            # at a time: the limit is kept here, over the published ones, by step.
+            rotate_checkpoints(str(self.output / CHECKPOINTS), args.save_total_limit)
         wait_for_everyone()
 
 

@@ -92,6 +92,7 @@ def training_argument_values(recipe: Recipe, output: Path) -> dict[str, Any]:
         logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=t.save_steps if t.save_steps > 0 else 500,
+        save_total_limit=t.save_total_limit,  # applied where checkpoints are published
         seed=t.seed,
         report_to=t.report_to,  # TensorBoard writes to output/logs (reporting_environment)
         remove_unused_columns=False,  # features are already exactly what the model takes

@@ -1,5 +1,5 @@
-"""The `peftkit ui` web app: four pages (Train, Compare, Runs, Playground) on one workspace folder,
-served by Gradio on 127.0.0.1 unless told otherwise."""
+"""The `peftkit ui` web app: five pages (Train, Compare, Runs, Playground, Chat) on one workspace
+folder, served by Gradio on 127.0.0.1 unless told otherwise."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from peftkit.ui.jobs import children_stopped_on_exit
 from peftkit.ui.workspace import UI_FILES, Workspace
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-PAGES = ("train", "compare", "runs", "playground")
+PAGES = ("train", "compare", "runs", "playground", "chat")
 
 
 def build_app(workspace: Workspace, plans_folder: Path | None = None) -> Any:
-    """The Gradio Blocks app of the four pages over `workspace`."""
+    """The Gradio Blocks app of the five pages over `workspace`."""
     import gradio as gr
 
-    from peftkit.ui import compare_page, playground_page, runs_page, train_page
+    from peftkit.ui import chat_page, compare_page, playground_page, runs_page, train_page
     from peftkit.ui.jobs import JOBS, JobSlots
 
     # One set of jobs per workspace, on the server: every page and tab attaches to them, and a
@@ -30,14 +30,16 @@ def build_app(workspace: Workspace, plans_folder: Path | None = None) -> Any:
         gr.Markdown(f"## peftkit · workspace `{workspace.root}`")
         # Each page reads its lists of the workspace when shown: on load, and when its tab is
         # chosen (a run finished since appears without a Refresh).
-        with gr.Tab("Train", elem_id="tab-train"):
-            train_page.build(workspace, slots)
+        with gr.Tab("Train", elem_id="tab-train") as tab:
+            train_page.build(workspace, slots, [app.load, tab.select])
         with gr.Tab("Compare", elem_id="tab-compare") as tab:
             compare_page.build(workspace, slots, plans_folder, [app.load, tab.select])
         with gr.Tab("Runs", elem_id="tab-runs") as tab:
             runs_page.build(workspace, slots, [app.load, tab.select])
         with gr.Tab("Playground", elem_id="tab-playground") as tab:
             playground_page.build(workspace, [app.load, tab.select])
+        with gr.Tab("Chat", elem_id="tab-chat") as tab:
+            chat_page.build(workspace, [app.load, tab.select])
     app.peftkit_slots = slots  # so the server stops the children it started when it ends
     return app
 

@@ -25,14 +25,22 @@ from peftkit.ui.widgets import (
     read_form,
     widget_id,
 )
-from peftkit.ui.workspace import Workspace
+from peftkit.ui.workspace import Workspace, WorkspaceError
 
 SOURCES = ("bundled data set", "uploaded file")
 # The Train page's starting values where they differ from a recipe's: TensorBoard events feed
 # the loss curve, and checkpoints are what Stop keeps.
 TRAINING_DEFAULTS = {"report_to": "tensorboard", "save_steps": 20, "logging_steps": 5}
 # The training fields shown first (the budget); the others fold away.
-BUDGET = ("max_steps", "batch_size", "learning_rate", "save_steps", "logging_steps")
+BUDGET = (
+    "max_steps",
+    "batch_size",
+    "learning_rate",
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+)
+MAPPED_FIELDS = max(len(fields) for fields in tf.FORMATS.values())  # field pickers of a format
 
 
 class Widgets:
@@ -48,6 +56,11 @@ def _settings(workspace: Workspace, w: Widgets) -> None:
     from peftkit.tasks.types import task_names
 
     defaults = Recipe()
+    with gr.Row():
+        w.load_source = gr.Dropdown([], label="load settings from", elem_id="train-load-source",
+                                    info="a saved recipe, or an earlier run's (to clone it)",
+                                    scale=3)  # fmt: skip
+        w.load_button = gr.Button("Load", elem_id="train-load", scale=0)
     with gr.Row():
         w.model = gr.Dropdown(
             bundled_names(), value=defaults.model, allow_custom_value=True, label="model",
@@ -66,6 +79,21 @@ def _settings(workspace: Workspace, w: Widgets) -> None:
         ".csv", ".json", ".jsonl", ".parquet"], type="filepath", visible=False,
         elem_id="train-upload")  # fmt: skip
     w.uploaded = gr.Textbox(visible=False, elem_id="train-uploaded")  # its path in the workspace
+    w.original = gr.State("")  # the file as uploaded (w.uploaded: it, or its mapped copy)
+    with gr.Accordion("format of the uploaded file", open=False, visible=False,
+                      elem_id="train-format-box") as w.format_box:  # fmt: skip
+        gr.Markdown(
+            "Records in one of these formats, their fields read from the columns you "
+            "choose; **Apply** writes them as a new JSONL file of `uploads/` that the run "
+            "reads (chat reads every format; causal-lm reads prompt and response)."
+        )
+        with gr.Row():
+            w.format = gr.Dropdown(list(tf.FORMATS), value=None, label="format",
+                                   elem_id="train-format")  # fmt: skip
+            w.format_fields = [gr.Dropdown([], label=f"field {i + 1}", visible=False,
+                                           elem_id=f"train-format-field-{i + 1}")
+                               for i in range(MAPPED_FIELDS)]  # fmt: skip
+        w.format_apply = gr.Button("Apply format", elem_id="train-format-apply")
     read = tf.columns_read(defaults.task.type)
     with gr.Row():
         w.columns = {name: gr.Dropdown([], value=getattr(defaults.task, name), label=name,
@@ -102,8 +130,10 @@ def _results(w: Widgets) -> None:
         w.estimate_button = gr.Button("Estimate memory", elem_id="train-estimate")
         w.start_button = gr.Button("Start", variant="primary", elem_id="train-start")
         w.save_button = gr.Button("Save recipe", elem_id="train-save")
+        w.preview_button = gr.Button("Preview data", elem_id="train-preview-button")
         w.stop_button = gr.Button("Stop", variant="stop", elem_id="train-stop")
     w.estimate_box = gr.Markdown(elem_id="train-estimate-result")
+    w.preview = gr.HTML(elem_id="train-preview")
     # What Start, Stop or a refusal just said; the job's own state is the status line below it,
     # which every open page redraws (a reply there would be overwritten by the next tick).
     w.message = gr.Markdown(elem_id="train-message")
@@ -120,8 +150,9 @@ def _results(w: Widgets) -> None:
     w.unfit = gr.State(None)  # the recipe whose estimate did not fit, shown once before Start
 
 
-def build(workspace: Workspace, slots: JobSlots) -> None:
-    """The page's widgets and events (inside a gr.Tab)."""
+def build(workspace: Workspace, slots: JobSlots, shown: list[Any]) -> None:
+    """The page's widgets and events (inside a gr.Tab); `shown` are the events on which the
+    recipes it can load are read again."""
     w = Widgets()
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
@@ -129,6 +160,8 @@ def build(workspace: Workspace, slots: JobSlots) -> None:
         with gr.Column(scale=2):
             _results(w)
     _events(workspace, slots, w)
+    _load_events(workspace, w, shown)
+    _data_events(workspace, w)
 
 
 def _events(workspace: Workspace, slots: JobSlots, w: Widgets) -> None:
@@ -179,25 +212,29 @@ def _events(workspace: Workspace, slots: JobSlots, w: Widgets) -> None:
 
     def on_source(where: str, kind: str, dataset: str, uploaded: str) -> list[Any]:
         bundled = where == SOURCES[0]
-        return [gr.update(visible=bundled), gr.update(visible=not bundled),
-                *show_columns(kind, where, dataset, uploaded)]  # fmt: skip
+        return [
+            gr.update(visible=bundled),
+            gr.update(visible=not bundled),
+            gr.update(visible=not bundled),
+            *show_columns(kind, where, dataset, uploaded),
+        ]
 
     picked = [w.task_type, w.source, w.dataset, w.uploaded]
     w.source.change(on_source, [w.source, w.task_type, w.dataset, w.uploaded],
-                    [w.dataset, w.upload, *columns.values()])  # fmt: skip
+                    [w.dataset, w.upload, w.format_box, *columns.values()])  # fmt: skip
     for trigger in (w.task_type, w.dataset):
         trigger.change(show_columns, picked, list(columns.values()))
 
     def on_upload(path: str | None) -> list[Any]:
         if not path:
-            return ["", "", *(gr.update(choices=[]) for _ in columns)]
+            return ["", "", "", *(gr.update(choices=[]) for _ in columns)]
         saved = workspace.save_upload(path)
         found = tf.file_columns(saved)
         relative = saved.relative_to(workspace.root).as_posix()
-        return ["", relative, *(gr.update(choices=found) for _ in columns)]
+        return ["", relative, relative, *(gr.update(choices=found) for _ in columns)]
 
-    upload_outputs = [w.data_status, w.uploaded, *columns.values()]
-    w.upload.upload(guarded(on_upload, 2 + len(columns)), [w.upload], upload_outputs)
+    upload_outputs = [w.data_status, w.uploaded, w.original, *columns.values()]
+    w.upload.upload(guarded(on_upload, 3 + len(columns)), [w.upload], upload_outputs)
     # Clearing the file forgets it: Start then asks for one instead of training on the last.
     w.upload.clear(lambda: on_upload(None), None, upload_outputs)
 
@@ -224,7 +261,21 @@ def _events(workspace: Workspace, slots: JobSlots, w: Widgets) -> None:
         path = tf.save_form_recipe(workspace, recipe_of(data))
         return f"saved `{path}`; `peftkit train {path}` trains it from a terminal."
 
-    w.save_button.click(guarded(save), form_inputs, w.message)
+    w.saved = w.save_button.click(guarded(save), form_inputs, w.message)
+
+    def preview(data: dict[Any, Any]) -> str:
+        import html
+
+        from peftkit.errors import PeftkitError
+        from peftkit.ui.preview import preview_html, preview_rows
+
+        try:
+            rows = preview_rows(task_section(data), workspace.model(data[w.model]))
+        except PeftkitError as error:
+            return f"<p><b>peftkit: error:</b> {html.escape(str(error))}</p>"
+        return preview_html(rows)
+
+    w.preview_button.click(preview, form_inputs, w.preview)
 
     def start(data: dict[Any, Any]) -> list[Any]:
         from peftkit.config import to_dict
@@ -267,6 +318,92 @@ def _events(workspace: Workspace, slots: JobSlots, w: Widgets) -> None:
                 key]  # fmt: skip
 
     w.timer.tick(polled(poll, 5), w.shown, [w.status, w.curve, w.summary, w.log, w.shown])
+
+
+def _widget_value(spec: Any, section: dict[str, Any]) -> Any:
+    """A form widget's value for a field of a recipe section (its default when not given)."""
+    from peftkit.ui.forms import yaml_text
+
+    if spec.name not in section:
+        return spec.default
+    value = section[spec.name]
+    if spec.kind == "text":
+        return yaml_text(value)
+    return bool(value) if spec.kind == "checkbox" else value
+
+
+def _load_events(workspace: Workspace, w: Widgets, shown: list[Any]) -> None:
+    """Load a saved recipe or an earlier run's into the form (a clone under a new run name)."""
+    from peftkit.registry import DEFAULT_METHOD
+
+    def on_refresh(chosen: str | None) -> Any:
+        found = list(tf.recipe_sources(workspace))
+        return gr.update(choices=found, value=chosen if chosen in found else None)
+
+    gr.on(shown, on_refresh, w.load_source, w.load_source)
+    w.saved.then(on_refresh, w.load_source, w.load_source)  # a form just saved is offered
+    method_widgets = [(name, spec, widget) for name, specs in w.forms.items()
+                      for spec, widget in zip(specs, w.method_widgets[name],
+                                              strict=True)]  # fmt: skip
+    outputs = [w.message, w.model, w.run_name, w.task_type, w.source, w.dataset, w.uploaded,
+               w.original, *w.columns.values(), *w.task_widgets, w.method,
+               *(widget for _, _, widget in method_widgets), *w.training_widgets,
+               *w.more_widgets]  # fmt: skip
+
+    def on_load(name: str | None) -> list[Any]:
+        if not name:
+            raise WorkspaceError("Choose a recipe or a run to load its settings from.")
+        values = tf.form_values(workspace, tf.load_form_recipe(workspace, name))
+        chosen = values.method.get("name", DEFAULT_METHOD)
+        source = SOURCES[0] if values.dataset else SOURCES[1]
+        data = [values.dataset or gr.update(), values.train_file or ""]
+        return [
+            f"loaded `{name}`: change what you like, then Start trains it as "
+            f"`{values.run_name}`.", values.model, values.run_name, values.task["type"],
+            source, *data, values.train_file or "",
+            *(values.task[name] for name in w.columns),
+            *(_widget_value(spec, values.task) for spec in w.task_specs), chosen,
+            *(_widget_value(spec, values.method) if method == chosen else gr.update()
+              for method, spec, _ in method_widgets),
+            *(_widget_value(spec, values.training)
+              for spec in [*w.training_specs, *w.more_specs]),
+        ]  # fmt: skip
+
+    w.load_button.click(guarded(on_load, len(outputs)), w.load_source, outputs)
+
+
+def _data_events(workspace: Workspace, w: Widgets) -> None:
+    """An upload's format: its columns mapped onto a format's fields, written as a new file."""
+    from peftkit.recipe import TaskConfig
+
+    def on_format(kind: str | None, original: str) -> list[Any]:
+        fields = tf.FORMATS.get(kind or "", ())
+        found = tf.file_columns(workspace.resolve(original)) if original else []
+        return [gr.update(visible=i < len(fields), choices=found,
+                          label=fields[i] + (" (optional)" if fields[i] in tf.OPTIONAL_FIELDS
+                                             else "") if i < len(fields) else "",
+                          value=fields[i] if i < len(fields) and fields[i] in found else None)
+                for i in range(MAPPED_FIELDS)]  # fmt: skip
+
+    w.format.change(guarded(on_format, MAPPED_FIELDS), [w.format, w.original], w.format_fields)
+
+    def on_apply(kind: str | None, original: str, *picked: str | None) -> list[Any]:
+        if not original:
+            raise DataError("Upload a data file first (CSV, JSON, JSONL or Parquet).")
+        if not kind:
+            raise DataError(f"Choose the file's format ({', '.join(tf.FORMATS)}).")
+        mapping = dict(zip(tf.FORMATS[kind], picked, strict=False))
+        mapped = tf.write_mapped(workspace, workspace.resolve(original), kind, mapping)
+        found = tf.file_columns(mapped)
+        relative = mapped.relative_to(workspace.root).as_posix()
+        columns = [gr.update(choices=found, value=getattr(TaskConfig, name))
+                   if getattr(TaskConfig, name) in found else gr.update(choices=found)
+                   for name in w.columns]  # fmt: skip
+        return [f"wrote `{relative}` ({kind}); the run reads it.", relative, *columns]
+
+    w.format_apply.click(guarded(on_apply, 2 + len(w.columns)),
+                         [w.format, w.original, *w.format_fields],
+                         [w.message, w.uploaded, *w.columns.values()])  # fmt: skip
 
 
 def _curve_frame(points: list[tuple[int, float]]) -> Any:

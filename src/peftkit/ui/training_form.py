@@ -212,3 +212,138 @@ def run_status(job: Job, run: Path) -> RunStatus:
     bar = training_progress(text)
     phase = training_phase(text, bar)
     return RunStatus(job.state, bar, loss_curve(run), summary, tail or "(no output yet)", phase)
+
+
+def recipe_sources(workspace: Workspace) -> dict[str, Path]:
+    """Recipes the Train form can be filled from, by the name the page shows: the forms saved
+    in `recipes/`, then each run's recipe (the Train page's `ui-recipe.yaml`, or the
+    `recipe.yaml` a finished `peftkit train` keeps), newest run first."""
+    found = {p.relative_to(workspace.root).as_posix(): p
+             for p in sorted(workspace.root.glob(f"{SAVED_RECIPES}/*.yaml"))}  # fmt: skip
+    for run in workspace.runs():
+        for name in (RECIPE_NAME, "recipe.yaml"):
+            if (run.path / name).is_file():
+                found[f"{run.name}/{name}"] = run.path / name
+                break
+    return found
+
+
+def load_form_recipe(workspace: Workspace, name: str) -> Recipe:
+    """A recipe of `recipe_sources` read and checked as `peftkit train` reads it."""
+    from peftkit.recipe import load_recipe
+    from peftkit.ui.workspace import WorkspaceError
+
+    sources = recipe_sources(workspace)
+    if name not in sources:
+        raise WorkspaceError(
+            f"No recipe {name!r} in the workspace: choose a saved recipe or a run's recipe."
+        )
+    return load_recipe(workspace.resolve(sources[name]))
+
+
+def clone_name(workspace: Workspace, recipe: Recipe) -> str:
+    """A new run name for a copy of the recipe's run: `<name>-copy`, then `-copy-2`, ..."""
+    stem = Path(recipe.output_dir).name or "run"
+    name, number = f"{stem}-copy", 1
+    while (workspace.root / name).exists():
+        number += 1
+        name = f"{stem}-copy-{number}"
+    return name
+
+
+# An upload's format: the fields its records hold as the task types read them (tasks/
+# conversations.py), the required ones first; the page maps the file's columns onto them.
+FORMATS = {
+    "prompt-completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output", "input", "system"),
+    "sharegpt": ("conversations",),
+    "messages": ("messages",),
+}
+OPTIONAL_FIELDS = ("input", "system")
+WRITTEN_AS = {"completion": "response"}  # the name peftkit's readers give a field
+MAPPED_SUFFIX = ".jsonl"
+
+
+def mapped_rows(
+    rows: list[dict[str, Any]], kind: str, mapping: dict[str, str | None]
+) -> list[dict[str, Any]]:
+    """Rows as records of format `kind`, each field read from the column `mapping` names for
+    it (an optional field without a column is left out)."""
+    from peftkit.errors import DataError
+
+    if kind not in FORMATS:
+        raise DataError(f"Unknown data format {kind!r}; choose one of {', '.join(FORMATS)}.")
+    columns = {key for row in rows for key in row}
+    chosen = {}
+    for name in FORMATS[kind]:
+        column = mapping.get(name) or None
+        if column is None:
+            if name in OPTIONAL_FIELDS:
+                continue
+            raise DataError(f"The {kind} format needs a column for '{name}': choose one.")
+        if column not in columns:
+            raise DataError(f"The file has no column {column!r} (its columns: {sorted(columns)}).")
+        chosen[WRITTEN_AS.get(name, name)] = column
+    return [{field: _plain(row.get(column)) for field, column in chosen.items()} for row in rows]
+
+
+def _plain(value: Any) -> Any:
+    """A cell as JSON holds it (Parquet's arrays as lists)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def write_mapped(workspace: Workspace, uploaded: Path, kind: str, mapping: dict[str, Any]) -> Path:
+    """Write an upload's rows in format `kind` as a new JSONL file of `uploads/`
+    (`<stem>-<format>.jsonl`; the upload itself is left as it was); returns it."""
+    import tempfile
+
+    from peftkit.data.files import read_rows
+    from peftkit.ui.workspace import UI_FILES
+
+    rows = mapped_rows(read_rows(uploaded), kind, mapping)
+    scratch = workspace.root / UI_FILES
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch) as folder:
+        staging = Path(folder) / f"{uploaded.stem}-{kind}{MAPPED_SUFFIX}"
+        lines = (json.dumps(row, ensure_ascii=False, default=str) for row in rows)
+        staging.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        return workspace.save_upload(staging)
+
+
+def _shown_path(workspace: Workspace, path: str) -> str:
+    """A path as the page shows it: relative to the workspace when inside it."""
+    resolved = Path(path).resolve()
+    inside = resolved.is_relative_to(workspace.root)
+    return resolved.relative_to(workspace.root).as_posix() if inside else path
+
+
+@dataclass(frozen=True)
+class FormValues:
+    """What the Train form shows for a recipe: its sections' values by field (every field of
+    the task and training sections; the method's as the recipe gives them)."""
+
+    model: str
+    run_name: str
+    dataset: str | None
+    train_file: str | None  # relative to the workspace when inside it
+    task: dict[str, Any]
+    method: dict[str, Any]
+    training: dict[str, Any]
+
+
+def form_values(workspace: Workspace, recipe: Recipe) -> FormValues:
+    """The Train form's values for `recipe`, its run name a new one (a clone of its run)."""
+    from peftkit.config import to_dict
+
+    model = recipe.model
+    if Path(model).is_absolute():  # a model folder of the workspace
+        model = _shown_path(workspace, model)
+    task = to_dict(recipe.task)
+    train_file = task.get("train_file")
+    return FormValues(
+        model, clone_name(workspace, recipe), task.get("dataset"),
+        _shown_path(workspace, train_file) if train_file else None,
+        task, dict(recipe.method), to_dict(recipe.training),
+    )  # fmt: skip
