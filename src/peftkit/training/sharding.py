@@ -6,7 +6,8 @@ unit's parameters whole for its forward and backward passes and frees them after
 reduction when the recipe trains in bf16 (MixedPrecisionPolicy); gloo on CPU, NCCL on GPU.
 
 The trained tensors are gathered whole after training (every process joins) and the main
-process rebuilds the model from them to evaluate and save the adapter in PEFT's files."""
+process rebuilds the model from them to evaluate and save the adapter in PEFT's files. Checkpoints
+and --resume: sharded_checkpoints.py (torch.distributed.checkpoint)."""
 
 from __future__ import annotations
 
@@ -29,10 +30,10 @@ def sharded(recipe: Recipe) -> bool:
     return recipe.training.sharding == "fsdp" and distributed()
 
 
-def refuse_unsupported(recipe: Recipe, resume: Any) -> None:
+def refuse_unsupported(recipe: Recipe, resume: Any, own_trainer: bool = False) -> None:
     """What training.sharding: fsdp cannot do: share the job with accelerate's own FSDP or
-    DeepSpeed, or write and resume checkpoints (the trained tensors are gathered once, at the
-    end)."""
+    DeepSpeed, or write and resume checkpoints under a task type's own trainer (TRL's: its
+    checkpoints would save the main process's shard of the optimizer alone)."""
     if recipe.training.sharding == "none":
         return
     backend = sharding_backend()
@@ -42,10 +43,12 @@ def refuse_unsupported(recipe: Recipe, resume: Any) -> None:
             f"accelerate launch without {backend} (or set training.sharding: none and let "
             f"{backend} shard)."
         )
-    if recipe.training.save_steps > 0 or resume:
+    if own_trainer and (recipe.training.save_steps > 0 or resume):
         raise ConfigError(
-            "Checkpoints and --resume are not supported with training.sharding: fsdp yet: set "
-            "training.save_steps: 0, or train with sharding: none (DDP)."
+            f"Checkpoints and --resume are not supported with training.sharding: fsdp for task "
+            f"type {recipe.task.type!r} (it trains with its own trainer, whose checkpoints "
+            "would hold one process's shard of the optimizer): set training.save_steps: 0, or "
+            "train with sharding: none (DDP)."
         )
 
 
