@@ -15,16 +15,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from tiny_runs import adapter_tensors, max_difference
 from torch.distributed.checkpoint import FileSystemReader
 
 from peftkit.cli import main
 from peftkit.errors import ConfigError
+from peftkit.models import load_model
 from peftkit.plan import resolve
 from peftkit.recipe import load_recipe
 from peftkit.training.sharded_checkpoints import check_resume_sharding
-from peftkit.training.sharding import refuse_unsupported
+from peftkit.training.sharding import float_storage, refuse_unsupported
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
 
@@ -176,6 +178,36 @@ def test_a_rank_killed_mid_run_resumes_to_the_uninterrupted_adapter(
     assert max_difference(adapter, adapter_tensors(lora_runs / "one")) <= 1e-6
 
 
+def test_qlora_sharded_holds_half_of_the_nf4_weights_and_trains_as_one_process(
+    tmp_path: Path,
+) -> None:
+    """An NF4 base (QLoRA) sharded over 2 gloo processes: its packed 4-bit weights re-stored in
+    a float dtype (bitsandbytes' quant_storage) are sharded like the others, so each process
+    holds half; the adapter is one process's (its NF4 weights in uint8) within 1e-6."""
+    nf4 = ["--set", "base.quantize=nf4"]
+    train_two_and_one(tmp_path, LORA, *nf4)
+    check_two_match_one(tmp_path, LORA)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["quantize"] == "nf4"
+
+
+def test_float_storage_keeps_the_packed_nf4_bytes_and_the_outputs() -> None:
+    model, _ = load_model("tiny-llama", "causal-lm", quantize="nf4")
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    layer = model.model.layers[0].self_attn.q_proj
+    packed = layer.weight.data.clone()
+    assert packed.dtype == torch.uint8
+    assert float_storage(model, torch.float32) == 7 * 2  # q k v o gate up down, 2 layers
+    assert layer.weight.dtype == torch.float32
+    assert torch.equal(layer.weight.data.view(torch.uint8).reshape(packed.shape), packed)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+    assert float_storage(model, torch.float32) == 0  # already stored so
+
+
 def test_two_nodes_with_a_c10d_rendezvous_train_one_adapter(tmp_path: Path) -> None:
     """Two torchrun agents of one process each, meeting at a c10d rendezvous on 127.0.0.1 (two
     nodes on one machine), train and save one adapter: a single process's."""
@@ -269,3 +301,22 @@ def test_the_memory_benchmark_smoke_run(tmp_path: Path) -> None:
         assert results[arm]["ranks_agree"]
         assert results[arm]["max_loss_difference"] <= 1e-5
         assert len(results[arm]["losses"]) == 3
+
+
+def test_the_gpu_check_parses_and_without_cuda_runs_nothing(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.sh is for a GPU machine: here only its syntax, its Python half's
+    subcommands, and its refusal with CUDA hidden (nothing run, no JSON written)."""
+    benchmarks = Path(__file__).parents[1] / "benchmarks"
+    syntax = subprocess.run(["bash", "-n", str(benchmarks / "gpu_check.sh")], capture_output=True)
+    assert syntax.returncode == 0, syntax.stderr
+    helper = [sys.executable, str(benchmarks / "gpu_check.py")]
+    usage = subprocess.run([*helper, "--help"], capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 0, usage.stderr
+    assert "{cuda-present,fsdp,nf4,train,serve,merge}" in usage.stdout
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable,
+           "OUT": str(tmp_path)}  # fmt: skip
+    done = subprocess.run(["bash", str(benchmarks / "gpu_check.sh")], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "sees no CUDA device" in done.stderr and "nothing was run" in done.stderr
+    assert not list(tmp_path.iterdir())
