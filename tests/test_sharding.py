@@ -26,7 +26,7 @@ from peftkit.models import load_model
 from peftkit.plan import resolve
 from peftkit.recipe import load_recipe
 from peftkit.training.sharded_checkpoints import check_resume_sharding
-from peftkit.training.sharding import float_storage, refuse_unsupported
+from peftkit.training.sharding import float_storage, refuse_8bit, refuse_unsupported
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
 
@@ -107,7 +107,8 @@ def check_two_match_one(folder: Path, section: str) -> None:
     # each process held half of the model's parameter elements once sharded
     for rank in ranks:
         held = rank["parameters"]
-        assert held["total"] == summary["total_parameters"]
+        if summary["quantize"] is None:  # 4-bit weights count 8 codes per stored element
+            assert held["total"] == summary["total_parameters"]
         assert abs(held["local"] - held["total"] / 2) <= 0.01 * held["total"]
     assert single["parameters"] == {}  # one process: nothing sharded
     # both ranks report the same loss at every step, the single process's within rounding
@@ -206,6 +207,12 @@ def test_float_storage_keeps_the_packed_nf4_bytes_and_the_outputs() -> None:
         after = model(input_ids=ids).logits
     assert torch.equal(before, after)
     assert float_storage(model, torch.float32) == 0  # already stored so
+
+
+def test_an_int8_base_is_refused_sharded() -> None:
+    model, _ = load_model("tiny-llama", "causal-lm", quantize="int8")
+    with pytest.raises(ConfigError, match="cannot shard an int8 base .* Use base.quantize: nf4"):
+        refuse_8bit(model)
 
 
 def test_two_nodes_with_a_c10d_rendezvous_train_one_adapter(tmp_path: Path) -> None:
