@@ -93,8 +93,8 @@ def train_steps(model: Any, ids: Any, rank: int, world: int, sharded: bool) -> l
 
 
 def float_storage_qlora(seed: int = 0) -> Any:
-    """tiny-llama with NF4 linear layers whose packed weights are stored as bf16 (bitsandbytes'
-    quant_storage), with LoRA on q and v, on this process's GPU."""
+    """tiny-llama with NF4 linear layers and LoRA on q and v, on this process's GPU (shard()
+    re-stores the packed weights as bf16, bitsandbytes' quant_storage)."""
     import torch
 
     import peftkit.api as api
@@ -102,9 +102,6 @@ def float_storage_qlora(seed: int = 0) -> Any:
     from peftkit.registry import get_method
 
     model, _ = load_model("tiny-llama", "causal-lm", seed=seed, quantize="nf4")
-    from peftkit.training.sharding import float_storage
-
-    float_storage(model, torch.bfloat16)
     method = get_method("lora")
     config = method.config_cls(rank=4, dropout=0.0)
     torch.manual_seed(seed)
@@ -291,7 +288,9 @@ def serve(args: argparse.Namespace) -> None:
         record[f"{device}_seconds"] = time.perf_counter() - start
     texts = {device: answer["choices"][0]["text"] for device, answer in answers.items()}
     logprobs = {d: a["choices"][0]["logprobs"]["token_logprobs"] for d, a in answers.items()}
-    difference = max(abs(a - b) for a, b in zip(logprobs["cuda"], logprobs["cpu"], strict=True))
+    # over the tokens both chose alike (a near-tie may end one earlier, at its end of text)
+    pairs = zip(logprobs["cuda"], logprobs["cpu"], strict=False)
+    difference = max(abs(a - b) for a, b in pairs)
     record |= {"texts": texts, "max_logprob_difference": difference}
     record["checks"] = {
         "served_on_cuda": record["cuda_device"].startswith("cuda"),
