@@ -1,12 +1,14 @@
 """`peftkit train` under torchrun with every process's logged losses, and the parameter elements
 it holds once sharded, written to `losses-<rank>.json` in a folder (Trainer prints the losses on
-the main process only)."""
+the main process only). With PEFTKIT_TEST_KILL="RANK:STEP" in its environment, process RANK
+kills itself with SIGKILL as it starts training step STEP (counted from 1)."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +20,7 @@ logged: list[dict] = []
 held: dict[str, int] = {}
 original = PeftkitTrainer.log
 original_shard = training_run.shard
+original_step = PeftkitTrainer.training_step
 
 
 def log(self, logs, *args, **kwargs):  # noqa: ANN001, ANN202
@@ -36,8 +39,18 @@ def shard(model, precision):  # noqa: ANN001, ANN201
     return units
 
 
+def killing_step(self, *args, **kwargs):  # noqa: ANN001, ANN202
+    """SIGKILL this process at the step PEFTKIT_TEST_KILL names for its rank."""
+    rank, step = os.environ["PEFTKIT_TEST_KILL"].split(":")
+    if os.environ.get("RANK", "0") == rank and self.state.global_step + 1 == int(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original_step(self, *args, **kwargs)
+
+
 if __name__ == "__main__":
     PeftkitTrainer.log = log
+    if "PEFTKIT_TEST_KILL" in os.environ:
+        PeftkitTrainer.training_step = killing_step
     training_run.shard = shard
     folder = Path(sys.argv[1])
     code = main(sys.argv[2:])

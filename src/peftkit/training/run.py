@@ -63,6 +63,7 @@ from peftkit.training.measure import (
     peak_memory_bytes,
 )
 from peftkit.training.memory_probe import TensorMemoryProbe
+from peftkit.training.sharded_checkpoints import ShardedTrainer, check_resume_sharding
 from peftkit.training.sharding import rebuilt_model, refuse_unsupported, shard, sharded
 from peftkit.training.step_clock import StepClock
 from peftkit.training.summary_table import format_summary
@@ -299,8 +300,9 @@ def _run(plan: Plan, resume: str | bool | None, overwrite: bool) -> dict[str, An
     refuse_unsupported_sharding(method.method.name, hooks, recipe, resume)
     if main_process:  # what this run writes is recorded first: --overwrite moves only that
         record_entries(output, TRAINING_ENTRIES)
-    refuse_unsupported(recipe, resume)  # training.sharding: fsdp
+    refuse_unsupported(recipe, resume, own_trainer=task_type.trainer is not None)  # fsdp
     args = training_arguments(recipe, output)  # under torchrun this joins the process group
+    check_resume_sharding(checkpoint, sharded(recipe))
     prepare_seconds = 0.0
     if hooks.prepare is not None and checkpoint is None:
         start = time.perf_counter()
@@ -334,8 +336,9 @@ def _run(plan: Plan, resume: str | bool | None, overwrite: bool) -> dict[str, An
                 callbacks, hooks, resumed=checkpoint is not None,
             ))  # fmt: skip
         else:
+            trainer_class = ShardedTrainer if sharded(recipe) else PeftkitTrainer  # DCP
             built = BuiltTrainer(
-                PeftkitTrainer(
+                trainer_class(
                     model=model,
                     args=args,
                     train_dataset=data.train,

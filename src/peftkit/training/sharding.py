@@ -6,7 +6,8 @@ unit's parameters whole for its forward and backward passes and frees them after
 reduction when the recipe trains in bf16 (MixedPrecisionPolicy); gloo on CPU, NCCL on GPU.
 
 The trained tensors are gathered whole after training (every process joins) and the main
-process rebuilds the model from them to evaluate and save the adapter in PEFT's files."""
+process rebuilds the model from them to evaluate and save the adapter in PEFT's files. Checkpoints
+and --resume: sharded_checkpoints.py (torch.distributed.checkpoint)."""
 
 from __future__ import annotations
 
@@ -29,10 +30,10 @@ def sharded(recipe: Recipe) -> bool:
     return recipe.training.sharding == "fsdp" and distributed()
 
 
-def refuse_unsupported(recipe: Recipe, resume: Any) -> None:
+def refuse_unsupported(recipe: Recipe, resume: Any, own_trainer: bool = False) -> None:
     """What training.sharding: fsdp cannot do: share the job with accelerate's own FSDP or
-    DeepSpeed, or write and resume checkpoints (the trained tensors are gathered once, at the
-    end)."""
+    DeepSpeed, or write and resume checkpoints under a task type's own trainer (TRL's: its
+    checkpoints would save the main process's shard of the optimizer alone)."""
     if recipe.training.sharding == "none":
         return
     backend = sharding_backend()
@@ -42,10 +43,12 @@ def refuse_unsupported(recipe: Recipe, resume: Any) -> None:
             f"accelerate launch without {backend} (or set training.sharding: none and let "
             f"{backend} shard)."
         )
-    if recipe.training.save_steps > 0 or resume:
+    if own_trainer and (recipe.training.save_steps > 0 or resume):
         raise ConfigError(
-            "Checkpoints and --resume are not supported with training.sharding: fsdp yet: set "
-            "training.save_steps: 0, or train with sharding: none (DDP)."
+            f"Checkpoints and --resume are not supported with training.sharding: fsdp for task "
+            f"type {recipe.task.type!r} (it trains with its own trainer, whose checkpoints "
+            "would hold one process's shard of the optimizer): set training.save_steps: 0, or "
+            "train with sharding: none (DDP)."
         )
 
 
@@ -67,11 +70,61 @@ def wrapped_units(model: nn.Module) -> list[nn.Module]:
     ]
 
 
+def float_storage(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store every 4-bit (NF4) weight's packed bytes as `dtype` instead of uint8, unchanged
+    (bitsandbytes' `quant_storage`, as its FSDP-QLoRA guide does): FSDP shards and gathers them
+    like the float weights, and its mixed-precision cast to `dtype` leaves them as they are.
+    The quantisation state stays on each layer. Returns the number of weights re-stored."""
+    from peftkit.models.quantize import bitsandbytes
+
+    bnb = bitsandbytes()
+    count = 0
+    for module in model.modules():
+        weight = module._parameters.get("weight")  # its own (an adapter's wrapper only points)
+        if not isinstance(weight, bnb.nn.Params4bit) or weight.dtype == dtype:
+            continue
+        packed = weight.data.view(torch.uint8).reshape(-1)
+        if packed.numel() % dtype.itemsize:
+            raise ConfigError(
+                f"training.sharding: fsdp cannot store the 4-bit weight of {type(module).__name__} "
+                f"({packed.numel()} bytes) as {dtype}: its size is not a multiple of "
+                f"{dtype.itemsize} bytes. Train this base with sharding: none."
+            )
+        module.weight = bnb.nn.Params4bit(
+            packed.view(dtype).reshape(-1, 1), requires_grad=False,
+            quant_state=weight.quant_state, blocksize=weight.blocksize,
+            compress_statistics=weight.compress_statistics, quant_type=weight.quant_type,
+            quant_storage=dtype, module=module, bnb_quantized=True,
+        )  # fmt: skip
+        module.quant_storage = dtype  # the layer rebuilds its weight from these after a gather
+        module.quant_state = weight.quant_state
+        count += 1
+    return count
+
+
+def refuse_8bit(model: nn.Module) -> None:
+    """LLM.int8 weights (int8 data with their scales kept on the parameter) cannot be sharded:
+    a gathered weight loses its scales."""
+    for module in model.modules():
+        if type(module._parameters.get("weight")).__name__ == "Int8Params":
+            raise ConfigError(
+                "training.sharding: fsdp cannot shard an int8 base (base.quantize: int8): "
+                "LLM.int8 keeps each weight's scales on the weight, which a gathered shard "
+                "loses. Use base.quantize: nf4 (stored in a float dtype and sharded), or "
+                "sharding: none."
+            )
+
+
 def shard(model: nn.Module, precision: str) -> list[nn.Module]:
     """Apply FSDP2 to each transformer layer, then to the model as the root; returns the
-    layers. Trainer then leaves placement and gradient reduction to FSDP (no DDP wrapper)."""
+    layers. Trainer then leaves placement and gradient reduction to FSDP (no DDP wrapper). A
+    4-bit base's packed weights are first re-stored in the dtype the layers compute with
+    (float_storage)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    refuse_8bit(model)
+    gpu_bf16 = torch.cuda.is_available() and precision == "bf16"
+    float_storage(model, torch.bfloat16 if gpu_bf16 else float_dtype_of(model))
     units = wrapped_units(model)
     if not units:
         raise ConfigError(
@@ -80,7 +133,7 @@ def shard(model: nn.Module, precision: str) -> list[nn.Module]:
             "_no_split_modules); train it with sharding: none."
         )
     policy = MixedPrecisionPolicy()
-    if torch.cuda.is_available() and precision == "bf16":
+    if gpu_bf16:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for unit in units:
         fully_shard(unit, reshard_after_forward=True, mp_policy=policy)
@@ -94,6 +147,14 @@ def shard(model: nn.Module, precision: str) -> list[nn.Module]:
     else:
         model.is_distributed_loading_by_transformers = True
     return units
+
+
+def float_dtype_of(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point weight that is not 4-bit (its base dtype)."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and type(parameter).__name__ != "Params4bit":
+            return parameter.dtype
+    return torch.float32
 
 
 def gather_trained(model: nn.Module) -> dict[str, torch.Tensor]:
