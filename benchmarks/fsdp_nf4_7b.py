@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import base_parser, write_json
+from common import base_parser, parse_with_smoke, write_json
 
 WORLD = 2
 GIB = 2**30
@@ -71,7 +71,9 @@ def main() -> None:
     import torch.multiprocessing as mp
 
     parser = base_parser(__doc__.split("\n\n")[0], "llama-7b")
-    args = parser.parse_args()
+    # The smoke preset is the run itself (the meta device makes it seconds), its JSON to a
+    # temporary folder.
+    args = parse_with_smoke(parser)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -25,6 +25,8 @@ SMOKED = [
 # Smoked by another test (its own processes): the script spawns a 2-process gloo group.
 ELSEWHERE = {
     "fsdp_memory.py": "tests/test_sharding.py::test_the_memory_benchmark_smoke_run",
+    "fsdp_nf4_7b.py": "tests/test_sharding.py::test_the_7b_nf4_layout_benchmark_halves_the_weights",
+    "gpu_check.py": "tests/test_sharding.py::test_the_gpu_check_parses_and_without_cuda_runs_*",
     "serve.py": "tests/test_serve_benchmarks.py (a server in its own process)",
     "serve_load.py": "the load side of serve.py, run by serve.py's smoke run",
     "serve_prefill.py": "tests/test_serve_benchmarks.py (a server in its own process)",

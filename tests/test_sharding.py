@@ -287,6 +287,25 @@ def test_a_checkpoint_resumes_only_with_the_sharding_that_wrote_it(tmp_path: Pat
         check_resume_sharding(whole_checkpoint, sharded=True)
 
 
+def test_the_7b_nf4_layout_benchmark_halves_the_weights(tmp_path: Path) -> None:
+    """benchmarks/fsdp_nf4_7b.py (meta device, seconds): Llama-2-7B's stored NF4 weights, counted
+    in closed form from its shapes, are split in half between the 2 processes."""
+    output = tmp_path / "fsdp_nf4_7b.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "fsdp_nf4_7b.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(script), "--smoke", "--output", str(output)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(output.read_text())["results"]
+    hidden, inner, layers, vocab = 4096, 11008, 32, 32000  # Llama-2-7B
+    quantized = layers * (4 * hidden * hidden + 3 * hidden * inner)  # attention and MLP linears
+    bf16 = 2 * vocab * hidden + (2 * layers + 1) * hidden  # embeddings, output layer, norms
+    assert results["quantized_weights"] == quantized
+    assert results["whole_gib"] * 2**30 == quantized // 2 + 2 * bf16  # half a byte per NF4 code
+    for share in results["held_over_whole"]:
+        assert share == pytest.approx(0.5, abs=0.005)
+
+
 def test_the_memory_benchmark_smoke_run(tmp_path: Path) -> None:
     """benchmarks/fsdp_memory.py --smoke: FSDP holds about half of DDP's tensors per process
     (full fine-tuning: parameters, gradients, AdamW state), with the losses of one process."""
