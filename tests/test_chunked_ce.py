@@ -216,3 +216,27 @@ def test_evaluation_and_outputs_take_the_plain_path(tmp_path):
         assert outputs.logits.shape == (2, 40, 300)
         assert float(loss) == pytest.approx(float(model(**batch).loss), abs=TOLERANCE)
     assert trainer.chunked_loss_refused is None
+
+
+def test_logits_changed_after_the_head_fall_back_with_the_same_draws(tmp_path, capsys):
+    """Prompt tuning's hooks cut the virtual positions off the logits (the stand-in is not
+    returned): the step's loss is transformers' own, from the random state it started with (a
+    hook adds random noise in the first layer: the plain forward must draw what the thrown-away
+    one drew)."""
+    base = _llama()
+    base.model.layers[0].mlp.register_forward_hook(
+        lambda module, args, output: output + 0.5 * torch.randn_like(output)
+    )
+    model = peftkit.apply(base, peftkit.PromptTuningConfig(num_virtual_tokens=3))
+    trainer = _trainer(model, tmp_path)
+    batch, count = _batch(300)
+    with torch.random.fork_rng():
+        start = torch.get_rng_state()
+        loss = trainer.compute_loss(model, dict(batch), False, count)
+        after_chunked = torch.get_rng_state()
+        torch.set_rng_state(start)
+        plain = Trainer.compute_loss(trainer, model, dict(batch), False, count)
+        assert torch.equal(torch.get_rng_state(), after_chunked)
+    assert "changes its logits" in trainer.chunked_loss_refused
+    assert "changes its logits" in capsys.readouterr().out
+    assert float(loss.detach()) == pytest.approx(float(plain.detach()), abs=TOLERANCE)

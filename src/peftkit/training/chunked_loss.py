@@ -23,7 +23,8 @@ its own forward), its weight a plain parameter (not sharded), and the model must
 the logits that this module does not honour: `final_logit_softcapping` (Gemma 2/3) is honoured;
 `logit_scale` (Cohere) and `logits_scaling` (Granite) are not and keep the plain loss. A model
 whose forward changes the logits in any other way is caught after its forward (its logits are not
-the stand-in), and that step's loss is recomputed the plain way."""
+the stand-in: prompt tuning's hooks cut the virtual positions off), and that step's loss is
+recomputed the plain way, from the random state the step started with."""
 
 from __future__ import annotations
 
@@ -203,6 +204,20 @@ def hidden_states_of(head: Head) -> Iterator[dict[str, torch.Tensor]]:
         module.__dict__.pop("forward", None)
         if head.softcap is not None:
             head.config.final_logit_softcapping = head.softcap
+
+
+def random_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """torch's CPU (and, once used, CUDA) generator states: put back when a step's chunked
+    forward is thrown away, so the plain forward draws what it would have drawn."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def restore_random_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    """Put back what random_state() read."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 def shifted_labels(labels: torch.Tensor) -> torch.Tensor:

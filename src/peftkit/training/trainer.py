@@ -158,8 +158,10 @@ class PeftkitTrainer(Trainer):
             self._refuse_chunked_loss(why)
             return None
         count = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        state = chunked_loss.random_state()
         loss = chunked_loss.causal_lm_loss(model, head, inputs, count)
-        if loss is None:
+        if loss is None:  # the plain forward draws the dropout masks this one drew
+            chunked_loss.restore_random_state(state)
             self._refuse_chunked_loss("the model changes its logits after its output layer")
             return None
         if self.args.average_tokens_across_devices and count is not None:
