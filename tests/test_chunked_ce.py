@@ -187,7 +187,7 @@ def test_adapted_head_keeps_the_plain_loss(tmp_path, capsys):
     assert "lm_head" in trainer.chunked_loss_refused
     assert "lm_head" in capsys.readouterr().out
     plain = Trainer.compute_loss(trainer, model, dict(batch), False, count)
-    assert float(loss) == pytest.approx(float(plain), abs=TOLERANCE)
+    assert loss.item() == pytest.approx(plain.item(), abs=TOLERANCE)
 
 
 def test_scaled_logits_are_refused_by_name():
