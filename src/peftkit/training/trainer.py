@@ -12,6 +12,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 import peftkit.api as api
 from peftkit.method import TrainingHooks
+from peftkit.training import chunked_loss
 from peftkit.training.distributed import share_random_state
 
 
@@ -89,7 +90,8 @@ class SamplerEpochCallback(TrainerCallback):
 
 class PeftkitTrainer(Trainer):
     """Trainer whose loss includes a method's extra term, whose optimizer a method may replace,
-    whose data order does not depend on the number of processes, and whose checkpoints hold the
+    whose data order does not depend on the number of processes, whose causal-LM loss never
+    holds the whole batch's logits (training/chunked_loss.py), and whose checkpoints hold the
     peftkit adapter."""
 
     def __init__(
@@ -97,9 +99,14 @@ class PeftkitTrainer(Trainer):
         *args: Any,
         hooks: TrainingHooks | None = None,
         loss_uses_token_count: bool | None = None,
+        chunked_loss: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # Whether a causal LM's training loss goes through the chunked head; why not, once known.
+        self.chunked_loss = chunked_loss
+        self.chunked_loss_refused: str | None = None
+        self._chunked_head: tuple[Any, chunked_loss.Head | None, str] | None = None
         if loss_uses_token_count is not None:
             # Trainer assumes a model whose forward takes **kwargs divides its loss by the token
             # count it passes, and so multiplies the loss by the process count (and skips the
@@ -119,7 +126,11 @@ class PeftkitTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         """The task loss plus the method's extra loss, if it has one."""
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        result = None
+        if not return_outputs:
+            result = self._chunked_task_loss(model, inputs, num_items_in_batch)
+        if result is None:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         extra_loss = self.method_hooks.extra_loss
         if extra_loss is None:
             return result
@@ -127,6 +138,42 @@ class PeftkitTrainer(Trainer):
             loss, outputs = result
             return loss + extra_loss(self.model), outputs
         return result + extra_loss(self.model)
+
+    def _chunked_task_loss(
+        self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any
+    ) -> torch.Tensor | None:
+        """A causal LM's training loss through the chunked head (equal to transformers' own), or
+        None where it does not apply: evaluation, a custom loss, several processes, or a model
+        whose head or logits it cannot follow (said once, by name)."""
+        if not (self.chunked_loss and model.training and "labels" in inputs):
+            return None
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            return None
+        if self._chunked_head is None or self._chunked_head[0] is not model:
+            self._chunked_head = (model, *chunked_loss.find_head(model))
+        _, head, why = self._chunked_head
+        if head is not None and self.args.world_size > 1:
+            head, why = None, "training runs in several processes"
+        if head is None:
+            self._refuse_chunked_loss(why)
+            return None
+        count = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        state = chunked_loss.random_state()
+        loss = chunked_loss.causal_lm_loss(model, head, inputs, count)
+        if loss is None:  # the plain forward draws the dropout masks this one drew
+            chunked_loss.restore_random_state(state)
+            self._refuse_chunked_loss("the model changes its logits after its output layer")
+            return None
+        if self.args.average_tokens_across_devices and count is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
+
+    def _refuse_chunked_loss(self, why: str) -> None:
+        """Keep the plain loss from now on, saying why once (a causal LM only)."""
+        self.chunked_loss = False
+        self.chunked_loss_refused = why
+        if why != "the model is not a transformers causal LM":
+            print(f"peftkit: the loss computes through the full logits: {why}.")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """A checkpoint's model part is the peftkit adapter (only what the method trains), not

@@ -14,13 +14,15 @@ at a fifth of a SmolLM2 LoRA step on a CPU. This forward, for a layer in the pla
 
 DoRA takes the same path when no dropout is in effect: its output is `(m / ||W + s BA||_c) * (x W^T
 + s h B^T) + bias`, PEFT's formula rearranged, with the norm detached as in PEFT and the paper.
-Everything else runs PEFT's own forward: merged or disabled adapters, several active adapters,
-per-row `adapter_names`, other LoRA variants, DoRA with dropout in training or on a quantised
-base, a LoRA bias, base layers other than nn.Linear, GPT-2's Conv1D and bitsandbytes' NF4 and
-LLM.int8 layers (which compute through their own forward), an input in another dtype than the
-base's without autocast. On a half-precision or quantised base the branch computes in float32 as
-PEFT's does (its adapters are float32), but keeps no float32 copy of each layer's input for
-backward: it recasts the input.
+With dropout in training, each DoRA layer runs PEFT's formula as one autograd function with its own
+bool mask (dora.py). Either way the norm is computed once per layer until W, A or B change (once
+per optimizer step), not on every call. Everything else runs PEFT's own forward: merged or
+disabled adapters, several active adapters, per-row `adapter_names`, other LoRA variants, DoRA
+with dropout under autocast or on a quantised base, a LoRA bias, base layers other than
+nn.Linear, GPT-2's Conv1D and bitsandbytes' NF4 and LLM.int8 layers (which compute through their
+own forward), an input in another dtype than the base's without autocast. On a half-precision or
+quantised base the branch computes in float32 as PEFT's does (its adapters are float32), but keeps
+no float32 copy of each layer's input for backward: it recasts the input.
 
 Siblings are found on the model's first forward (layers under one parent module that received the
 very same tensor objects) and share from the second on; a member uses the shared result only when
@@ -41,6 +43,7 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peftkit.methods.lora import dora as lora_fast_dora
 from peftkit.methods.lora import down as lora_fast_down
 
 # PEFT's LoRA layers over bitsandbytes' NF4 and LLM.int8 layers (a quantised base, lowbit.md):
@@ -107,8 +110,11 @@ def fast_adapter(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -
         return None
     variant = layer.lora_variant.get(name)
     dora = isinstance(variant, DoraLinearVariant)
-    if (variant is not None and not dora) or (dora and _dropout_p(layer, name) > 0):
+    if variant is not None and not dora:
         return None
+    if dora and _dropout_p(layer, name) > 0:
+        if lora_fast_down.autocast_on(x) or layer.base_layer.weight.requires_grad:
+            return None  # DoRA's dropped path under autocast or with a training base: PEFT's
     quantized = isinstance(layer, QUANTIZED_LORA)
     if quantized and variant is not None:
         return None  # DoRA needs the dequantised weight's norms: PEFT's
@@ -139,7 +145,10 @@ def _down(layer: nn.Module, name: str, x: torch.Tensor, flat: torch.Tensor) -> t
         members += [
             m
             for m in siblings.members
-            if m is not layer and fast_adapter(m, x, (), {}) == name and _dropout_p(m, name) == p
+            if m is not layer
+            and fast_adapter(m, x, (), {}) == name
+            and _dropout_p(m, name) == p
+            and not _dora_dropped(m, name)
         ]
     weights = [m.lora_A[name].weight for m in members]
     if p == 0 and (weights[0].dtype == flat.dtype or lora_fast_down.autocast_on(flat)):
@@ -154,6 +163,11 @@ def _down(layer: nn.Module, name: str, x: torch.Tensor, flat: torch.Tensor) -> t
     shares = h.split([w.shape[0] for w in weights], dim=1)
     siblings.keep(x, {id(m): share for m, share in zip(members[1:], shares[1:], strict=True)})
     return shares[0]
+
+
+def _dora_dropped(layer: nn.Module, name: str) -> bool:
+    """Whether this layer computes DoRA with dropout (its own function, dora.py)."""
+    return name in layer.lora_variant and _dropout_p(layer, name) > 0
 
 
 def _accumulate(
@@ -181,17 +195,23 @@ def forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if name is None:
         return type(layer).forward(layer, x, *args, **kwargs)
     flat = x.reshape(-1, x.shape[-1])
-    h = _down(layer, name, x, flat)
     b, scale = layer.lora_B[name].weight, layer.scaling[name]
+    if _dora_dropped(layer, name):  # PEFT's DoRA training forward with dropout, in one function
+        base, weight, a = layer.base_layer, _weight(layer), layer.lora_A[name].weight
+        norm = lora_fast_dora.weight_norm(layer, name, weight, a, b, scale)
+        magnitude = layer.lora_magnitude_vector[name].weight
+        p = _dropout_p(layer, name)
+        y = lora_fast_dora.DoraDropped.apply(
+            flat, p, weight, base.bias, a, b, magnitude, norm, scale
+        )
+        return y.view(*x.shape[:-1], y.shape[-1])
+    h = _down(layer, name, x, flat)
     if isinstance(layer, QUANTIZED_LORA):
         y = _accumulate(layer.base_layer(flat), h, b, scale, in_place=False)
         return y.view(*x.shape[:-1], y.shape[-1])
     base, weight = layer.base_layer, _weight(layer)
     if name in layer.lora_variant:  # DoRA: W' = m (W + s BA) / ||W + s BA||_c, norm detached
-        with torch.no_grad():
-            norm = torch.linalg.norm(
-                torch.addmm(weight, b, layer.lora_A[name].weight, alpha=scale), dim=1
-            )
+        norm = lora_fast_dora.weight_norm(layer, name, weight, layer.lora_A[name].weight, b, scale)
         rows = layer.lora_magnitude_vector[name].weight / norm
         y = _accumulate(F.linear(flat, weight), h, b, scale)
         y = torch.addcmul(base.bias, y, rows) if base.bias is not None else y * rows
@@ -288,3 +308,4 @@ def uninstall(model: nn.Module) -> None:
                 discovery.stop()
             for attribute in ("forward", _SIBLINGS):
                 layer.__dict__.pop(attribute, None)
+            lora_fast_dora.forget_norm(layer)
