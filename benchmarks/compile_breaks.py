@@ -15,14 +15,20 @@ from __future__ import annotations
 import collections
 from typing import Any
 
-from common import base_parser, markdown_table, packed_lm_features, setup, write_json
+from common import (
+    base_parser,
+    markdown_table,
+    packed_lm_features,
+    parse_with_smoke,
+    setup,
+    write_json,
+)
 
 
 def parse_args() -> Any:
     """Command-line flags."""
     parser = base_parser(__doc__.split("\n\n")[0], "tiny-llama")
-    parser.add_argument("--smoke", action="store_true", help="the same run (it is already small)")
-    return parser.parse_args()
+    return parse_with_smoke(parser)  # the smoke run is the run itself: it is already small
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from common import (
     markdown_table,
     median,
     packed_lm_features,
+    parse_with_smoke,
     setup,
     timed,
     write_json,
@@ -37,11 +38,7 @@ def parse_args() -> Any:
     parser.add_argument("--seq", type=int, default=256, help="tokens per row")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per arm per round")
-    parser.add_argument("--smoke", action="store_true", help="tiny-llama, batch 2 x 32, 1 round")
-    args = parser.parse_args()
-    if args.smoke:
-        args.model, args.batch, args.seq, args.rounds = "tiny-llama", 2, 32, 1
-    return args
+    return parse_with_smoke(parser, model="tiny-llama", batch=2, seq=32, rounds=1)
 
 
 def main() -> None:
