@@ -146,7 +146,8 @@ class ShardedTrainer(PeftkitTrainer):
         if self.args.should_save:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch's note on saving a scheduler
-                torch.save(self.lr_scheduler.state_dict(), os.path.join(folder, SCHEDULER_NAME))
+                with io.atomic_file(os.path.join(folder, SCHEDULER_NAME)) as staging:
+                    torch.save(self.lr_scheduler.state_dict(), staging)
         self._save_rng_state(folder)
 
     # Private override: Trainer reads `optimizer.pt` whole into every process.

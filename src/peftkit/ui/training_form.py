@@ -300,6 +300,7 @@ def write_mapped(workspace: Workspace, uploaded: Path, kind: str, mapping: dict[
     import tempfile
 
     from peftkit.data.files import read_rows
+    from peftkit.io import write_text_atomically
     from peftkit.ui.workspace import UI_FILES
 
     rows = mapped_rows(read_rows(uploaded), kind, mapping)
@@ -308,7 +309,7 @@ def write_mapped(workspace: Workspace, uploaded: Path, kind: str, mapping: dict[
     with tempfile.TemporaryDirectory(dir=scratch) as folder:
         staging = Path(folder) / f"{uploaded.stem}-{kind}{MAPPED_SUFFIX}"
         lines = (json.dumps(row, ensure_ascii=False, default=str) for row in rows)
-        staging.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        write_text_atomically(staging, "".join(f"{line}\n" for line in lines))
         return workspace.save_upload(staging)
 
 
