@@ -20,7 +20,9 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import peftkit.api as api
 from peftkit.cli import main
+from peftkit.errors import AdapterError
 from peftkit.method import TrainingHooks
+from peftkit.models import load_model
 from peftkit.training.checkpoints import METHOD_STATE_NAME, STAGING
 from peftkit.training.trainer import PeftkitTrainer
 
@@ -161,10 +163,12 @@ def test_method_state_survives_resume(tmp_path, monkeypatch):
     assert counter["steps"] == 12  # 4 restored + 8 resumed; 8 if the state had been lost
 
 
-@pytest.mark.parametrize("method", ["lora", "child_tuning_f"])
+@pytest.mark.parametrize("method", ["lora", "lora_peft_forward", "child_tuning_f"])
 def test_resume_from_a_clean_checkpoint_is_bit_exact(method, tmp_path):
     # LoRA's fast path groups the layers that share an input on its first forward; run() makes
-    # that forward before step 0, fresh or resumed, so both compute every step alike.
+    # that forward before step 0, fresh or resumed, so both compute every step alike. With the
+    # fast path off (PEFT's own forward, which draws dropout masks otherwise) the checkpoint says
+    # so, and the resumed run keeps PEFT's forward.
     recipe = write_recipe(tmp_path, method, tmp_path / "run", max_steps=8, save_steps=4)
     assert main(["train", str(recipe), "--output-dir", str(tmp_path / "whole")]) == 0
     shutil.copytree(tmp_path / "whole" / "checkpoints", tmp_path / "run" / "checkpoints")
@@ -173,3 +177,18 @@ def test_resume_from_a_clean_checkpoint_is_bit_exact(method, tmp_path):
     resumed, whole = adapter_tensors(tmp_path / "run"), adapter_tensors(tmp_path / "whole")
     assert resumed.keys() == whole.keys()
     assert all(torch.equal(resumed[name], whole[name]) for name in whole)
+    if method.startswith("lora"):
+        saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+        assert saved.get("peftkit_fast_path", True) is (method == "lora")
+
+
+def test_a_saved_fast_path_flag_that_is_not_a_boolean_is_refused_by_name(tmp_path):
+    recipe = write_recipe(tmp_path, "lora_peft_forward", tmp_path / "run", max_steps=2)
+    assert main(["train", str(recipe)]) == 0
+    config = tmp_path / "run" / "adapter" / "adapter_config.json"
+    saved = json.loads(config.read_text())
+    assert saved["peftkit_fast_path"] is False
+    config.write_text(json.dumps({**saved, "peftkit_fast_path": "no"}))
+    base, _ = load_model("tiny-bert", "classification", num_labels=2)
+    with pytest.raises(AdapterError, match="peftkit_fast_path must be true or false"):
+        api.load(base, tmp_path / "run" / "adapter")

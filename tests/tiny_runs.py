@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 METHODS = {
     "lora": "{name: lora, rank: 4}",
+    "lora_peft_forward": "{name: lora, rank: 4, fast_path: false}",
     "child_tuning_f": "{name: child_tuning, mode: F, reserve_ratio: 0.3}",
     "child_tuning_d": "{name: child_tuning, mode: D, reserve_ratio: 0.3}",
 }

@@ -154,7 +154,8 @@ def adapter_config(model: peft.PeftModel, config: LoraConfig) -> dict[str, Any]:
 # travel in peft_fields.
 NAMED_KEYS = frozenset(
     {"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora",
-     "init_lora_weights", "loftq_config", "eva_config", LORAPLUS_KEY, EMBEDDING_KEY}
+     "init_lora_weights", "loftq_config", "eva_config", LORAPLUS_KEY, EMBEDDING_KEY,
+     lora_fast.FAST_PATH_KEY}
 )  # fmt: skip
 
 
@@ -175,7 +176,9 @@ def config_from_adapter(saved: dict[str, Any]) -> LoraConfig:
 
 def check_loaded(model: peft.PeftModel, saved: dict[str, Any]) -> None:
     """Refuse, by name, a saved field the loaded model's PEFT config does not carry."""
-    check_saved_fields(model, saved, own=frozenset({LORAPLUS_KEY, EMBEDDING_KEY}))
+    check_saved_fields(
+        model, saved, own=frozenset({LORAPLUS_KEY, EMBEDDING_KEY, lora_fast.FAST_PATH_KEY})
+    )
 
 
 def check_combinable(saved: dict[str, Any]) -> None:
@@ -225,7 +228,8 @@ class DoraConfig(LoraConfig):
 
 def lora_method(name: str, config_cls: type, description: str) -> Method:
     """A Method record over the LoRA functions above (shared by LoRA, rsLoRA and DoRA), with
-    its two options: how A and B start (INIT) and B's learning rate (LORA_PLUS)."""
+    its options: how A and B start (INIT), B's learning rate (LORA_PLUS) and whether
+    peftkit's fast forward runs (FAST_PATH)."""
     return Method(
         name=name,
         config_cls=config_cls,
@@ -239,7 +243,7 @@ def lora_method(name: str, config_cls: type, description: str) -> Method:
         config_from_adapter=config_from_adapter,
         description=description,
         row_adapters=ROW_ADAPTERS,
-        options=(INIT, LORA_PLUS),
+        options=(INIT, LORA_PLUS, lora_fast.FAST_PATH),
         switch_off=switch_off,
         composition=COMPOSITION,
         conversion=CONVERSION,

@@ -43,6 +43,8 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peftkit.errors import AdapterError
+from peftkit.method import MethodOption
 from peftkit.methods.lora import dora as lora_fast_dora
 from peftkit.methods.lora import down as lora_fast_down
 
@@ -309,3 +311,36 @@ def uninstall(model: nn.Module) -> None:
             for attribute in ("forward", _SIBLINGS):
                 layer.__dict__.pop(attribute, None)
             lora_fast_dora.forget_norm(layer)
+
+
+# The fast path as a method option: whether it runs is peftkit's own choice, which PEFT's
+# adapter_config.json has no field for. It is written (under peftkit's own key, which PEFT ignores
+# with a warning) only when the fast path is off, so that a checkpoint resumed, or an adapter
+# loaded again, computes with the forward it was trained with (the two draw dropout masks
+# differently); a file without the key is a fast-path adapter, as every PEFT-written one is.
+FAST_PATH_KEY = "peftkit_fast_path"
+
+
+def _saved(config: Any) -> dict[str, Any]:
+    """The key, where the fast path is off."""
+    return {} if config.fast_path else {FAST_PATH_KEY: False}
+
+
+def _from_saved(saved: dict[str, Any]) -> dict[str, Any]:
+    """fast_path as a saved adapter_config.json records it (absent: on)."""
+    value = saved.get(FAST_PATH_KEY, True)
+    if not isinstance(value, bool):
+        raise AdapterError(
+            f"adapter_config.json's {FAST_PATH_KEY} must be true or false, got {value!r}; "
+            "remove the key to load the adapter on peftkit's fast path."
+        )
+    return {"fast_path": value}
+
+
+FAST_PATH = MethodOption(
+    name="fast_path",
+    description="peftkit's fast forward (fast_path: false runs PEFT's own; saved with the "
+    "adapter when off, so a resumed run keeps it)",
+    saved=_saved,
+    from_saved=_from_saved,
+)
