@@ -51,13 +51,19 @@ def write_recipe(folder: Path, method: str = "{name: lora, rank: 4, dropout: 0.0
 
 
 def run_worker(
-    folder: Path, processes: int, *arguments: str, kill: str | None = None
+    folder: Path,
+    processes: int,
+    *arguments: str,
+    kill: str | None = None,
+    launcher: list[str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """sharded_worker.py (peftkit train, losses recorded) on one process or under torchrun;
-    `kill` "RANK:STEP" makes that process SIGKILL itself as it starts that step."""
+    """sharded_worker.py (peftkit train, losses recorded) on one process or under torchrun (or
+    the `launcher` given); `kill` "RANK:STEP" makes that process SIGKILL itself as it starts that
+    step."""
     python = Path(sys.executable)
-    launcher = [str(python)]
-    if processes > 1:
+    if launcher is None:
+        launcher = [str(python)]
+    if processes > 1 and launcher == [str(python)]:
         torchrun = shutil.which("torchrun", path=str(python.parent))
         launcher = [torchrun, "--standalone", "--nproc_per_node", str(processes)]
     env = {
@@ -130,6 +136,24 @@ def test_two_sharded_processes_train_the_lora_adapter_of_one_process(lora_runs: 
     last = lora_runs / "two" / "checkpoints" / "checkpoint-6"
     final = adapter_tensors(lora_runs / "two")
     assert max_difference(load_file(str(last / "adapter_model.safetensors")), final) == 0.0
+
+
+def test_accelerate_launch_shards_as_torchrun_does(lora_runs: Path, tmp_path: Path) -> None:
+    """`accelerate launch` with the repository's DDP config (no FSDP of its own) and
+    `sharding: fsdp` trains the adapter one process of the same global batch trains."""
+    recipe = write_recipe(tmp_path, LORA)
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    config = Path(__file__).parents[1] / "examples" / "accelerate" / "ddp.yaml"
+    launcher = [accelerate, "launch", "--config_file", str(config)]
+    done = run_worker(tmp_path / "ranks", 2, str(recipe), launcher=launcher)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (summary["processes"], summary["sharding"], summary["steps"]) == (2, "fsdp", 6)
+    for rank in (0, 1):  # each process held half of the parameter elements: sharded
+        held = json.loads((tmp_path / "ranks" / f"losses-{rank}.json").read_text())["parameters"]
+        assert abs(held["local"] - held["total"] / 2) <= 0.01 * held["total"]
+    gathered = adapter_tensors(tmp_path / "two")
+    assert max_difference(gathered, adapter_tensors(lora_runs / "one")) <= 1e-6
 
 
 def test_two_sharded_processes_fine_tune_fully_as_one_process(tmp_path: Path) -> None:
