@@ -338,3 +338,15 @@ def test_peftkit_train_writes_a_peft_adapter_and_summary(tmp_path: Path) -> None
         base_logits = base_model()(input_ids=ids).logits
     assert torch.allclose(theirs_logits, ours_logits, atol=1e-5)
     assert (theirs_logits - base_logits).abs().max() > 1e-4  # the trained adapter acts
+
+
+@pytest.mark.parametrize("task", ["preference", "kto", "grpo"])
+def test_the_estimator_refuses_task_types_with_their_own_trainer(task):
+    """Its one training step counts no reference forward, no paired rows and no generations: a
+    figure for these would be silently low, so it is refused by name."""
+    from peftkit.errors import ConfigError
+    from peftkit.memory.estimate import estimate
+
+    with pytest.raises(ConfigError, match=f"does not model task type '{task}'"):
+        estimate("tiny-llama", "lora", 2, 16, "fp32", task=task)
+    assert estimate("tiny-llama", "lora", 2, 16, "fp32", task="causal-lm").total > 0

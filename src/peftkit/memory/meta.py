@@ -82,6 +82,13 @@ def task_model(config: Any, task: str, dtype: torch.dtype, name: str) -> nn.Modu
     from peftkit.tasks.types import get_task_type
 
     task_type = get_task_type(task)  # the task type's record picks its transformers class
+    if task_type.trainer is not None:
+        raise ConfigError(
+            f"the estimator does not model task type {task!r}: it trains with its own trainer "
+            "(a reference model's forward, paired or grouped rows, generated completions), "
+            "which the estimate's one training step does not count. Estimate the same model "
+            "and method with --task causal-lm for a lower bound."
+        )
     config = copy.deepcopy(config)
     with torch.device("meta"):
         make = lambda: task_type.auto_class().from_config(config, dtype=dtype)  # noqa: E731
