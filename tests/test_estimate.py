@@ -251,13 +251,17 @@ def test_activations_grow_linearly_with_batch_and_checkpointing_saves():
 
 def test_a_soft_prompt_lengthens_the_sequence_in_the_pass():
     config, tokens = small_config("llama"), 20
-    plain = estimate(config, "lora", 2, 64, "fp32")
+    plain = estimate(config, "lora", 2, 64, "fp32", chunked_loss=False)
+    chunked = estimate(config, "lora", 2, 64, "fp32")
     prompted = estimate(config, {"name": "prompt_tuning", "num_virtual_tokens": tokens}, 2, 64,
                         "fp32")  # fmt: skip
     # fp32 gradients of the log-softmax and the logits, over the lengthened sequence (prompt
     # tuning cuts its virtual positions off the logits: the chunked loss cannot follow it)
     assert prompted.loss_workspace == 2 * 2 * (64 + tokens) * 2000 * 4
     assert plain.loss_workspace == 2 * 2 * 64 * 2000 * 4
+    # the chunked loss: the 2 x 63 labelled rows fit one chunk; its fp32 logits three times over,
+    # and the scaled copy of the hidden states' gradient
+    assert chunked.loss_workspace == 3 * 126 * 2000 * 4 + 126 * 256 * 4
     assert f"to {64 + tokens} positions" in " ".join(prompted.notes)
 
 
