@@ -311,31 +311,35 @@ def chunk_workspace(tokens: int, head: Any) -> int:
     return 3 * rows * vocab * 4 + tokens * hidden * 4
 
 
+def _follows_logits(model: nn.Module, inputs: dict[str, Any], head: Any) -> bool:
+    """Whether the chunked loss can follow the model: its forward returns the head's output
+    unchanged (prompt tuning's hooks cut the virtual positions off the logits)."""
+    features = {key: value for key, value in inputs.items() if key != "labels"}
+    with chunked_loss.hidden_states_of(head) as kept:
+        outputs = model(**features)
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    return logits is kept.get("stand_in")
+
+
 def _loss(model: nn.Module, inputs: dict[str, Any], head: Any, saved: SavedTensors) -> Any:
     """The training loss as the trainer makes it: through the chunked head where `head` is
-    given and the model leaves its logits alone, else the model's own. (chunked_loss's own
-    causal_lm_loss picks the labelled rows by a mask, which meta tensors cannot: here every
-    position is labelled but each row's last, so the rows are a slice.)"""
-    if head is not None:
-        state = chunked_loss.random_state()
-        features = {key: value for key, value in inputs.items() if key != "labels"}
-        with chunked_loss.hidden_states_of(head) as kept:
-            outputs = model(**features)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        if logits is kept.get("stand_in"):
-            hidden = kept["hidden"][:, :-1]
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            targets = inputs["labels"][:, 1:].reshape(-1)
-            module = head.module
-            saved.chunked = True
-            saved.chunk_workspace = chunk_workspace(hidden.shape[0], head)
-            return chunked_loss.linear_cross_entropy(
-                hidden, module.weight, module.bias, targets, hidden.shape[0], head.softcap
-            )
-        del outputs, logits
-        saved.logits = 0  # counted again by the model's own pass
-        chunked_loss.restore_random_state(state)
-    return getattr(model(**inputs), "loss", None)
+    given, else the model's own. (chunked_loss's causal_lm_loss picks the labelled rows by a
+    mask, which meta tensors cannot: here every position is labelled but each row's last, so
+    the rows are a slice.)"""
+    if head is None:
+        return getattr(model(**inputs), "loss", None)
+    features = {key: value for key, value in inputs.items() if key != "labels"}
+    with chunked_loss.hidden_states_of(head) as kept:
+        model(**features)
+    hidden = kept["hidden"][:, :-1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = inputs["labels"][:, 1:].reshape(-1)
+    saved.chunked = True
+    saved.chunk_workspace = chunk_workspace(hidden.shape[0], head)
+    module = head.module
+    return chunked_loss.linear_cross_entropy(
+        hidden, module.weight, module.bias, targets, hidden.shape[0], head.softcap
+    )
 
 
 def saved_tensors(
@@ -358,6 +362,8 @@ def saved_tensors(
     model.eval()
     with torch.no_grad():
         model(**inputs)
+        if head is not None and not _follows_logits(model, inputs, head):
+            head = None  # the trainer falls back to the model's own loss
     model.train()
     tracker = _LiveBytes(model)
     hooks = _gradient_hooks(model, tracker.gradient_made)

@@ -72,8 +72,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         any_grad = need_hidden or need_weight or need_bias
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_weight = grad_weight if need_weight else None
+        grad_weight = None  # made only where wanted: a frozen head's would be [vocab, hidden]
+        if need_weight:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_bias = None
         if need_bias:
             grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
