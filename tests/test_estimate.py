@@ -490,3 +490,26 @@ def test_nf4_estimate_prints_no_bitsandbytes_kernel_warning():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "nf4 base layers" in done.stdout
     assert "gemm_4bit" not in done.stderr and "kernels" not in done.stderr, done.stderr
+
+
+def test_the_chunked_loss_is_modelled_only_where_the_trainer_takes_it():
+    config = small_config("llama")
+    chunked = estimate(config, "lora", 2, 64, "fp32")
+    assert "a chunk of tokens at a time" in " ".join(chunked.notes)
+    # several processes keep the plain loss: 2 x the fp32 logits
+    two = estimate(config, "lora", 2, 64, "fp32", gpus=2)
+    assert two.loss_workspace == 2 * 2 * 64 * 2000 * 4
+    # logits scaled after the head (Granite's logits_scaling) keep the plain loss
+    granite = transformers.GraniteConfig(
+        hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=2000, logits_scaling=4.0,
+    )  # fmt: skip
+    lora = {"name": "lora", "target_modules": ["q_proj", "v_proj"]}
+    scaled = estimate(granite, lora, 2, 64, "fp32")
+    assert scaled.loss_workspace == 2 * 2 * 64 * 2000 * 4
+    # a pass measured with the chunked loss is not accounted for several processes
+    from peftkit.memory.estimate import account, measure
+
+    found = measure(config, "lora", 2, 64, torch.float32)
+    with pytest.raises(ConfigError, match="chunked_loss=False"):
+        account(found, "fp32", gpus=2)
