@@ -1,4 +1,4 @@
-"""The chunked LM-head cross-entropy (training/chunked_loss.py) against the plain one: training
+"""The chunked LM-head cross-entropy (models/chunked_loss.py) against the plain one: training
 memory and step time of a LoRA step on SmolLM2-135M at batch 4 x 512 tokens.
 
 Both arms are one PeftkitTrainer on one LoRA model (r 8, all-linear, otherwise LoRA's defaults:

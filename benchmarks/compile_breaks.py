@@ -2,7 +2,7 @@
 nothing changed): one training forward (loss included) of a LoRA/DoRA model, per arm.
 
 Arms: peftkit's fast path at dropout 0.05 and 0, DoRA on the fast path at dropout 0.05, the fast
-path with the chunked causal-LM loss (training/chunked_loss.py), and PEFT's own forward (the fast
+path with the chunked causal-LM loss (models/chunked_loss.py), and PEFT's own forward (the fast
 path uninstalled). Each model first runs one eager forward (the fast path groups its sibling layers
 there), then `explain` traces one more. Prints graphs, breaks and the distinct break reasons.
 
@@ -42,8 +42,7 @@ def main() -> None:
 
     import peftkit
     from peftkit.methods.lora import fast as lora_fast
-    from peftkit.models import load_model
-    from peftkit.training import chunked_loss
+    from peftkit.models import chunked_loss, load_model
 
     base, tokenizer = load_model(args.model, "causal-lm", seed=args.seed)
     feature = packed_lm_features(tokenizer, 2, 32)

@@ -42,9 +42,13 @@ def main() -> None:
     cases, rows = [], []
     for label, section in METHODS.items():
         for seq_len in args.seq_len:
-            found = measure("llama-70b", section, 1, seq_len, activation)
+            # one process takes the chunked loss, several the plain one (as training does)
+            found = {
+                chunked: measure("llama-70b", section, 1, seq_len, activation, chunked_loss=chunked)
+                for chunked in (True, False)
+            }
             for gpus, sharding in PROCESSES:
-                result = account(found, STORAGE["dtype"], True, STORAGE["base_dtype"],
+                result = account(found[gpus == 1], STORAGE["dtype"], True, STORAGE["base_dtype"],
                                  STORAGE["quantization"], gpus, sharding)  # fmt: skip
                 cases.append({"case": label, **result.as_dict()})
                 parts = [result.weights, result.gradients + result.optimizer,

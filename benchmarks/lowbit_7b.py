@@ -87,10 +87,11 @@ def estimates(args: Any, layers: int | None) -> dict[str, Any]:
     if layers is not None:
         config.num_hidden_layers = layers
     lora = {"name": "lora", "rank": 8, "target_modules": ["q_proj", "v_proj"]}
+    # the measured steps compute the model's own loss over the whole logits: so do these
     qlora = estimate(config, lora, 1, args.seq_len, "fp32", True, quantization="nf4",
-                     base_dtype="bf16")  # fmt: skip
-    full_mixed = estimate(config, "full", 1, args.seq_len, "bf16-mixed", True)
-    full_fp32 = estimate(config, "full", 1, args.seq_len, "fp32", True)
+                     base_dtype="bf16", chunked_loss=False)  # fmt: skip
+    full_mixed = estimate(config, "full", 1, args.seq_len, "bf16-mixed", True, chunked_loss=False)
+    full_fp32 = estimate(config, "full", 1, args.seq_len, "fp32", True, chunked_loss=False)
     return {"qlora": qlora.as_dict(), "full_bf16_mixed": full_mixed.as_dict(),
             "full_fp32": full_fp32.as_dict()}  # fmt: skip
 

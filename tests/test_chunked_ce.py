@@ -1,4 +1,4 @@
-"""The chunked LM-head cross-entropy (training/chunked_loss.py) against transformers' own causal-LM
+"""The chunked LM-head cross-entropy (models/chunked_loss.py) against transformers' own causal-LM
 loss: equal loss and gradients through PeftkitTrainer.compute_loss (full fine-tuning with tied
 embeddings, LoRA, Gemma 2's logit soft-capping), the whole batch's logits never allocated, and the
 plain loss kept, by name, where the head or the logits cannot be followed."""
@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import Trainer, TrainingArguments
 
 import peftkit
-from peftkit.training import chunked_loss
+from peftkit.models import chunked_loss
 from peftkit.training.trainer import PeftkitTrainer
 
 TOLERANCE = 1e-5

@@ -26,6 +26,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from peftkit.models import chunked_loss
+
 ATTENTION = ("auto", "fused", "math", "cpu", "eager")
 
 
@@ -41,6 +43,12 @@ class SavedTensors:
     # The pass's live bytes (activations and temporaries, parameters left out) at its highest
     # point for each count of gradient elements made so far: {gradient elements: live bytes}.
     live: dict[int, int] = field(default_factory=dict)
+    # The chunked causal-LM loss (models/chunked_loss.py) made the loss: the whole logits never
+    # existed. Its workspace: one chunk's float32 logits three times over (the logits, the
+    # log-sum-exp's temporary, the softmax made in place from them) plus the scaled copy of the
+    # kept hidden-state gradient ([tokens, hidden]) that its backward returns.
+    chunked: bool = False
+    chunk_workspace: int = 0
 
     def highest(self, gradient_bytes: float) -> float:
         """The most memory the forward and backward pass held at once beyond weights and
@@ -295,12 +303,57 @@ def _gradient_hooks(model: nn.Module, made: Callable[[torch.Tensor], None]) -> l
             if p.requires_grad]  # fmt: skip
 
 
+def chunk_workspace(tokens: int, head: Any) -> int:
+    """Bytes the chunked loss holds beyond what it saves: one chunk's float32 logits three
+    times over and a float32 [tokens, hidden] copy of the hidden states' gradient."""
+    vocab, hidden = head.module.out_features, head.module.in_features
+    rows = min(tokens, chunked_loss.chunk_rows(vocab))
+    return 3 * rows * vocab * 4 + tokens * hidden * 4
+
+
+def _follows_logits(model: nn.Module, inputs: dict[str, Any], head: Any) -> bool:
+    """Whether the chunked loss can follow the model: its forward returns the head's output
+    unchanged (prompt tuning's hooks cut the virtual positions off the logits)."""
+    features = {key: value for key, value in inputs.items() if key != "labels"}
+    with chunked_loss.hidden_states_of(head) as kept:
+        outputs = model(**features)
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    return logits is kept.get("stand_in")
+
+
+def _loss(model: nn.Module, inputs: dict[str, Any], head: Any, saved: SavedTensors) -> Any:
+    """The training loss as the trainer makes it: through the chunked head where `head` is
+    given, else the model's own. (chunked_loss's causal_lm_loss picks the labelled rows by a
+    mask, which meta tensors cannot: here every position is labelled but each row's last, so
+    the rows are a slice.)"""
+    if head is None:
+        return getattr(model(**inputs), "loss", None)
+    features = {key: value for key, value in inputs.items() if key != "labels"}
+    with chunked_loss.hidden_states_of(head) as kept:
+        model(**features)
+    hidden = kept["hidden"][:, :-1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = inputs["labels"][:, 1:].reshape(-1)
+    saved.chunked = True
+    saved.chunk_workspace = chunk_workspace(hidden.shape[0], head)
+    module = head.module
+    return chunked_loss.linear_cross_entropy(
+        hidden, module.weight, module.bias, targets, hidden.shape[0], head.softcap
+    )
+
+
 def saved_tensors(
-    model: nn.Module, base: nn.Module, layers: list[nn.Module], batch_size: int, seq_len: int
+    model: nn.Module,
+    base: nn.Module,
+    layers: list[nn.Module],
+    batch_size: int,
+    seq_len: int,
+    head: Any = None,
 ) -> SavedTensors:
     """One training-mode forward pass of the applied `model` (wrapping `base`) on the meta device,
     with the loss, recording what autograd saves; then the backward pass, following the live
-    bytes of both (`SavedTensors.live`; left empty where the backward pass cannot run on meta)."""
+    bytes of both (`SavedTensors.live`; left empty where the backward pass cannot run on meta).
+    `head` (chunked_loss.find_head's): the loss goes through the chunked head, as in training."""
     output_layer = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     inputs = training_inputs(base, batch_size, seq_len)
     # Training makes one no-gradient eval-mode forward before step 0 (training/run.py), so
@@ -309,15 +362,15 @@ def saved_tensors(
     model.eval()
     with torch.no_grad():
         model(**inputs)
+        if head is not None and not _follows_logits(model, inputs, head):
+            head = None  # the trainer falls back to the model's own loss
     model.train()
     tracker = _LiveBytes(model)
     hooks = _gradient_hooks(model, tracker.gradient_made)
     try:
         with tracker:
             with _recording(model, layers, output_layer) as saved:
-                output = model(**inputs)  # alive until the tally
-            loss = getattr(output, "loss", None)
-            del output
+                loss = _loss(model, inputs, head, saved)  # alive until the tally
             if loss is not None and loss.requires_grad:
                 try:
                     loss.backward()

@@ -32,6 +32,7 @@ from peftkit.memory.storage import (
     refuse_low_bit_base,
     refuse_unshardable,
 )
+from peftkit.models import chunked_loss as chunked
 from peftkit.recipe import check_sharding
 from peftkit.registry import method_for_config
 
@@ -144,9 +145,13 @@ def measure(
     activation_dtype: torch.dtype,
     task: str | None = None,
     attention: str = "auto",
+    chunked_loss: bool = True,
 ) -> Measurement:
     """Build the model for its task on the meta device, apply the method as peftkit.apply does,
-    count its parameters and record one training-mode pass (module docstring)."""
+    count its parameters and record one training-mode pass (module docstring). chunked_loss: a
+    causal LM's loss goes through its head a chunk of tokens at a time where training's would
+    (one process, a plain linear head, logits left alone: models/chunked_loss.py); False: the
+    plain loss over the whole logits (as training in several processes computes it)."""
     _check(attention, batch_size, seq_len)
     attention = activations.resolve_attention(attention)
     config = meta.method_config(method)
@@ -165,7 +170,10 @@ def measure(
     trainable = sum(p.numel() for p in parameters if p.requires_grad)
     quantizable = [linear[id(p)] for p in parameters if not p.requires_grad and id(p) in linear]
     blocks, root = _blocks(tuned, layers, linear)
-    saved = activations.saved_tensors(tuned, base, layers, batch_size, seq_len)
+    head = chunked.find_head(tuned)[0] if chunked_loss else None
+    saved = activations.saved_tensors(tuned, base, layers, batch_size, seq_len, head)
+    if saved.chunked:
+        notes.append("the loss goes through the output layer a chunk of tokens at a time")
     if saved.sequence > seq_len:
         notes.append(f"the method lengthens every sequence to {saved.sequence} positions")
     if not trainable:
@@ -195,6 +203,11 @@ def account(
     blocks FSDP gathers whole; see docs/estimate.md)."""
     check(dtype, base_dtype, quantization)
     check_processes(gpus, sharding)
+    if found.saved.chunked and gpus > 1:
+        raise ConfigError(
+            f"{found.model} was measured with the chunked loss, which training takes in one "
+            f"process only: measure it with chunked_loss=False for {gpus} processes."
+        )
     precision = PRECISIONS[dtype]
     frozen_bytes = BASE_DTYPES[base_dtype] if base_dtype else precision.frozen
     notes = list(found.notes)
@@ -247,7 +260,7 @@ def account(
         gradients=found.trainable * precision.gradient / shards,
         optimizer=found.trainable * precision.optimizer / shards,
         activations=saved_bytes,
-        loss_workspace=2 * found.saved.logits * 4 if found.trainable else 0,
+        loss_workspace=_loss_workspace(found),
         recompute=recompute,
         workspace=workspace,
         quantization=quantization,
@@ -262,6 +275,17 @@ def account(
         if gradient_checkpointing
         else found.saved.highest(precision.gradient / shards),
     )
+
+
+def _loss_workspace(found: Measurement) -> float:
+    """The loss's float32 workspace: the whole logits and their gradient on the plain path,
+    one chunk of them and the hidden states' gradient on the chunked path (nothing without a
+    trainable parameter)."""
+    if not found.trainable:
+        return 0
+    if found.saved.chunked:
+        return found.saved.chunk_workspace
+    return 2 * found.saved.logits * 4
 
 
 def check_processes(gpus: int, sharding: str) -> None:
@@ -294,6 +318,7 @@ def estimate(
     base_dtype: str | None = None,
     gpus: int = 1,
     sharding: str = "none",
+    chunked_loss: bool = True,
 ) -> MemoryEstimate:
     """Estimate one training step's memory by part (weights, gradients, AdamW, activations).
 
@@ -309,12 +334,14 @@ def estimate(
     CPU, "math" SDPA's math backend, "eager" transformers' eager attention.
     gpus, sharding: the memory of each of `gpus` processes, each at `batch_size`, holding the
     whole model ("none", DDP) or a shard of it ("fsdp"); a method that cannot be sharded is
-    refused with its record's reason."""
+    refused with its record's reason. chunked_loss: model a causal LM's loss as training makes it
+    by default, through the head a chunk of tokens at a time (in one process only; False: the
+    plain loss over the whole logits, as training in several processes computes it)."""
     check(dtype, base_dtype, quantization)
     check_processes(gpus, sharding)
     config = meta.method_config(method)
     refuse_low_bit_base(method_for_config(config), base_dtype, quantization)
     refuse_unshardable(method_for_config(config), sharding)
     found = measure(model, config, batch_size, seq_len, pass_dtype(dtype, base_dtype), task,
-                    attention)  # fmt: skip
+                    attention, chunked_loss and gpus == 1)  # fmt: skip
     return account(found, dtype, gradient_checkpointing, base_dtype, quantization, gpus, sharding)

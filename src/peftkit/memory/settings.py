@@ -69,7 +69,9 @@ def estimates(
     for setting in settings:
         activation = pass_dtype(dtype, setting.base_dtype)
         if activation not in passes:
-            passes[activation] = measure(model, section, batch_size, seq_len, activation, task)
+            passes[activation] = measure(
+                model, section, batch_size, seq_len, activation, task, chunked_loss=gpus == 1
+            )
         try:
             estimate = account(passes[activation], dtype, setting.gradient_checkpointing,
                                setting.base_dtype, setting.quantization, gpus,

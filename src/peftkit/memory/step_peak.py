@@ -9,7 +9,7 @@ number repeats to the byte, run to run."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -23,14 +23,19 @@ def live_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(storages.values())
 
 
-def step_peak_bytes(model: nn.Module, inputs: dict[str, Any]) -> int:
+def step_peak_bytes(
+    model: nn.Module,
+    inputs: dict[str, Any],
+    loss: Callable[[nn.Module, dict[str, Any]], torch.Tensor] | None = None,
+) -> int:
     """Peak bytes of live tensors during one AdamW step of `model` (its trainable parameters) on
-    `inputs` (a batch with labels; the model returns the loss)."""
+    `inputs` (a batch with labels), its loss `loss(model, inputs)` (default: the model's own)."""
+    loss = loss if loss is not None else (lambda m, batch: m(**batch).loss)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
 
     def step() -> None:
-        model(**inputs).loss.backward()
+        loss(model, inputs).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -12,7 +12,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 import peftkit.api as api
 from peftkit.method import TrainingHooks
-from peftkit.training import chunked_loss
+from peftkit.models import chunked_loss
 from peftkit.training.distributed import share_random_state
 
 
@@ -91,7 +91,7 @@ class SamplerEpochCallback(TrainerCallback):
 class PeftkitTrainer(Trainer):
     """Trainer whose loss includes a method's extra term, whose optimizer a method may replace,
     whose data order does not depend on the number of processes, whose causal-LM loss never
-    holds the whole batch's logits (training/chunked_loss.py), and whose checkpoints hold the
+    holds the whole batch's logits (models/chunked_loss.py), and whose checkpoints hold the
     peftkit adapter."""
 
     def __init__(

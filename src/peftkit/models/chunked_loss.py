@@ -49,6 +49,11 @@ def chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, vocab))
 
 
+def _autocast(device_type: str) -> bool:
+    """Whether autocast is on for a device (never on meta: the estimator's pass, no autocast)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(softcap(hidden W^T + b), target) / divisor, chunk by chunk;
     the gradients are computed in forward, chunk by chunk, and scaled in backward."""
@@ -67,8 +72,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         any_grad = need_hidden or need_weight or need_bias
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_weight = grad_weight if need_weight else None
+        grad_weight = None  # made only where wanted: a frozen head's would be [vocab, hidden]
+        if need_weight:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_bias = None
         if need_bias:
             grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
@@ -93,7 +99,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1.0
             if capped is not None:
                 grad.mul_(1.0 - capped * capped)
-            grad = grad.to(h.dtype if not torch.is_autocast_enabled(h.device.type) else grad.dtype)
+            grad = grad.to(grad.dtype if _autocast(h.device.type) else h.dtype)
             if grad_hidden is not None:
                 grad_hidden[start : start + rows] = grad.mm(weight.to(grad.dtype))
             if grad_weight is not None:
