@@ -32,7 +32,13 @@ def cmd_app_eval(args: argparse.Namespace) -> int:
     limit = f"task.max_eval_examples={args.max_examples or 'null'}"
     recipe = load_recipe(run_dir / "recipe.yaml", [*(args.set or []), limit])
     # The training rows too: tabular calibration fits its threshold on them (never on held-out).
-    train_records, records = split_rows(recipe.task)
+    if args.dataset is None:
+        train_records, records = split_rows(recipe.task)
+    else:  # a run trained on other rows (DPO pairs) scored on the application's own questions
+        from peftkit.data.bundled import load_bundled
+
+        train_records, records = load_bundled(args.dataset)
+        records = records[: args.max_examples] if args.max_examples else records
     model, tokenizer = load_model(recipe.model, recipe.task.type, seed=recipe.training.seed)
     options = {
         "max_new_tokens": args.max_new_tokens,
@@ -51,7 +57,7 @@ def cmd_app_eval(args: argparse.Namespace) -> int:
         failures = f", failures {result['failures']}" if result.get("failures") else ""
         print(f"{name:>6} ({result['count']} examples): {values}{failures}")
     output = run_dir / f"app_eval_{args.app}.json"
-    report = {"app": args.app, "run": str(run_dir), **results}
+    report = {"app": args.app, "run": str(run_dir), "dataset": args.dataset, **results}
     from peftkit.run_folder import record_entries
 
     record_entries(run_dir, [output.name])  # the run's own from now on (unless the user's)
@@ -79,5 +85,10 @@ def add_commands(commands: Any) -> None:
     app_eval.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
     app_eval.add_argument("--skip-base", action="store_true", help="score the tuned model only")
     app_eval.add_argument("--max-examples", type=int, help="score the first N held-out rows")
+    app_eval.add_argument(
+        "--dataset",
+        help="score a bundled set's held-out rows instead of the recipe's data (e.g. bank-sql "
+        "for a preference run trained on SQL pairs)",
+    )
     app_eval.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override")
     app_eval.set_defaults(handler=cmd_app_eval)
