@@ -116,3 +116,19 @@ def test_a_run_trained_on_pairs_is_scored_on_the_apps_questions(
     capsys.readouterr()
     assert main(["app-eval", str(run), "--app", "sql", "--dataset", "bank-sq"]) == 2
     assert "Unknown bundled dataset 'bank-sq'. Did you mean 'bank-sql'?" in capsys.readouterr().err
+
+
+def test_the_chain_recipes_start_from_the_merged_supervised_model() -> None:
+    """Both recipes of the SFT -> DPO / GRPO chain read as written: the merged supervised model,
+    the pairs file or the app's questions with the execution reward."""
+    from peftkit.recipe import load_recipe
+
+    dpo = load_recipe("recipes/app-sql-smollm2-dpo.yaml")
+    grpo = load_recipe("recipes/app-sql-smollm2-grpo.yaml")
+    assert dpo.model == grpo.model == "runs/app-sql-sft-merged"
+    assert (dpo.task.type, dpo.task.train_file) == ("preference", "runs/sql-pairs.jsonl")
+    assert (grpo.task.type, grpo.task.dataset, grpo.task.rewards) == (
+        "grpo",
+        "bank-sql",
+        ("sql-execution",),
+    )
