@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,29 @@ def test_compare_all_extends_the_default_plan(request):
     assert [(e.label, e.method) for e in default.entries] == [
         (e.label, e.method) for e in every.entries[: len(default.entries)]
     ]
+
+
+def test_compare_runs_methods_on_a_preference_task(tmp_path):
+    """compare on DPO pairs: each entry scored by preference accuracy, LoRA's reference the
+    policy switched off, full fine-tuning's a frozen copy of the weights (named, with its size)."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        f"recipe: {Path('recipes/tiny-dpo-lora.yaml').resolve()}\n"
+        "methods:\n"
+        "  - method: {name: lora, rank: 4}\n"
+        "  - method: {name: full}\n"
+        "quick: {training.max_steps: 2, task.max_eval_examples: 8}\n"
+    )
+    assert main(["compare", str(plan), "--quick", "--output-dir", str(tmp_path / "out")]) == 0
+    lora, full = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert lora["metric"] == full["metric"] == "preference_accuracy"
+    summaries = [json.loads((tmp_path / "out" / name / "summary.json").read_text())
+                 for name in ("lora", "full")]  # fmt: skip
+    assert "switched off" in summaries[0]["reference"]
+    assert "reference_copy_mib" not in summaries[0]
+    assert summaries[1]["reference"].startswith("a frozen copy")
+    # The copy holds every weight of the policy in fp32: its size in closed form.
+    parameters = summaries[1]["total_parameters"]
+    assert summaries[1]["reference_copy_mib"] == pytest.approx(
+        parameters * 4 / 2**20, abs=0.005
+    )  # kept to 2 decimals
