@@ -151,6 +151,28 @@ def test_labels_and_pairs_read_as_trl_reads_them() -> None:
         KTO.check_rows(TASK, [{"prompt": "p", "chosen": "x", "rejected": "x"}], "pairs")
 
 
+def test_an_example_whose_prompt_fills_max_length_leaves_with_its_record() -> None:
+    tokenizer = load_model("tiny-llama", "causal-lm")[1]
+    task = TaskConfig(type="kto", train_file="unused.jsonl", max_length=17)
+    long = {"prompt": "copy: " + " ".join("abcdefgh"[i % 8] for i in range(30)) + "\n",
+            "completion": "a", "label": True}  # fmt: skip
+    rows = [ROWS[0], long, *ROWS[1:]]
+    data = KTO.prepare(task, tokenizer, rows, rows)
+    kept = [r for r in rows if r is not long]
+    assert len(tokenizer(long["prompt"])["input_ids"]) >= task.max_length  # it must go
+    assert data.dropped == data.dropped_eval == 1
+    assert [(r["prompt"], r["label"]) for r in data.train_records] == [
+        (r["prompt"], r["label"]) for r in kept
+    ]
+    for record, feature in zip(data.eval_records, data.eval, strict=True):  # in step
+        whole = tokenizer(record["prompt"] + record["completion"])["input_ids"]
+        assert feature["prompt_ids"] + feature["completion_ids"] == whole[: task.max_length]
+        assert feature["label"] == record["label"]
+    lengths = [len(tokenizer(r["prompt"] + r["completion"])["input_ids"])
+               for r in data.train_records]  # fmt: skip
+    assert data.truncated == sum(n > task.max_length for n in lengths) > 0
+
+
 def test_kto_section_only_with_a_kto_task() -> None:
     from peftkit.recipe import recipe_from_dict, recipe_to_dict
 

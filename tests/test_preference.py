@@ -162,6 +162,26 @@ def test_conversational_pairs_render_through_the_chat_template() -> None:
         PREFERENCE.check_rows(task, [no_prompt], "the test rows")
 
 
+def test_a_pair_whose_prompt_fills_max_length_leaves_with_its_record() -> None:
+    tokenizer = load_model("tiny-llama", "causal-lm")[1]
+    task = TaskConfig(type="preference", train_file="unused.jsonl", max_length=17)
+    long = {"prompt": "copy: " + " ".join("abcdefgh"[i % 8] for i in range(30)) + "\n",
+            "chosen": "a", "rejected": "b"}  # fmt: skip
+    rows = [PAIRS[0], long, *PAIRS[1:]]
+    data = prepared(task, tokenizer, rows)
+    kept = [r for r in rows if r is not long]
+    assert len(tokenizer(long["prompt"])["input_ids"]) >= task.max_length  # it must go
+    assert data.dropped == data.dropped_eval == 1
+    assert [r["prompt"] for r in data.train_records] == [r["prompt"] for r in kept]
+    for record, feature in zip(data.eval_records, data.eval, strict=True):  # in step
+        for key in ("chosen", "rejected"):
+            whole = tokenizer(record["prompt"] + record[key])["input_ids"]
+            assert feature["prompt_ids"] + feature[f"{key}_ids"] == whole[: task.max_length]
+    lengths = [max(len(tokenizer(r["prompt"] + r[k])["input_ids"]) for k in ("chosen", "rejected"))
+               for r in data.train_records]  # fmt: skip
+    assert data.truncated == sum(n > task.max_length for n in lengths) > 0
+
+
 def test_preference_section_only_with_a_preference_task() -> None:
     from peftkit.recipe import recipe_from_dict, recipe_to_dict
 
