@@ -61,6 +61,20 @@ def parse_with_smoke(
     return args
 
 
+def add_step_flags(
+    parser: argparse.ArgumentParser, *, batch: int, seq: int, rounds: int, steps: int,
+    names: tuple[str, str] = ("batch", "seq"),
+) -> None:  # fmt: skip
+    """The flags of a timed training step: rows per batch, tokens per row, interleaved rounds
+    and timed steps per arm per round. `names` spells the first two (and their JSON settings):
+    ("batch", "seq") or ("batch_size", "seq_len")."""
+    batch_name, seq_name = (f"--{name.replace('_', '-')}" for name in names)
+    parser.add_argument(batch_name, type=int, default=batch, help="rows per batch")
+    parser.add_argument(seq_name, type=int, default=seq, help="tokens per row")
+    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds")
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per arm per round")
+
+
 def setup(args: argparse.Namespace) -> None:
     """Threads and seeds, before anything is built."""
     import torch
@@ -91,6 +105,20 @@ def packed_lm_features(tokenizer: Any, count: int, seq_len: int) -> list[dict[st
         stream = (stream * (count * seq_len // max(1, len(stream)) + 1))[: count * seq_len]
     chunks = [stream[i * seq_len : (i + 1) * seq_len] for i in range(count)]
     return [{"input_ids": c, "attention_mask": [1] * seq_len, "labels": c} for c in chunks]
+
+
+def batches_of(tokenizer: Any, batch: int, seq: int, count: int) -> list[dict[str, Any]]:
+    """`count` batches of `batch` rows of exactly `seq` tokens (packed_lm_features, as tensors)."""
+    import torch
+
+    features = packed_lm_features(tokenizer, batch * count, seq)
+    return [
+        {
+            key: torch.tensor([f[key] for f in features[i * batch : (i + 1) * batch]])
+            for key in features[0]
+        }
+        for i in range(count)
+    ]
 
 
 def interleaved(arms: dict[str, Callable[[], list[float]]], rounds: int) -> dict[str, list[float]]:
