@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+import trl_support
+from trl_support import base_model, perturb_adapter
 
 import peftkit
 from peftkit.errors import ConfigError, MalformedPairError
 from peftkit.models import load_model
-from peftkit.recipe import Recipe, TrainConfig
-from peftkit.tasks.base import TrainerParts, read_split
+from peftkit.tasks.base import read_split
 from peftkit.tasks.config import PreferenceConfig, TaskConfig
 from peftkit.tasks.types import get_task_type
 
@@ -38,11 +39,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def base_model() -> torch.nn.Module:
-    """The tiny Llama, seeded: every call gives the same weights."""
-    return load_model("tiny-llama", "causal-lm", seed=0)[0]
-
-
 def prepared(task: TaskConfig, tokenizer: object, rows: list[dict] = PAIRS) -> object:
     """The task's data from rows (train and held out the same)."""
     return PREFERENCE.prepare(task, tokenizer, rows, rows)
@@ -51,27 +47,11 @@ def prepared(task: TaskConfig, tokenizer: object, rows: list[dict] = PAIRS) -> o
 def built_trainer(tmp_path: Path, method: object, options: PreferenceConfig, steps: int = 1):  # noqa: ANN201
     """(trainer, notes, applied model, task data) through peftkit's builder on PAIRS."""
     from peftkit.training.preference import build_preference_trainer
-    from peftkit.training.run import training_argument_values
 
-    model, tokenizer = load_model("tiny-llama", "causal-lm", seed=0)
     task = TaskConfig(type="preference", train_file="unused.jsonl", max_length=48)
-    recipe = Recipe(
-        model="tiny-llama", task=task, method={"name": "lora"}, preference=options,
-        training=TrainConfig(max_steps=steps, batch_size=4, learning_rate=0.05, warmup_ratio=0.0,
-                             logging_steps=1, group_by_length=False),
-        output_dir=str(tmp_path / "run"),
-    )  # fmt: skip
-    data = prepared(task, tokenizer)
-    torch.manual_seed(0)
-    model = peftkit.apply(model, method)
-    state = peftkit.api.applied(model)
-    hooks = state.method.training_hooks(model, state.config)
-    arguments = training_argument_values(recipe, tmp_path / "run")
-    arguments.update(report_to="none", disable_tqdm=True)
-    built = build_preference_trainer(
-        TrainerParts(recipe, model, tokenizer, data, arguments, [], hooks, resumed=False)
+    return trl_support.built_trainer(
+        tmp_path, build_preference_trainer, task, PAIRS, method, options, steps=steps
     )
-    return built.trainer, built.notes, model, data
 
 
 def first_batch(trainer) -> dict[str, torch.Tensor]:  # noqa: ANN001
@@ -89,15 +69,6 @@ def closed_form_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     targets = batch["input_ids"][:, 1:]
     picked = logps.gather(2, targets[..., None])[..., 0]
     return (picked * batch["completion_mask"][:, 1:]).sum(-1)
-
-
-def perturb_adapter(model: torch.nn.Module) -> None:
-    """Move every trainable tensor off its initialisation, so the policy is not the base."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
 
 
 # Reading and checking pairs (no model).
