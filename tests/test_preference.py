@@ -341,3 +341,21 @@ def test_the_estimator_refuses_task_types_with_their_own_trainer(task):
     with pytest.raises(ConfigError, match=f"does not model task type '{task}'"):
         estimate("tiny-llama", "lora", 2, 16, "fp32", task=task)
     assert estimate("tiny-llama", "lora", 2, 16, "fp32", task="causal-lm").total > 0
+
+
+def test_the_training_layer_picks_each_task_types_trainer() -> None:
+    """training/task_trainers.py maps the objective a task record names to its builder; a type
+    without one trains with PeftkitTrainer; an objective without a builder is refused by name."""
+    import dataclasses
+
+    from peftkit.tasks.types import TASK_TYPES
+    from peftkit.training import grpo, kto, preference
+    from peftkit.training.task_trainers import trainer_builder
+
+    own = {"preference": preference.build_preference_trainer, "kto": kto.build_kto_trainer,
+           "grpo": grpo.build_grpo_trainer}  # fmt: skip
+    picked = {name: trainer_builder(task_type) for name, task_type in TASK_TYPES.items()}
+    assert picked == {name: own.get(name) for name in TASK_TYPES}
+    odd = dataclasses.replace(TASK_TYPES["kto"], name="made-up", trainer="made-up")
+    with pytest.raises(ConfigError, match="'made-up' trains with 'made-up', which has no trainer"):
+        trainer_builder(odd)

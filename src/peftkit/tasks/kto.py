@@ -223,5 +223,5 @@ KTO = TaskType(
     metrics=("nll_gap", "desirable_nll", "undesirable_nll"),
     generates=True,
     row_check=row_check,
-    trainer="peftkit.training.kto:build_kto_trainer",
+    trainer="kto",
 )

@@ -283,5 +283,5 @@ PREFERENCE = TaskType(
     metrics=("preference_accuracy", "logp_margin", "chosen_nll"),
     generates=True,
     row_check=row_check,
-    trainer="peftkit.training.preference:build_preference_trainer",
+    trainer="preference",
 )
