@@ -61,18 +61,26 @@ def parse_with_smoke(
     return args
 
 
-def add_step_flags(
-    parser: argparse.ArgumentParser, *, batch: int, seq: int, rounds: int, steps: int,
-    names: tuple[str, str] = ("batch", "seq"),
-) -> None:  # fmt: skip
-    """The flags of a timed training step: rows per batch, tokens per row, interleaved rounds
-    and timed steps per arm per round. `names` spells the first two (and their JSON settings):
-    ("batch", "seq") or ("batch_size", "seq_len")."""
-    batch_name, seq_name = (f"--{name.replace('_', '-')}" for name in names)
-    parser.add_argument(batch_name, type=int, default=batch, help="rows per batch")
-    parser.add_argument(seq_name, type=int, default=seq, help="tokens per row")
-    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds")
-    parser.add_argument("--steps", type=int, default=steps, help="timed steps per arm per round")
+# The flags of a timed training step, by the names the scripts spell them (and their JSON
+# settings keep): rows per batch, tokens per row, interleaved rounds, timed steps.
+STEP_FLAGS = {
+    "batch": "rows per batch",
+    "batch_size": "rows per batch",
+    "seq": "tokens per row",
+    "seq_len": "tokens per row",
+    "rounds": "interleaved rounds",
+    "steps": "timed steps per arm per round",
+}
+
+
+def add_step_flags(parser: argparse.ArgumentParser, **defaults: int) -> None:
+    """The step flags named (STEP_FLAGS: batch or batch_size, seq or seq_len, rounds, steps)
+    with their defaults, in the order given (the order of the JSON settings)."""
+    for name, default in defaults.items():
+        if name not in STEP_FLAGS:
+            raise ValueError(f"{name!r} is not a step flag (known: {', '.join(STEP_FLAGS)})")
+        flag = f"--{name.replace('_', '-')}"
+        parser.add_argument(flag, type=int, default=default, help=STEP_FLAGS[name])
 
 
 def setup(args: argparse.Namespace) -> None:

@@ -37,7 +37,7 @@ from common import (
 def parse_args() -> Any:
     """Command-line flags."""
     parser = base_parser(__doc__.split("\n\n")[0], "smollm2-135m")
-    add_step_flags(parser, batch=4, seq=128, rounds=2, steps=3, names=("batch_size", "seq_len"))
+    add_step_flags(parser, steps=3, rounds=2, batch_size=4, seq_len=128)
     parser.add_argument("--top", type=int, default=12, help="operators shown per profile")
     parser.add_argument(
         "--targets", default="all-linear", help="LoRA target_modules (default: every linear)"

@@ -38,7 +38,7 @@ from common import (
 def parse_args() -> Any:
     """Command-line flags."""
     parser = base_parser(__doc__.split("\n\n")[0], "smollm2-135m")
-    add_step_flags(parser, batch=4, seq=256, rounds=2, steps=1, names=("batch_size", "seq_len"))
+    add_step_flags(parser, steps=1, rounds=2, batch_size=4, seq_len=256)
     parser.add_argument(
         "--gemm-sizes", default="1024,2048,3072", help="square GEMM sizes for the peak"
     )
