@@ -21,11 +21,12 @@ import tempfile
 from typing import Any
 
 from common import (
+    add_step_flags,
     base_parser,
+    batches_of,
     interleaved,
     markdown_table,
     median,
-    packed_lm_features,
     parse_with_smoke,
     setup,
     timed,
@@ -36,25 +37,8 @@ from common import (
 def parse_args() -> Any:
     """Command-line flags."""
     parser = base_parser(__doc__.split("\n\n")[0], "smollm2-135m")
-    parser.add_argument("--batch", type=int, default=4, help="rows per batch")
-    parser.add_argument("--seq", type=int, default=512, help="tokens per row")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
-    parser.add_argument("--steps", type=int, default=1, help="timed steps per arm per round")
+    add_step_flags(parser, batch=4, seq=512, rounds=3, steps=1)
     return parse_with_smoke(parser, model="tiny-llama", batch=2, seq=32, rounds=1)
-
-
-def batches_of(tokenizer: Any, batch: int, seq: int, count: int) -> list[dict[str, Any]]:
-    """`count` batches of `batch` rows of exactly `seq` tokens."""
-    import torch
-
-    features = packed_lm_features(tokenizer, batch * count, seq)
-    return [
-        {
-            key: torch.tensor([f[key] for f in features[i * batch : (i + 1) * batch]])
-            for key in features[0]
-        }
-        for i in range(count)
-    ]
 
 
 def trainer_for(model: Any, folder: str) -> Any:

@@ -61,6 +61,28 @@ def parse_with_smoke(
     return args
 
 
+# The flags of a timed training step, by the names the scripts spell them (and their JSON
+# settings keep): rows per batch, tokens per row, interleaved rounds, timed steps.
+STEP_FLAGS = {
+    "batch": "rows per batch",
+    "batch_size": "rows per batch",
+    "seq": "tokens per row",
+    "seq_len": "tokens per row",
+    "rounds": "interleaved rounds",
+    "steps": "timed steps per arm per round",
+}
+
+
+def add_step_flags(parser: argparse.ArgumentParser, **defaults: int) -> None:
+    """The step flags named (STEP_FLAGS: batch or batch_size, seq or seq_len, rounds, steps)
+    with their defaults, in the order given (the order of the JSON settings)."""
+    for name, default in defaults.items():
+        if name not in STEP_FLAGS:
+            raise ValueError(f"{name!r} is not a step flag (known: {', '.join(STEP_FLAGS)})")
+        flag = f"--{name.replace('_', '-')}"
+        parser.add_argument(flag, type=int, default=default, help=STEP_FLAGS[name])
+
+
 def setup(args: argparse.Namespace) -> None:
     """Threads and seeds, before anything is built."""
     import torch
@@ -91,6 +113,20 @@ def packed_lm_features(tokenizer: Any, count: int, seq_len: int) -> list[dict[st
         stream = (stream * (count * seq_len // max(1, len(stream)) + 1))[: count * seq_len]
     chunks = [stream[i * seq_len : (i + 1) * seq_len] for i in range(count)]
     return [{"input_ids": c, "attention_mask": [1] * seq_len, "labels": c} for c in chunks]
+
+
+def batches_of(tokenizer: Any, batch: int, seq: int, count: int) -> list[dict[str, Any]]:
+    """`count` batches of `batch` rows of exactly `seq` tokens (packed_lm_features, as tensors)."""
+    import torch
+
+    features = packed_lm_features(tokenizer, batch * count, seq)
+    return [
+        {
+            key: torch.tensor([f[key] for f in features[i * batch : (i + 1) * batch]])
+            for key in features[0]
+        }
+        for i in range(count)
+    ]
 
 
 def interleaved(arms: dict[str, Callable[[], list[float]]], rounds: int) -> dict[str, list[float]]:

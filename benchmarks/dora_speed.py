@@ -19,11 +19,12 @@ from typing import Any
 
 from common import (
     adamw_step,
+    add_step_flags,
     base_parser,
+    batches_of,
     interleaved,
     markdown_table,
     median,
-    packed_lm_features,
     parse_with_smoke,
     setup,
     timed,
@@ -34,10 +35,7 @@ from common import (
 def parse_args() -> Any:
     """Command-line flags."""
     parser = base_parser(__doc__.split("\n\n")[0], "smollm2-135m")
-    parser.add_argument("--batch", type=int, default=4, help="rows per batch")
-    parser.add_argument("--seq", type=int, default=256, help="tokens per row")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
-    parser.add_argument("--steps", type=int, default=1, help="timed steps per arm per round")
+    add_step_flags(parser, batch=4, seq=256, rounds=3, steps=1)
     return parse_with_smoke(parser, model="tiny-llama", batch=2, seq=32, rounds=1)
 
 
@@ -53,11 +51,7 @@ def main() -> None:
 
     load_before = os.getloadavg()
     base, tokenizer = load_model(args.model, "causal-lm", seed=args.seed)
-    features = packed_lm_features(tokenizer, args.batch * 2, args.seq)
-    batches = [
-        {k: torch.tensor([f[k] for f in features[i : i + args.batch]]) for k in features[0]}
-        for i in range(0, len(features), args.batch)
-    ]
+    batches = batches_of(tokenizer, args.batch, args.seq, 2)
     lora_config = peftkit.LoraConfig(rank=8, target_modules="all-linear")
     dora_config = peftkit.DoraConfig(rank=8, target_modules="all-linear")
     models = {}

@@ -21,11 +21,12 @@ from typing import Any
 
 from common import (
     adamw_step,
+    add_step_flags,
     base_parser,
+    batches_of,
     interleaved,
     markdown_table,
     median,
-    packed_lm_features,
     parse_with_smoke,
     setup,
     timed,
@@ -36,10 +37,7 @@ from common import (
 def parse_args() -> Any:
     """Command-line flags."""
     parser = base_parser(__doc__.split("\n\n")[0], "smollm2-135m")
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per arm per round")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per arm")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per batch")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    add_step_flags(parser, steps=3, rounds=2, batch_size=4, seq_len=128)
     parser.add_argument("--top", type=int, default=12, help="operators shown per profile")
     parser.add_argument(
         "--targets", default="all-linear", help="LoRA target_modules (default: every linear)"
@@ -107,17 +105,11 @@ def main() -> None:
     """Time every arm, profile one step of each, print the ratios and the profiles."""
     args = parse_args()
     setup(args)
-    import torch
 
     from peftkit.models import load_model
 
     model, tokenizer = load_model(args.model, "causal-lm", seed=args.seed)
-    features = packed_lm_features(tokenizer, args.batch_size * 4, args.seq_len)
-    batches = []
-    for start in range(0, len(features), args.batch_size):
-        chunk = features[start : start + args.batch_size]
-        ids = torch.tensor([f["input_ids"] for f in chunk])
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    batches = batches_of(tokenizer, args.batch_size, args.seq_len, 4)
     arms = lora_arms(model, args)
     model.requires_grad_(True)
     models = {"full fine-tuning": (model, {"implementation": "full"}), **arms}

@@ -21,14 +21,16 @@ import copy
 from typing import Any
 
 from common import (
+    add_step_flags,
     base_parser,
+    batches_of,
     clock,
     interleaved,
     markdown_table,
     median,
-    packed_lm_features,
     parse_with_smoke,
     setup,
+    timed,
     write_json,
 )
 
@@ -36,10 +38,7 @@ from common import (
 def parse_args() -> Any:
     """Command-line flags."""
     parser = base_parser(__doc__.split("\n\n")[0], "smollm2-135m")
-    parser.add_argument("--steps", type=int, default=1, help="timed steps per method per round")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per method")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per batch")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    add_step_flags(parser, steps=1, rounds=2, batch_size=4, seq_len=256)
     parser.add_argument(
         "--gemm-sizes", default="1024,2048,3072", help="square GEMM sizes for the peak"
     )
@@ -123,32 +122,18 @@ def main() -> None:
     """Measure the GEMM peak, time each method, print MFU per method, write JSON."""
     args = parse_args()
     setup(args)
-    import torch
 
     from peftkit.models import load_model
 
     model, tokenizer = load_model(args.model, "causal-lm", seed=args.seed)
-    features = packed_lm_features(tokenizer, args.batch_size, args.seq_len)
-    ids = torch.tensor([f["input_ids"] for f in features])
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    batch = batches_of(tokenizer, args.batch_size, args.seq_len, 1)[0]
     n = matmul_parameters(model)
     attention = attention_flops_per_token(model.config, args.seq_len)
     peak_before = gemm_peak([int(s) for s in args.gemm_sizes.split(",")])
     models = method_models(model)
     steps = {name: step_function(m, batch) for name, (m, _) in models.items()}
 
-    def timed(step: Any) -> Any:
-        def run() -> list[float]:
-            out = []
-            for _ in range(args.steps):
-                start = clock()
-                step()
-                out.append(clock() - start)
-            return out
-
-        return run
-
-    seconds = interleaved({name: timed(s) for name, s in steps.items()}, args.rounds)
+    seconds = interleaved({name: timed(s, args.steps) for name, s in steps.items()}, args.rounds)
     peak_after = gemm_peak([int(s) for s in args.gemm_sizes.split(",")])
     # The machine is shared: take the better of the two peak measurements, a stricter denominator.
     peak = max(peak_before["flops_per_second"], peak_after["flops_per_second"])

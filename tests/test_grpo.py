@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+import trl_support
+from trl_support import base_model, perturb_adapter
 
 import peftkit
 from peftkit.errors import ConfigError, MalformedExampleError, RewardError
 from peftkit.models import load_model
-from peftkit.recipe import Recipe, TrainConfig
 from peftkit.tasks import rewards
-from peftkit.tasks.base import TrainerParts
 from peftkit.tasks.config import GRPOConfig, TaskConfig
 from peftkit.tasks.types import get_task_type
 
@@ -60,48 +60,18 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN20
     sys.modules.pop("user_rewards", None)
 
 
-def base_model() -> torch.nn.Module:
-    """The tiny Llama, seeded: every call gives the same weights."""
-    return load_model("tiny-llama", "causal-lm", seed=0)[0]
-
-
 def built_trainer(tmp_path: Path, task: TaskConfig, options: GRPOConfig, method=LORA):  # noqa: ANN001, ANN201
     """(trainer, notes, applied model, task data) through peftkit's builder on PROMPTS."""
     from peftkit.training.grpo import build_grpo_trainer
-    from peftkit.training.run import training_argument_values
 
-    model, tokenizer = load_model("tiny-llama", "causal-lm", seed=0)
-    recipe = Recipe(
-        model="tiny-llama", task=task, method={"name": "lora"}, grpo=options,
-        training=TrainConfig(max_steps=1, batch_size=8, learning_rate=0.05, warmup_ratio=0.0,
-                             logging_steps=1, group_by_length=False),
-        output_dir=str(tmp_path / "run"),
-    )  # fmt: skip
-    data = GRPO.prepare(task, tokenizer, PROMPTS, PROMPTS)
-    torch.manual_seed(0)
-    model = peftkit.apply(model, method)
-    state = peftkit.api.applied(model)
-    hooks = state.method.training_hooks(model, state.config)
-    arguments = training_argument_values(recipe, tmp_path / "run")
-    arguments.update(report_to="none", disable_tqdm=True)
-    built = build_grpo_trainer(
-        TrainerParts(recipe, model, tokenizer, data, arguments, [], hooks, resumed=False)
+    return trl_support.built_trainer(
+        tmp_path, build_grpo_trainer, task, PROMPTS, method, options, batch_size=8
     )
-    return built.trainer, built.notes, model, data
 
 
 def grpo_task(*names: str) -> TaskConfig:
     """A grpo task section naming these rewards."""
     return TaskConfig(type="grpo", train_file="unused.jsonl", rewards=names)
-
-
-def perturb_adapter(model: torch.nn.Module) -> None:
-    """Move every trainable tensor off its initialisation, so the policy is not the base."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
 
 
 def completion_logps(model: torch.nn.Module, inputs: dict) -> torch.Tensor:

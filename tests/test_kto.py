@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+import trl_support
+from trl_support import base_model, perturb_adapter
 
 import peftkit
 from peftkit.errors import ConfigError, MalformedExampleError, MalformedPairError
@@ -32,34 +34,13 @@ LORA = peftkit.LoraConfig(rank=4)
 TASK = TaskConfig(type="kto", train_file="unused.jsonl", max_length=48)
 
 
-def base_model() -> torch.nn.Module:
-    """The tiny Llama, seeded: every call gives the same weights."""
-    return load_model("tiny-llama", "causal-lm", seed=0)[0]
-
-
 def built_trainer(tmp_path: Path, method: object, options: KTOConfig, steps: int = 1):  # noqa: ANN201
     """(trainer, notes, applied model, task data) through peftkit's builder on ROWS."""
     from peftkit.training.kto import build_kto_trainer
-    from peftkit.training.run import training_argument_values
 
-    model, tokenizer = load_model("tiny-llama", "causal-lm", seed=0)
-    recipe = Recipe(
-        model="tiny-llama", task=TASK, method={"name": "lora"}, kto=options,
-        training=TrainConfig(max_steps=steps, batch_size=4, learning_rate=0.05, warmup_ratio=0.0,
-                             logging_steps=1, group_by_length=False),
-        output_dir=str(tmp_path / "run"),
-    )  # fmt: skip
-    data = KTO.prepare(TASK, tokenizer, ROWS, ROWS)
-    torch.manual_seed(0)
-    model = peftkit.apply(model, method)
-    state = peftkit.api.applied(model)
-    hooks = state.method.training_hooks(model, state.config)
-    arguments = training_argument_values(recipe, tmp_path / "run")
-    arguments.update(report_to="none", disable_tqdm=True)
-    built = build_kto_trainer(
-        TrainerParts(recipe, model, tokenizer, data, arguments, [], hooks, resumed=False)
+    return trl_support.built_trainer(
+        tmp_path, build_kto_trainer, TASK, ROWS, method, options, steps=steps
     )
-    return built.trainer, built.notes, model, data
 
 
 def whole_batch(trainer) -> dict[str, torch.Tensor]:  # noqa: ANN001
@@ -87,15 +68,6 @@ def sides(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
         model, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"]
     )
     return matched, mismatched
-
-
-def perturb_adapter(model: torch.nn.Module) -> None:
-    """Move every trainable tensor off its initialisation, so the policy is not the base."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
 
 
 def test_malformed_rows_are_named_before_anything_is_written(
@@ -149,6 +121,28 @@ def test_labels_and_pairs_read_as_trl_reads_them() -> None:
     ]
     with pytest.raises(MalformedPairError, match="chosen equal to rejected: row 0"):
         KTO.check_rows(TASK, [{"prompt": "p", "chosen": "x", "rejected": "x"}], "pairs")
+
+
+def test_an_example_whose_prompt_fills_max_length_leaves_with_its_record() -> None:
+    tokenizer = load_model("tiny-llama", "causal-lm")[1]
+    task = TaskConfig(type="kto", train_file="unused.jsonl", max_length=17)
+    long = {"prompt": "copy: " + " ".join("abcdefgh"[i % 8] for i in range(30)) + "\n",
+            "completion": "a", "label": True}  # fmt: skip
+    rows = [ROWS[0], long, *ROWS[1:]]
+    data = KTO.prepare(task, tokenizer, rows, rows)
+    kept = [r for r in rows if r is not long]
+    assert len(tokenizer(long["prompt"])["input_ids"]) >= task.max_length  # it must go
+    assert data.dropped == data.dropped_eval == 1
+    assert [(r["prompt"], r["label"]) for r in data.train_records] == [
+        (r["prompt"], r["label"]) for r in kept
+    ]
+    for record, feature in zip(data.eval_records, data.eval, strict=True):  # in step
+        whole = tokenizer(record["prompt"] + record["completion"])["input_ids"]
+        assert feature["prompt_ids"] + feature["completion_ids"] == whole[: task.max_length]
+        assert feature["label"] == record["label"]
+    lengths = [len(tokenizer(r["prompt"] + r["completion"])["input_ids"])
+               for r in data.train_records]  # fmt: skip
+    assert data.truncated == sum(n > task.max_length for n in lengths) > 0
 
 
 def test_kto_section_only_with_a_kto_task() -> None:

@@ -308,3 +308,16 @@ def test_the_core_never_names_an_application() -> None:
             if names_one_of(word, patterns) or _reaches({word}, "peftkit.apps"):
                 found.append(f"{relative}:{line}: {word!r}")
     assert not found, "the core names an application:\n" + "\n".join(found)
+
+
+def test_the_task_records_name_nothing_of_training() -> None:
+    """training/ sits above the task records and imports them; a task record says which
+    objective it trains with, and training/task_trainers.py maps it to a builder. No module
+    under tasks/ imports peftkit.training or names one of its modules in a string."""
+    offenders = {}
+    for name, tree in modules().items():
+        if name.startswith("peftkit.tasks"):
+            found = _reaches(imported_paths(name, tree) | string_paths(tree), "peftkit.training")
+            if found:
+                offenders[name] = found
+    assert not offenders, f"a task record reaches the training layer: {offenders}"

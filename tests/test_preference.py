@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+import trl_support
+from trl_support import base_model, perturb_adapter
 
 import peftkit
 from peftkit.errors import ConfigError, MalformedPairError
 from peftkit.models import load_model
-from peftkit.recipe import Recipe, TrainConfig
-from peftkit.tasks.base import TrainerParts, read_split
+from peftkit.tasks.base import read_split
 from peftkit.tasks.config import PreferenceConfig, TaskConfig
 from peftkit.tasks.types import get_task_type
 
@@ -38,11 +39,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def base_model() -> torch.nn.Module:
-    """The tiny Llama, seeded: every call gives the same weights."""
-    return load_model("tiny-llama", "causal-lm", seed=0)[0]
-
-
 def prepared(task: TaskConfig, tokenizer: object, rows: list[dict] = PAIRS) -> object:
     """The task's data from rows (train and held out the same)."""
     return PREFERENCE.prepare(task, tokenizer, rows, rows)
@@ -51,27 +47,11 @@ def prepared(task: TaskConfig, tokenizer: object, rows: list[dict] = PAIRS) -> o
 def built_trainer(tmp_path: Path, method: object, options: PreferenceConfig, steps: int = 1):  # noqa: ANN201
     """(trainer, notes, applied model, task data) through peftkit's builder on PAIRS."""
     from peftkit.training.preference import build_preference_trainer
-    from peftkit.training.run import training_argument_values
 
-    model, tokenizer = load_model("tiny-llama", "causal-lm", seed=0)
     task = TaskConfig(type="preference", train_file="unused.jsonl", max_length=48)
-    recipe = Recipe(
-        model="tiny-llama", task=task, method={"name": "lora"}, preference=options,
-        training=TrainConfig(max_steps=steps, batch_size=4, learning_rate=0.05, warmup_ratio=0.0,
-                             logging_steps=1, group_by_length=False),
-        output_dir=str(tmp_path / "run"),
-    )  # fmt: skip
-    data = prepared(task, tokenizer)
-    torch.manual_seed(0)
-    model = peftkit.apply(model, method)
-    state = peftkit.api.applied(model)
-    hooks = state.method.training_hooks(model, state.config)
-    arguments = training_argument_values(recipe, tmp_path / "run")
-    arguments.update(report_to="none", disable_tqdm=True)
-    built = build_preference_trainer(
-        TrainerParts(recipe, model, tokenizer, data, arguments, [], hooks, resumed=False)
+    return trl_support.built_trainer(
+        tmp_path, build_preference_trainer, task, PAIRS, method, options, steps=steps
     )
-    return built.trainer, built.notes, model, data
 
 
 def first_batch(trainer) -> dict[str, torch.Tensor]:  # noqa: ANN001
@@ -89,15 +69,6 @@ def closed_form_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     targets = batch["input_ids"][:, 1:]
     picked = logps.gather(2, targets[..., None])[..., 0]
     return (picked * batch["completion_mask"][:, 1:]).sum(-1)
-
-
-def perturb_adapter(model: torch.nn.Module) -> None:
-    """Move every trainable tensor off its initialisation, so the policy is not the base."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
 
 
 # Reading and checking pairs (no model).
@@ -160,6 +131,26 @@ def test_conversational_pairs_render_through_the_chat_template() -> None:
     no_prompt = {"chosen": explicit["chosen"], "rejected": explicit["rejected"]}
     with pytest.raises(MalformedPairError, match="an empty prompt"):
         PREFERENCE.check_rows(task, [no_prompt], "the test rows")
+
+
+def test_a_pair_whose_prompt_fills_max_length_leaves_with_its_record() -> None:
+    tokenizer = load_model("tiny-llama", "causal-lm")[1]
+    task = TaskConfig(type="preference", train_file="unused.jsonl", max_length=17)
+    long = {"prompt": "copy: " + " ".join("abcdefgh"[i % 8] for i in range(30)) + "\n",
+            "chosen": "a", "rejected": "b"}  # fmt: skip
+    rows = [PAIRS[0], long, *PAIRS[1:]]
+    data = prepared(task, tokenizer, rows)
+    kept = [r for r in rows if r is not long]
+    assert len(tokenizer(long["prompt"])["input_ids"]) >= task.max_length  # it must go
+    assert data.dropped == data.dropped_eval == 1
+    assert [r["prompt"] for r in data.train_records] == [r["prompt"] for r in kept]
+    for record, feature in zip(data.eval_records, data.eval, strict=True):  # in step
+        for key in ("chosen", "rejected"):
+            whole = tokenizer(record["prompt"] + record[key])["input_ids"]
+            assert feature["prompt_ids"] + feature[f"{key}_ids"] == whole[: task.max_length]
+    lengths = [max(len(tokenizer(r["prompt"] + r[k])["input_ids"]) for k in ("chosen", "rejected"))
+               for r in data.train_records]  # fmt: skip
+    assert data.truncated == sum(n > task.max_length for n in lengths) > 0
 
 
 def test_preference_section_only_with_a_preference_task() -> None:
@@ -350,3 +341,21 @@ def test_the_estimator_refuses_task_types_with_their_own_trainer(task):
     with pytest.raises(ConfigError, match=f"does not model task type '{task}'"):
         estimate("tiny-llama", "lora", 2, 16, "fp32", task=task)
     assert estimate("tiny-llama", "lora", 2, 16, "fp32", task="causal-lm").total > 0
+
+
+def test_the_training_layer_picks_each_task_types_trainer() -> None:
+    """training/task_trainers.py maps the objective a task record names to its builder; a type
+    without one trains with PeftkitTrainer; an objective without a builder is refused by name."""
+    import dataclasses
+
+    from peftkit.tasks.types import TASK_TYPES
+    from peftkit.training import grpo, kto, preference
+    from peftkit.training.task_trainers import trainer_builder
+
+    own = {"preference": preference.build_preference_trainer, "kto": kto.build_kto_trainer,
+           "grpo": grpo.build_grpo_trainer}  # fmt: skip
+    picked = {name: trainer_builder(task_type) for name, task_type in TASK_TYPES.items()}
+    assert picked == {name: own.get(name) for name in TASK_TYPES}
+    odd = dataclasses.replace(TASK_TYPES["kto"], name="made-up", trainer="made-up")
+    with pytest.raises(ConfigError, match="'made-up' trains with 'made-up', which has no trainer"):
+        trainer_builder(odd)

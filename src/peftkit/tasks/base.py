@@ -109,10 +109,10 @@ class TaskType:
     # Refuse the rows of one data file this type cannot learn from, numbered as in the file
     # (task, rows, where they came from). None: every column() must hold a value in every row.
     row_check: Callable[[TaskConfig, Rows, str], None] | None = None
-    # The builder of the Trainer for a type that does not train on its features' token loss, as
-    # "module:function" taking TrainerParts and returning a BuiltTrainer (preference: TRL's
-    # trainers, "peftkit.training.preference:build_preference_trainer"). A name, not a function:
-    # the training layer sits above the task records and imports them. None: PeftkitTrainer.
+    # The objective of a type that does not train on its features' token loss, by name
+    # ("preference", "kto", "grpo"): the training layer, which sits above the task records and
+    # imports them, maps it to the builder of its Trainer (training/task_trainers.py), handing
+    # it TrainerParts for a BuiltTrainer. None: PeftkitTrainer on the features' token loss.
     trainer: str | None = None
 
     def check_columns(self, task: TaskConfig, train: Rows, held_out: Rows) -> None:

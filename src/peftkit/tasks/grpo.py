@@ -142,5 +142,5 @@ GRPO = TaskType(
     metrics=("mean_reward",),
     generates=True,
     row_check=row_check,
-    trainer="peftkit.training.grpo:build_grpo_trainer",
+    trainer="grpo",
 )

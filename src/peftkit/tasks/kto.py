@@ -36,6 +36,7 @@ from peftkit.tasks.preference import (
     _empty,
     _ends_with_eos,
     as_messages,
+    features_in_step,
 )
 
 if TYPE_CHECKING:
@@ -158,16 +159,8 @@ def text_records(task: TaskConfig, rows: Rows, tokenizer: Any) -> Rows:
 
 def _features(task: TaskConfig, tokenizer: Any, rows: Rows) -> tuple[Rows, Rows, int, int]:
     """(text records, features, truncated, dropped) of rows, kept in step."""
-    records, features, truncated, dropped = [], [], 0, 0
-    for record in text_records(task, rows, tokenizer):
-        feature = example_feature(tokenizer, record, task.max_length)
-        if feature is None:
-            dropped += 1
-            continue
-        truncated += feature.pop("truncated")
-        records.append(record)
-        features.append(feature)
-    return records, features, truncated, dropped
+    records = text_records(task, rows, tokenizer)
+    return features_in_step(records, lambda r: example_feature(tokenizer, r, task.max_length))
 
 
 def prepare(task: TaskConfig, tokenizer: Any, train: Rows, held_out: Rows) -> TaskData:
@@ -230,5 +223,5 @@ KTO = TaskType(
     metrics=("nll_gap", "desirable_nll", "undesirable_nll"),
     generates=True,
     row_check=row_check,
-    trainer="peftkit.training.kto:build_kto_trainer",
+    trainer="kto",
 )

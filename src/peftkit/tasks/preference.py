@@ -21,6 +21,7 @@ a higher log-probability than the rejected one (`preference_accuracy`), the mean
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -190,21 +191,29 @@ def chosen_feature(feature: dict[str, Any]) -> dict[str, Any]:
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
+def features_in_step(
+    records: Iterable[dict[str, Any]], feature: Callable[[dict[str, Any]], dict[str, Any] | None]
+) -> tuple[Rows, list[dict[str, Any]], int, int]:
+    """(records kept, their features, truncated, dropped): each record's feature (a dict with a
+    "truncated" flag, taken off it and counted), a record whose feature is None dropped with it."""
+    kept, features, truncated, dropped = [], [], 0, 0
+    for record in records:
+        made = feature(record)
+        if made is None:
+            dropped += 1
+            continue
+        truncated += made.pop("truncated")
+        kept.append(record)
+        features.append(made)
+    return kept, features, truncated, dropped
+
+
 def _features(
     task: TaskConfig, tokenizer: Any, rows: Rows
 ) -> tuple[Rows, list[dict[str, Any]], int, int]:
     """(text records, pair features, truncated, dropped) of rows, kept in step."""
-    records, features, truncated, dropped = [], [], 0, 0
-    for row in rows:
-        record = text_record(task, row, tokenizer)
-        feature = pair_feature(tokenizer, record, task.max_length)
-        if feature is None:
-            dropped += 1
-            continue
-        truncated += feature.pop("truncated")
-        records.append(record)
-        features.append(feature)
-    return records, features, truncated, dropped
+    records = (text_record(task, row, tokenizer) for row in rows)  # each read as it is featured
+    return features_in_step(records, lambda r: pair_feature(tokenizer, r, task.max_length))
 
 
 def prepare(task: TaskConfig, tokenizer: Any, train: Rows, held_out: Rows) -> TaskData:
@@ -274,5 +283,5 @@ PREFERENCE = TaskType(
     metrics=("preference_accuracy", "logp_margin", "chosen_nll"),
     generates=True,
     row_check=row_check,
-    trainer="peftkit.training.preference:build_preference_trainer",
+    trainer="preference",
 )

@@ -10,12 +10,11 @@ every `save_steps` appear only when complete, and `resume` continues from one ex
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +66,7 @@ from peftkit.training.sharded_checkpoints import ShardedTrainer, check_resume_sh
 from peftkit.training.sharding import rebuilt_model, refuse_unsupported, shard, sharded
 from peftkit.training.step_clock import StepClock
 from peftkit.training.summary_table import format_summary
+from peftkit.training.task_trainers import trainer_builder
 from peftkit.training.trainer import HooksCallback, PeftkitTrainer
 
 
@@ -103,12 +103,6 @@ def training_argument_values(recipe: Recipe, output: Path) -> dict[str, Any]:
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
-
-
-def trainer_builder(name: str) -> Callable[[TrainerParts], BuiltTrainer]:
-    """A task type's trainer builder from its "module:function" name (TaskType.trainer)."""
-    module, function = name.split(":")
-    return getattr(importlib.import_module(module), function)
 
 
 def evaluate(model: Any, plan: Plan, data: TaskData, collator: Collator) -> dict[str, float]:
@@ -300,7 +294,8 @@ def _run(plan: Plan, resume: str | bool | None, overwrite: bool) -> dict[str, An
     refuse_unsupported_sharding(method.method.name, hooks, recipe, resume)
     if main_process:  # what this run writes is recorded first: --overwrite moves only that
         record_entries(output, TRAINING_ENTRIES)
-    refuse_unsupported(recipe, resume, own_trainer=task_type.trainer is not None)  # fsdp
+    own_trainer = trainer_builder(task_type)  # None: PeftkitTrainer on the token loss
+    refuse_unsupported(recipe, resume, own_trainer=own_trainer is not None)  # fsdp
     args = training_arguments(recipe, output)  # under torchrun this joins the process group
     check_resume_sharding(checkpoint, sharded(recipe))
     prepare_seconds = 0.0
@@ -330,8 +325,8 @@ def _run(plan: Plan, resume: str | bool | None, overwrite: bool) -> dict[str, An
         step_clock,
     ]
     with reporting_environment(output):  # the reporting callbacks are built in Trainer.__init__
-        if task_type.trainer is not None:  # a type with its own trainer (preference: TRL's)
-            built = trainer_builder(task_type.trainer)(TrainerParts(
+        if own_trainer is not None:  # a type with its own trainer (preference: TRL's)
+            built = own_trainer(TrainerParts(
                 recipe, model, tokenizer, data, training_argument_values(recipe, output),
                 callbacks, hooks, resumed=checkpoint is not None,
             ))  # fmt: skip
