@@ -207,6 +207,7 @@ def trl_sampler(trainer: Any) -> Sampler:
                 getattr(args, "use_transformers_continuous_batching", False),
             ),
             ("generation_kwargs", bool(args.generation_kwargs)),
+            ("cache_implementation", getattr(args, "cache_implementation", None) is not None),
             ("repetition_penalty", trainer.repetition_penalty != 1.0),
             ("tools", bool(getattr(trainer, "tools", None))),
             ("environment_factories", getattr(trainer, "environment_factories", None) is not None),
