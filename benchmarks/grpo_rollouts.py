@@ -7,6 +7,7 @@ the prompts are the first bank-sql training questions (question + schema, render
 renders them), each repeated num_generations times as TRL's sampler does. Each round runs both
 arms, in rotating order, from the same seed: TRL's `_generate_single_turn` and peftkit's
 override of it. A round's rate is completion tokens / seconds; the ratio is taken per round.
+After the rounds, one call per arm stopping after the first token times the prefill's share.
 The arms draw the same random stream, so their completions are compared token for token too.
 Prints a table and writes JSON.
 
@@ -85,6 +86,26 @@ def build(args: argparse.Namespace, folder: Path) -> tuple[Any, list[list[int]]]
     return trainer, trainer._tokenize_prompts(texts)[0]
 
 
+def first_token_seconds(trainer: Any, run: dict[str, Any], seed: int) -> dict[str, float]:
+    """Each arm's seconds for one call that stops after the first token (mostly the prefill)."""
+    import torch
+
+    length = trainer.max_completion_length
+    seconds = {}
+    try:
+        trainer.max_completion_length = trainer.generation_config.max_new_tokens = 1
+        trainer.generation_kwargs["max_new_tokens"] = 1
+        for arm in ARMS:
+            torch.manual_seed(seed)
+            start = clock()
+            run[arm]()
+            seconds[arm] = clock() - start
+    finally:
+        trainer.max_completion_length = trainer.generation_config.max_new_tokens = length
+        trainer.generation_kwargs["max_new_tokens"] = length
+    return seconds
+
+
 def spread(values: list[float]) -> dict[str, float]:
     """Median, min and max."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -124,6 +145,7 @@ def main() -> None:
                       f"{rates[arm][-1]:.1f} tokens/s", flush=True)  # fmt: skip
             pairs = zip(completions["trl"], completions["peftkit"], strict=True)
             same.append(statistics.mean(float(a == b) for a, b in pairs))
+        first = first_token_seconds(trainer, run, args.seed)
     ratios = [p / t for p, t in zip(rates["peftkit"], rates["trl"], strict=True)]
     lengths = [len(ids) for ids in prompt_ids]
     results = {
@@ -134,6 +156,7 @@ def main() -> None:
         "speedup_per_round": ratios,
         "speedup": spread(ratios),
         "identical_completions": same,  # per round: fraction of rows with the same token ids
+        "first_token_seconds": first,  # one call with max_completion_length 1: the prefill
         "note": "rollout tokens/s = completion tokens (EOS included) / wall seconds of one call; "
         "2 CPU cores shared with other jobs (see machine.load_average)",
     }
