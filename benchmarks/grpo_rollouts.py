@@ -7,7 +7,8 @@ the prompts are the first bank-sql training questions (question + schema, render
 renders them), each repeated num_generations times as TRL's sampler does. Each round runs both
 arms, in rotating order, from the same seed: TRL's `_generate_single_turn` and peftkit's
 override of it. A round's rate is completion tokens / seconds; the ratio is taken per round.
-After the rounds, one call per arm stopping after the first token times the prefill's share.
+Before the rounds, one call per arm stopping after the first token warms both up (not kept);
+after them, the same call times the prefill's share.
 The arms draw the same random stream, so their completions are compared token for token too.
 Prints a table and writes JSON.
 
@@ -34,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=8, help="distinct bank-sql prompts")
     parser.add_argument("--generations", type=int, default=4, help="completions per prompt")
     parser.add_argument("--new-tokens", type=int, default=64, help="max_completion_length")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (all linear layers)")
     return parse_with_smoke(
         parser, model="tiny-llama", prompts=2, generations=2, new_tokens=4, rounds=1
@@ -128,6 +129,7 @@ def main() -> None:
                 prompt_ids, None, {}, args.generations
             ),
         }
+        first_token_seconds(trainer, run, args.seed)  # a warm-up of both paths, not kept
         rates: dict[str, list[float]] = {arm: [] for arm in ARMS}
         tokens: dict[str, list[int]] = {arm: [] for arm in ARMS}
         same: list[float] = []
