@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from peftkit.decoding.prompts import left_padded
 from peftkit.decoding.stream import accepts_logits_to_keep, model_device, positions_from_mask
 from peftkit.errors import ConfigError
 from peftkit.serve import kv
@@ -124,8 +125,6 @@ def rollout(
     pad: int,
 ) -> Rollout:
     """Continue every prompt (token ids) with the model as it is, in one batch."""
-    from peftkit.decoding.prompts import left_padded
-
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     device = model_device(model)
