@@ -286,6 +286,7 @@ def test_peftkit_train_runs_the_sql_recipe(tmp_path: Path, registry: None) -> No
     summary = json.loads((output / "summary.json").read_text())
     assert summary["task"] == "grpo" and summary["steps"] == 1
     assert summary["grpo"]["rewards"] == ["sql-execution", "format"]
+    assert summary["grpo"]["rollouts"].startswith("peftkit")  # the recipe's (and the default)
     assert summary["reference"].startswith("none")
     after = summary["eval_after"]
     weighted = after["reward/sql-execution"] + 0.2 * after["reward/format"]

@@ -247,6 +247,7 @@ class KTOConfig:
 
 GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 GRPO_SCALE_REWARDS = ("group", "batch", "none")
+GRPO_ROLLOUTS = ("peftkit", "trl")  # who generates the completions (training/rollouts.py)
 
 
 @dataclass(frozen=True)
@@ -273,11 +274,17 @@ class GRPOConfig:
     scale_rewards: str = field(
         default="group", metadata={"help": "advantages divided by the std of: group | batch | none"}
     )
+    rollouts: str = field(
+        default="peftkit",
+        metadata={"help": "who samples the completions: peftkit (batched decoding with the live "
+                          "adapter) | trl (TRL's default: transformers' generate)"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         for key, value, choices in (
             ("loss_type", self.loss_type, GRPO_LOSS_TYPES),
             ("scale_rewards", self.scale_rewards, GRPO_SCALE_REWARDS),
+            ("rollouts", self.rollouts, GRPO_ROLLOUTS),
         ):
             if value not in choices:
                 guess = nearest(str(value), list(choices))
