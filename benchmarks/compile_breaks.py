@@ -1,5 +1,5 @@
-"""Graph breaks under torch.compile, counted with torch._dynamo.explain (issue 33 item 3: measured,
-nothing changed): one training forward (loss included) of a LoRA/DoRA model, per arm.
+"""Graph breaks under torch.compile, counted with torch._dynamo.explain (issue 33 item 3; the fast
+path's own breaks since removed): one training forward (loss included) of a LoRA/DoRA model.
 
 Arms: peftkit's fast path at dropout 0.05 and 0, DoRA on the fast path at dropout 0.05, the fast
 path with the chunked causal-LM loss (models/chunked_loss.py), and PEFT's own forward (the fast
