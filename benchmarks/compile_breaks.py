@@ -1,10 +1,11 @@
-"""Graph breaks under torch.compile, counted with torch._dynamo.explain (issue 33 item 3: measured,
-nothing changed): one training forward (loss included) of a LoRA/DoRA model, per arm.
+"""Graph breaks under torch.compile, counted with torch._dynamo.explain (issue 33 item 3; the fast
+path's own breaks since removed): one training forward (loss included) of a LoRA/DoRA model.
 
 Arms: peftkit's fast path at dropout 0.05 and 0, DoRA on the fast path at dropout 0.05, the fast
 path with the chunked causal-LM loss (models/chunked_loss.py), and PEFT's own forward (the fast
-path uninstalled). Each model first runs one eager forward (the fast path groups its sibling layers
-there), then `explain` traces one more. Prints graphs, breaks and the distinct break reasons.
+path uninstalled). Each model first runs one eager forward (the fast path records its sibling
+layers there; it groups them and removes its hooks at the start of the next), then `explain`
+traces one more. Prints graphs, breaks and the distinct break reasons.
 
     .venv/bin/python benchmarks/compile_breaks.py                      # tiny-llama, seconds
     .venv/bin/python benchmarks/compile_breaks.py --smoke --output /tmp/compile_breaks.json
@@ -68,7 +69,7 @@ def main() -> None:
                 return chunked_loss.causal_lm_loss(model, head, dict(batch), None)
             return model(**batch).loss
 
-        forward()  # eager: the fast path finds its sibling layers
+        forward()  # eager: the fast path records its sibling layers (grouped as the next starts)
         torch._dynamo.reset()
         explained = torch._dynamo.explain(forward)()
         reasons = collections.Counter(

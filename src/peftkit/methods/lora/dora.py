@@ -31,7 +31,11 @@ def weight_norm(
 ) -> torch.Tensor:
     """||W + s B A|| per output row, detached; computed again only when W, A or B changed (an
     optimizer step, a load) since the last call, so a step's forward, a gradient-checkpointed
-    recompute and the evaluation after it share one."""
+    recompute and the evaluation after it share one. Under torch.compile it is computed on every
+    call (dynamo compares no data pointers; the compiled graph fuses the norm into its step)."""
+    if torch.compiler.is_compiling():
+        with torch.no_grad():
+            return torch.linalg.norm(torch.addmm(weight, b, a, alpha=s), dim=1)
     key = (name, s) + tuple((t.data_ptr(), t._version, t.shape) for t in (weight, a, b))
     held = layer.__dict__.get(_NORM)
     if held is not None and held[0] == key:

@@ -27,6 +27,8 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
 
     Each 64-bit word from the generator gives four independent uniform 16-bit lanes, so the mask
     costs a quarter of the generator calls of a float draw per element."""
+    if torch.compiler.is_compiling():  # dynamo traces no random_: the same odds from randint
+        return torch.randint(0, LANES, shape, device=device, dtype=torch.int32) >= drop_count(p)
     count = shape.numel()
     words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
     lanes = words.random_(-(2**63), None).view(torch.int16)[:count]
@@ -37,7 +39,8 @@ class Down(torch.autograd.Function):
     """h = (x * mask / (1 - p)) [A_1; A_2; ...]^T for sibling layers' A matrices at once.
 
     Saves the A parameters themselves (the concatenation is rebuilt in backward, not kept) and,
-    with dropout, the bool mask rather than the dropped copy of x."""
+    with dropout, the bool mask rather than the dropped copy of x. The caller draws the mask
+    (`keep_mask`; None: no dropout), so the forward draws nothing and traces under torch.compile."""
 
     @staticmethod
     def forward(
@@ -47,8 +50,6 @@ class Down(torch.autograd.Function):
         if autocast_on(x):  # compute as autocast would, in its dtype
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)
-        if keep is None and p > 0:
-            keep = keep_mask(x.shape, p, x.device)
         ctx.scale = LANES / (LANES - drop_count(p)) if p > 0 else 1.0
         # Each input's gradient needs the other one only: save what a gradient is wanted for.
         x_grad, weight_grad = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])

@@ -27,7 +27,13 @@ no float32 copy of each layer's input for backward: it recasts the input.
 Siblings are found on the model's first forward (layers under one parent module that received the
 very same tensor objects) and share from the second on; a member uses the shared result only when
 its input is that tensor object at that version, so a model that calls its layers differently
-stays correct (each layer then computes its own)."""
+stays correct (each layer then computes its own).
+
+Under torch.compile the same path traces as one graph (no break; tests/test_lora_fast_compile.py):
+masks are drawn outside the autograd functions, with `randint` at the same odds (dynamo traces no
+`random_`; a compiled run draws from inductor's generator anyway), a member's share is matched by
+its input's identity alone (dynamo reads no tensor version), and DoRA's norm is computed in the
+graph instead of cached. The first two forwards still break at the discovery hooks, once."""
 
 from __future__ import annotations
 
@@ -86,6 +92,8 @@ class Siblings:
 def _version(x: torch.Tensor) -> int:
     """A tensor's in-place version (inference tensors have none: they cannot change outside
     inference mode, and a model does not rewrite its input between sibling layers)."""
+    if torch.compiler.is_compiling():
+        return -1  # dynamo reads no version (a data-dependent value): the check is by identity
     return -1 if x.is_inference() else x._version
 
 
@@ -158,7 +166,12 @@ def _down(layer: nn.Module, name: str, x: torch.Tensor, flat: torch.Tensor) -> t
         h = F.linear(flat, weights[0] if len(weights) == 1 else torch.cat(weights))
     else:
         discovery = layer.__dict__.get(_DISCOVERY)
-        keep = discovery.mask(layer, x, flat, p) if siblings is None and discovery else None
+        if p == 0:
+            keep = None
+        elif siblings is None and discovery:
+            keep = discovery.mask(layer, x, flat, p)
+        else:  # drawn here, not inside the autograd function: its forward stays deterministic
+            keep = lora_fast_down.keep_mask(flat.shape, p, flat.device)
         h = lora_fast_down.Down.apply(flat, p, keep, *weights)
     if len(members) == 1:
         return h
