@@ -15,8 +15,8 @@ from peftkit.errors import ConfigError
 from peftkit.memory.estimate import estimate
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-# The estimate within 10% of the measured peak of live tensor bytes of a real 2-step run.
-TOLERANCE = 0.10
+# The estimate within 5% of the measured peak of live tensor bytes of a real 2-step run.
+TOLERANCE = 0.05
 
 
 def rows(kind: str, count: int) -> list[dict]:
