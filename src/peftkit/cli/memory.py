@@ -185,8 +185,9 @@ def add_commands(commands: Any) -> None:
         help="a method option, e.g. --set method.rank=16 (with --recipe: any recipe key)",
     )  # fmt: skip
     est.add_argument("--recipe", help="estimate a recipe's model, task, method, batch and length")
-    est.add_argument("--task", help="classification | causal-lm | chat | seq2seq (default: "
-                     "the model's usual one)")  # fmt: skip
+    est.add_argument("--task", help="classification | causal-lm | chat | seq2seq | preference "
+                     "(DPO) | kto | grpo (--seq-len: the prompt's) (default: the model's usual "
+                     "one; --recipe: its preference/kto/grpo section)")  # fmt: skip
     _add_step_shape(est, batch_size=None, seq_len=None, dtype=None)
     est.add_argument(
         "--attention",
