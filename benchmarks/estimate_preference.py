@@ -9,8 +9,10 @@ events: training/memory_probe.py; weights and a frozen copy, resident before, le
 estimate is the summary's own `estimated_training_memory_mib` for the same recipe.
 
 With --smollm2, also issue #31 item 2 at the allocator: LoRA-DPO against full-DPO on SmolLM2-135M
-(same pairs, same batch; each arm a `peftkit train` run of 3 steps in this process, one after
-the other: allocation sizes do not depend on timing, so the figures repeat to the byte).
+(same BUILT pairs, batch 8, max_length 64; each arm a `peftkit train` run of 2 steps in this
+process, one after the other: allocation sizes do not depend on timing, so the figures repeat to
+the byte). Training memory leaves out what is resident before training (the weights, and
+full-DPO's frozen reference copy), so the JSON also gives all tensors: weights + copy + training.
 
     flock /tmp/peftkit-heavy.lock .venv/bin/python benchmarks/estimate_preference.py
     flock /tmp/peftkit-heavy.lock .venv/bin/python benchmarks/estimate_preference.py --smollm2 \
@@ -125,13 +127,13 @@ def smollm2(args: Any, work: Path) -> list[dict[str, Any]]:
                       "reference": summary.get("reference"),
                       "reference_copy_mib": summary.get("reference_copy_mib"),
                       "measure": summary.get("training_memory_measure")})  # fmt: skip
+    for entry in found:  # what is resident before training: the weights and a frozen copy
+        entry["all_tensors_mib"] = (entry["training_memory_mib"] + entry["weight_memory_mib"]
+                                    + (entry["reference_copy_mib"] or 0))  # fmt: skip
     lora, full = found
-    found.append(
-        {
-            "arm": "ratio lora / full",
-            "training_memory": lora["training_memory_mib"] / full["training_memory_mib"],
-        }
-    )
+    found.append({"arm": "ratio lora / full",
+                  "training_memory": lora["training_memory_mib"] / full["training_memory_mib"],
+                  "all_tensors": lora["all_tensors_mib"] / full["all_tensors_mib"]})  # fmt: skip
     return found
 
 
