@@ -16,9 +16,9 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SMOKED = [
     "batching.py", "chunked_ce.py", "combine_experiment.py", "compile_breaks.py", "dora_speed.py",
-    "estimate_accuracy.py", "estimate_fsdp_70b.py", "gguf_export.py", "gguf_llamacpp.py",
-    "grpo_rollouts.py",
-    "lora_compile.py", "lora_dropout.py", "lora_overhead.py", "lora_vs_full.py", "lowbit_7b.py",
+    "estimate_accuracy.py", "estimate_fsdp_70b.py", "estimate_preference.py", "gguf_export.py",
+    "gguf_llamacpp.py", "grpo_rollouts.py", "lora_compile.py", "lora_dropout.py",
+    "lora_overhead.py", "lora_vs_full.py", "lowbit_7b.py",
     "lowbit_step.py", "merge_latency.py", "mfu.py", "mixed_batch.py", "nf4_reference.py",
     "pooling_probe.py", "precision.py", "proxy_decoding.py", "proxy_experiment.py",
     "relora_comparison.py", "selection_methods.py", "sql_suite_power.py",

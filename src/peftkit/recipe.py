@@ -171,6 +171,10 @@ class TrainConfig:
         check_range("training.threads", self.threads, 1)  # None: torch's default
 
 
+# Task types whose options have a recipe section of the same name.
+TASK_SECTIONS = ("preference", "kto", "grpo")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A whole run: model, task, method (name plus its options) and training budget."""
@@ -200,6 +204,12 @@ class Recipe:
     )
 
     @property
+    def task_options(self) -> Any:
+        """The recipe's section for its task type (preference, kto, grpo), or None: what the
+        memory estimate reads for a task type with its own trainer."""
+        return getattr(self, self.task.type) if self.task.type in TASK_SECTIONS else None
+
+    @property
     def preference_options(self) -> PreferenceConfig:
         """The preference section, or its defaults where the recipe has none."""
         return self.preference if self.preference is not None else PreferenceConfig()
@@ -215,7 +225,7 @@ class Recipe:
         return self.grpo if self.grpo is not None else GRPOConfig()
 
     def __post_init__(self) -> None:
-        for section in ("preference", "kto", "grpo"):
+        for section in TASK_SECTIONS:
             if getattr(self, section) is not None and self.task.type != section:
                 raise ConfigError(
                     f"The recipe has a {section} section but task.type is {self.task.type!r}: "

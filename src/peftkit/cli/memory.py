@@ -56,7 +56,8 @@ def _estimate_job(args: argparse.Namespace) -> dict[str, Any]:
                    dtype=precision, base_dtype=recipe.base.dtype,
                    quantization=recipe.base.quantize,
                    gradient_checkpointing=recipe.training.gradient_checkpointing,
-                   sharding=recipe.training.sharding)  # fmt: skip
+                   sharding=recipe.training.sharding,
+                   task_options=recipe.task_options)  # fmt: skip
     else:
         job["methods"] = _method_sections(args.method, list(args.set or []))
         if not job["methods"]:
@@ -81,7 +82,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     job = _estimate_job(args)
     options = {"task": job["task"], "attention": args.attention,
                "quantization": job["quantization"], "base_dtype": job["base_dtype"],
-               "gpus": job["gpus"], "sharding": job["sharding"]}  # fmt: skip
+               "gpus": job["gpus"], "sharding": job["sharding"],
+               "task_options": job.get("task_options")}  # fmt: skip
     if args.table:
         dtypes = [args.dtype] if args.dtype else list(DTYPES)
         estimates = side_by_side(
@@ -183,8 +185,9 @@ def add_commands(commands: Any) -> None:
         help="a method option, e.g. --set method.rank=16 (with --recipe: any recipe key)",
     )  # fmt: skip
     est.add_argument("--recipe", help="estimate a recipe's model, task, method, batch and length")
-    est.add_argument("--task", help="classification | causal-lm | chat | seq2seq (default: "
-                     "the model's usual one)")  # fmt: skip
+    est.add_argument("--task", help="classification | causal-lm | chat | seq2seq | preference "
+                     "(DPO) | kto | grpo (--seq-len: the prompt's) (default: the model's usual "
+                     "one; --recipe: its preference/kto/grpo section)")  # fmt: skip
     _add_step_shape(est, batch_size=None, seq_len=None, dtype=None)
     est.add_argument(
         "--attention",

@@ -17,7 +17,7 @@ import torch
 
 from peftkit.config import to_dict
 from peftkit.errors import ConfigError, TargetError
-from peftkit.memory import activations, meta
+from peftkit.memory import activations, meta, task_step
 from peftkit.memory.parts import GIB, MemoryEstimate, gib
 from peftkit.memory.storage import (
     BASE_DTYPES,
@@ -128,6 +128,10 @@ class Measurement:
     notes: list[str]
     blocks: list[Block] = dataclasses.field(default_factory=list)  # one per transformer layer
     root: Block | None = None  # the parameters outside every layer
+    # A task type with its own trainer (tasks/base.py StepShape): its reference is a frozen copy
+    # of the policy (the method has no switch_off), and its rollouts (GRPO's generation).
+    frozen_copy: bool = False
+    generation: task_step.Generation | None = None
 
 
 def pass_dtype(dtype: str, base_dtype: str | None) -> torch.dtype:
@@ -146,19 +150,24 @@ def measure(
     task: str | None = None,
     attention: str = "auto",
     chunked_loss: bool = True,
+    task_options: Any = None,
 ) -> Measurement:
     """Build the model for its task on the meta device, apply the method as peftkit.apply does,
     count its parameters and record one training-mode pass (module docstring). chunked_loss: a
     causal LM's loss goes through its head a chunk of tokens at a time where training's would
     (one process, a plain linear head, logits left alone: models/chunked_loss.py); False: the
-    plain loss over the whole logits (as training in several processes computes it)."""
+    plain loss over the whole logits (as training in several processes computes it).
+    task_options: the recipe's section for a task type with its own trainer (preference, kto,
+    grpo; None: its defaults), which says the step's shape (task_step.py)."""
     _check(attention, batch_size, seq_len)
     attention = activations.resolve_attention(attention)
     config = meta.method_config(method)
     hf_config, name = meta.resolve_config(model)
     task = task or meta.default_task(hf_config)
+    shape = meta.step_shape(task, task_options)
     base = meta.task_model(hf_config, task, activation_dtype, name)
-    meta.check_length(base, seq_len, name)
+    sequence = seq_len + (shape.generated if shape is not None else 0)
+    meta.check_length(base, sequence, name)
     activations.set_attention(base, attention)
     layers = activations.transformer_layers(base)
     base_total = sum(p.numel() for p in base.parameters())
@@ -170,11 +179,22 @@ def measure(
     trainable = sum(p.numel() for p in parameters if p.requires_grad)
     quantizable = [linear[id(p)] for p in parameters if not p.requires_grad and id(p) in linear]
     blocks, root = _blocks(tuned, layers, linear)
-    head = chunked.find_head(tuned)[0] if chunked_loss else None
-    saved = activations.saved_tensors(tuned, base, layers, batch_size, seq_len, head)
-    if saved.chunked:
-        notes.append("the loss goes through the output layer a chunk of tokens at a time")
-    if saved.sequence > seq_len:
+    switch = method_for_config(config).switch_off
+    generation = None
+    if shape is not None:
+        saved = task_step.follow_step(tuned, base, layers, batch_size, sequence, shape, switch)
+        notes.extend(_step_notes(shape, switch, batch_size, seq_len))
+        if shape.generated:
+            vocab = base.get_output_embeddings().weight.shape[0]
+            generation = task_step.follow_generation(
+                tuned, len(layers), batch_size, seq_len, shape.generated, vocab
+            )
+    else:
+        head = chunked.find_head(tuned)[0] if chunked_loss else None
+        saved = activations.saved_tensors(tuned, base, layers, batch_size, seq_len, head)
+        if saved.chunked:
+            notes.append("the loss goes through the output layer a chunk of tokens at a time")
+    if saved.sequence > sequence:
         notes.append(f"the method lengthens every sequence to {saved.sequence} positions")
     if not trainable:
         notes.append("nothing trains with these options")
@@ -182,8 +202,26 @@ def measure(
         name, task, method_for_config(config).name, describe(config), to_dict(config),
         batch_size, seq_len, attention, total, trainable, total - base_total,
         _persistent_bytes(tuned.buffers()) - base_buffers, quantizable, saved, notes, blocks,
-        root,
+        root, shape is not None and shape.reference and switch is None, generation,
     )  # fmt: skip
+
+
+def _step_notes(shape: Any, switch: Any, batch_size: int, seq_len: int) -> list[str]:
+    """What the estimate of a task type's own trainer step counts, in words."""
+    notes = [f"the step forwards {shape.sequences * batch_size} sequences with gradient, "
+             "scored through TRL's fused LM head"]  # fmt: skip
+    if shape.reference:
+        notes.append(
+            "the reference is the policy with its adapter switched off: its no-gradient "
+            "forward, no copy"
+            if switch is not None
+            else "the reference is a frozen copy of "
+            "the policy (the method has no switch_off): its weights and its no-gradient forward"
+        )
+    if shape.generated:
+        notes.append(f"{batch_size} rollouts of {seq_len} prompt + {shape.generated} generated "
+                     "tokens (their KV cache) before the step")  # fmt: skip
+    return notes
 
 
 def account(
@@ -257,6 +295,9 @@ def account(
         added_parameters=found.added,
         # The method's own buffers (index tables) live as long as the weights.
         weights=sharded / shards + whole,
+        # A frozen copy as the reference: a deep copy of the policy, its weights as stored.
+        reference_copy=sharded + whole if found.frozen_copy else 0.0,
+        generation=found.generation.peak if found.generation is not None else 0.0,
         gradients=found.trainable * precision.gradient / shards,
         optimizer=found.trainable * precision.optimizer / shards,
         activations=saved_bytes,
@@ -319,6 +360,7 @@ def estimate(
     gpus: int = 1,
     sharding: str = "none",
     chunked_loss: bool = True,
+    task_options: Any = None,
 ) -> MemoryEstimate:
     """Estimate one training step's memory by part (weights, gradients, AdamW, activations).
 
@@ -336,12 +378,16 @@ def estimate(
     whole model ("none", DDP) or a shard of it ("fsdp"); a method that cannot be sharded is
     refused with its record's reason. chunked_loss: model a causal LM's loss as training makes it
     by default, through the head a chunk of tokens at a time (in one process only; False: the
-    plain loss over the whole logits, as training in several processes computes it)."""
+    plain loss over the whole logits, as training in several processes computes it).
+    task_options: the recipe's section for a task type with its own trainer (its `preference`,
+    `kto` or `grpo` options, or a dict of them; None: the defaults): the step's shape
+    (tasks/base.py StepShape, memory/task_step.py). For grpo, seq_len is the prompt's length
+    and the step adds grpo.max_completion_length generated tokens."""
     check(dtype, base_dtype, quantization)
     check_processes(gpus, sharding)
     config = meta.method_config(method)
     refuse_low_bit_base(method_for_config(config), base_dtype, quantization)
     refuse_unshardable(method_for_config(config), sharding)
     found = measure(model, config, batch_size, seq_len, pass_dtype(dtype, base_dtype), task,
-                    attention, chunked_loss and gpus == 1)  # fmt: skip
+                    attention, chunked_loss and gpus == 1, task_options)  # fmt: skip
     return account(found, dtype, gradient_checkpointing, base_dtype, quantization, gpus, sharding)

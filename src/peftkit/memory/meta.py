@@ -82,12 +82,11 @@ def task_model(config: Any, task: str, dtype: torch.dtype, name: str) -> nn.Modu
     from peftkit.tasks.types import get_task_type
 
     task_type = get_task_type(task)  # the task type's record picks its transformers class
-    if task_type.trainer is not None:
+    if task_type.trainer is not None and task_type.step is None:
         raise ConfigError(
             f"the estimator does not model task type {task!r}: it trains with its own trainer "
-            "(a reference model's forward, paired or grouped rows, generated completions), "
-            "which the estimate's one training step does not count. Estimate the same model "
-            "and method with --task causal-lm for a lower bound."
+            "and its record says no step shape (tasks/base.py StepShape). Estimate the same "
+            "model and method with --task causal-lm for a lower bound."
         )
     config = copy.deepcopy(config)
     with torch.device("meta"):
@@ -101,6 +100,17 @@ def task_model(config: Any, task: str, dtype: torch.dtype, name: str) -> nn.Modu
         if isinstance(module, transformers.PreTrainedModel):
             module.warn_if_padding_and_no_attention_mask = lambda *args: None
     return model
+
+
+def step_shape(task: str, options: Any) -> Any:
+    """The step of a task type with its own trainer, from its record and the recipe's section
+    for it (tasks/base.py StepShape); None for a type trained on its features' token loss."""
+    from peftkit.tasks.types import get_task_type
+
+    task_type = get_task_type(task)
+    if task_type.trainer is None or task_type.step is None:
+        return None
+    return task_type.step(options)
 
 
 def method_config(method: Any) -> Any:

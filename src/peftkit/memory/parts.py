@@ -18,7 +18,9 @@ class MemoryEstimate:
     checkpointing also the layer inputs and the one layer being recomputed), and the highest
     point of the forward and backward pass as followed on the meta device (`pass_peak`: live
     activations and temporaries plus the gradients made so far; not followed with gradient
-    checkpointing). Weights and optimizer state are live throughout. With several processes
+    checkpointing), and, for a task type whose trainer generates first (GRPO), the rollouts'
+    highest point (`generation`). Weights, a frozen reference copy and optimizer state are live
+    throughout. With several processes
     every part is one process's: with FSDP the weights, gradients and optimizer state are its
     shard, and every moment also holds the parameters FSDP has gathered whole (`gathered`)."""
 
@@ -51,6 +53,11 @@ class MemoryEstimate:
     # The pass followed on meta: live activations and temporaries plus the gradients made so
     # far, at the forward and backward pass's highest point (0: not followed)
     pass_peak: float = 0.0
+    # A task type with its own trainer (memory/task_step.py): the reference's frozen copy of the
+    # policy's weights, live throughout (0: none, or the adapter switched off), and the highest
+    # point of the rollouts that come before the step (GRPO's generation: KV cache and sampling).
+    reference_copy: float = 0.0
+    generation: float = 0.0
 
     @property
     def frozen_parameters(self) -> int:
@@ -72,6 +79,7 @@ class MemoryEstimate:
             + self.gathered,
             "backward end": self.gradients + self.recompute + self.workspace + self.gathered,
             "the pass's highest point": self.pass_peak + self.workspace + self.gathered,
+            "generation": self.generation + self.workspace + self.gathered,
         }
 
     @property
@@ -82,12 +90,12 @@ class MemoryEstimate:
     @property
     def total(self) -> float:
         """The estimated peak memory of the training step."""
-        return self.weights + self.optimizer + max(self.phases.values())
+        return self.weights + self.reference_copy + self.optimizer + max(self.phases.values())
 
     def as_dict(self) -> dict[str, Any]:
         """The estimate as plain data for JSON (bytes, plus GiB for reading)."""
         names = ("weights", "gradients", "optimizer", "activations", "loss_workspace", "recompute",
-                 "workspace", "gathered", "pass_peak")  # fmt: skip
+                 "workspace", "gathered", "pass_peak", "reference_copy", "generation")  # fmt: skip
         parts = {name: getattr(self, name) for name in names}
         parts["model_states"] = self.model_states
         parts["total"] = self.total
@@ -134,6 +142,10 @@ class MemoryEstimate:
             rows.append(("gathered by FSDP", gib(self.gathered)))
         if self.pass_peak:
             rows.append(("highest in the pass", gib(self.pass_peak)))
+        if self.reference_copy:
+            rows.append(("reference copy", gib(self.reference_copy)))
+        if self.generation:
+            rows.append(("generation", gib(self.generation)))
         rows.append((f"peak ({self.peak_phase})", gib(self.total)))
         width = max(len(name) for name, _ in rows)
         lines = [title] + [f"  {name:<{width}}  {value:>14}" for name, value in rows]

@@ -80,6 +80,32 @@ class BuiltTrainer:
 
 
 @dataclass(frozen=True)
+class StepShape:
+    """How one optimizer step of a task type's own trainer runs, as the memory estimator models
+    it (memory/task_step.py): which forward passes, over how many sequences, in which order.
+    Every pass covers `sequences` sequences per batch row; a "reference" pass runs the reference
+    model (the policy with its adapter switched off where the method's record can switch it
+    off, else a frozen copy of the policy, whose weights then stay resident)."""
+
+    # Sequences per batch row the policy forwards with gradient (DPO: chosen and rejected, 2).
+    sequences: int = 1
+    # No-gradient passes before that forward, in order, each "policy" or "reference" (KTO's
+    # policy pass over its mismatched KL pairs; GRPO's reference log-probabilities).
+    before: tuple[str, ...] = ()
+    # No-gradient passes after it, while its activations are held for the backward pass (DPO's
+    # and KTO's reference log-probabilities).
+    after: tuple[str, ...] = ()
+    # Tokens the policy generates per sequence before the step (GRPO's rollouts: the KV cache of
+    # prompt + completion); the step's sequences are then the prompt plus these tokens.
+    generated: int = 0
+
+    @property
+    def reference(self) -> bool:
+        """Whether a reference model runs in the step."""
+        return "reference" in self.before + self.after
+
+
+@dataclass(frozen=True)
 class TaskType:
     """Everything peftkit knows about one task type, in one place."""
 
@@ -114,6 +140,11 @@ class TaskType:
     # imports them, maps it to the builder of its Trainer (training/task_trainers.py), handing
     # it TrainerParts for a BuiltTrainer. None: PeftkitTrainer on the features' token loss.
     trainer: str | None = None
+    # A type with its own trainer: its step as the memory estimator models it, from the recipe's
+    # section for the type (its options object, a dict of them, or None for the defaults). It
+    # raises ConfigError, naming what, for options whose step is not modelled. None (with a
+    # trainer): the estimator refuses the type.
+    step: Callable[[Any], StepShape] | None = None
 
     def check_columns(self, task: TaskConfig, train: Rows, held_out: Rows) -> None:
         """Refuse rows that lack a column this task type reads."""
@@ -127,6 +158,14 @@ class TaskType:
             self.row_check(task, rows, source)
         else:
             require_columns(rows, self.columns(task), source)
+
+
+def section_options(kind: type, options: Any) -> Any:
+    """A task type's options object from its recipe section as given: the object itself, a
+    dict of its fields, or None (the defaults)."""
+    if options is None:
+        return kind()
+    return kind(**options) if isinstance(options, dict) else options
 
 
 def read_split(task: TaskConfig, task_type: TaskType) -> tuple[Rows, Rows]:

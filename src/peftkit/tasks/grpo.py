@@ -25,7 +25,14 @@ from torch import nn
 from peftkit.chat_template import render_chat
 from peftkit.data.files import name_rows, require_columns
 from peftkit.errors import MalformedExampleError
-from peftkit.tasks.base import Rows, TaskData, TaskType, require_training_features
+from peftkit.tasks.base import (
+    Rows,
+    StepShape,
+    TaskData,
+    TaskType,
+    require_training_features,
+    section_options,
+)
 from peftkit.tasks.preference import _auto_class, _empty, as_messages
 from peftkit.tasks.rewards import task_rewards
 
@@ -130,6 +137,17 @@ def evaluate(model: nn.Module, data: TaskData, collator: Any, batch_size: int) -
     return score(data.rewards, data.eval_records, texts, completion_ids=ids)
 
 
+def training_step(options: Any) -> StepShape:
+    """GRPO's step for the memory estimate (TRL 1.16's GRPOTrainer): the rollouts (prompt +
+    max_completion_length tokens each), the reference over them without gradient when beta > 0,
+    then the policy over prompt + completion."""
+    from peftkit.tasks.config import GRPOConfig
+
+    options = section_options(GRPOConfig, options)
+    before = ("reference",) if options.beta > 0 else ()
+    return StepShape(before=before, generated=options.max_completion_length)
+
+
 GRPO = TaskType(
     name="grpo",
     description="prompts + reward functions; GRPO (group-relative policy optimisation) through TRL",
@@ -143,4 +161,5 @@ GRPO = TaskType(
     generates=True,
     row_check=row_check,
     trainer="grpo",
+    step=training_step,
 )

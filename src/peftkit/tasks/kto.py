@@ -29,7 +29,14 @@ from peftkit.data.collate import pad_rows
 from peftkit.data.files import name_rows, require_columns
 from peftkit.errors import DataError, MalformedExampleError
 from peftkit.tasks import preference
-from peftkit.tasks.base import Rows, TaskData, TaskType, require_training_features
+from peftkit.tasks.base import (
+    Rows,
+    StepShape,
+    TaskData,
+    TaskType,
+    require_training_features,
+    section_options,
+)
 from peftkit.tasks.preference import (
     _auto_class,
     _common_prefix,
@@ -211,6 +218,17 @@ def evaluate(model: nn.Module, data: TaskData, collator: Any, batch_size: int) -
     return {"nll_gap": gap, "desirable_nll": desirable, "undesirable_nll": undesirable}
 
 
+def training_step(options: Any) -> StepShape:
+    """KTO's step for the memory estimate (TRL 1.16's KTOTrainer): with the KL term, the policy
+    over the batch's mismatched pairs without gradient; the policy over the batch; then the
+    reference over the KL pairs and over the batch while the policy's activations wait."""
+    from peftkit.tasks.config import KTOConfig
+
+    if section_options(KTOConfig, options).loss_type == "kto":
+        return StepShape(before=("policy",), after=("reference", "reference"))
+    return StepShape(after=("reference",))
+
+
 KTO = TaskType(
     name="kto",
     description="prompt + completion + desirable/undesirable label; KTO through TRL",
@@ -224,4 +242,5 @@ KTO = TaskType(
     generates=True,
     row_check=row_check,
     trainer="kto",
+    step=training_step,
 )

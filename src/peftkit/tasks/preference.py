@@ -31,8 +31,15 @@ from torch import nn
 from peftkit.chat_template import render_chat
 from peftkit.data.collate import pad_rows
 from peftkit.data.files import is_blank, name_rows, require_columns
-from peftkit.errors import DataError, MalformedPairError
-from peftkit.tasks.base import Rows, TaskData, TaskType, require_training_features
+from peftkit.errors import ConfigError, DataError, MalformedPairError
+from peftkit.tasks.base import (
+    Rows,
+    StepShape,
+    TaskData,
+    TaskType,
+    require_training_features,
+    section_options,
+)
 
 if TYPE_CHECKING:
     from peftkit.tasks.config import TaskConfig
@@ -270,6 +277,20 @@ def evaluate(model: nn.Module, data: TaskData, collator: Any, batch_size: int) -
             "chosen_nll": nll / max(1, tokens)}  # fmt: skip
 
 
+def training_step(options: Any) -> StepShape:
+    """DPO's step for the memory estimate: the policy over chosen and rejected (TRL's
+    concatenated batch), then the reference over both while the policy's activations wait."""
+    from peftkit.tasks.config import PreferenceConfig
+
+    algorithm = section_options(PreferenceConfig, options).algorithm
+    if algorithm != "dpo":
+        raise ConfigError(
+            f"the estimator does not model preference.algorithm {algorithm!r} yet (its trainer "
+            "scores the whole logits, not TRL's fused head); it models dpo."
+        )
+    return StepShape(sequences=2, after=("reference",))
+
+
 PREFERENCE = TaskType(
     name="preference",
     description="prompt + chosen/rejected responses; DPO (sigmoid, IPO, hinge, robust), ORPO or "
@@ -284,4 +305,5 @@ PREFERENCE = TaskType(
     generates=True,
     row_check=row_check,
     trainer="preference",
+    step=training_step,
 )

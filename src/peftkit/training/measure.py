@@ -121,8 +121,10 @@ def mib(count: int) -> float:
 def estimated_training_memory(recipe: Any, features: list[dict[str, Any]]) -> dict[str, Any]:
     """What peftkit's estimator predicts for this run's training memory: its peak beyond the
     weights (which were resident before training started, so the measured figure leaves them
-    out), for the recipe's model, task, method and batch size at the longest training example.
-    None, with the reason, where the estimator cannot size the model."""
+    out, and so does a frozen reference copy made before it), for the recipe's model, task (with
+    its section: preference, kto, grpo), method and batch size at the longest training example
+    (grpo: the longest prompt; the estimate adds the completion). None, with the reason, where
+    the estimator cannot size the model."""
     from peftkit.errors import PeftkitError
     from peftkit.memory.estimate import estimate
 
@@ -134,11 +136,14 @@ def estimated_training_memory(recipe: Any, features: list[dict[str, Any]]) -> di
         base, training = recipe.base, recipe.training
         found = estimate(recipe.model, dict(recipe.method), training.batch_size, longest, dtype,
                          training.gradient_checkpointing, task=recipe.task.type,
-                         base_dtype=base.dtype, quantization=base.quantize)  # fmt: skip
+                         base_dtype=base.dtype, quantization=base.quantize,
+                         task_options=recipe.task_options)  # fmt: skip
     except (PeftkitError, OSError, ValueError) as error:
         return {"estimated_training_memory_mib": None, "estimate_note": str(error)}
     return {
-        "estimated_training_memory_mib": mib(int(found.total - found.weights)),
+        "estimated_training_memory_mib": mib(
+            int(found.total - found.weights - found.reference_copy)
+        ),
         "estimated_peak_mib": mib(int(found.total)),
         "estimate_settings": {
             "batch_size": recipe.training.batch_size,

@@ -68,6 +68,7 @@ def check_fit(recipe: Recipe) -> Fit:
     result = estimate(
         recipe.model, dict(recipe.method), recipe.training.batch_size, recipe.task.max_length,
         PRECISION_NAMES[recipe.training.precision], task=recipe.task.type,
+        task_options=recipe.task_options,
     )  # fmt: skip
     available, device = free_device_memory()
     return Fit(result, available, device)
