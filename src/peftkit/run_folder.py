@@ -37,6 +37,13 @@ MANIFEST = "peftkit-run.json"  # the names a run created in its folder (record_e
 TRAINING_ENTRIES = ("adapter", "summary.json", "recipe.yaml", CHECKPOINTS, "logs")
 
 
+def run_and_adapter(path: Path) -> tuple[Path, Path]:
+    """(run folder, adapter folder) from either of the two."""
+    if (path / "adapter").is_dir():
+        return path, path / "adapter"
+    return path.parent, path
+
+
 def earlier_run(folder: str | Path) -> str | None:
     """What the folder holds: 'a finished run', 'an unfinished run' (checkpoints only), or None."""
     folder = Path(folder)

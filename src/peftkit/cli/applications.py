@@ -10,8 +10,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from peftkit.cli.common import check_positive, run_folder
+from peftkit.cli.common import check_positive
 from peftkit.io import write_json_atomically
+from peftkit.run_folder import run_and_adapter
 
 
 def cmd_app_eval(args: argparse.Namespace) -> int:
@@ -26,7 +27,7 @@ def cmd_app_eval(args: argparse.Namespace) -> int:
     check_positive("--max-new-tokens", args.max_new_tokens)
     check_positive("--batch-size", args.batch_size)
     check_positive("--max-examples", args.max_examples)
-    run_dir, adapter_dir = run_folder(Path(args.run))
+    run_dir, adapter_dir = run_and_adapter(Path(args.run))
     # Every held-out row unless --max-examples: a recipe's max_eval_examples only bounds the
     # training-time loss check.
     limit = f"task.max_eval_examples={args.max_examples or 'null'}"

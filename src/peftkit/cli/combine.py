@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from peftkit.cli.common import check_positive, run_folder
+from peftkit.cli.common import check_positive
+from peftkit.run_folder import run_and_adapter
 
 
 def cmd_combine(args: argparse.Namespace) -> int:
@@ -45,7 +46,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from peftkit.errors import ConfigError
     from peftkit.models import load_model
 
-    _, adapter_dir = run_folder(Path(args.adapter))
+    _, adapter_dir = run_and_adapter(Path(args.adapter))
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise ConfigError(f"{output} is not empty: choose another --output, or --overwrite.")

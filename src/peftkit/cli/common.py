@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
@@ -26,13 +25,6 @@ def check_positive(flag: str, value: int | None) -> None:
 
     if value is not None and value < 1:
         raise ConfigError(f"{flag} must be at least 1, got {value}.")
-
-
-def run_folder(path: Path) -> tuple[Path, Path]:
-    """(run folder, adapter folder) from either of the two."""
-    if (path / "adapter").is_dir():
-        return path, path / "adapter"
-    return path.parent, path
 
 
 def add_proxy_flags(parser: argparse.ArgumentParser) -> None:

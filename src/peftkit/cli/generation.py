@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from peftkit.cli.common import add_proxy_flags, run_folder
+from peftkit.cli.common import add_proxy_flags
 from peftkit.io import write_json_atomically
+from peftkit.run_folder import run_and_adapter
 
 
 def _load_tuned(name: str, task: str, adapter: str | None) -> tuple[Any, Any]:
@@ -17,7 +18,7 @@ def _load_tuned(name: str, task: str, adapter: str | None) -> tuple[Any, Any]:
 
     model, tokenizer = load_model(name, task)
     if adapter:
-        model = api.load(model, run_folder(Path(adapter))[1])
+        model = api.load(model, run_and_adapter(Path(adapter))[1])
     return model.eval(), tokenizer
 
 
@@ -56,7 +57,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_generate_args(args)
     task = args.task
     if args.adapter and task is None:
-        task = api.read_info(run_folder(Path(args.adapter))[1]).get("task")
+        task = api.read_info(run_and_adapter(Path(args.adapter))[1]).get("task")
     task_type = get_task_type(task or "causal-lm")
     if not task_type.generates:
         raise ConfigError(

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from peftkit.cli.common import overrides, run_folder
+from peftkit.cli.common import overrides
+from peftkit.run_folder import run_and_adapter
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -53,7 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from peftkit.training import evaluate, load_for_plan
 
     refuse_unfinished_run(Path(args.run))
-    run_dir, adapter_dir = run_folder(Path(args.run))
+    run_dir, adapter_dir = run_and_adapter(Path(args.run))
     recipe_path = Path(args.recipe) if args.recipe else run_dir / "recipe.yaml"
     plan = resolve(load_recipe(recipe_path, list(args.set or [])))
     model, tokenizer, data = load_for_plan(plan)
@@ -85,7 +86,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             f"merge --output {output} is an existing file; the merged model is a folder of "
             "files (config.json, model.safetensors, the tokenizer). Give a folder's path."
         )
-    _, adapter_dir = run_folder(Path(args.adapter).expanduser())
+    _, adapter_dir = run_and_adapter(Path(args.adapter).expanduser())
     info = api.read_info(adapter_dir)
     base = args.model or info.get("base_model")
     if not base:

@@ -28,6 +28,7 @@ from typing import Any
 from torch import nn
 
 from peftkit.errors import ConfigError
+from peftkit.run_folder import run_and_adapter
 
 Records = list[dict[str, Any]]
 
@@ -159,11 +160,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import peftkit.api as api
     from peftkit.apps.text_to_sql.examples import bank_sql
-    from peftkit.cli.common import run_folder
     from peftkit.models import load_model
     from peftkit.recipe import load_recipe
 
-    run_dir, adapter_dir = run_folder(Path(args.run))
+    run_dir, adapter_dir = run_and_adapter(Path(args.run))
     recipe = load_recipe(run_dir / "recipe.yaml")
     train, _ = bank_sql()
     if args.max_questions is not None and args.max_questions < len(train):
