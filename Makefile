@@ -50,7 +50,7 @@ browser:
 # (about 15 s) into peftkit's cache, so that they run here and in CI instead of being skipped.
 test: lint browser
 	$(PY) -c "from peftkit.models import smollm2_folder; print('SmolLM2 ready:', smollm2_folder())"
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format src tests benchmarks
