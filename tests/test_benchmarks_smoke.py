@@ -21,7 +21,7 @@ SMOKED = [
     "lora_overhead.py", "lora_vs_full.py", "lowbit_7b.py",
     "lowbit_step.py", "merge_latency.py", "mfu.py", "mixed_batch.py", "nf4_reference.py",
     "pooling_probe.py", "precision.py", "proxy_decoding.py", "proxy_experiment.py",
-    "relora_comparison.py", "selection_methods.py", "sql_suite_power.py",
+    "relora_comparison.py", "selection_methods.py", "sql_suite_power.py", "step_profile.py",
 ]  # fmt: skip
 # Smoked by another test (its own processes): the script spawns a 2-process gloo group.
 ELSEWHERE = {
